@@ -1,0 +1,128 @@
+"""Orbax checkpoints of the train state and the data iterator, saved side by side.
+
+Saves are atomic (Orbax writes to a temporary directory and renames it when
+complete), so an interrupted save is never restored; a finished checkpoint is
+never deleted here except by the keep-last-K policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be restored."""
+
+
+class Checkpointer:
+  """Saves and restores {"state": TrainState, "data": iterator state} in `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_saves: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.every_steps = every_steps
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_saves))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator, *, force=False) -> bool:
+    """Saves if `step` is a multiple of every_steps (or `force`); returns whether it did."""
+    if not force and step % self.every_steps:
+      return False
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+
+  def restore(self, abstract_state, data_iterator: grain.DatasetIterator, step: int | None = None):
+    """Restores the state onto the shardings of `abstract_state`, and the iterator in place.
+
+    Args:
+      abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set.
+      data_iterator: advanced in place to where the checkpoint left it.
+      step: which checkpoint; the latest when None.
+
+    Returns:
+      The restored state, or None when the directory holds no checkpoint.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except Exception as e:  # Orbax raises many types for damaged files; name the checkpoint.
+      others = [s for s in self.all_steps() if s != step]
+      raise CheckpointError(
+          f"Cannot restore checkpoint {os.path.join(self.directory, str(step))}:"
+          f" {type(e).__name__}: {e}. Other checkpoints here: {others}. Move the damaged one"
+          " aside to resume from an earlier one; nothing was deleted.") from e
+    logging.info("Restored checkpoint of step %d from %s.", step, self.directory)
+    return restored.state
+
+  def wait(self):
+    """Blocks until every asynchronous save has been written."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.close()
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the run's config as JSON beside the checkpoints (process 0 only)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No {CONFIG_FILE} in workdir {workdir!r}: is it a training run's?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (preemption); the loop checks it between steps, saves and stops.
+
+  Checking a Python flag between steps costs no device sync.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  @property
+  def is_set(self) -> bool:
+    return self._event.is_set()

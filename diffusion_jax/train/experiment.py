@@ -1,0 +1,155 @@
+"""Turns an experiment's ConfigDict into the typed objects a run is made of.
+
+Each room gets its own small config: `DiffusionConfig` for the diffusion
+maths, `TrainConfig` for the loop, `OptimConfig` for optax, `DataConfig` for
+the input pipeline; the model section goes to the zoo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffusion_jax import losses, models, schedules
+from diffusion_jax.configlib import from_mapping
+from diffusion_jax.diffusion import ModelSpec, parse_enum
+from diffusion_jax.train import optimizer
+from diffusion_jax.train.step import StepFns, TrainState
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+  """The process and its parameterisation (Ho et al. 2020; Improved DDPM)."""
+
+  schedule: str = "linear"  # beta schedule name, see schedules.BETA_SCHEDULES
+  num_timesteps: int = 1000  # T
+  mean_type: str = "epsilon"  # what the network predicts: epsilon, x0 or v
+  var_type: str = "fixed_large"  # fixed_small, fixed_large, learned, learned_range
+  loss: str = "simple"  # simple, hybrid or vlb
+  timestep_sampler: str = "uniform"  # uniform or loss_aware (Improved DDPM sec. 3.3)
+  clip_x0: bool = True  # clip predicted x_0 to [-1, 1] when sampling
+
+  def __post_init__(self):
+    parse_enum(losses.LossType, self.loss, "diffusion.loss")
+    self.spec  # checks mean_type and var_type
+    for key, known in (("schedule", schedules.BETA_SCHEDULES),
+                       ("timestep_sampler", losses.TIMESTEP_SAMPLERS)):
+      if getattr(self, key) not in known:
+        raise ValueError(f"Unknown diffusion.{key} {getattr(self, key)!r}; known: {sorted(known)}.")
+
+  @property
+  def spec(self) -> ModelSpec:
+    return ModelSpec(self.mean_type, self.var_type, self.clip_x0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """The loop: how long, how big, how often to log, sample and checkpoint."""
+
+  batch_size: int = 128  # global, over all devices and hosts
+  num_steps: int = 800_000
+  ema_decay: float = 0.9999
+  log_every: int = 100  # steps between metric writes (the only host syncs)
+  checkpoint_every: int = 10_000
+  keep_checkpoints: int = 3
+  sample_every: int = 50_000  # steps between sample grids from the EMA params (0: only at end)
+  num_samples: int = 64  # images in a sample grid
+  sampler: str = "ddim"  # sampler of the grids: ancestral, ddim, dpm_solver
+  sample_steps: int = 100  # its number of steps
+  model_parallelism: int = 1  # size of the mesh's "model" axis (FSDP); 1 = data parallel
+
+  def __post_init__(self):
+    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "num_samples", "sample_steps", "model_parallelism"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}.")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A config made concrete: model, process, optimizer, data and loop settings."""
+
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  diffusion: DiffusionConfig
+  schedule: schedules.Schedule
+  optim: optimizer.OptimConfig
+  train: TrainConfig
+  data: Any  # data.DataConfig
+  image_shape: tuple[int, int, int]  # (H, W, C)
+
+  @property
+  def spec(self) -> ModelSpec:
+    return self.diffusion.spec
+
+  @property
+  def num_classes(self) -> int | None:
+    return getattr(self.model, "num_classes", None)
+
+  def step_fns(self) -> StepFns:
+    tx, lr_schedule = optimizer.make_optimizer(self.optim)
+    return StepFns(
+        model=self.model, tx=tx, lr_schedule=lr_schedule, spec=self.spec,
+        schedule=self.schedule,
+        loss_type=losses.LossType(self.diffusion.loss),
+        timestep_sampler=losses.get_timestep_sampler(self.diffusion.timestep_sampler,
+                                                     self.diffusion.num_timesteps),
+        ema_decay=self.train.ema_decay,
+        class_conditional=self.num_classes is not None)
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    """A fresh TrainState; jit it with out_shardings to create it sharded."""
+    fns = self.step_fns()
+    init_key, state_key = jax.random.split(rng)
+    x = jnp.zeros((1, *self.image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if self.num_classes is not None else None
+    params = self.model.init(init_key, x, t, y)["params"]
+    return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
+                      opt_state=fns.tx.init(params), rng=state_key,
+                      sampler_state=fns.timestep_sampler.init())
+
+
+def build(config: ml_collections.ConfigDict) -> Experiment:
+  """Checks the config and builds its parts; every bad value is named in the error."""
+  from diffusion_jax import data  # the input pipeline pulls in TF; import it only when training
+
+  known = {"seed", "data", "model", "diffusion", "optim", "train"}
+  if unknown := sorted(set(config.keys()) - known):
+    raise ValueError(f"Unknown top-level config key(s) {unknown}; known: {sorted(known)}.")
+  diffusion_config = from_mapping(DiffusionConfig, config.diffusion, "diffusion")
+  data_config = data.DataConfig.from_mapping(config.data)
+  image_shape = (data_config.image_size, data_config.image_size, data_config.num_channels)
+  spec = diffusion_config.spec
+  model = models.get_model(dict(config.model))
+  _check_model_output(model, spec, image_shape)
+  return Experiment(
+      config=config, model=model, diffusion=diffusion_config,
+      schedule=schedules.get_schedule(diffusion_config.schedule, diffusion_config.num_timesteps),
+      optim=optimizer.OptimConfig.from_mapping(config.optim),
+      train=from_mapping(TrainConfig, config.train, "train"),
+      data=data_config, image_shape=image_shape)
+
+
+def _check_model_output(model: nn.Module, spec: ModelSpec, image_shape) -> None:
+  """The model must output the channels the parameterisation reads, at the data's size."""
+  y = jnp.zeros((1,), jnp.int32) if getattr(model, "num_classes", None) is not None else None
+  args = (jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32), y)
+  try:
+    out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), *args)[0])
+  except Exception as e:
+    raise ValueError(f"Model {type(model).__name__} cannot take images of shape {image_shape}:"
+                     f" {e}") from e
+  expected = (1, *image_shape[:2], spec.output_channels(image_shape[2]))
+  if out.shape != expected:
+    raise ValueError(
+        f"The model outputs {out.shape[1:]} but var_type {spec.var_type.value!r} on"
+        f" {image_shape} images needs {expected[1:]}: set model.learn_sigma"
+        f" = {spec.learns_variance} and model.out_channels/in_channels to match.")

@@ -1,0 +1,122 @@
+"""The training loop: restore or init, step, log, sample, checkpoint, stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
+
+from diffusion_jax import data, images, parallel, sampling
+from diffusion_jax.train import checkpoint, experiment
+from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics, train_step
+
+
+def compile_train_step(exp: experiment.Experiment, state_shardings, mesh):
+  """jit(train_step) with the state's shardings, the batch over "data", the old state donated."""
+  return jax.jit(
+      functools.partial(train_step, fns=exp.step_fns()),
+      in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+      out_shardings=(state_shardings, parallel.replicated(mesh)),
+      donate_argnums=0)
+
+
+def create_state(exp: experiment.Experiment, mesh, seed: int):
+  """-> (the initial state, created directly in its shardings, and those shardings)."""
+  rng = jax.random.PRNGKey(seed)
+  abstract = jax.eval_shape(exp.init_state, rng)
+  shardings = parallel.state_shardings(mesh, abstract)
+  return jax.jit(exp.init_state, out_shardings=shardings)(rng), shardings
+
+
+def restore_target(state, shardings):
+  """Each leaf's shape and dtype, placed on the current mesh: what Orbax restores onto."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+
+
+def make_grid_sampler(exp: experiment.Experiment):
+  """A jitted `(ema_params, key) -> float32 [num_samples, H, W, C]` for the sample grids."""
+  apply_fn = lambda params, x, t, y: exp.model.apply({"params": params}, x, t, y)
+  config = sampling.SamplerConfig(sampler=exp.train.sampler, steps=exp.train.sample_steps)
+  return jax.jit(sampling.make_batch_sampler(
+      config, apply_fn, exp.spec, exp.schedule, exp.image_shape, exp.train.num_samples,
+      num_classes=exp.num_classes))
+
+
+def write_samples(grid_sampler, state: TrainState, step: int, seed: int, workdir: str, writer):
+  """Samples from the EMA parameters into samples/step_<step>.png and TensorBoard."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+  samples = images.to_uint8(jax.device_get(grid_sampler(state.ema_params, key)))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+    images.save_image_grid(samples, path)
+    writer.write_images(step, {"samples": images.make_image_grid(samples)[None]})
+    logging.info("Wrote %d samples to %s.", len(samples), path)
+
+
+def _stop_requested(preemption: checkpoint.PreemptionFlag, step: int) -> bool:
+  """Whether to save and stop now; every host agrees on the step in multi-host runs."""
+  if jax.process_count() == 1:
+    return preemption.is_set
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
+def _check_finite(scalars: dict, step: int):
+  bad = [k for k, v in scalars.items() if not np.isfinite(v)]
+  if bad:
+    raise FloatingPointError(f"Non-finite {bad} at step {step}: {scalars}.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
+  exp = experiment.build(config)
+  mesh = parallel.make_mesh(exp.train.model_parallelism)
+  checkpoint.save_config(config, workdir)
+  data_iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
+  state, shardings = create_state(exp, mesh, config.seed)
+  checkpointer = checkpoint.Checkpointer(workdir, every_steps=exp.train.checkpoint_every,
+                                         keep=exp.train.keep_checkpoints)
+  state = checkpointer.restore(restore_target(state, shardings), data_iterator) or state
+  initial_step = int(state.step)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if initial_step == 0:
+    parameter_overview.log_parameter_overview(state.params)
+  logging.info("Training %s for %d steps from step %d on %d devices (%s).",
+               type(exp.model).__name__, exp.train.num_steps, initial_step, jax.device_count(),
+               dict(mesh.shape))
+  step_fn = compile_train_step(exp, shardings, mesh)
+  grid_sampler = make_grid_sampler(exp)
+  batch_sharding = parallel.batch_sharding(mesh)
+  progress = periodic_actions.ReportProgress(num_train_steps=exp.train.num_steps, writer=writer)
+  accumulated = None
+  with checkpoint.PreemptionFlag() as preemption:
+    for step in range(initial_step + 1, exp.train.num_steps + 1):
+      batch = data.make_global_batch(next(data_iterator), batch_sharding)
+      state, step_metrics = step_fn(state, batch)
+      accumulated = merge_metrics(accumulated, step_metrics)
+      progress(step)
+      last = step == exp.train.num_steps
+      if step % exp.train.log_every == 0 or last:
+        scalars = compute_metrics(accumulated)  # the only host sync of the loop
+        _check_finite(scalars, step)
+        writer.write_scalars(step, scalars)
+        accumulated = None
+      if (exp.train.sample_every and step % exp.train.sample_every == 0) or last:
+        with progress.timed("sample"):
+          write_samples(grid_sampler, state, step, config.seed + 1, workdir, writer)
+      stop = _stop_requested(preemption, step)
+      checkpointer.save(step, state, data_iterator, force=last or stop)
+      if stop:
+        logging.warning("Stop requested (SIGTERM): saved step %d and stopping.", step)
+        break
+  checkpointer.wait()
+  checkpointer.close()
+  writer.flush()
+  return state

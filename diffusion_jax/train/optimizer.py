@@ -1,0 +1,65 @@
+"""The optax optimizer of a run: Adam(W) with linear warmup, an LR decay and clipping."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import optax
+
+from diffusion_jax.configlib import from_mapping
+
+SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+  """Optimizer settings; Ho et al. 2020 trained with Adam, lr 2e-4, 5000 warmup steps, clip 1."""
+
+  optimizer: str = "adam"
+  lr: float = 2e-4  # peak learning rate
+  warmup_steps: int = 5000  # linear warmup from 0 to `lr`
+  schedule: str = "constant"  # after warmup: constant, or cosine / linear decay to 0
+  decay_steps: int = 0  # length of the decay after warmup (0: none)
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0  # decoupled, for "adamw"
+  grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+
+  def __post_init__(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"Unknown optim.optimizer {self.optimizer!r}; known: {OPTIMIZERS}.")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"Unknown optim.schedule {self.schedule!r}; known: {SCHEDULES}.")
+    if self.schedule != "constant" and self.decay_steps <= 0:
+      raise ValueError(f"optim.schedule {self.schedule!r} needs optim.decay_steps > 0.")
+
+  @classmethod
+  def from_mapping(cls, mapping: Any) -> "OptimConfig":
+    return from_mapping(cls, mapping, "optim")
+
+
+def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:
+  """Linear warmup to `lr`, then constant or decayed to 0 over `decay_steps`."""
+  warmup = optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1))
+  if config.schedule == "constant":
+    after = optax.constant_schedule(config.lr)
+  elif config.schedule == "cosine":
+    after = optax.cosine_decay_schedule(config.lr, config.decay_steps)
+  else:
+    after = optax.linear_schedule(config.lr, 0.0, config.decay_steps)
+  return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def make_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """-> (clip + Adam(W) with the LR schedule, the schedule itself for logging)."""
+  schedule = learning_rate_schedule(config)
+  if config.optimizer == "adam":
+    opt = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
+  else:
+    opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                      weight_decay=config.weight_decay)
+  clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+  return optax.chain(clip, opt), schedule

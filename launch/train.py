@@ -1,0 +1,31 @@
+"""Trains a diffusion model from a config; rerunning with the same workdir resumes.
+
+    python -m launch.train --config=configs/digits.py --workdir=workdirs/digits
+    python -m launch.train --config=configs/cifar10_ddpm.py --workdir=gs://bucket/run \
+        --config.optim.lr=1e-4
+
+Multi-host (TPU pod slices, Slurm GPU jobs) is detected from the environment;
+see launch/tpu_pod.sh and launch/slurm.sbatch.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffusion_jax import parallel, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  parallel.maybe_initialize_distributed()
+  logging.info("Config:\n%s", _CONFIG.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
