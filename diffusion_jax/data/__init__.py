@@ -1,0 +1,23 @@
+"""Input pipelines: TFDS, image folders and in-memory arrays, sharded by host.
+
+    config = DataConfig.from_mapping(cfg.data)
+    iterator = make_train_iterator(config, global_batch_size=128)
+    batch = make_global_batch(next(iterator), batch_sharding)
+"""
+
+from diffusion_jax.data.config import SOURCES, DataConfig
+from diffusion_jax.data.pipeline import (
+    local_batch_size,
+    make_global_batch,
+    make_train_iterator,
+    num_examples,
+)
+
+__all__ = [
+    "SOURCES",
+    "DataConfig",
+    "local_batch_size",
+    "make_global_batch",
+    "make_train_iterator",
+    "num_examples",
+]

@@ -1,0 +1,244 @@
+"""The model zoo: an explicit registry of published architectures.
+
+    model = get_model("ddpm_cifar10")                       # the paper's model
+    model = get_model("ddpm_cifar10", ch=32, ch_mult=(1, 2))  # a tiny variant
+    model = get_model(config.model)  # a mapping with `name` plus overrides
+
+Parameter counts come from `jax.eval_shape`, so even the 300M-parameter
+entries are counted without allocating a single weight.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models.ronneberger import RonnebergerUNet
+from diffusion_jax.models.unet import UNet
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+  """A published model: its constructor, its source and what it should weigh.
+
+  Attributes:
+    module: the Flax module class.
+    kwargs: constructor fields reproducing the paper's model.
+    paper: the source, with the section that specifies the model.
+    input_shape: (H, W, C) of the images it was trained on.
+    params: its exact parameter count (checked by tests/test_models.py).
+    paper_params: the count the paper states, or "-" when it gives none.
+    notes: what sets it apart.
+  """
+
+  module: type[nn.Module]
+  kwargs: Mapping[str, Any]
+  paper: str
+  input_shape: tuple[int, int, int]
+  params: int
+  paper_params: str
+  notes: str
+
+
+# DDPM (Ho et al. 2020, App. B) with the conventions of its TF code.
+_DDPM = dict(
+    ch=128,
+    num_res_blocks=2,
+    attn_resolutions=(16,),
+    time_embedding="ddpm",
+    downsample_padding="SAME",
+    norm_eps=1e-6,
+)
+# Shared by the iDDPM (openai/improved-diffusion) and ADM (openai/guided-diffusion)
+# models: the conventions of their PyTorch code (ADM sinusoid, symmetric padding,
+# GroupNorm eps 1e-5), AdaGN (their default), learned variance, 3 blocks per level.
+_OPENAI = dict(
+    time_embedding="adm",
+    downsample_padding=1,
+    norm_eps=1e-5,
+    scale_shift_norm=True,
+    learn_sigma=True,
+    num_res_blocks=3,
+)
+_DDPM_PAPER = "Ho et al. 2020, DDPM, App. B"
+_IDDPM_PAPER = "Nichol & Dhariwal 2021, Improved DDPM"
+_ADM_PAPER = "Dhariwal & Nichol 2021, ADM (Diffusion Models Beat GANs)"
+
+MODEL_ZOO: dict[str, ZooEntry] = {
+    "ddpm_cifar10": ZooEntry(
+        module=UNet,
+        kwargs={**_DDPM, "ch_mult": (1, 2, 2, 2), "dropout": 0.1},
+        paper=_DDPM_PAPER,
+        input_shape=(32, 32, 3),
+        params=35_746_307,
+        paper_params="35.7M",
+        notes="eps-prediction, 1 attention head at 16x16; = diffusers google/ddpm-cifar10-32",
+    ),
+    "ddpm_celebahq256": ZooEntry(
+        module=UNet,
+        kwargs={**_DDPM, "ch_mult": (1, 1, 2, 2, 4, 4)},
+        paper=_DDPM_PAPER,
+        input_shape=(256, 256, 3),
+        params=113_673_219,
+        paper_params="114M",
+        notes="as ddpm_cifar10 with 6 levels, no dropout; = diffusers google/ddpm-celebahq-256",
+    ),
+    "ddpm_lsun256": ZooEntry(
+        module=UNet,
+        kwargs={**_DDPM, "ch_mult": (1, 1, 2, 2, 4, 4)},
+        paper=_DDPM_PAPER,
+        input_shape=(256, 256, 3),
+        params=113_673_219,
+        paper_params="114M",
+        notes="LSUN church / bedroom / cat; the network of ddpm_celebahq256",
+    ),
+    "iddpm_cifar10": ZooEntry(
+        module=UNet,
+        kwargs={
+            **_OPENAI,
+            "ch": 128,
+            "ch_mult": (1, 2, 2, 2),
+            "attn_resolutions": (16, 8),
+            "num_heads": 4,
+            "dropout": 0.3,
+        },
+        paper=_IDDPM_PAPER,
+        input_shape=(32, 32, 3),
+        params=52_546_438,
+        paper_params="-",
+        notes="README flags of improved-diffusion: learned variance (6 output channels), "
+        "AdaGN, 4 heads at 16x16 and 8x8, dropout 0.3",
+    ),
+    "iddpm_imagenet64": ZooEntry(
+        module=UNet,
+        kwargs={
+            **_OPENAI,
+            "ch": 128,
+            "ch_mult": (1, 2, 3, 4),
+            "attn_resolutions": (16, 8),
+            "num_heads": 4,
+        },
+        paper=_IDDPM_PAPER,
+        input_shape=(64, 64, 3),
+        params=121_063_942,
+        paper_params="-",
+        notes="README flags of improved-diffusion: unconditional, learned variance, AdaGN, "
+        "4 heads at 16x16 and 8x8",
+    ),
+    "adm_imagenet64_cond": ZooEntry(
+        module=UNet,
+        kwargs={
+            **_OPENAI,
+            "ch": 192,
+            "ch_mult": (1, 2, 3, 4),
+            "attn_resolutions": (32, 16, 8),
+            "num_head_channels": 64,
+            "resblock_updown": True,
+            "num_classes": 1000,
+            "dropout": 0.1,
+        },
+        paper=_ADM_PAPER,
+        input_shape=(64, 64, 3),
+        params=295_905_222,
+        paper_params="296M",
+        notes="1000 classes + a null label (768 parameters more than ADM), BigGAN up/down, "
+        "64-channel heads at 32, 16 and 8",
+    ),
+    "unet_ronneberger": ZooEntry(
+        module=RonnebergerUNet,
+        kwargs={"num_classes": 2, "features": 64, "depth": 4, "padding": "VALID"},
+        paper="Ronneberger et al. 2015, U-Net, Sec. 2 and Fig. 1",
+        input_shape=(572, 572, 1),
+        params=31_030_658,
+        paper_params="-",
+        notes="segmentation, not diffusion: unpadded convs, 572x572 -> 388x388 logits",
+    ),
+}
+
+
+def lookup(name: str) -> ZooEntry:
+  """The zoo entry called `name`; a ValueError lists the known names."""
+  if name not in MODEL_ZOO:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_ZOO)}")
+  return MODEL_ZOO[name]
+
+
+def get_model(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
+  """Builds a zoo model, with constructor fields overridden.
+
+  Args:
+    spec: a zoo name, or a mapping (dict, ml_collections.ConfigDict) holding
+      `name` and any overrides (e.g. the training config's `config.model`).
+    **overrides: fields of the module replacing the entry's (they win over
+      the mapping's). Lists become tuples, so configs may hold either.
+
+  Raises:
+    ValueError: for an unknown name, a mapping without `name`, or an override
+      that is not a field of the module (the error names it).
+  """
+  if not isinstance(spec, str):
+    spec, overrides = _split_config(spec, overrides)
+  entry = lookup(spec)
+  fields = {f.name for f in dataclasses.fields(entry.module)} - {"parent", "name"}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(
+        f"unknown override(s) {unknown} for model {spec!r} ({entry.module.__name__}); "
+        f"valid fields: {sorted(fields)}"
+    )
+  overrides = {key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items()}
+  return entry.module(**{**entry.kwargs, **overrides})
+
+
+def _split_config(config: Mapping[str, Any], overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+  """(name, overrides) from a config mapping with a `name` key plus fields."""
+  merged = {**dict(config), **overrides}
+  if "name" not in merged:
+    raise ValueError(
+        f"a model config needs a 'name' key (one of {', '.join(MODEL_ZOO)}); got {sorted(merged)}"
+    )
+  return merged.pop("name"), merged
+
+
+def abstract_init(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[Any, Any]:
+  """(output, variables) of `model` on one (H, W, C) image, as ShapeDtypeStructs.
+
+  Traced with jax.eval_shape: nothing is allocated or computed.
+  """
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  inputs = (x, jax.ShapeDtypeStruct((1,), jnp.int32)) if isinstance(model, UNet) else (x,)
+  return jax.eval_shape(model.init_with_output, jax.random.key(0), *inputs)
+
+
+@functools.cache
+def entry_shapes(name: str) -> tuple[Any, Any]:
+  """abstract_init of zoo entry `name` at its input shape (traced once)."""
+  return abstract_init(get_model(name), lookup(name).input_shape)
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def param_count(name: str) -> int:
+  """Parameter count of zoo entry `name`, from shapes only."""
+  return count_params(entry_shapes(name)[1]["params"])
+
+
+def zoo_table() -> str:
+  """The zoo as a markdown table, parameter counts computed from shapes."""
+  rows = [
+      "| name | paper | params | paper's count | input (HxWxC) | notes |",
+      "|---|---|---:|---:|---|---|",
+  ]
+  for name, entry in MODEL_ZOO.items():
+    shape = "x".join(map(str, entry.input_shape))
+    cells = [f"`{name}`", entry.paper, f"{param_count(name):,}", entry.paper_params, shape, entry.notes]
+    rows.append(f"| {' | '.join(cells)} |")
+  return "\n".join(rows)
