@@ -68,10 +68,12 @@ def _stop_requested(preemption: checkpoint.PreemptionFlag, step: int) -> bool:
   return multihost_utils.reached_preemption_sync_point(step)
 
 
-def _check_finite(scalars: dict, step: int):
-  bad = [k for k, v in scalars.items() if not np.isfinite(v)]
+def _loggable(scalars: dict, step: int) -> dict:
+  """Drops the means of empty timestep quarters; raises on a non-finite loss or gradient."""
+  bad = [k for k in ("loss", "grad_norm") if not np.isfinite(scalars[k])]
   if bad:
     raise FloatingPointError(f"Non-finite {bad} at step {step}: {scalars}.")
+  return {k: v for k, v in scalars.items() if np.isfinite(v)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -105,8 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       last = step == exp.train.num_steps
       if step % exp.train.log_every == 0 or last:
         scalars = compute_metrics(accumulated)  # the only host sync of the loop
-        _check_finite(scalars, step)
-        writer.write_scalars(step, scalars)
+        writer.write_scalars(step, _loggable(scalars, step))
         accumulated = None
       if (exp.train.sample_every and step % exp.train.sample_every == 0) or last:
         with progress.timed("sample"):

@@ -106,4 +106,4 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
   new_state = state.replace(
       step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
       sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss))
-  return new_state, _metrics(fns, terms, t, optax.global_norm(grads), state.step)
+  return new_state, _metrics(fns, terms, t, optax.tree.norm(grads), state.step)

@@ -1,0 +1,21 @@
+"""Nichol & Dhariwal 2021 (Improved DDPM), ImageNet 64x64 unconditional with L_hybrid.
+
+    python -m launch.train --config=configs/imagenet64_iddpm.py --workdir=$WORKDIR
+
+As configs/cifar10_iddpm.py with the 64x64 model (channel multipliers
+1,2,3,4; 121M params), no dropout, 1.5M steps, on TFDS's
+imagenet_resized/64x64 (prepare it with `tfds build` first; ImageNet needs a
+manual download).
+"""
+
+import ml_collections
+
+from configs import cifar10_ddpm, cifar10_iddpm
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  config = cifar10_iddpm.get_config()
+  config.data.update(name="imagenet_resized/64x64", image_size=64)
+  config.model.update(name="iddpm_imagenet64", dropout=0.0)  # 121,063,942 params
+  config.train.update(num_steps=1_500_000)
+  return cifar10_ddpm._variant(config, variant)

@@ -1,0 +1,200 @@
+"""Training: configs compile and run, the loss falls, sharding and resume are exact, errors are clear."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from jax.sharding import PartitionSpec as P
+
+from configs import celebahq256_ddpm, cifar10_ddpm, cifar10_iddpm, digits, imagenet64_iddpm
+from diffusion_jax import data, parallel, train
+from diffusion_jax.train import checkpoint, loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_CONFIGS = [cifar10_ddpm, celebahq256_ddpm, cifar10_iddpm, imagenet64_iddpm]
+
+
+def _tiny_digits(**train_overrides):
+  config = digits.get_config("smoke")
+  config.train.update(**train_overrides)
+  return config
+
+
+def _params(state):
+  return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def _assert_trees_equal(a, b, **tol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+def _run_steps(exp, mesh, batches, seed=0):
+  state, shardings = loop.create_state(exp, mesh, seed)
+  step = loop.compile_train_step(exp, shardings, mesh)
+  history = []
+  for batch in batches:
+    state, step_metrics = step(state, data.make_global_batch(batch, parallel.batch_sharding(mesh)))
+    history.append(float(train.compute_metrics(step_metrics)["loss"]))
+  return state, history
+
+
+@pytest.mark.parametrize("config_module", PAPER_CONFIGS, ids=lambda m: m.__name__)
+def test_paper_configs_at_tiny_width_compile_and_run(config_module):
+  config = config_module.get_config("smoke")
+  config.data.update(source="digits", num_channels=3)  # their TFDS sets need downloads
+  exp = train.build(config)
+  assert exp.spec.learns_variance == (exp.diffusion.loss == "hybrid")
+  iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
+  state, losses = _run_steps(exp, parallel.make_mesh(), [next(iterator) for _ in range(2)])
+  assert int(state.step) == 2 and np.all(np.isfinite(losses))
+
+
+def test_paper_configs_keep_the_papers_settings():
+  ho = cifar10_ddpm.get_config()
+  assert (ho.train.batch_size, ho.optim.lr, ho.optim.warmup_steps, ho.train.ema_decay,
+          ho.train.num_steps) == (128, 2e-4, 5000, 0.9999, 800_000)
+  iddpm = cifar10_iddpm.get_config()
+  assert (iddpm.diffusion.schedule, iddpm.diffusion.num_timesteps, iddpm.diffusion.loss,
+          iddpm.diffusion.var_type) == ("cosine", 4000, "hybrid", "learned_range")
+  assert celebahq256_ddpm.get_config().optim.lr == 2e-5
+
+
+def test_cifar10_config_reads_tfds():
+  config = cifar10_ddpm.get_config("smoke")
+  with tfds.testing.mock_data(num_examples=16):
+    exp = train.build(config)
+    batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
+  assert batch["image"].shape == (8, 16, 16, 3)
+
+
+def test_loss_goes_down_on_digits():
+  config = _tiny_digits()
+  config.optim.update(lr=2e-3, warmup_steps=20)
+  config.train.batch_size = 32
+  exp = train.build(config)
+  iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
+  _, history = _run_steps(exp, parallel.make_mesh(), [next(iterator) for _ in range(150)])
+  first, last = np.mean(history[:20]), np.mean(history[-20:])
+  assert last < 0.5 * first, (first, last)
+
+
+def test_sharded_step_equals_one_device():
+  assert jax.device_count() == 8
+  exp = train.build(_tiny_digits(batch_size=16))
+  iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
+  batches = [next(iterator) for _ in range(2)]
+  one, _ = _run_steps(exp, parallel.make_mesh(devices=jax.devices()[:1]), batches)
+  eight, _ = _run_steps(exp, parallel.make_mesh(), batches)
+  assert len(jax.tree.leaves(eight.params)[0].sharding.device_set) == 8
+  _assert_trees_equal(_params(one), _params(eight), rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_mesh_shards_large_parameters():
+  exp = train.build(_tiny_digits())
+  mesh = parallel.make_mesh(model_parallelism=4)
+  state, _ = loop.create_state(exp, mesh, 0)
+  specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
+  assert any(parallel.MODEL_AXIS in spec for spec in specs)  # the large kernels are split
+  assert P() in specs  # the small biases and norms are not
+
+
+def test_resume_equals_an_unbroken_run(tmp_path):
+  straight = train.train_and_evaluate(_tiny_digits(num_steps=4), str(tmp_path / "straight"))
+  train.train_and_evaluate(_tiny_digits(num_steps=2), str(tmp_path / "resumed"))
+  resumed = train.train_and_evaluate(_tiny_digits(num_steps=4), str(tmp_path / "resumed"))
+  assert int(resumed.step) == 4
+  _assert_trees_equal(_params(straight), _params(resumed), rtol=0, atol=0)
+  _assert_trees_equal(jax.device_get(straight.ema_params), jax.device_get(resumed.ema_params),
+                      rtol=0, atol=0)
+  assert os.path.exists(tmp_path / "resumed" / "samples" / "step_00000004.png")
+
+
+def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch):
+  straight = train.train_and_evaluate(_tiny_digits(num_steps=5, checkpoint_every=100),
+                                      str(tmp_path / "straight"))
+  calls = []
+  make_global_batch = data.make_global_batch
+
+  def preempt_at_third_batch(batch, sharding):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return make_global_batch(batch, sharding)
+
+  monkeypatch.setattr(data, "make_global_batch", preempt_at_third_batch)
+  workdir = str(tmp_path / "preempted")
+  stopped = train.train_and_evaluate(_tiny_digits(num_steps=5, checkpoint_every=100), workdir)
+  assert int(stopped.step) == 3
+  assert checkpoint.Checkpointer(workdir, every_steps=100, keep=2).latest_step() == 3
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(_tiny_digits(num_steps=5, checkpoint_every=100), workdir)
+  _assert_trees_equal(_params(straight), _params(resumed), rtol=0, atol=0)
+
+
+def test_corrupted_checkpoint_is_named_and_kept(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(_tiny_digits(num_steps=2), workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "2")
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2"):
+    train.train_and_evaluate(_tiny_digits(num_steps=4), workdir)
+  assert os.path.isdir(step_dir)
+
+
+def test_unfinished_checkpoint_is_never_restored(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(_tiny_digits(num_steps=2), workdir)
+  os.makedirs(os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-123", "state"))
+  assert checkpoint.Checkpointer(workdir, every_steps=2, keep=2).latest_step() == 2
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "batch_sise", 8, "train.batch_sise"),
+    ("optim", "lr_decay", 0.1, "optim.lr_decay"),
+    ("diffusion", "loss", "l1", "diffusion.loss 'l1'"),
+    ("diffusion", "schedule", "cosin", "diffusion.schedule 'cosin'"),
+    ("data", "source", "imagenet", "imagenet"),
+    ("model", "name", "ddpm_cifar100", "ddpm_cifar10"),
+    ("model", "chh", 4, "chh"),
+])
+def test_bad_config_values_are_named(section, key, value, message):
+  config = _tiny_digits()
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    train.build(config)
+
+
+def test_variance_and_model_outputs_must_agree():
+  config = _tiny_digits()
+  config.diffusion.update(var_type="learned_range", loss="hybrid")
+  with pytest.raises(ValueError, match="learn_sigma"):
+    train.build(config)
+  config.model.learn_sigma = True
+  assert train.build(config).spec.learns_variance
+
+
+def test_missing_data_folder_is_named(tmp_path):
+  config = _tiny_digits()
+  config.data.update(source="folder", path=str(tmp_path / "nowhere"))
+  with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
+    train.train_and_evaluate(config, str(tmp_path / "workdir"))
+
+
+def test_launcher_rejects_unknown_and_ill_typed_overrides(tmp_path):
+  for flag, message in [("--config.train.batch_sise=4", "batch_sise"),
+                        ("--config.train.batch_size=four", "batch_size")]:
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.train", "--config=configs/digits.py:smoke",
+         f"--workdir={tmp_path}", flag],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
