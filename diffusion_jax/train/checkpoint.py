@@ -52,12 +52,14 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
-  def restore(self, abstract_state, data_iterator: grain.DatasetIterator, step: int | None = None):
+  def restore(self, abstract_state, data_iterator: grain.DatasetIterator | None = None,
+              step: int | None = None):
     """Restores the state onto the shardings of `abstract_state`, and the iterator in place.
 
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set.
-      data_iterator: advanced in place to where the checkpoint left it.
+      data_iterator: advanced in place to where the checkpoint left it; None
+        restores the state alone (for sampling and evaluation).
       step: which checkpoint; the latest when None.
 
     Returns:
@@ -66,10 +68,11 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types for damaged files; name the checkpoint.
       others = [s for s in self.all_steps() if s != step]
       raise CheckpointError(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion_jax import losses, models, schedules
+from diffusion_jax import losses, models, sampling, schedules
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.diffusion import ModelSpec, parse_enum
 from diffusion_jax.train import optimizer
@@ -59,7 +59,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   sample_every: int = 50_000  # steps between sample grids from the EMA params (0: only at end)
   num_samples: int = 64  # images in a sample grid
-  sampler: str = "ddim"  # sampler of the grids: ancestral, ddim, dpm_solver
+  sampler: str = "ddim"  # sampler of the grids: ddpm (ancestral), ddim or dpm_solver
   sample_steps: int = 100  # its number of steps
   model_parallelism: int = 1  # size of the mesh's "model" axis (FSDP); 1 = data parallel
 
@@ -68,6 +68,8 @@ class TrainConfig:
                  "num_samples", "sample_steps", "model_parallelism"):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}.")
+    if self.sampler not in sampling.SAMPLERS:
+      raise ValueError(f"Unknown train.sampler {self.sampler!r}; known: {sorted(sampling.SAMPLERS)}.")
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
 
@@ -92,6 +94,10 @@ class Experiment:
   @property
   def num_classes(self) -> int | None:
     return getattr(self.model, "num_classes", None)
+
+  def apply_fn(self, params, x_t, t, y=None):
+    """The model as samplers call it: (params, x_t [B, H, W, C], t [B], y [B] | None) -> output."""
+    return self.model.apply({"params": params}, x_t, t, y)
 
   def step_fns(self) -> StepFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)

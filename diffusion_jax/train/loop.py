@@ -42,10 +42,9 @@ def restore_target(state, shardings):
 
 def make_grid_sampler(exp: experiment.Experiment):
   """A jitted `(ema_params, key) -> float32 [num_samples, H, W, C]` for the sample grids."""
-  apply_fn = lambda params, x, t, y: exp.model.apply({"params": params}, x, t, y)
   config = sampling.SamplerConfig(sampler=exp.train.sampler, steps=exp.train.sample_steps)
   return jax.jit(sampling.make_batch_sampler(
-      config, apply_fn, exp.spec, exp.schedule, exp.image_shape, exp.train.num_samples,
+      config, exp.apply_fn, exp.spec, exp.schedule, exp.image_shape, exp.train.num_samples,
       num_classes=exp.num_classes))
 
 

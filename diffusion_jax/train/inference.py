@@ -1,0 +1,38 @@
+"""Loading a training run's EMA parameters for sampling and evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from diffusion_jax import parallel
+from diffusion_jax.diffusion import ModelSpec
+from diffusion_jax.schedules import Schedule
+from diffusion_jax.train import checkpoint, experiment
+from diffusion_jax.train.loop import restore_target
+
+from diffusion_jax.sampling.generate import ApplyFn
+
+
+def load_ema_for_sampling(workdir: str, step: int | None = None
+                          ) -> tuple[ApplyFn, Any, ModelSpec, Schedule, tuple, int | None]:
+  """The EMA parameters of a run and what is needed to sample from them.
+
+  Reads the run's config.json and restores its latest checkpoint (or `step`),
+  replicated over the local devices.
+
+  Returns:
+    (apply_fn, ema_params, spec, schedule, image_shape (H, W, C), num_classes or None).
+  """
+  exp = experiment.build(checkpoint.load_config(workdir))
+  checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=1 << 30)
+  if checkpointer.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first.")
+  # Shapes only: the initial state is never materialised, just used as the restore target.
+  mesh = parallel.make_mesh()
+  abstract = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
+  target = restore_target(abstract, jax.tree.map(lambda _: parallel.replicated(mesh), abstract))
+  state = checkpointer.restore(target, step=step)
+  checkpointer.close()
+  return exp.apply_fn, state.ema_params, exp.spec, exp.schedule, exp.image_shape, exp.num_classes
