@@ -19,24 +19,24 @@ DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when the environment describes several processes.
+def maybe_initialize_distributed(multihost: bool = False) -> None:
+  """Calls `jax.distributed.initialize()` for a run over several processes.
 
-  TPU pods and Slurm GPU jobs set the variables JAX auto-detects; a manual
-  launch sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  With `multihost` (TPU pod slices: launch/tpu_pod.sh passes --multihost) JAX
+  detects the cluster itself. Without it, initialises only when the
+  environment says so: a Slurm job with several tasks (launch/slurm.sbatch),
+  or a manual launch setting JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID.
   """
-  manual = "JAX_COORDINATOR_ADDRESS" in os.environ
-  slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-  if not (manual or slurm or tpu_pod):
-    return
-  if manual:
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
         process_id=int(os.environ["JAX_PROCESS_ID"]))
-  else:
+  elif multihost or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize()
+  else:
+    return
   logging.info("Process %d of %d, %d local / %d global devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 

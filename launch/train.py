@@ -11,18 +11,22 @@ see launch/tpu_pod.sh and launch/slurm.sbatch.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import parallel, train
+from diffusion_jax import logs, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Join a multi-process run (TPU pod slice); Slurm and"
+    " JAX_COORDINATOR_ADDRESS are detected without it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  parallel.maybe_initialize_distributed()
+  logs.quiet_library_logs()
+  parallel.maybe_initialize_distributed(_MULTIHOST.value)
   logging.info("Config:\n%s", _CONFIG.value)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

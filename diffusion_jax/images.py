@@ -1,0 +1,40 @@
+"""Images at the edges of the library: [-1, 1] floats to uint8, and PNG grids (Pillow)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+  """Float images in [-1, 1] -> uint8 in [0, 255], rounded to the nearest level, any shape."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_image_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2) -> np.ndarray:
+  """Tiles uint8 [N, H, W, C] into one [rows*(H+p)+p, ncols*(W+p)+p, C] image, row by row.
+
+  ncols defaults to ceil(sqrt(N)); the padding and unused cells are black.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3, 4):
+    raise ValueError("Expected uint8 images [N, H, W, C] with C in (1, 3, 4), got "
+                     f"{images.dtype} {images.shape}.")
+  n, h, w, c = images.shape
+  ncols = ncols or math.ceil(math.sqrt(n))
+  nrows = math.ceil(n / ncols)
+  grid = np.zeros((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c), np.uint8)
+  for k, image in enumerate(images):
+    top, left = padding + (k // ncols) * (h + padding), padding + (k % ncols) * (w + padding)
+    grid[top:top + h, left:left + w] = image
+  return grid
+
+
+def save_image_grid(images: np.ndarray, path: str | os.PathLike, ncols: int | None = None,
+                    padding: int = 2) -> None:
+  """Writes uint8 [N, H, W, C] images as one PNG grid (see `make_image_grid`)."""
+  grid = make_image_grid(images, ncols, padding)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)

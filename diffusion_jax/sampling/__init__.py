@@ -1,0 +1,29 @@
+"""Samplers of the reverse process, each one compiled loop; see docs/sampling.md.
+
+    steps = sampling.respaced(schedule, 50)            # or the plain schedule: all T steps
+    images = sampling.ddim_sample(model_fn, spec, steps, key, (16, 32, 32, 3), eta=0.0)
+"""
+
+from diffusion_jax.sampling.generate import SamplerConfig, make_batch_sampler, sample_to_files
+from diffusion_jax.sampling.guidance import classifier_free_guidance
+from diffusion_jax.sampling.loop import (SamplingSchedule, Trajectory, logsnr_respaced,
+                                         respaced)
+from diffusion_jax.sampling.samplers import (SAMPLERS, ddim_invert, ddim_sample, ddpm_sample,
+                                             dpm_solver_sample, get_sampler)
+
+__all__ = [
+    "SAMPLERS",
+    "SamplerConfig",
+    "SamplingSchedule",
+    "Trajectory",
+    "classifier_free_guidance",
+    "ddim_invert",
+    "ddim_sample",
+    "ddpm_sample",
+    "dpm_solver_sample",
+    "get_sampler",
+    "logsnr_respaced",
+    "make_batch_sampler",
+    "respaced",
+    "sample_to_files",
+]

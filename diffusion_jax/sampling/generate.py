@@ -1,0 +1,136 @@
+"""From a trained model to image files: batched, one key per batch, resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+import tqdm
+
+from diffusion_jax import images as image_utils
+from diffusion_jax.diffusion import ModelSpec
+from diffusion_jax.sampling.guidance import classifier_free_guidance
+from diffusion_jax.sampling.loop import logsnr_respaced, respaced
+from diffusion_jax.sampling.samplers import get_sampler
+from diffusion_jax.schedules import Schedule
+
+# apply_fn(params, x_t [B, H, W, C], t int32 [B], y int32 [B] or None) -> output
+ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
+GRID_IMAGES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Which sampler to run and how."""
+
+  sampler: str = "ddim"  # "ddpm", "ddim" or "dpm_solver"
+  steps: int | None = None  # model calls over [0, T-1]; None = all T (see make_batch_sampler)
+  eta: float = 0.0  # DDIM's noise scale, 0 = deterministic; "ddim" only
+  guidance_scale: float = 0.0  # classifier-free guidance w; 0 = none
+
+  def __post_init__(self):
+    get_sampler(self.sampler)
+    if self.eta and self.sampler != "ddim":
+      raise ValueError(f"eta={self.eta} applies to sampler 'ddim' only, not {self.sampler!r}.")
+    if self.guidance_scale < 0:
+      raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}.")
+
+
+def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec,
+                       schedule: Schedule, image_shape, batch_size: int, *,
+                       num_classes: int | None = None):
+  """A pure `sample_batch(params, key) -> float32 [batch_size, H, W, C]` in [-1, 1].
+
+  `config.steps` are spaced uniformly in time for "ddpm" and "ddim", and in
+  log-SNR for "dpm_solver" (`logsnr_respaced`), each sampler's best choice.
+  A class-conditional model (num_classes set) gets uniformly drawn labels,
+  guided with label num_classes as the null class when guidance_scale > 0.
+  """
+  if config.guidance_scale and num_classes is None:
+    raise ValueError("guidance_scale > 0 needs a class-conditional model (num_classes).")
+  sampler = get_sampler(config.sampler)
+  options = {"eta": config.eta} if config.sampler == "ddim" else {}
+  if config.sampler == "dpm_solver" and config.steps:
+    steps = logsnr_respaced(schedule, config.steps)
+  else:
+    steps = respaced(schedule, config.steps)
+  shape = (batch_size, *image_shape)
+
+  def sample_batch(params, key):
+    label_key, key = jax.random.split(key)
+    if num_classes is None:
+      model_fn = lambda x, t: apply_fn(params, x, t, None)
+    else:
+      labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
+      model_fn = lambda x, t: apply_fn(params, x, t, labels)
+      if config.guidance_scale:
+        conditional = lambda x, t, y: apply_fn(params, x, t, y)
+        model_fn = classifier_free_guidance(conditional, spec, labels, config.guidance_scale,
+                                            null_label=num_classes)
+    return sampler(model_fn, spec, steps, key, shape, **options)
+
+  return sample_batch
+
+
+def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_samples: int,
+                    batch_size: int, out_dir: str, *, key: jax.Array,
+                    settings: Mapping[str, Any] | None = None) -> np.ndarray:
+  """Draws `num_samples` images into `out_dir`, batch by batch; reruns resume.
+
+  Batch b is `sample_batch_fn(fold_in(key, b))` (float [batch_size, H, W, C] in
+  [-1, 1]), written as uint8 to batch_{b:06d}.npz as soon as it is made; the
+  write is atomic, so an interrupted run keeps exactly its finished batches and
+  a rerun draws only the rest, with the same keys: the result equals an
+  uninterrupted run. `settings` (JSON-able, e.g. the sampler's flags) is saved
+  with batch_size and key, and a rerun with different ones is refused.
+
+  Writes samples.npz ('arr_0': uint8 [num_samples, H, W, C], the format FID
+  tools read) and grid.png of the first 64 images; returns the samples.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  _check_settings(os.path.join(out_dir, "settings.json"), {
+      **(settings or {}), "batch_size": batch_size,
+      "key": np.asarray(jax.random.key_data(key)).tolist()})
+  num_batches = math.ceil(num_samples / batch_size)
+  paths = [os.path.join(out_dir, f"batch_{b:06d}.npz") for b in range(num_batches)]
+  todo = [b for b in range(num_batches) if not os.path.exists(paths[b])]
+  for b in tqdm.tqdm(todo, total=num_batches, initial=num_batches - len(todo),
+                     desc="sampling", unit="batch"):
+    batch = image_utils.to_uint8(sample_batch_fn(jax.random.fold_in(key, b)))
+    if batch.shape[0] != batch_size:
+      raise ValueError(f"sample_batch_fn returned {batch.shape[0]} images, expected {batch_size}.")
+    _save_npz(paths[b], batch)
+  samples = np.concatenate([_load_npz(path) for path in paths])[:num_samples]
+  _save_npz(os.path.join(out_dir, "samples.npz"), samples)
+  image_utils.save_image_grid(samples[:GRID_IMAGES], os.path.join(out_dir, "grid.png"))
+  return samples
+
+
+def _check_settings(path: str, settings: dict) -> None:
+  """Saves `settings` at `path`, or checks they equal the ones a previous run saved there."""
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != json.loads(json.dumps(settings)):
+      raise ValueError(f"{path} holds the settings of another run: {previous}; this run has "
+                       f"{settings}. Use a new output directory or the same settings.")
+    return
+  with open(path, "w") as f:
+    json.dump(settings, f, indent=2, sort_keys=True)
+
+
+def _save_npz(path: str, array: np.ndarray) -> None:
+  """np.savez to `path` atomically: a temporary file, then renamed."""
+  temporary = path + ".tmp.npz"
+  np.savez(temporary, arr_0=array)
+  os.replace(temporary, path)
+
+
+def _load_npz(path: str) -> np.ndarray:
+  with np.load(path) as data:
+    return data["arr_0"]
