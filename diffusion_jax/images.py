@@ -33,8 +33,18 @@ def make_image_grid(images: np.ndarray, ncols: int | None = None, padding: int =
   return grid
 
 
+def enlarge(images: np.ndarray, min_size: int) -> np.ndarray:
+  """Repeats the pixels of [N, H, W, C] images by the least integer factor making H, W >= min_size."""
+  factor = max(1, math.ceil(min_size / min(images.shape[1:3])))
+  return images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
 def save_image_grid(images: np.ndarray, path: str | os.PathLike, ncols: int | None = None,
-                    padding: int = 2) -> None:
-  """Writes uint8 [N, H, W, C] images as one PNG grid (see `make_image_grid`)."""
-  grid = make_image_grid(images, ncols, padding)
+                    padding: int = 2, min_size: int = 0) -> None:
+  """Writes uint8 [N, H, W, C] images as one PNG grid (see `make_image_grid`).
+
+  Images smaller than `min_size` pixels are enlarged (nearest neighbour) so
+  that small samples, such as 8x8 digits, can be seen.
+  """
+  grid = make_image_grid(enlarge(np.asarray(images), min_size), ncols, padding)
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)

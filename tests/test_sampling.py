@@ -306,6 +306,15 @@ def test_save_image_grid_places_images_row_by_row(tmp_path):
     images.save_image_grid(tiles.astype(np.float32), tmp_path / "bad.png")
 
 
+def test_small_images_are_enlarged_in_grids(tmp_path):
+  tiles = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 1), dtype=np.uint8)
+  images.save_image_grid(tiles, tmp_path / "big.png", ncols=2, padding=0, min_size=8)
+  grid = np.asarray(Image.open(tmp_path / "big.png"))
+  assert grid.shape == (9, 24)  # factor ceil(8 / 3) = 3
+  np.testing.assert_array_equal(grid[::3, :12:3], tiles[0, ..., 0])
+  np.testing.assert_array_equal(grid[2::3, 14::3], tiles[1, ..., 0])  # every copy of a pixel
+
+
 def gaussian_batch_sampler(batch_size, config=sampling.SamplerConfig("ddim", steps=5)):
   apply_fn = lambda params, x, t, y: params * gaussian_eps_model(x, t)
   sample_batch = sampling.make_batch_sampler(config, apply_fn, SPEC, SCHEDULE, (2, 2, 1),

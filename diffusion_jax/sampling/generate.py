@@ -22,6 +22,7 @@ from diffusion_jax.schedules import Schedule
 # apply_fn(params, x_t [B, H, W, C], t int32 [B], y int32 [B] or None) -> output
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 GRID_IMAGES = 64
+GRID_MIN_SIZE = 32  # pixels: smaller samples are enlarged in grid.png
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,8 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
     _save_npz(paths[b], batch)
   samples = np.concatenate([_load_npz(path) for path in paths])[:num_samples]
   _save_npz(os.path.join(out_dir, "samples.npz"), samples)
-  image_utils.save_image_grid(samples[:GRID_IMAGES], os.path.join(out_dir, "grid.png"))
+  image_utils.save_image_grid(samples[:GRID_IMAGES], os.path.join(out_dir, "grid.png"),
+                              min_size=GRID_MIN_SIZE)
   return samples
 
 

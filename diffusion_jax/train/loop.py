@@ -55,9 +55,12 @@ def write_samples(grid_sampler, state: TrainState, step: int, seed: int, workdir
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-    images.save_image_grid(samples, path)
+    images.save_image_grid(samples, path, min_size=GRID_MIN_SIZE)
     writer.write_images(step, {"samples": images.make_image_grid(samples)[None]})
     logging.info("Wrote %d samples to %s.", len(samples), path)
+
+
+GRID_MIN_SIZE = 32  # pixels: smaller samples are enlarged in the PNG grids
 
 
 def _stop_requested(preemption: checkpoint.PreemptionFlag, step: int) -> bool:
