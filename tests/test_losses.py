@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, losses, schedules
+from diffusion_jax import losses, schedules
 from diffusion_jax.diffusion import ModelSpec
 
 SCHED = schedules.get_schedule("linear", 1000)

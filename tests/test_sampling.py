@@ -8,19 +8,17 @@ probability-flow ODE maps the standardised x_T to the same standardised x_t.
 import functools
 import json
 import os
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from diffusion_jax import images, sampling, schedules
 from diffusion_jax.diffusion import ModelSpec
+from diffusion_jax.sampling import generate
 
 T = 1000
 MU, S = 0.3, 0.5
@@ -345,7 +343,8 @@ def test_sample_to_files_resumes_to_the_uninterrupted_result(tmp_path):
   np.testing.assert_array_equal(resumed, full)
   with np.load(os.path.join(out, "samples.npz")) as data:
     np.testing.assert_array_equal(data["arr_0"], full)
-  assert Image.open(os.path.join(out, "grid.png")).size == (4 * 4 + 2, 3 * 4 + 2)
+  tile = generate.GRID_MIN_SIZE  # the 2x2 samples are enlarged to 32x32 in the grid
+  assert Image.open(os.path.join(out, "grid.png")).size == (4 * (tile + 2) + 2, 3 * (tile + 2) + 2)
   assert json.load(open(os.path.join(out, "settings.json")))["batch_size"] == 4
   with pytest.raises(ValueError, match="settings of another run"):
     sampling.sample_to_files(gaussian_batch_sampler(2), 10, 2, out, key=key)
@@ -366,21 +365,3 @@ def test_batch_sampler_with_labels_and_guidance():
     sampling.SamplerConfig("dpm_solver", eta=1.0)
   with pytest.raises(ValueError, match="Unknown sampler"):
     sampling.SamplerConfig("euler")
-
-
-def test_launcher_samples_from_the_trainers_loader(tmp_path, monkeypatch):
-  """launch/sample.py end to end, the trainer's loader replaced by the Gaussian model."""
-  from launch import sample as launcher
-  checkpoint = types.ModuleType("diffusion_jax.train.checkpoint")
-  checkpoint.load_ema_for_sampling = lambda workdir: (
-      lambda params, x, t, y: params * gaussian_eps_model(x, t), 1.0, SPEC, SCHEDULE,
-      (2, 2, 1), None)
-  monkeypatch.setitem(sys.modules, "diffusion_jax.train.checkpoint", checkpoint)
-  flags.FLAGS(["sample", f"--workdir={tmp_path}", "--num_samples=20", "--batch_size=8",
-               "--sampler=dpm_solver", "--steps=4"])
-  try:
-    launcher.main(["sample"])
-  finally:
-    flags.FLAGS.unparse_flags()
-  with np.load(tmp_path / "samples" / "dpm_solver-4steps-eta0-w0-seed0" / "samples.npz") as f:
-    assert f["arr_0"].shape == (20, 2, 2, 1) and f["arr_0"].dtype == np.uint8
