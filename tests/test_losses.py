@@ -164,3 +164,23 @@ def test_nll_of_optimal_model_is_finite_and_beats_a_wrong_model():
   np.testing.assert_allclose(nll.vb[:, 0], -math.log2(bin_mass), rtol=1e-2)
   np.testing.assert_allclose(nll.mse, 0.0, atol=1e-6)
   assert float(bad.total_bpd.min()) > float(nll.total_bpd.max()) + 1.0
+
+
+def test_public_functions_run_under_jit():
+  spec = ModelSpec(var_type="learned_range")
+  x0 = jnp.round(jax.random.uniform(jax.random.key(0), (2, 4, 4, 3), minval=-1, maxval=1)
+                 * 127.5) / 127.5
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  t = jnp.array([0, 500])
+  model = lambda x_t, t: jnp.concatenate([0.5 * x_t, jnp.zeros_like(x_t)], -1)
+  eager_and_jitted = [
+      (losses.normal_kl, (x0, 0.1, noise, -0.2)),
+      (losses.discretized_gaussian_log_likelihood, (x0, noise, -2.0)),
+      (losses.prior_bits, (SCHED, x0)),
+      (lambda s, x, n: losses.vb_term_bits(spec, s, model(x, t), x, n, t), (SCHED, x0, noise)),
+      (lambda s, x, n: losses.training_losses(model, spec, s, "hybrid", x, t, n),
+       (SCHED, x0, noise)),
+  ]
+  for fn, args in eager_and_jitted:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 fn(*args), jax.jit(fn)(*args))
