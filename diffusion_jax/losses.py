@@ -37,9 +37,14 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
                 + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
+def _approx_cdf_logit(x):
+  """The reference code's tanh approximation of the normal CDF is sigmoid(this)."""
+  return 2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+
+
 def approx_standard_normal_cdf(x):
-  """The tanh approximation of the standard normal CDF used by the reference code."""
-  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+  """Phi(x) ~ 0.5 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the reference code's approximation."""
+  return jax.nn.sigmoid(_approx_cdf_logit(x))
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
@@ -47,16 +52,18 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
   Ho et al. eq. 13: the decoder's mass on the bin [x - 1/255, x + 1/255],
   with the edge bins reaching to -inf and +inf. Natural log, elementwise.
+  With Phi(z) ~ sigmoid(u(z)), the bin's mass sigmoid(u) - sigmoid(l) is
+  computed as sigmoid(u) sigmoid(-l) (1 - e^{l-u}) in log space, which keeps
+  full precision in both tails, where the difference of two CDFs cancels.
   """
   centered = x - means
   inv_stdv = jnp.exp(-log_scales)
-  cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-  cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
-  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
-  log_bin = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-  return jnp.where(x < -0.999, log_cdf_plus,
-                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_bin))
+  upper = _approx_cdf_logit(inv_stdv * (centered + 1.0 / 255.0))
+  lower = _approx_cdf_logit(inv_stdv * (centered - 1.0 / 255.0))
+  log_cdf_upper = jax.nn.log_sigmoid(upper)  # log Phi(upper edge)
+  log_sf_lower = jax.nn.log_sigmoid(-lower)  # log (1 - Phi(lower edge))
+  log_bin = log_cdf_upper + log_sf_lower + jnp.log(-jnp.expm1(lower - upper))
+  return jnp.where(x < -0.999, log_cdf_upper, jnp.where(x > 0.999, log_sf_lower, log_bin))
 
 
 # ----------------------------------------------------------------------------- bound terms
