@@ -114,10 +114,7 @@ class Experiment:
     """A fresh TrainState; jit it with out_shardings to create it sharded."""
     fns = self.step_fns()
     init_key, state_key = jax.random.split(rng)
-    x = jnp.zeros((1, *self.image_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if self.num_classes is not None else None
-    params = self.model.init(init_key, x, t, y)["params"]
+    params = self.model.init(init_key, *_example_inputs(self.model, self.image_shape))["params"]
     return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
                       opt_state=fns.tx.init(params), rng=state_key,
                       sampler_state=fns.timestep_sampler.init())
@@ -144,10 +141,16 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
       data=data_config, image_shape=image_shape)
 
 
+def _example_inputs(model: nn.Module, image_shape):
+  """(x [1, H, W, C], t [1], y [1] or None): the inputs `model.init` traces with."""
+  conditional = getattr(model, "num_classes", None) is not None
+  return (jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32),
+          jnp.zeros((1,), jnp.int32) if conditional else None)
+
+
 def _check_model_output(model: nn.Module, spec: ModelSpec, image_shape) -> None:
   """The model must output the channels the parameterisation reads, at the data's size."""
-  y = jnp.zeros((1,), jnp.int32) if getattr(model, "num_classes", None) is not None else None
-  args = (jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32), y)
+  args = _example_inputs(model, image_shape)
   try:
     out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), *args)[0])
   except Exception as e:
@@ -158,4 +161,4 @@ def _check_model_output(model: nn.Module, spec: ModelSpec, image_shape) -> None:
     raise ValueError(
         f"The model outputs {out.shape[1:]} but var_type {spec.var_type.value!r} on"
         f" {image_shape} images needs {expected[1:]}: set model.learn_sigma"
-        f" = {spec.learns_variance} and model.out_channels/in_channels to match.")
+        f" = {spec.learns_variance}.")
