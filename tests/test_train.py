@@ -197,3 +197,14 @@ def test_launcher_rejects_unknown_and_ill_typed_overrides(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  config = _tiny_digits()
+  config.model.dtype = "bfloat16"
+  exp = train.build(config)
+  iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
+  state, history = _run_steps(exp, parallel.make_mesh(), [next(iterator) for _ in range(2)])
+  assert np.all(np.isfinite(history))
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(state.ema_params)} == {np.dtype("float32")}
