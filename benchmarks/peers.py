@@ -1,40 +1,65 @@
 """The PyTorch peer of a zoo U-Net: diffusers' UNet2DModel with the same architecture.
 
-Only the DDPM family (`ddpm_*` entries) has an exact diffusers twin; its
-parameter count must equal ours (35,746,307 for ddpm_cifar10), which
-`diffusers_unet` checks. torch and diffusers come with `pip install -e ".[bench]"`.
+The DDPM family and the Improved DDPM entries without BigGAN up/down blocks or
+class labels have an exact diffusers twin: its parameter count equals ours
+(35,746,307 for ddpm_cifar10; tests/test_models.py holds the published counts).
+torch and diffusers come with `pip install -e ".[bench]"`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+
+from diffusion_jax.models import UNet
 
 
-def peer_available() -> str | None:
-  """None when torch and diffusers import, else why not (for a printed note)."""
+def import_peer():
+  """(torch with one thread per core, None), or (None, why there is no PyTorch column)."""
   try:
-    import diffusers  # noqa: F401
-    import torch  # noqa: F401
+    import diffusers  # noqa: PLC0415  (optional peer: the `bench` extra)
+    import torch  # noqa: PLC0415
   except ImportError as e:
-    return f"{e.name} is not installed (pip install -e '.[bench]'): no PyTorch peer column"
-  return None
+    return None, f"{e.name} is not installed (pip install -e '.[bench]')"
+  diffusers.utils.logging.set_verbosity_error()
+  torch.set_num_threads(os.cpu_count())
+  return torch, None
 
 
-def diffusers_unet(fields: dict[str, Any], image_size: int, channels: int):
-  """UNet2DModel equal to our DDPM `UNet(**fields)` on [image_size, image_size, channels]."""
-  import diffusers
+def diffusers_kwargs(model: UNet, image_size: int, channels: int) -> dict:
+  """UNet2DModel arguments that build `model`'s architecture on [image_size, image_size, channels].
 
-  mult, ch = fields["ch_mult"], fields["ch"]
-  sizes = [image_size // 2**level for level in range(len(mult))]
-  attention = [size in fields["attn_resolutions"] for size in sizes]
-  return diffusers.UNet2DModel(
-      sample_size=image_size, in_channels=channels, out_channels=channels,
-      layers_per_block=fields["num_res_blocks"],
-      block_out_channels=tuple(ch * m for m in mult),
-      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-      dropout=fields.get("dropout", 0.0), norm_eps=1e-6, downsample_padding=0,
-      flip_sin_to_cos=False, freq_shift=1, act_fn="silu", norm_num_groups=32)
+  Raises:
+    ValueError: for what UNet2DModel does not build the same way (BigGAN
+      up/down blocks, class labels, one head count over several widths).
+  """
+  if model.resblock_updown or model.num_classes is not None:
+    raise ValueError("no diffusers UNet2DModel equivalent of resblock_updown / num_classes")
+  widths = [model.ch * mult for mult in model.ch_mult]
+  sides = [image_size // 2**level for level in range(len(widths))]
+  attends = [side in model.attn_resolutions for side in sides]
+  attention_widths = {w for w, a in zip(widths, attends) if a} | {widths[-1]}
+  if model.num_heads > 1 and len(attention_widths) > 1:
+    raise ValueError(f"num_heads={model.num_heads} at widths {sorted(attention_widths)}: "
+                     "UNet2DModel takes one head size")
+  head_dim = model.num_head_channels or (widths[-1] // model.num_heads if model.num_heads > 1 else None)
+  return dict(
+      sample_size=image_size, in_channels=channels,
+      out_channels=channels * (2 if model.learn_sigma else 1),
+      block_out_channels=tuple(widths), layers_per_block=model.num_res_blocks,
+      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
+      attention_head_dim=head_dim,  # None: one head as wide as the block
+      dropout=model.dropout, norm_eps=model.norm_eps,
+      downsample_padding=0 if model.downsample_padding == "SAME" else model.downsample_padding,
+      flip_sin_to_cos=model.time_embedding == "adm", freq_shift=int(model.time_embedding == "ddpm"),
+      resnet_time_scale_shift="scale_shift" if model.scale_shift_norm else "default")
+
+
+def diffusers_unet(model: UNet, image_size: int, channels: int):
+  """diffusers' UNet2DModel twin of `model`, randomly initialised (see `diffusers_kwargs`)."""
+  from diffusers import UNet2DModel  # noqa: PLC0415
+
+  return UNet2DModel(**diffusers_kwargs(model, image_size, channels))
 
 
 def count_torch_params(module) -> int:

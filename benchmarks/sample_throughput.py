@@ -11,7 +11,7 @@ and DDIMPipeline (PyTorch) on a UNet2DModel of the same shape and prints the
 ratio ours / theirs (`pip install -e ".[bench]"`).
 """
 
-import os
+import functools
 import time
 
 import jax
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import peers
-from diffusion_jax import models, sampling, schedules
+from diffusion_jax import models, parallel, sampling, schedules
 from diffusion_jax.diffusion import ModelSpec
 
 _MODEL = flags.DEFINE_string("model", "ddpm_cifar10", "Zoo entry.")
@@ -42,22 +42,21 @@ def best_time(fn, *args) -> tuple[float, float]:
   return first, min(times)
 
 
-def time_diffusers(fields, image_shape, batch_size, steps) -> dict[str, float]:
+def time_diffusers(torch, model, image_shape, batch_size, steps) -> dict[str, float]:
   """Best seconds per batch of diffusers' DDPM and DDIM pipelines on the twin UNet2DModel."""
-  import diffusers
-  import torch
+  import diffusers  # noqa: PLC0415  (optional peer: the `bench` extra)
 
-  torch.set_num_threads(os.cpu_count())
-  unet = peers.diffusers_unet(fields, image_shape[0], image_shape[2]).eval()
+  unet = peers.diffusers_unet(model, image_shape[0], image_shape[2]).eval()
   pipelines = {
       "ddpm": diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler(1000, beta_schedule="linear")),
       "ddim": diffusers.DDIMPipeline(unet, diffusers.DDIMScheduler(1000, beta_schedule="linear")),
   }
   times = {}
-  for name, pipeline in pipelines.items():
-    pipeline.set_progress_bar_config(disable=True)
-    run = lambda: pipeline(batch_size=batch_size, num_inference_steps=steps, output_type="np")
-    times[name] = best_time(run)[1]
+  with torch.inference_mode():
+    for name, pipeline in pipelines.items():
+      pipeline.set_progress_bar_config(disable=True)
+      run = lambda: pipeline(batch_size=batch_size, num_inference_steps=steps, output_type="np")
+      times[name] = best_time(run)[1]
   return times
 
 
@@ -72,8 +71,9 @@ def main(argv):
   x, t = jnp.zeros(shape), jnp.zeros(shape[:1], jnp.int32)
   params = jax.jit(model.init)(jax.random.key(0), x, t)
   apply_fn = lambda params, x, t, y: model.apply(params, x, t, y)
+  jit = functools.partial(jax.jit, compiler_options=parallel.compiler_options(parallel.make_mesh()))
 
-  _, forward = best_time(jax.jit(apply_fn), params, x, t, None)
+  _, forward = best_time(jit(apply_fn), params, x, t, None)
   print(f"{_MODEL.value} ch={model.ch} batch={shape} steps={_STEPS.value} on "
         f"{jax.devices()[0].platform}: {forward * 1e3:.1f} ms per forward pass")
   header = f"{'sampler':<24}{'compile s':>10}{'images/s':>10}{'s/image':>9}{'ms/call':>9}"
@@ -84,7 +84,7 @@ def main(argv):
                                                            guidance_scale=1.0)))
   ours = {}
   for name, config in runs:
-    sample_batch = jax.jit(sampling.make_batch_sampler(
+    sample_batch = jit(sampling.make_batch_sampler(
         config, apply_fn, spec, schedule, entry.input_shape, shape[0],
         num_classes=model.num_classes))
     first, best = best_time(sample_batch, params, jax.random.key(1))
@@ -92,10 +92,18 @@ def main(argv):
     per_call = best / _STEPS.value
     print(f"{name:<24}{first - best:>10.1f}{shape[0] / best:>10.2f}{best / shape[0]:>9.3f}"
           f"{per_call * 1e3:>9.1f}{per_call / forward - 1:>10.1%}")
-  if (why_not := peers.peer_available()) or not _MODEL.value.startswith("ddpm_"):
-    print(f"No PyTorch column: {why_not or 'diffusers has no twin of ' + _MODEL.value}.")
+  torch, why_not = peers.import_peer()
+  if model.learn_sigma:
+    why_not = "diffusers' DDIM pipeline takes epsilon-only models"
+  if why_not is None:
+    try:
+      theirs = time_diffusers(torch, model, entry.input_shape, shape[0], _STEPS.value)
+    except ValueError as e:
+      why_not = str(e)
+  if why_not is not None:
+    print(f"No PyTorch rows: {why_not}.")
     return
-  for name, best in time_diffusers(fields, entry.input_shape, shape[0], _STEPS.value).items():
+  for name, best in theirs.items():
     label = f"diffusers {name.upper()}Pipeline"
     print(f"{label:<24}{'-':>10}{shape[0] / best:>10.2f}{best / shape[0]:>9.3f}"
           f"{best / _STEPS.value * 1e3:>9.1f}   ours/theirs images/s: {best / ours[name]:.2f}x")

@@ -45,10 +45,11 @@ def main(argv):
                                   _GUIDANCE.value)
   apply_fn, params, spec, schedule, image_shape, num_classes = load_ema_for_sampling(
       _WORKDIR.value)
+  mesh = parallel.make_mesh()
   sample_batch = jax.jit(
       sampling.make_batch_sampler(config, apply_fn, spec, schedule, image_shape,
                                   _BATCH_SIZE.value, num_classes=num_classes),
-      out_shardings=parallel.batch_sharding(parallel.make_mesh()))
+      out_shardings=parallel.batch_sharding(mesh), compiler_options=parallel.compiler_options(mesh))
   name = (f"{config.sampler}-{config.steps or 'all'}steps-eta{config.eta:g}"
           f"-w{config.guidance_scale:g}-seed{_SEED.value}")
   output = _OUTPUT.value or os.path.join(_WORKDIR.value, "samples", name)

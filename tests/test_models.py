@@ -9,6 +9,7 @@ they skip XLA's backend (LLVM) optimisations, which change no numerics.
 import functools
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,6 +32,7 @@ from diffusion_jax.models import (
     zoo_table,
 )
 from diffusion_jax.models import __main__ as models_main
+from diffusion_jax.models.layers import GroupNorm
 
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
@@ -307,3 +309,50 @@ def test_ronneberger_same_padding_keeps_size():
   model = get_model("unet_ronneberger", padding="SAME")
   out, _ = abstract_init(model, (96, 96, 1))  # 96 = 16 * 6, not a valid unpadded size
   assert out.shape == (1, 96, 96, 2)
+
+
+# ---- GroupNorm -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 64), (3, 4, 4, 96)])
+def test_group_norm_matches_flax_values_and_gradients(shape):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(2.0 + 3.0 * rng.normal(size=shape), jnp.float32)  # off-centre, wide
+  cotangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  ours, flax_gn = GroupNorm(epsilon=1e-5), nn.GroupNorm(epsilon=1e-5)
+  params = jax.tree.map(
+      lambda p: p + jnp.asarray(rng.normal(size=p.shape), jnp.float32),  # non-trivial affine
+      flax_gn.init(jax.random.key(0), x))
+  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
+
+  def loss(module, params, x):
+    return jnp.sum(module.apply(params, x) * cotangent)
+
+  for argnum in (1, 2):
+    grad = functools.partial(jax.grad(loss, argnums=argnum))
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4)
+    jax.tree.map(close, grad(ours, params, x), grad(flax_gn, params, x))
+  np.testing.assert_allclose(ours.apply(params, x), flax_gn.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_normalises_each_group():
+  x = jnp.asarray(np.random.default_rng(4).normal(5.0, 2.0, size=(2, 4, 4, 64)), jnp.float32)
+  y = GroupNorm().apply({"params": {"scale": jnp.ones(64), "bias": jnp.zeros(64)}}, x)
+  groups = np.asarray(y).reshape(2, 16, 32, 2).transpose(0, 2, 1, 3).reshape(2, 32, -1)
+  np.testing.assert_allclose(groups.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(groups.var(-1), 1.0, atol=1e-4)
+
+
+def test_group_norm_keeps_float32_statistics_in_bfloat16():
+  # Mean 10, std 1: E[x^2] - E[x]^2 summed in bfloat16 (8 bits) would lose the variance.
+  x = jnp.asarray(np.random.default_rng(5).normal(10.0, 1.0, size=(2, 8, 8, 32)), jnp.bfloat16)
+  params = {"params": {"scale": jnp.ones(32), "bias": jnp.zeros(32)}}
+  y = GroupNorm(dtype=jnp.bfloat16).apply(params, x)
+  assert y.dtype == jnp.bfloat16
+  reference = nn.GroupNorm().apply(params, x.astype(jnp.float32))
+  np.testing.assert_allclose(y.astype(jnp.float32), reference, atol=0.04)
+
+
+def test_group_norm_rejects_indivisible_channels():
+  with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
+    GroupNorm().init(jax.random.key(0), jnp.zeros((1, 2, 2, 48)))

@@ -18,6 +18,7 @@ from flax.typing import Dtype
 from diffusion_jax.models.layers import (
     AttentionBlock,
     Downsample,
+    GroupNorm,
     ResBlock,
     TimeEmbedding,
     TimeEmbeddingKind,
@@ -182,7 +183,7 @@ class UNet(nn.Module):
 
   def _head(self, h, out_channels: int) -> jax.Array:
     """GroupNorm, swish, zero-initialised 3x3 conv; output cast to float32."""
-    h = nn.swish(nn.GroupNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm_out")(h))
+    h = nn.swish(GroupNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm_out")(h))
     conv_out = nn.Conv(
         out_channels, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype, name="conv_out"
     )

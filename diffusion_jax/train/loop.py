@@ -17,13 +17,20 @@ from diffusion_jax.train import checkpoint, experiment
 from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics, train_step
 
 
-def compile_train_step(exp: experiment.Experiment, state_shardings, mesh):
-  """jit(train_step) with the state's shardings, the batch over "data", the old state donated."""
+def compile_train_step(exp: experiment.Experiment, state_shardings, mesh,
+                       compiler_options: dict[str, str] | None = None):
+  """jit(train_step) with the state's shardings, the batch over "data", the old state donated.
+
+  `compiler_options` (XLA's) default to `parallel.compiler_options(mesh)`.
+  """
+  if compiler_options is None:
+    compiler_options = parallel.compiler_options(mesh)
   return jax.jit(
       functools.partial(train_step, fns=exp.step_fns()),
       in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
       out_shardings=(state_shardings, parallel.replicated(mesh)),
-      donate_argnums=0)
+      donate_argnums=0,
+      compiler_options=compiler_options)
 
 
 def create_state(exp: experiment.Experiment, mesh, seed: int):
@@ -40,12 +47,12 @@ def restore_target(state, shardings):
                       state, shardings)
 
 
-def make_grid_sampler(exp: experiment.Experiment):
+def make_grid_sampler(exp: experiment.Experiment, mesh):
   """A jitted `(ema_params, key) -> float32 [num_samples, H, W, C]` for the sample grids."""
   config = sampling.SamplerConfig(sampler=exp.train.sampler, steps=exp.train.sample_steps)
   return jax.jit(sampling.make_batch_sampler(
       config, exp.apply_fn, exp.spec, exp.schedule, exp.image_shape, exp.train.num_samples,
-      num_classes=exp.num_classes))
+      num_classes=exp.num_classes), compiler_options=parallel.compiler_options(mesh))
 
 
 def write_samples(grid_sampler, state: TrainState, step: int, seed: int, workdir: str, writer):
@@ -96,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                type(exp.model).__name__, exp.train.num_steps, initial_step, jax.device_count(),
                dict(mesh.shape))
   step_fn = compile_train_step(exp, shardings, mesh)
-  grid_sampler = make_grid_sampler(exp)
+  grid_sampler = make_grid_sampler(exp, mesh)
   batch_sharding = parallel.batch_sharding(mesh)
   progress = periodic_actions.ReportProgress(num_train_steps=exp.train.num_steps, writer=writer)
   accumulated = None
