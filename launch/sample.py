@@ -5,8 +5,10 @@
         --guidance=1.5 --output=/tmp/samples
 
 Writes OUTPUT/batch_*.npz as batches finish, then OUTPUT/samples.npz ('arr_0':
-uint8 NHWC, what FID tools read) and OUTPUT/grid.png. Rerunning the same command
-resumes after the last finished batch, with the same result as one run.
+uint8 NHWC, what FID tools read) and OUTPUT/grid.png; OUTPUT defaults to
+WORKDIR/samples/step<checkpoint>-<sampler settings>. Rerunning the same command
+resumes after the last finished batch, with the same result as one run; an
+OUTPUT holding another checkpoint's or sampler's batches is refused.
 The batch is split over all local devices; one host only.
 """
 
@@ -28,6 +30,7 @@ _ETA = flags.DEFINE_float("eta", 0.0, "DDIM's noise scale, 0 = deterministic (dd
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance scale w; 0 = none.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per batch, over all devices.")
 _SEED = flags.DEFINE_integer("seed", 0, "Batch b is drawn with fold_in(key(seed), b).")
+_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to sample; default the latest.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory; default WORKDIR/samples/<settings>.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -43,20 +46,21 @@ def main(argv):
                          f" {jax.device_count()} devices.")
   config = sampling.SamplerConfig(_SAMPLER.value, _STEPS.value or None, _ETA.value,
                                   _GUIDANCE.value)
-  apply_fn, params, spec, schedule, image_shape, num_classes = load_ema_for_sampling(
-      _WORKDIR.value)
+  model = load_ema_for_sampling(_WORKDIR.value, _STEP.value)
   mesh = parallel.make_mesh()
   sample_batch = jax.jit(
-      sampling.make_batch_sampler(config, apply_fn, spec, schedule, image_shape,
-                                  _BATCH_SIZE.value, num_classes=num_classes),
+      sampling.make_batch_sampler(config, model.apply_fn, model.spec, model.schedule,
+                                  model.image_shape, _BATCH_SIZE.value,
+                                  num_classes=model.num_classes),
       out_shardings=parallel.batch_sharding(mesh), compiler_options=parallel.compiler_options(mesh))
-  name = (f"{config.sampler}-{config.steps or 'all'}steps-eta{config.eta:g}"
+  name = (f"step{model.step}-{config.sampler}-{config.steps or 'all'}steps-eta{config.eta:g}"
           f"-w{config.guidance_scale:g}-seed{_SEED.value}")
   output = _OUTPUT.value or os.path.join(_WORKDIR.value, "samples", name)
   sampling.sample_to_files(
-      functools.partial(sample_batch, params), _NUM_SAMPLES.value, _BATCH_SIZE.value, output,
+      functools.partial(sample_batch, model.params), _NUM_SAMPLES.value, _BATCH_SIZE.value, output,
       key=jax.random.key(_SEED.value),
-      settings={"workdir": os.path.abspath(_WORKDIR.value), **dataclasses.asdict(config)})
+      settings={"workdir": os.path.abspath(_WORKDIR.value), "checkpoint_step": model.step,
+                **dataclasses.asdict(config)})
 
 
 if __name__ == "__main__":

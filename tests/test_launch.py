@@ -1,5 +1,6 @@
 """The entry points end to end: train a smoke config, then sample it with launch.sample."""
 
+import json
 import os
 import socket
 import subprocess
@@ -19,12 +20,13 @@ def test_train_then_sample(tmp_path):
   workdir = str(tmp_path / "run")
   state = train.train_and_evaluate(digits.get_config("smoke"), workdir)
 
-  apply_fn, params, spec, schedule, image_shape, num_classes = load_ema_for_sampling(workdir)
-  assert image_shape == (8, 8, 1) and num_classes is None and schedule.num_timesteps == 1000
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params),
+  model = load_ema_for_sampling(workdir)
+  assert model.image_shape == (8, 8, 1) and model.num_classes is None
+  assert model.schedule.num_timesteps == 1000 and model.step == int(state.step)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(model.params),
                jax.device_get(state.ema_params))
-  out = apply_fn(params, np.zeros((2, *image_shape), np.float32), np.array([0, 999]), None)
-  assert out.shape == (2, *image_shape)
+  x = np.zeros((2, *model.image_shape), np.float32)
+  assert model.apply_fn(model.params, x, np.array([0, 999]), None).shape == x.shape
 
   output = tmp_path / "samples"
   result = subprocess.run(
@@ -36,6 +38,7 @@ def test_train_then_sample(tmp_path):
   assert samples.shape == (10, 8, 8, 1) and samples.dtype == np.uint8
   assert samples.std() > 0  # real images, not a constant fill
   assert (output / "grid.png").exists()
+  assert json.loads((output / "settings.json").read_text())["checkpoint_step"] == model.step
 
 
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path):

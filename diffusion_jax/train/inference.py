@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -15,15 +16,24 @@ from diffusion_jax.train.loop import restore_target
 from diffusion_jax.sampling.generate import ApplyFn
 
 
-def load_ema_for_sampling(workdir: str, step: int | None = None
-                          ) -> tuple[ApplyFn, Any, ModelSpec, Schedule, tuple, int | None]:
-  """The EMA parameters of a run and what is needed to sample from them.
+@dataclasses.dataclass(frozen=True)
+class EmaModel:
+  """A run's EMA parameters at one checkpoint, with what sampling from them needs."""
 
-  Reads the run's config.json and restores its latest checkpoint (or `step`),
-  replicated over the local devices.
+  apply_fn: ApplyFn
+  params: Any
+  spec: ModelSpec
+  schedule: Schedule
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  num_classes: int | None
+  step: int  # the training step of the checkpoint
 
-  Returns:
-    (apply_fn, ema_params, spec, schedule, image_shape (H, W, C), num_classes or None).
+
+def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
+  """The EMA parameters of a run's latest checkpoint (or `step`), replicated over local devices.
+
+  Raises:
+    FileNotFoundError: the workdir has no config.json or no checkpoint.
   """
   exp = experiment.build(checkpoint.load_config(workdir))
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=1 << 30)
@@ -35,4 +45,5 @@ def load_ema_for_sampling(workdir: str, step: int | None = None
   target = restore_target(abstract, jax.tree.map(lambda _: parallel.replicated(mesh), abstract))
   state = checkpointer.restore(target, step=step)
   checkpointer.close()
-  return exp.apply_fn, state.ema_params, exp.spec, exp.schedule, exp.image_shape, exp.num_classes
+  return EmaModel(exp.apply_fn, state.ema_params, exp.spec, exp.schedule, exp.image_shape,
+                  exp.num_classes, int(state.step))
