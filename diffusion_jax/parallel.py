@@ -19,7 +19,7 @@ DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
 # XLA:CPU lowers convolutions to YNNPACK by default; its Eigen convolutions
-# run the U-Nets' train step ~1.8x faster (benchmarks/train_throughput.py),
+# run the U-Nets' train step ~1.7x faster (benchmarks/train_throughput.py),
 # while dots and reductions stay fastest in YNNPACK.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
