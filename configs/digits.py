@@ -14,7 +14,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.seed = 0  # seeds init, the data order and the train step's noise
 
   config.data = dict(
-      source="digits",  # scikit-learn's 1,797 8x8 digits; ship inside the package
+      source="digits",  # scikit-learn's 8x8 digits; ship inside the package
+      split="train",  # the first 1,497 digits; "test" (the last 300) is held out
       image_size=8,  # pixels: the digits' own size
       num_channels=1,  # grayscale
       random_flip=False,  # digits are not mirror-symmetric

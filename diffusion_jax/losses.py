@@ -69,14 +69,16 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 # ----------------------------------------------------------------------------- bound terms
 
 
-def vb_term_bits(spec: ModelSpec, schedule: Schedule, model_output, x_start, x_t, t):
+def vb_term_bits(spec: ModelSpec, schedule: Schedule, model_output, x_start, x_t, t,
+                 clip_x0: bool = False):
   """L_{t-1} of the variational bound (Ho et al. eq. 5) in bits/dim: [B].
 
   KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, and the decoder's
-  -log p(x_0|x_1) for t = 0. x_0 is never clipped here: the bound is of the model.
+  -log p(x_0|x_1) for t = 0. By default x_0 is not clipped: the bound is of
+  the model itself; `clip_x0` bounds the clipped-x_0 sampler instead.
   """
   true_mean, _, true_log_var = diffusion.q_posterior(schedule, x_start, x_t, t)
-  p = diffusion.p_mean_variance(spec, schedule, model_output, x_t, t, clip_x0=False)
+  p = diffusion.p_mean_variance(spec, schedule, model_output, x_t, t, clip_x0=clip_x0)
   kl = mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / LOG2
   decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
       x_start, p.mean, 0.5 * p.log_variance)) / LOG2
@@ -241,11 +243,18 @@ class NLLResult(NamedTuple):
   mse: jax.Array  # [B, T] squared error of the predicted eps
 
 
-def nll_bpd(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, x_start, key) -> NLLResult:
+def nll_bpd(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, x_start, key, *,
+            clip_x0: bool = False) -> NLLResult:
   """Negative log-likelihood bound of x_start [B, H, W, C] in bits/dim, over all T steps.
 
   One compiled loop over t with fresh noise per step, as for the NLL tables
   of Improved DDPM (sec. 3.2). x_start must be on the 256-level grid of [-1, 1].
+
+  Args:
+    clip_x0: clip the predicted x_0 to [-1, 1] inside the bound, as Improved
+      DDPM's published protocol does (`image_nll.py` runs `calc_bpd_loop` with
+      `clip_denoised=True`): the bound of the clipped sampler. False (the
+      default) gives the bound of the model's own p(x_{t-1} | x_t).
   """
   batch = x_start.shape[0]
 
@@ -255,9 +264,11 @@ def nll_bpd(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, x_start, key
     noise = jax.random.normal(key, x_start.shape, x_start.dtype)
     x_t = diffusion.q_sample(schedule, x_start, t, noise)
     output = model_fn(x_t, t)
-    vb = vb_term_bits(spec, schedule, output, x_start, x_t, t)
+    vb = vb_term_bits(spec, schedule, output, x_start, x_t, t, clip_x0)
     mean_output, _ = diffusion.split_output(spec, output)
     pred_x0 = diffusion.predict_x0(spec, schedule, mean_output, x_t, t)
+    if clip_x0:
+      pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
     pred_eps = diffusion.eps_from_x0(schedule, x_t, t, pred_x0)
     return carry, (vb, mean_flat(jnp.square(pred_x0 - x_start)),
                    mean_flat(jnp.square(pred_eps - noise)))

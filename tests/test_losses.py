@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import losses, schedules
+from diffusion_jax import diffusion, losses, schedules
 from diffusion_jax.diffusion import ModelSpec
 
 SCHED = schedules.get_schedule("linear", 1000)
@@ -164,6 +164,28 @@ def test_nll_of_optimal_model_is_finite_and_beats_a_wrong_model():
   np.testing.assert_allclose(nll.vb[:, 0], -math.log2(bin_mass), rtol=1e-2)
   np.testing.assert_allclose(nll.mse, 0.0, atol=1e-6)
   assert float(bad.total_bpd.min()) > float(nll.total_bpd.max()) + 1.0
+
+
+def test_nll_clip_x0_bounds_the_clipped_sampler():
+  """clip_x0 equals the unclipped bound of an eps model that clips its own x_0 estimate."""
+  c = 0.6 - 0.6 % (2 / 255)
+  x0 = jnp.full((2, 4, 4, 1), c)
+  sched, _, wrong = _point_mass_models(c)  # eps = 0: x_0 estimates x_t / sqrt(abar), far outside
+  spec = ModelSpec(clip_x0=False)
+
+  def self_clipping(x_t, t):
+    pred_x0 = jnp.clip(diffusion.x0_from_eps(sched, x_t, t, wrong(x_t, t)), -1.0, 1.0)
+    return diffusion.eps_from_x0(sched, x_t, t, pred_x0)
+
+  key = jax.random.key(3)
+  clipped = losses.nll_bpd(wrong, spec, sched, x0, key, clip_x0=True)
+  reference = losses.nll_bpd(self_clipping, spec, sched, x0, key)
+  unclipped = losses.nll_bpd(wrong, spec, sched, x0, key)
+  np.testing.assert_allclose(clipped.vb, reference.vb, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(clipped.x0_mse, reference.x0_mse, rtol=1e-4, atol=1e-6)
+  assert np.all(clipped.x0_mse <= 4.0 + 1e-6)  # (c - [-1, 1])^2 <= 4 once clipped
+  assert float(unclipped.x0_mse.max()) > 10.0 and float(clipped.total_bpd.max()) < float(
+      unclipped.total_bpd.min())
 
 
 def test_public_functions_run_under_jit():

@@ -8,6 +8,7 @@
 from diffusion_jax.data.config import SOURCES, DataConfig
 from diffusion_jax.data.pipeline import (
     local_batch_size,
+    make_eval_iterator,
     make_global_batch,
     make_train_iterator,
     num_examples,
@@ -17,6 +18,7 @@ __all__ = [
     "SOURCES",
     "DataConfig",
     "local_batch_size",
+    "make_eval_iterator",
     "make_global_batch",
     "make_train_iterator",
     "num_examples",

@@ -19,7 +19,8 @@ class DataConfig:
       directory of image files).
     name: TFDS dataset name, e.g. "cifar10", "mnist", "celeb_a_hq/256". Only
       for source="tfds".
-    split: TFDS split, e.g. "train" or "train[:90%]". Only for source="tfds".
+    split: TFDS split, e.g. "train" or "train[:90%]"; for source="digits"
+      "train" (1,497 digits) or "test" (the other 300).
     path: directory searched recursively for images. Only for
       source="folder".
     image_size: output height = width in pixels; other sizes are resized

@@ -11,8 +11,12 @@ it exactly. `make_global_batch` then joins the hosts' batches into one
 `jax.Array` sharded over the mesh.
 """
 
+import math
+from collections.abc import Iterator
+
 import grain
 import jax
+import numpy as np
 
 from diffusion_jax.data import transforms
 from diffusion_jax.data.config import DataConfig
@@ -109,6 +113,75 @@ def make_train_iterator(
   return iter(
       batches.to_iter_dataset(read_options).map(transforms.to_model_range)
   )
+
+
+def make_eval_iterator(
+    config: DataConfig,
+    global_batch_size: int,
+    shard_options: grain.sharding.ShardOptions | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """A finite pass over every example of `config.split` exactly once, in order.
+
+  For reference statistics and likelihoods, never for training: no shuffle,
+  no flips, no repeat, no dropped remainder. Each process reads a contiguous
+  shard; the last batches are padded with zero images whose `mask` is False,
+  and every process yields the same number of batches (so that jitted,
+  sharded computations see the same shapes on all hosts).
+
+  Args:
+    config: what to read; `shuffle` and `random_flip` are ignored.
+    global_batch_size: examples per batch over all processes.
+    shard_options: this process's share; by default
+      `grain.sharding.ShardByJaxProcess(drop_remainder=False)`.
+
+  Yields:
+    `{"image": float32 [B, S, S, C] in [-1, 1], "label": int32 [B],
+    "mask": bool [B]}` with B = global_batch_size / process count.
+  """
+  shard_options = shard_options or grain.sharding.ShardByJaxProcess(
+      drop_remainder=False
+  )
+  batch_size = local_batch_size(global_batch_size, shard_options.shard_count)
+  source = grain.MapDataset.source(make_source(config))
+  # Every shard has at most ceil(len / count) examples: all processes agree.
+  num_batches = math.ceil(
+      math.ceil(len(source) / shard_options.shard_count) / batch_size
+  )
+  records = shard(
+      source,
+      grain.sharding.ShardOptions(
+          shard_options.shard_index,
+          shard_options.shard_count,
+          drop_remainder=False,
+      ),
+  ).map(transforms.Preprocess(config.image_size, config.num_channels))
+  batches = iter(
+      records.batch(batch_size, drop_remainder=False).to_iter_dataset(
+          grain.ReadOptions(
+              num_threads=config.num_threads,
+              prefetch_buffer_size=2 * config.num_threads,
+          )
+      )
+  )
+  shape = (batch_size, config.image_size, config.image_size,
+           config.num_channels)
+  for _ in range(num_batches):
+    batch = next(batches, None)
+    yield transforms.to_model_range(_pad_batch(batch, shape)) | {
+        "mask": np.arange(batch_size) < (0 if batch is None else
+                                         len(batch["image"]))
+    }
+
+
+def _pad_batch(batch, shape) -> dict[str, np.ndarray]:
+  """A uint8 batch (or None) zero-padded to `shape` [B, S, S, C]."""
+  padded = {"image": np.zeros(shape, np.uint8),
+            "label": np.zeros(shape[:1], np.int32)}
+  if batch is not None:
+    count = len(batch["image"])
+    padded["image"][:count] = batch["image"]
+    padded["label"][:count] = batch["label"]
+  return padded
 
 
 def num_examples(config: DataConfig) -> int:

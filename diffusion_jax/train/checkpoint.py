@@ -71,6 +71,26 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self._restore(step, items).state
+
+  def restore_fields(self, abstract_fields: dict, step: int | None = None) -> dict | None:
+    """Restores only the named fields of the saved state, e.g. {"ema_params": ..., "step": ...}.
+
+    What sampling and evaluation need, without reading the optimizer state
+    (Adam's moments are twice the parameters). `abstract_fields` maps field
+    names of the TrainState to pytrees of jax.ShapeDtypeStruct with shardings.
+    Returns the restored dict, or None when there is no checkpoint.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    restore = ocp.args.PyTreeRestore(
+        item=abstract_fields, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_fields))
+    return self._restore(step, {"state": restore}).state
+
+  def _restore(self, step: int, items: dict):
+    """The manager's restore of `items` at `step`; any failure names the checkpoint."""
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types for damaged files; name the checkpoint.
@@ -80,7 +100,7 @@ class Checkpointer:
           f" {type(e).__name__}: {e}. Other checkpoints here: {others}. Move the damaged one"
           " aside to resume from an earlier one; nothing was deleted.") from e
     logging.info("Restored checkpoint of step %d from %s.", step, self.directory)
-    return restored.state
+    return restored
 
   def wait(self):
     """Blocks until every asynchronous save has been written."""

@@ -30,7 +30,9 @@ class EmaModel:
 
 
 def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
-  """The EMA parameters of a run's latest checkpoint (or `step`), replicated over local devices.
+  """The EMA parameters of a run's latest checkpoint (or `step`), replicated over all devices.
+
+  Reads only the EMA parameters and the step, never the optimizer state.
 
   Raises:
     FileNotFoundError: the workdir has no config.json or no checkpoint.
@@ -40,10 +42,11 @@ def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
   if checkpointer.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first.")
   # Shapes only: the initial state is never materialised, just used as the restore target.
-  mesh = parallel.make_mesh()
   abstract = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
-  target = restore_target(abstract, jax.tree.map(lambda _: parallel.replicated(mesh), abstract))
-  state = checkpointer.restore(target, step=step)
+  fields = {"ema_params": abstract.ema_params, "step": abstract.step}
+  replicated = parallel.replicated(parallel.make_mesh())
+  restored = checkpointer.restore_fields(
+      restore_target(fields, jax.tree.map(lambda _: replicated, fields)), step=step)
   checkpointer.close()
-  return EmaModel(exp.apply_fn, state.ema_params, exp.spec, exp.schedule, exp.image_shape,
-                  exp.num_classes, int(state.step))
+  return EmaModel(exp.apply_fn, restored["ema_params"], exp.spec, exp.schedule, exp.image_shape,
+                  exp.num_classes, int(restored["step"]))

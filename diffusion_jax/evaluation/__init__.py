@@ -1,0 +1,1 @@
+"""Evaluation: FID, Inception Score, sFID, precision/recall and NLL in bits/dim."""
