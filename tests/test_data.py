@@ -15,6 +15,7 @@ from sklearn import datasets as sk_datasets
 
 from diffusion_jax.data import (
     DataConfig,
+    make_eval_iterator,
     make_global_batch,
     make_train_iterator,
     num_examples,
@@ -181,7 +182,7 @@ def test_resume_through_orbax_checkpoint_manager(tmp_path):
 def test_each_process_reads_its_own_half():
   config = _digits(shuffle=False, random_flip=False)
   images, labels = _digits_in_model_range()
-  half = len(labels) // 2
+  half = 1497 // 2  # of the train split
   for index in (0, 1):
     options = grain.sharding.ShardOptions(
         shard_index=index, shard_count=2, drop_remainder=True
@@ -191,6 +192,34 @@ def test_each_process_reads_its_own_half():
     assert batch["image"].shape == (8, 8, 8, 1)
     np.testing.assert_allclose(batch["image"], images[rows], atol=1e-6)
     np.testing.assert_array_equal(batch["label"], labels[rows])
+
+
+def test_digits_splits_are_disjoint_and_cover_the_dataset():
+  images, labels = _digits_in_model_range()
+  train = _take(_digits(split="train", shuffle=False, random_flip=False), 1497, 1)[0]
+  test = list(make_eval_iterator(_digits(split="test"), 300))[0]
+  np.testing.assert_allclose(train["image"], images[:1497], atol=1e-6)
+  np.testing.assert_allclose(test["image"], images[1497:], atol=1e-6)
+  np.testing.assert_array_equal(test["label"], labels[1497:])
+  with pytest.raises(ValueError, match="unknown digits split 'validation'"):
+    num_examples(_digits(split="validation"))
+
+
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_eval_iterator_yields_every_example_once_over_all_processes(process_count):
+  """300 test digits in global batches of 48: padded, masked, equal batch counts per process."""
+  images, labels = _digits_in_model_range()
+  per_process = []
+  for index in range(process_count):
+    options = grain.sharding.ShardOptions(index, process_count, drop_remainder=False)
+    per_process.append(list(make_eval_iterator(_digits(split="test"), 48, options)))
+  assert len({len(batches) for batches in per_process}) == 1  # hosts stay in step
+  seen = np.concatenate([b["image"][b["mask"]] for batches in per_process for b in batches])
+  seen_labels = np.concatenate([b["label"][b["mask"]] for batches in per_process for b in batches])
+  np.testing.assert_allclose(seen, images[1497:], atol=1e-6)  # in order, none twice
+  np.testing.assert_array_equal(seen_labels, labels[1497:])
+  last = per_process[-1][-1]
+  assert last["image"].shape == (48 // process_count, 8, 8, 1) and not last["mask"].all()
 
 
 @pytest.mark.parametrize(
