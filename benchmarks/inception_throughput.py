@@ -10,8 +10,8 @@ spatial features), from a host uint8 batch to host arrays.
 Theirs: pytorch-fid's `InceptionV3([3])` (resize_input, normalize_input: its
 own bilinear resize to 299, pool3 only) under torch.no_grad, from the same
 uint8 batch (u / 255, NCHW) to a numpy pool3; `torch.set_num_threads(cores)`.
-Both networks get the same kind of random weights: He-normal convolutions and
-unit BatchNorm, so activations keep their scale (no denormals in either).
+Both networks get the same random weights (`peers.random_inception_state_dict`:
+He-normal convolutions, so activations keep their scale; no denormals in either).
 
 Rounds alternate ours and theirs, so a busy machine slows both alike; each
 side's best round is reported.
@@ -19,13 +19,13 @@ side's best round is reported.
 
 import os
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks import peers
 from diffusion_jax import parallel
 from diffusion_jax.evaluation import inception
 
@@ -42,42 +42,15 @@ _CHANNELS_LAST = flags.DEFINE_bool("torch_channels_last", False, "Run theirs in 
 
 
 def import_pytorch_fid():
-  """pytorch_fid.inception, or None when torch / pytorch-fid are not installed.
-
-  A torchvision wheel built against another torch (the CUDA build beside a CPU
-  torch) fails at import while registering fake kernels of two detection ops;
-  defining their schemas first lets the pure-Python models import.
-  """
+  """pytorch_fid.inception, or None when torch / pytorch-fid are not installed."""
   try:
-    import torch  # noqa: PLC0415  (optional peer: the `test` extra)
+    peers.import_torchvision()
+    from pytorch_fid import inception as pytorch_fid_inception  # noqa: PLC0415
   except ImportError:
     return None
-  try:
-    import torchvision  # noqa: F401, PLC0415
-  except ImportError:
-    return None
-  except RuntimeError:
-    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-      del sys.modules[name]
-    library = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-      library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import_pytorch_fid.library = library  # the schemas live as long as the Library object
-  from pytorch_fid import inception as pytorch_fid_inception  # noqa: PLC0415
+  import torch  # noqa: PLC0415
   torch.set_num_threads(os.cpu_count())
   return pytorch_fid_inception
-
-
-def random_state_dict(pytorch_fid_inception) -> dict:
-  """A state dict of the FID Inception's architecture: He-normal convolutions, unit BatchNorm."""
-  import torch  # noqa: PLC0415
-
-  model = pytorch_fid_inception.torchvision.models.inception_v3(
-      weights=None, num_classes=1008, aux_logits=False, init_weights=False)
-  for module in model.modules():
-    if isinstance(module, torch.nn.Conv2d):
-      torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-  return model.state_dict()
 
 
 def theirs(pytorch_fid_inception, state_dict, images, channels_last: bool):
@@ -85,7 +58,8 @@ def theirs(pytorch_fid_inception, state_dict, images, channels_last: bool):
   import torch  # noqa: PLC0415
 
   original = pytorch_fid_inception.load_state_dict_from_url
-  pytorch_fid_inception.load_state_dict_from_url = lambda *_, **__: state_dict  # no download
+  torch_state = {k: torch.from_numpy(v) for k, v in state_dict.items()}
+  pytorch_fid_inception.load_state_dict_from_url = lambda *_, **__: torch_state  # no download
   try:
     model = pytorch_fid_inception.InceptionV3([3]).eval()
   finally:
@@ -104,7 +78,7 @@ def theirs(pytorch_fid_inception, state_dict, images, channels_last: bool):
 
 def ours(state_dict, images, options: dict):
   """(run() -> host features, compile seconds) for our jitted apply_inception."""
-  variables = inception.params_from_state_dict({k: v.numpy() for k, v in state_dict.items()})
+  variables = inception.params_from_state_dict(state_dict)
   fn = jax.jit(inception.apply_inception, static_argnames="resize", compiler_options=options)
   start = time.perf_counter()
   compiled = fn.lower(variables, images, resize=_RESIZE.value).compile()
@@ -130,7 +104,7 @@ def main(argv):
   pytorch_fid_inception = import_pytorch_fid()
   if pytorch_fid_inception is None:
     raise app.UsageError("The peer needs torch, torchvision and pytorch-fid (the `test` extra).")
-  state_dict = random_state_dict(pytorch_fid_inception)
+  state_dict = peers.random_inception_state_dict()
   run_ours, compile_s = ours(state_dict, images, options)
   run_theirs = theirs(pytorch_fid_inception, state_dict, images, _CHANNELS_LAST.value)
   runs = {"ours (jax)": run_ours, "pytorch-fid (torch)": run_theirs}

@@ -1,14 +1,21 @@
-"""The PyTorch peer of a zoo U-Net: diffusers' UNet2DModel with the same architecture.
+"""The PyTorch peers that benchmarks and parity tests run beside ours.
 
-The DDPM family and the Improved DDPM entries without BigGAN up/down blocks or
-class labels have an exact diffusers twin: its parameter count equals ours
-(35,746,307 for ddpm_cifar10; tests/test_models.py holds the published counts).
-torch and diffusers come with `pip install -e ".[bench]"`.
+- diffusers' UNet2DModel twin of a zoo U-Net: the DDPM family and the Improved
+  DDPM entries without BigGAN up/down blocks or class labels have an exact
+  twin, its parameter count equal to ours (35,746,307 for ddpm_cifar10;
+  tests/test_models.py holds the published counts).
+- pytorch-fid's FID Inception and torch-fidelity, which import torchvision
+  (`import_torchvision`), and random weights for the FID Inception's keys.
+torch and diffusers come with `pip install -e ".[bench]"`, torch, pytorch-fid
+and torch-fidelity with the `test` extra.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+
+import numpy as np
 
 from diffusion_jax.models import UNet
 
@@ -64,3 +71,56 @@ def diffusers_unet(model: UNet, image_size: int, channels: int):
 
 def count_torch_params(module) -> int:
   return sum(p.numel() for p in module.parameters())
+
+
+def import_torchvision():
+  """torchvision, importable even where its C++ ops cannot load.
+
+  PyPI's torchvision wheels are CUDA builds; beside the CPU build of torch
+  they fail at import ("operator torchvision::nms does not exist") while
+  registering fake kernels of two detection ops. Their schemas, defined here
+  first, are all that import needs; the models (pure Python) work, the
+  detection ops do not. pytorch_fid and torch_fidelity import torchvision:
+  call this before importing them.
+  """
+  import torch  # noqa: PLC0415  (optional peer)
+
+  try:
+    import torchvision  # noqa: PLC0415
+  except RuntimeError:
+    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+      del sys.modules[name]
+    library = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+      library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import_torchvision.library = library  # the schemas live as long as the Library object
+    import torchvision  # noqa: PLC0415
+  return torchvision
+
+
+def random_inception_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
+  """Random weights for the FID Inception's keys (pytorch-fid's names), scaled so every layer matters.
+
+  Convolutions He-normal (activations keep their scale through 90 layers), BN
+  running statistics and affine terms away from (0, 1) so BN folding is
+  exercised; `num_batches_tracked` kept, as in a real state dict.
+  """
+  torchvision = import_torchvision()
+  shapes = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False,
+                                           init_weights=False).state_dict()
+  rng = np.random.default_rng(seed)
+  draw = {
+      "conv.weight": lambda s: rng.normal(0, np.sqrt(2 / np.prod(s[1:])), s),
+      "bn.weight": lambda s: rng.uniform(0.5, 1.5, s),
+      "bn.bias": lambda s: rng.normal(0, 0.1, s),
+      "running_mean": lambda s: rng.normal(0, 0.1, s),
+      "running_var": lambda s: rng.uniform(0.5, 1.5, s),
+      "fc.weight": lambda s: rng.normal(0, 1 / np.sqrt(s[1]), s),
+      "fc.bias": lambda s: rng.normal(0, 0.1, s),
+      "num_batches_tracked": lambda s: np.zeros(s, np.int64),
+  }
+  state = {}
+  for key, value in shapes.items():
+    (maker,) = [make for suffix, make in draw.items() if key.endswith(suffix)]
+    state[key] = np.asarray(maker(tuple(value.shape)), value.numpy().dtype)
+  return state

@@ -1,12 +1,17 @@
-"""Test-wide setup: 8 fake CPU devices, a compilation cache, and the repository on sys.path."""
+"""Test-wide setup: 8 fake CPU devices, compilation and model caches, the repository on sys.path."""
 
 import os
 import sys
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The digits classifier of the offline evaluation is trained once and cached here (subprocesses too).
+os.environ.setdefault("DIFFUSION_JAX_CACHE",
+                      os.path.join(tempfile.gettempdir(), "diffusion_jax_test_models"))
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
@@ -17,3 +22,14 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # configs/ and launch/ live at the repository root, beside the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def digits_smoke_run(tmp_path_factory) -> str:
+  """The workdir of a finished configs/digits.py:smoke run (4 steps), shared by a worker's tests."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path_factory.mktemp("digits_smoke"))
+  train.train_and_evaluate(digits.get_config("smoke"), workdir)
+  return workdir

@@ -9,57 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import peers
 from diffusion_jax import parallel
 from diffusion_jax.evaluation import inception
-
-
-def import_torchvision():
-  """torchvision, importable even where its C++ ops cannot load.
-
-  A torchvision wheel built against another torch (e.g. the CUDA build beside a
-  CPU torch) fails at import while registering fake kernels for two of its
-  ops. Their schemas, defined here first, are all that import needs; the
-  models (pure Python) work, the detection ops do not.
-  """
-  try:
-    import torchvision  # noqa: PLC0415
-  except RuntimeError:
-    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-      del sys.modules[name]
-    library = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-      library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import_torchvision.library = library  # the schemas live as long as the Library object
-    import torchvision  # noqa: PLC0415
-  return torchvision
-
-
-def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
-  """Random weights for the FID Inception's keys, scaled so every layer matters.
-
-  Convolutions He-normal (activations keep their scale through 90 layers), BN
-  running statistics and affine terms away from (0, 1) so BN folding is
-  exercised; `num_batches_tracked` kept, as in a real state dict.
-  """
-  torchvision = import_torchvision()
-  shapes = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False,
-                                           init_weights=False).state_dict()
-  rng = np.random.default_rng(seed)
-  draw = {
-      "conv.weight": lambda s: rng.normal(0, np.sqrt(2 / np.prod(s[1:])), s),
-      "bn.weight": lambda s: rng.uniform(0.5, 1.5, s),
-      "bn.bias": lambda s: rng.normal(0, 0.1, s),
-      "running_mean": lambda s: rng.normal(0, 0.1, s),
-      "running_var": lambda s: rng.uniform(0.5, 1.5, s),
-      "fc.weight": lambda s: rng.normal(0, 1 / np.sqrt(s[1]), s),
-      "fc.bias": lambda s: rng.normal(0, 0.1, s),
-      "num_batches_tracked": lambda s: np.zeros(s, np.int64),
-  }
-  state = {}
-  for key, value in shapes.items():
-    (maker,) = [make for suffix, make in draw.items() if key.endswith(suffix)]
-    state[key] = np.asarray(maker(tuple(value.shape)), value.numpy().dtype)
-  return state
 
 
 def relative_error(ours, theirs) -> float:
@@ -81,7 +33,7 @@ LARGE = uint8_images(2, (3, 320, 300, 3))  # downsampled, not square
 
 @pytest.fixture(scope="module")
 def state_dict():
-  return random_state_dict()
+  return peers.random_inception_state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +44,7 @@ def variables(state_dict):
 @pytest.fixture(scope="module")
 def pytorch_fid_model(state_dict):
   """pytorch-fid's InceptionV3([pool3], resize_input, normalize_input) with our random weights."""
-  import_torchvision()
+  peers.import_torchvision()
   from pytorch_fid import inception as pytorch_fid_inception  # noqa: PLC0415
 
   torch_state = {k: torch.from_numpy(v) for k, v in state_dict.items()}

@@ -1,7 +1,5 @@
 """FID, Inception Score, precision/recall and reference files: closed forms and the originals."""
 
-import ast
-import importlib.util
 import json
 import os
 import warnings
@@ -11,27 +9,11 @@ import pytest
 import scipy.linalg
 import torch
 
+from benchmarks import peers
 from diffusion_jax.evaluation import metrics, reference
 from diffusion_jax.evaluation.metrics import GaussianAccumulator
 
-
-def _original(module: str, *names: str, **namespace):
-  """Functions `names` of an installed module, run from its source without importing it.
-
-  pytorch_fid and torch_fidelity import torchvision when imported, which fails
-  beside the CPU build of torch ("operator torchvision::nms does not exist"); the
-  functions compared against need only the numpy, scipy and torch in `namespace`.
-  """
-  package, _, submodule = module.partition(".")
-  spec = importlib.util.find_spec(package)
-  path = os.path.join(spec.submodule_search_locations[0], *submodule.split(".")) + ".py"
-  with open(path) as f:
-    tree = ast.parse(f.read(), path)
-  body = [node for node in tree.body  # the functions and the module's constants
-          if isinstance(node, ast.FunctionDef) and node.name in names
-          or isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)]
-  exec(compile(ast.Module(body, type_ignores=[]), path, "exec"), namespace)
-  return [namespace[name] for name in names]
+peers.import_torchvision()  # pytorch_fid and torch_fidelity import it
 
 
 def _statistics(features):
@@ -80,8 +62,7 @@ def test_frechet_distance_of_a_set_with_itself_is_zero(num):
 
 @pytest.mark.parametrize("rank", [None, 20])
 def test_frechet_distance_matches_pytorch_fid(rank):
-  (original,) = _original("pytorch_fid.fid_score", "calculate_frechet_distance",
-                          np=np, linalg=scipy.linalg)
+  from pytorch_fid.fid_score import calculate_frechet_distance as original  # noqa: PLC0415
   first, second = _feature_sets(rank)
   stats = (*_statistics(first), *_statistics(second))
   with warnings.catch_warnings():
@@ -157,8 +138,7 @@ def test_inception_score_of_identical_predictions_is_one():
 
 
 def test_inception_score_matches_torch_fidelity():
-  (original,) = _original("torch_fidelity.metric_isc", "isc_features_to_metric",
-                          np=np, torch=torch)
+  from torch_fidelity.metric_isc import isc_features_to_metric as original  # noqa: PLC0415
   logits = np.random.default_rng(6).normal(size=(1003, 1008)).astype(np.float32) * 4
   expected = original(torch.from_numpy(logits), splits=10, shuffle=False)
   mean, std = metrics.inception_score(logits, splits=10)
@@ -220,8 +200,7 @@ def test_precision_recall_matches_brute_force_and_torch_fidelity(k):
   assert 0.05 < min(expected) and max(expected) < 0.99  # neither metric saturated
   got = metrics.precision_recall(real, fake, k=k, block_size=64)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
-  original, _ = _original("torch_fidelity.metric_prc", "calculate_precision_recall_full",
-                          "calc_cdist_full", torch=torch)
+  from torch_fidelity.metric_prc import calculate_precision_recall_full as original  # noqa: PLC0415
   # torch-fidelity's first argument is the generated set.
   np.testing.assert_allclose(
       got, original(torch.from_numpy(fake), torch.from_numpy(real), neighborhood=k), atol=1e-12)

@@ -1,0 +1,123 @@
+"""The evaluation config: which metrics, on which samples, against which reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from diffusion_jax import sampling
+from diffusion_jax.configlib import from_mapping
+
+# Metrics on the Inception network's features (Heusel et al. 2017; Salimans et al. 2016;
+# Nash et al. 2021; Kynkäänniemi et al. 2019).
+INCEPTION_METRICS = ("fid", "is", "sfid", "precision_recall")
+# The same formulas on the digits classifier's features; never called FID or IS.
+DIGITS_METRICS = ("fd_digits", "is_digits")
+METRICS = (*INCEPTION_METRICS, *DIGITS_METRICS, "nll")
+RESIZE_MODES = ("tf", "pytorch-fid")
+WEIGHTS_ENV = "DIFFUSION_JAX_INCEPTION_WEIGHTS"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NllConfig:
+  """NLL in bits/dim on a split with the full bound (Ho et al. eq. 5; Improved DDPM sec. 3.2)."""
+
+  split: str = "test"  # the data split; the run's data section says which dataset
+  num_examples: int = 0  # the first N examples of the split; 0 = all of them
+  batch_size: int = 256  # global, over all devices
+  clip_x0: bool = True  # clip predicted x_0 in the bound, as Improved DDPM's image_nll.py does
+
+  def __post_init__(self):
+    if self.num_examples < 0 or self.batch_size <= 0:
+      raise ValueError(f"nll.num_examples must be >= 0 and nll.batch_size > 0, got "
+                       f"{self.num_examples} and {self.batch_size}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+  """One evaluation protocol; `configs/eval/*.py` build these.
+
+  `samplers` lists (sampler, steps[, eta, guidance]) settings; several make a
+  sweep with a FID-vs-NFE table and figure.
+  """
+
+  name: str  # the report goes to WORKDIR/eval/<name>-step<N>/
+  metrics: tuple[str, ...]
+  samplers: tuple[sampling.SamplerConfig, ...] = (sampling.SamplerConfig(),)
+  num_samples: int = 50_000  # images drawn per sampler setting
+  batch_size: int = 256  # images per sampling batch, over all devices
+  seed: int = 0  # sampling batch b uses fold_in(key(seed), b)
+  checkpoint_step: int = -1  # -1 = the latest checkpoint
+  reference_split: str = "train"  # the split whose statistics the samples are compared with
+  reference_path: str = ""  # a precomputed reference .npz; "" = computed once and cached
+  real_floor: bool = False  # also score the nll split's real images, as the floor
+  data: dict = dataclasses.field(default_factory=dict)  # overrides of the run's data section
+  nll: NllConfig = NllConfig()
+  inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth; "" = $WEIGHTS_ENV
+  inception_sha256_prefix: str = "6726825d"  # the published file's; "" accepts any weights
+  resize: str = "tf"  # "tf" reproduces the published numbers; or "pytorch-fid"
+  is_splits: int = 10  # Inception Score splits (Salimans et al. 2016)
+  pr_k: int = 3  # neighbours of precision/recall (Kynkäänniemi et al. 2019)
+  feature_batch_size: int = 200  # images per feature-network batch
+
+  def __post_init__(self):
+    if unknown := sorted(set(self.metrics) - set(METRICS)):
+      raise ValueError(f"Unknown eval metric(s) {unknown}; known: {list(METRICS)}.")
+    if self.resize not in RESIZE_MODES:
+      raise ValueError(f"Unknown resize {self.resize!r}; known: {list(RESIZE_MODES)}.")
+    for key in ("num_samples", "batch_size", "is_splits", "pr_k", "feature_batch_size"):
+      if getattr(self, key) <= 0:
+        raise ValueError(f"eval {key} must be positive, got {getattr(self, key)}.")
+    if self.num_samples % self.is_splits and ("is" in self.metrics or
+                                              "is_digits" in self.metrics):
+      raise ValueError(f"num_samples={self.num_samples} must split into is_splits="
+                       f"{self.is_splits} equal parts.")
+
+  @property
+  def sample_metrics(self) -> tuple[str, ...]:
+    return tuple(m for m in self.metrics if m != "nll")
+
+  @property
+  def uses_inception(self) -> bool:
+    return any(m in INCEPTION_METRICS for m in self.metrics)
+
+  def weights_path(self) -> str:
+    """The Inception weights file: the config's, else the environment's; an error names both."""
+    path = self.inception_weights or os.environ.get(WEIGHTS_ENV, "")
+    if not path:
+      raise FileNotFoundError(
+          f"Metrics {[m for m in self.metrics if m in INCEPTION_METRICS]} need the Inception"
+          f" weights: set --config.inception_weights=PATH or ${WEIGHTS_ENV} to pytorch-fid's"
+          " pt_inception-2015-12-05-6726825d.pth, published at https://github.com/mseitzer/"
+          "pytorch-fid/releases (fid_weights-0.0.1) and by torch-fidelity; or evaluate the"
+          " other metrics alone (e.g. --config.metrics=nll).")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"Inception weights file {path!r} does not exist.")
+    return path
+
+
+def from_config_dict(config: Any) -> EvalConfig:
+  """An EvalConfig from an ml_collections ConfigDict (or dict); bad keys and values named.
+
+  `metrics` may be a tuple or a comma-separated string (`--config.metrics=fid,is`).
+  """
+  values = dict(config)
+  samplers = tuple(from_mapping(sampling.SamplerConfig, _sampler_fields(s), "samplers[i]")
+                   for s in values.pop("samplers", ()) or ({},))
+  nll = from_mapping(NllConfig, values.pop("nll", {}), "nll")
+  metrics = values.get("metrics", ())
+  metrics = [metrics] if isinstance(metrics, str) else metrics
+  values["metrics"] = tuple(name.strip() for entry in metrics for name in entry.split(","))
+  values["data"] = dict(values.get("data", {}))
+  return from_mapping(EvalConfig, {**values, "samplers": samplers, "nll": nll}, "eval")
+
+
+def _sampler_fields(sampler: Any) -> dict:
+  """A sampler entry as SamplerConfig fields: "guidance" for guidance_scale, steps 0 = all T."""
+  fields = dict(sampler)
+  if "guidance" in fields:
+    fields["guidance_scale"] = fields.pop("guidance")
+  if not fields.get("steps"):
+    fields["steps"] = None
+  return fields

@@ -1,0 +1,92 @@
+"""The evaluation report: report.json, TensorBoard scalars, a table on stdout, FID vs NFE."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from clu import metric_writers
+
+# Per-run keys that are settings, not scores.
+_SETTINGS = ("sampler", "steps", "eta", "guidance", "nfe", "num_samples", "samples_file")
+
+
+def run_name(run: dict) -> str:
+  """'ddim-50steps' (plus eta and guidance when set), or the samples file."""
+  if "sampler" not in run:
+    return os.path.basename(run["samples_file"])
+  name = f"{run['sampler']}-{run['steps']}steps"
+  if run["eta"]:
+    name += f"-eta{run['eta']:g}"
+  return name + (f"-w{run['guidance']:g}" if run["guidance"] else "")
+
+
+def scores(run: dict) -> dict[str, float]:
+  return {k: v for k, v in run.items() if k not in _SETTINGS}
+
+
+def write(report: dict, out_dir: str, step: int) -> None:
+  """Writes report.json (atomically), TensorBoard scalars at `step`, the table, and the figure."""
+  if jax.process_index() != 0:
+    return
+  temporary = os.path.join(out_dir, "report.json.tmp")
+  with open(temporary, "w") as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  os.replace(temporary, os.path.join(out_dir, "report.json"))
+  writer = metric_writers.create_default_writer(out_dir, asynchronous=False)
+  scalars = {f"{run_name(run)}/{k}": v for run in report["runs"] for k, v in scores(run).items()}
+  for section in ("nll", "real_floor"):
+    scalars.update({f"{section}/{k}": v for k, v in report.get(section, {}).items()
+                    if isinstance(v, float)})
+  writer.write_scalars(step, scalars)
+  writer.close()
+  print(format_table(report))
+  if len(report["runs"]) > 1:
+    plot_fid_vs_nfe(report["runs"], os.path.join(out_dir, "fid_vs_nfe.png"))
+
+
+def format_table(report: dict) -> str:
+  """The report as plain-text tables: one row per sampler setting, then the floor and NLL."""
+  runs = report["runs"]
+  names = sorted({k for run in runs for k in scores(run)})
+  lines = [f"Evaluation {report['config']} of checkpoint step {report['checkpoint_step']}:",
+           _row(["samples", "NFE", "N", *names])]
+  for run in runs:
+    lines.append(_row([run_name(run), run.get("nfe", "-"), run["num_samples"],
+                       *[run.get(k, "-") for k in names]]))
+  if "real_floor" in report:
+    floor = report["real_floor"]
+    lines.append(_row([f"real {floor['split']}", "-", floor["num_images"],
+                       *[floor.get(k, "-") for k in names]]))
+  if "nll" in report:
+    nll = report["nll"]
+    lines.append(f"NLL on {nll['split']} ({nll['num_examples']} images, clip_x0="
+                 f"{nll['clip_x0']}): {nll['bpd']:.4f} bits/dim = prior {nll['prior_bpd']:.4f}"
+                 f" + decoder {nll['decoder_bpd']:.4f} + terms {nll['terms_bpd']:.4f}")
+  lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
+  return "\n".join(lines)
+
+
+def _row(cells) -> str:
+  return " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells)
+
+
+def plot_fid_vs_nfe(runs: list[dict], path: str) -> None:
+  """The first Fréchet distance of each run against its NFE, one line per sampler."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
+
+  metric = next((k for k in ("fid", "fd_digits", "sfid") if k in runs[0]), None)
+  if metric is None:
+    return
+  figure, axes = pyplot.subplots(figsize=(5, 3.5))
+  for sampler in sorted({run["sampler"] for run in runs}):
+    points = sorted((run["nfe"], run[metric]) for run in runs if run["sampler"] == sampler)
+    axes.plot(*zip(*points), marker="o", label=sampler)
+  axes.set(xscale="log", xlabel="NFE (network evaluations per image)", ylabel=metric)
+  axes.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  pyplot.close(figure)

@@ -1,0 +1,335 @@
+"""An evaluation protocol end to end: samples, features, reference statistics, metrics, NLL.
+
+    report = evaluation.evaluate(config, workdir)   # config: an EvalConfig
+
+Everything that can be wrong with the inputs (weights, reference file,
+samples file, checkpoint, data) is checked before anything is written. The
+long phases resume: sample batches, NLL batches and reference statistics are
+saved as they finish, and a rerun of the same evaluation reuses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from diffusion_jax import images, sampling
+from diffusion_jax.evaluation import features as feature_lib
+from diffusion_jax.evaluation import metrics, nll, reference, report as report_lib
+from diffusion_jax.evaluation.config import EvalConfig
+from diffusion_jax.train import checkpoint
+from diffusion_jax.train.inference import EmaModel, load_ema_for_sampling
+
+# Below this many images a 2048-dim covariance is singular (Heusel et al. use 50,000).
+MIN_FID_IMAGES = 2048
+
+
+class _PhaseTimer:
+  """Wall time per phase, for the report."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, phase: str):
+    start = time.perf_counter()
+    yield
+    self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - start, 3)
+
+
+def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = None,
+             reference_path: str | None = None) -> dict:
+  """Runs `config` on the run in `workdir` (or on `samples_path`); writes and returns the report.
+
+  The report goes to WORKDIR/eval/<name>-step<N>/report.json (or
+  <name>-<samples file name>/ for a samples file), with TensorBoard scalars and,
+  for a sweep over several samplers, fid_vs_nfe.png beside it.
+  """
+  timer = _PhaseTimer()
+  with timer("load"):
+    samples = load_samples(samples_path) if samples_path else None
+    nets = {name: feature_lib.LOADERS[name](config) for name in _networks(config)}
+    given_reference = _given_reference(reference_path or config.reference_path, nets, config)
+    model, skipped = _load_model(config, workdir, need_samples=samples is None)
+    data_config = _data_config(config, model)
+  if samples is not None:
+    _check_samples_fit(samples, samples_path, nets, data_config)
+  step_tag = f"step{model.step}" if samples is None else _file_tag(samples_path)
+  out_dir = os.path.join(workdir, "eval", f"{config.name}-{step_tag}")
+  os.makedirs(out_dir, exist_ok=True)
+
+  with timer("reference"):
+    references = {name: given_reference if given_reference and name == "inception" else
+                  _reference(net, config, data_config, workdir) for name, net in nets.items()}
+  runs = []
+  for sampler in (config.samplers if samples is None else (None,)):
+    with timer("sampling"):
+      run_samples = samples if sampler is None else _draw(model, sampler, config, out_dir)
+    with timer("features"):
+      scores = _score(run_samples, nets, references, config)
+    runs.append({**_describe(sampler, model, samples_path), "num_samples": len(run_samples),
+                 **scores})
+  report = {
+      "config": config.name, "workdir": os.path.abspath(workdir),
+      "checkpoint_step": None if model is None else model.step,
+      "runs": runs, "skipped": skipped,
+      "feature_networks": {name: net.info for name, net in nets.items()},
+      "references": {name: _reference_info(ref) for name, ref in references.items()},
+  }
+  if config.real_floor and nets:
+    with timer("real_floor"):
+      report["real_floor"] = _real_floor(nets, references, config, data_config)
+  if "nll" in config.metrics and model is not None:
+    with timer("nll"):
+      report["nll"] = _nll(model, config, data_config, out_dir)
+  report["warnings"] = _warnings(config, runs)
+  report["seconds"] = timer.seconds
+  report_lib.write(report, out_dir, step=0 if model is None else model.step)
+  return report
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_samples(path: str) -> np.ndarray:
+  """The `arr_0` of a samples .npz (the ADM evaluator's format): uint8 [N, H, W, 1 or 3]."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Samples file {path!r} does not exist.")
+  try:
+    with np.load(path) as npz:
+      if "arr_0" not in npz.files:
+        raise ValueError(f"Samples file {path} has no 'arr_0' array; it has {npz.files}.")
+      samples = npz["arr_0"]
+  except (OSError, ValueError) as error:  # not an npz, truncated, pickled objects
+    raise ValueError(f"Cannot read samples file {path}: {error}") from error
+  if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] not in (1, 3):
+    raise ValueError(f"Samples file {path}: 'arr_0' must be uint8 [N, H, W, 1 or 3] images,"
+                     f" got {samples.dtype} {samples.shape}.")
+  return samples
+
+
+def _networks(config: EvalConfig) -> list[str]:
+  """The feature networks the config's metrics run on, in a fixed order."""
+  return sorted({feature_lib.METRIC_KINDS[m][0] for m in config.sample_metrics})
+
+
+def _given_reference(path: str, nets: dict, config: EvalConfig):
+  """A precomputed Inception reference file, checked against the network's feature sizes."""
+  if not path:
+    return None
+  if "inception" not in nets:
+    raise ValueError(f"A reference file ({path}) is for Inception metrics; {config.name} has none.")
+  stats = reference.load_reference(path)
+  net = nets["inception"]
+  reference.check_dimension(stats, net.pool_dim, net.spatial_dim if "sfid" in config.metrics
+                            else None)
+  if "precision_recall" in config.metrics and stats.features is None and stats.images is None:
+    raise ValueError(f"Reference {path} has neither pool features nor images (arr_0):"
+                     " precision/recall needs one of them.")
+  return stats
+
+
+def _load_model(config: EvalConfig, workdir: str, need_samples: bool):
+  """(the EMA model or None, skipped metrics): samples need it; so does NLL, if it can be had."""
+  has_run = os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE))
+  if not need_samples and not has_run:
+    return None, ({"nll": f"no training run in {workdir}"} if "nll" in config.metrics else {})
+  step = None if config.checkpoint_step < 0 else config.checkpoint_step
+  return load_ema_for_sampling(workdir, step), {}
+
+
+def _data_config(config: EvalConfig, model: EmaModel | None):
+  """The evaluation data (reference and NLL splits), checked against the model's image shape."""
+  from diffusion_jax import data  # pylint: disable=g-import-not-at-top  (imports TF)
+
+  if not config.data:
+    raise ValueError(f"Eval config {config.name!r} names no data (config.data): set its source,"
+                     " name, image_size and num_channels.")
+  data_config = data.DataConfig.from_mapping(
+      {**config.data, "shuffle": False, "random_flip": False})
+  shape = (data_config.image_size, data_config.image_size, data_config.num_channels)
+  if model is not None and shape != model.image_shape:
+    raise ValueError(f"Eval data images are {shape} but the model makes {model.image_shape}:"
+                     " set config.data.image_size / num_channels to the run's.")
+  return data_config
+
+
+def _check_samples_fit(samples: np.ndarray, path: str, nets: dict, data_config) -> None:
+  shape = (data_config.image_size, data_config.image_size, data_config.num_channels)
+  if "digits_classifier" in nets and samples.shape[1:] != shape:
+    raise ValueError(f"Samples file {path} holds {samples.shape[1:]} images; the digits"
+                     f" metrics need {shape}.")
+
+
+def _file_tag(path: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(path))[0])
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _split_batches(data_config, split: str, batch_size: int):
+  """(uint8 batches of every example of `split` once, their count): the eval iterator, unmasked."""
+  from diffusion_jax import data  # pylint: disable=g-import-not-at-top
+
+  split_config = dataclasses.replace(data_config, split=split)
+  batches = data.make_eval_iterator(split_config, batch_size)
+  return (images.to_uint8(b["image"][b["mask"]]) for b in batches), data.num_examples(split_config)
+
+
+def _reference(net, config: EvalConfig, data_config, workdir: str) -> reference.ReferenceStats:
+  """The reference split's statistics under `net`: cached in WORKDIR/eval/, else computed."""
+  tag = _file_tag(f"{data_config.source}-{data_config.name}-{data_config.image_size}px"
+                  f"x{data_config.num_channels}-{config.reference_split}")
+  if net.name == "inception":
+    tag += f"-{config.resize}-{net.info['sha256'][:12]}"
+  path = os.path.join(workdir, "eval", f"reference-{net.name}-{tag}.npz")
+  keep_pool = "precision_recall" in config.metrics and net.name == "inception"
+  if os.path.exists(path):
+    stats = reference.load_reference(path)
+    if stats.features is not None or not keep_pool:
+      return stats
+  batches, total = _split_batches(data_config, config.reference_split, config.feature_batch_size)
+  summary = feature_lib.summarize(net, batches, keep_pool=keep_pool, total=total,
+                                  desc=f"reference {config.reference_split}")
+  stats = reference.ReferenceStats.from_accumulators(
+      summary.pool, summary.spatial,
+      features=None if summary.pool_features is None else summary.pool_features[:config.num_samples],
+      source={"data": dataclasses.asdict(data_config) | {"split": config.reference_split},
+              **net.info})
+  reference.save_reference(path, stats)
+  return dataclasses.replace(stats, path=path)
+
+
+def _reference_info(stats: reference.ReferenceStats) -> dict:
+  return {"path": stats.path, "num_images": stats.num_images,
+          "source": json.loads(json.dumps(dict(stats.source), default=str))}
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def _draw(model: EmaModel, sampler: sampling.SamplerConfig, config: EvalConfig,
+          out_dir: str) -> np.ndarray:
+  """config.num_samples images from one sampler setting, through the resumable sample_to_files."""
+  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  mesh = parallel.make_mesh()
+  batch_size = -(-config.batch_size // mesh.size) * mesh.size
+  sample_batch = jax.jit(
+      sampling.make_batch_sampler(sampler, model.apply_fn, model.spec, model.schedule,
+                                  model.image_shape, batch_size, num_classes=model.num_classes),
+      out_shardings=parallel.batch_sharding(mesh),
+      compiler_options=parallel.compiler_options(mesh))
+  name = (f"samples-{sampler.sampler}-{sampler.steps or 'all'}steps-eta{sampler.eta:g}"
+          f"-w{sampler.guidance_scale:g}-seed{config.seed}")
+  return sampling.sample_to_files(
+      lambda key: sample_batch(model.params, key), config.num_samples, batch_size,
+      os.path.join(out_dir, name), key=jax.random.key(config.seed),
+      settings={"checkpoint_step": model.step, **dataclasses.asdict(sampler)})
+
+
+def _describe(sampler, model: EmaModel | None, samples_path: str | None) -> dict:
+  """The sampler's settings and its NFE (network evaluations per image; x2 under guidance)."""
+  if sampler is None:
+    return {"samples_file": os.path.abspath(samples_path)}
+  steps = sampler.steps or model.schedule.num_timesteps
+  return {"sampler": sampler.sampler, "steps": steps, "eta": sampler.eta,
+          "guidance": sampler.guidance_scale,
+          "nfe": steps * (2 if sampler.guidance_scale else 1)}
+
+
+def _score(samples: np.ndarray, nets: dict, references: dict, config: EvalConfig) -> dict:
+  """Every sample metric of `config` on uint8 samples [N, H, W, C]."""
+  scores = {}
+  for name, net in nets.items():
+    summary = feature_lib.summarize(
+        net, feature_lib.chunks(samples, 10 * config.feature_batch_size),
+        keep_pool="precision_recall" in config.metrics and name == "inception",
+        total=len(samples), desc=f"{net.name} features")
+    scores.update(_metrics_of(summary, references[name], net, config))
+  return scores
+
+
+def _metrics_of(summary: feature_lib.FeatureSummary, ref: reference.ReferenceStats, net,
+                config: EvalConfig) -> dict:
+  """The config's metrics that run on `net`, from one image set's summary."""
+  scores = {}
+  for metric in config.sample_metrics:
+    network, kind = feature_lib.METRIC_KINDS[metric]
+    if network != net.name:
+      continue
+    if kind == "fd":
+      scores[metric] = metrics.frechet_distance(*summary.pool.statistics(), ref.mu, ref.sigma)
+    elif kind == "sfd":
+      scores[metric] = metrics.frechet_distance(*summary.spatial.statistics(), ref.mu_s,
+                                                ref.sigma_s)
+    elif kind == "is":
+      scores[metric], scores[f"{metric}_std"] = metrics.inception_score(summary.logits,
+                                                                        config.is_splits)
+    else:
+      scores["precision"], scores["recall"] = metrics.precision_recall(
+          _pr_reference_features(ref, net, config), summary.pool_features, config.pr_k)
+  return scores
+
+
+def _pr_reference_features(ref: reference.ReferenceStats, net, config: EvalConfig):
+  """The reference's pool features; computed from its images (an ADM reference batch)."""
+  if ref.features is not None:
+    return ref.features
+  return feature_lib.summarize(net, feature_lib.chunks(ref.images, config.feature_batch_size),
+                               keep_pool=True, total=len(ref.images),
+                               desc="reference images").pool_features
+
+
+# ----------------------------------------------------------------------------- floor, NLL
+
+
+def _real_floor(nets: dict, references: dict, config: EvalConfig, data_config) -> dict:
+  """The sample metrics of the NLL split's real images: how close real held-out data gets."""
+  floor = {"split": config.nll.split}
+  for name, net in nets.items():
+    batches, total = _split_batches(data_config, config.nll.split, config.feature_batch_size)
+    summary = feature_lib.summarize(net, batches, keep_pool=name == "inception"
+                                    and "precision_recall" in config.metrics,
+                                    total=total, desc=f"real {config.nll.split}")
+    floor.update(_metrics_of(summary, references[name], net, config), num_images=summary.count)
+  return floor
+
+
+def _nll(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> dict:
+  """NLL in bits/dim on config.nll.split, resumable in OUT_DIR/nll-<settings>/."""
+  from diffusion_jax import data  # pylint: disable=g-import-not-at-top
+
+  nll_config = config.nll
+  split_config = dataclasses.replace(data_config, split=nll_config.split)
+  total = data.num_examples(split_config)
+  if nll_config.num_examples:
+    total = min(total, nll_config.num_examples)
+  batch_size = nll_config.batch_size
+  name = (f"nll-{_file_tag(nll_config.split)}-n{nll_config.num_examples}-b{batch_size}"
+          f"-clip{int(nll_config.clip_x0)}-seed{config.seed}")
+  result = nll.evaluate_nll(model, data.make_eval_iterator(split_config, batch_size), nll_config,
+                            os.path.join(out_dir, name), key=jax.random.key(config.seed),
+                            num_batches=-(-total // batch_size))
+  return {"split": nll_config.split, **result}
+
+
+def _warnings(config: EvalConfig, runs: list[dict]) -> list[str]:
+  warnings = []
+  for run in runs:
+    if "fid" in run and run["num_samples"] < MIN_FID_IMAGES:
+      warnings.append(f"FID from {run['num_samples']} < {MIN_FID_IMAGES} samples: the 2048-dim"
+                      " covariance is singular and the FID biased upwards; not comparable with"
+                      " published 50k-sample numbers.")
+  for message in warnings:
+    logging.warning(message)
+  return warnings

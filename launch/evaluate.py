@@ -1,0 +1,51 @@
+"""Evaluates a training run (or a samples file) with an evaluation config: FID, IS, sFID, P/R, NLL.
+
+    python -m launch.evaluate --config=configs/eval/digits.py --workdir=workdirs/digits
+    python -m launch.evaluate --config=configs/eval/cifar10_ddpm.py --workdir=workdirs/cifar10 \
+        --config.inception_weights=/data/pt_inception-2015-12-05-6726825d.pth
+    python -m launch.evaluate --config=configs/eval/imagenet64_iddpm.py --workdir=workdirs/other \
+        --samples=samples.npz --reference=VIRTUAL_imagenet64_labeled.npz
+
+Writes WORKDIR/eval/<config name>-step<N>/report.json (every metric, the
+checkpoint step, sampler settings and NFE, weights SHA-256, wall time per
+phase), TensorBoard scalars beside it, a table on stdout, and for a sweep over
+several samplers fid_vs_nfe.png. Rerunning continues an interrupted
+evaluation. Runs on the devices of one host.
+"""
+
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffusion_jax import evaluation, logs
+from diffusion_jax.train.checkpoint import CheckpointError
+from diffusion_jax.weightfiles import WeightFileError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run; the report goes to WORKDIR/eval/.")
+_SAMPLES = flags.DEFINE_string("samples", None, "Evaluate this .npz ('arr_0': uint8 NHWC) instead"
+                               " of sampling the run.")
+_REFERENCE = flags.DEFINE_string("reference", None, "Reference statistics .npz (pytorch-fid's or"
+                                 " the ADM evaluator's format) instead of the config's.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logs.quiet_library_logs()
+  if jax.process_count() > 1:
+    raise app.UsageError("launch.evaluate runs on the devices of one host.")
+  try:
+    config = evaluation.from_config_dict(_CONFIG.value)
+    evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
+                        reference_path=_REFERENCE.value)
+  except (ValueError, FileNotFoundError, CheckpointError, WeightFileError) as error:
+    sys.exit(f"launch.evaluate: {error}")
+
+
+if __name__ == "__main__":
+  app.run(main)

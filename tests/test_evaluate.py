@@ -1,0 +1,218 @@
+"""launch.evaluate end to end on a smoke run: the report, resuming, NLL, and one clear error per bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import peers
+from configs.eval import digits as digits_eval
+from diffusion_jax import evaluation
+from diffusion_jax.data import sources
+from diffusion_jax.evaluation import digits_classifier, nll
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _evaluate_subprocess(*flags: str, timeout: int = 600):
+  return subprocess.run([sys.executable, "-m", "launch.evaluate", *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _config(**overrides) -> evaluation.EvalConfig:
+  config = digits_eval.get_config("smoke")
+  config.update(overrides)
+  return evaluation.from_config_dict(config)
+
+
+@pytest.fixture(scope="module")
+def smoke_report(digits_smoke_run):
+  """launch.evaluate of configs/eval/digits.py:smoke on the smoke run, in a subprocess."""
+  result = _evaluate_subprocess("--config=configs/eval/digits.py:smoke",
+                                f"--workdir={digits_smoke_run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out_dir = os.path.join(digits_smoke_run, "eval", "digits-step4")
+  with open(os.path.join(out_dir, "report.json")) as f:
+    return json.load(f), out_dir, result.stdout
+
+
+def test_report_holds_every_metric_the_config_names(smoke_report):
+  report, out_dir, stdout = smoke_report
+  assert report["checkpoint_step"] == 4
+  (run_report,) = report["runs"]
+  assert run_report | {"sampler": "ddim", "steps": 3, "nfe": 3, "num_samples": 20} == run_report
+  for key in ("fd_digits", "is_digits", "is_digits_std"):
+    assert np.isfinite(run_report[key]) and np.isfinite(report["real_floor"][key])
+  # 4 training steps make noise: far from the held-out digits, which score near 10 classes.
+  assert run_report["fd_digits"] > 5 * report["real_floor"]["fd_digits"]
+  assert report["real_floor"]["is_digits"] > 8 > run_report["is_digits"]
+  assert report["real_floor"]["num_images"] == 300
+  parts = report["nll"]
+  assert parts["num_examples"] == 8 and parts["clip_x0"] is True
+  assert parts["bpd"] == pytest.approx(parts["prior_bpd"] + parts["decoder_bpd"]
+                                       + parts["terms_bpd"], rel=1e-5)
+  assert 0 < parts["bpd"] < 16 and parts["decoder_bpd"] > 0
+  assert set(report["seconds"]) >= {"load", "reference", "sampling", "features", "nll"}
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(out_dir))
+  assert "fd_digits" in stdout and "bits/dim" in stdout  # the table
+
+
+def test_rerun_resumes_from_finished_batches(smoke_report, digits_smoke_run):
+  """An interrupted evaluation (report, a sample batch and the NLL batch gone) resumes to the same report."""
+  report, out_dir, _ = smoke_report
+  samples_dir = next(os.path.join(out_dir, d) for d in os.listdir(out_dir)
+                     if d.startswith("samples-"))
+  kept = os.path.join(samples_dir, "batch_000000.npz")
+  kept_mtime = os.stat(kept).st_mtime_ns
+  os.remove(os.path.join(samples_dir, "batch_000002.npz"))
+  os.remove(os.path.join(out_dir, "report.json"))
+  rerun = evaluation.evaluate(_config(), digits_smoke_run)
+  assert os.stat(kept).st_mtime_ns == kept_mtime  # reused, not redrawn
+  for key in ("fd_digits", "is_digits"):
+    assert rerun["runs"][0][key] == pytest.approx(report["runs"][0][key], rel=1e-6)
+  assert rerun["nll"]["bpd"] == pytest.approx(report["nll"]["bpd"], rel=1e-6)
+
+
+def test_nll_with_and_without_clipping(digits_smoke_run, tmp_path):
+  from diffusion_jax import data  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train.inference import load_ema_for_sampling  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  model = load_ema_for_sampling(digits_smoke_run)
+  data_config = data.DataConfig(source="digits", split="test", image_size=8, num_channels=1,
+                                num_threads=0)
+  results = {}
+  for clip in (True, False):
+    config = evaluation.NllConfig(num_examples=5, batch_size=8, clip_x0=clip)
+    results[clip] = nll.evaluate_nll(model, data.make_eval_iterator(data_config, 8), config,
+                                     str(tmp_path / f"clip{clip}"), key=jax.random.key(0))
+  for result in results.values():
+    assert result["num_examples"] == 5 and np.isfinite(result["bpd"])
+  # The untrained model's x_0 estimates leave [-1, 1]: clipping them changes the bound.
+  assert results[True]["terms_bpd"] != pytest.approx(results[False]["terms_bpd"], rel=1e-3)
+  assert results[True]["prior_bpd"] == pytest.approx(results[False]["prior_bpd"])
+
+
+def test_sweep_writes_fd_vs_nfe_figure(digits_smoke_run):
+  config = _config(name="sweep", samplers=[dict(sampler="ddim", steps=2),
+                                           dict(sampler="ddim", steps=4)],
+                   metrics=("fd_digits",), real_floor=False)
+  report = evaluation.evaluate(config, digits_smoke_run)
+  assert [r["nfe"] for r in report["runs"]] == [2, 4]
+  assert os.path.exists(os.path.join(digits_smoke_run, "eval", "sweep-step4", "fid_vs_nfe.png"))
+
+
+def test_samples_file_is_evaluated_instead_of_the_run(tmp_path):
+  """Real held-out digits as a 'samples file': scored as well as the real floor, no run needed."""
+  samples = sources.digits_source("test").images
+  path = tmp_path / "real.npz"
+  np.savez(path, arr_0=samples)
+  config = _config(metrics=("fd_digits", "is_digits", "nll"), real_floor=True)
+  report = evaluation.evaluate(config, str(tmp_path / "no_run"), samples_path=str(path))
+  (scores,) = report["runs"]
+  assert scores["fd_digits"] == pytest.approx(report["real_floor"]["fd_digits"], rel=1e-6)
+  assert report["skipped"] == {"nll": f"no training run in {tmp_path / 'no_run'}"}
+  assert os.path.exists(tmp_path / "no_run" / "eval" / "digits-real" / "report.json")
+
+
+def test_digits_classifier_is_accurate_on_held_out_digits():
+  test = sources.digits_source("test")
+  logits = digits_classifier.digits_features(digits_classifier.load_or_train(),
+                                             test.images)["logits"]
+  assert np.mean(logits.argmax(1) == test.labels) > 0.85  # chance is 0.1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _assert_nothing_written(workdir):
+  assert not os.path.exists(os.path.join(workdir, "eval"))
+
+
+def test_missing_inception_weights_is_one_clear_error(digits_smoke_run, monkeypatch):
+  monkeypatch.delenv("DIFFUSION_JAX_INCEPTION_WEIGHTS", raising=False)
+  workdir = str(digits_smoke_run)
+  result = _evaluate_subprocess("--config=configs/eval/digits.py:smoke", f"--workdir={workdir}",
+                                "--config.metrics=fid,nll", "--config.name=noweights")
+  assert result.returncode == 1
+  message = result.stderr.strip().splitlines()[-1]
+  assert "inception_weights" in message and "DIFFUSION_JAX_INCEPTION_WEIGHTS" in message
+  assert "pt_inception-2015-12-05-6726825d.pth" in message and "Traceback" not in result.stderr
+  assert not os.path.exists(os.path.join(workdir, "eval", "noweights-step4"))
+
+
+def test_weights_with_another_hash_are_refused(tmp_path):
+  weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+  weights.write_bytes(b"not the published weights")
+  with pytest.raises(ValueError, match="SHA-256 .* begins with 6726825d"):
+    evaluation.evaluate(_config(metrics=("fid",), inception_weights=str(weights)),
+                        str(tmp_path))
+  _assert_nothing_written(tmp_path)
+
+
+def test_weights_with_wrong_keys_are_named(tmp_path):
+  torch = pytest.importorskip("torch")
+  weights = tmp_path / "weights.pth"
+  torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3), "extra.weight":
+              torch.zeros(2)}, weights)
+  config = _config(metrics=("fid",), inception_weights=str(weights), inception_sha256_prefix="")
+  with pytest.raises(ValueError, match="unexpected key extra.weight") as error:
+    evaluation.evaluate(config, str(tmp_path))
+  assert "missing key Mixed_7c.branch_pool.conv.weight" in str(error.value)
+  _assert_nothing_written(tmp_path)
+
+
+def test_weights_that_run_code_are_refused(tmp_path):
+  torch = pytest.importorskip("torch")
+  marker = tmp_path / "pwned"
+
+  class Payload:
+    def __reduce__(self):
+      return os.system, (f"touch {marker}",)
+
+  weights = tmp_path / "weights.pth"
+  torch.save({"fc.weight": torch.zeros(2), "payload": Payload()}, weights)
+  config = _config(metrics=("fid",), inception_weights=str(weights), inception_sha256_prefix="")
+  with pytest.raises(ValueError, match="system"):
+    evaluation.evaluate(config, str(tmp_path))
+  assert not marker.exists()
+  _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((4, 8, 8, 1), np.float32), "must be uint8"),
+    (np.zeros((4, 8, 8), np.uint8), "must be uint8 \\[N, H, W, 1 or 3\\]"),
+    (np.zeros((4, 16, 16, 1), np.uint8), "need \\(8, 8, 1\\)"),
+])
+def test_bad_samples_file_is_named(tmp_path, array, message):
+  path = tmp_path / "samples.npz"
+  np.savez(path, arr_0=array)
+  with pytest.raises(ValueError, match=message) as error:
+    evaluation.evaluate(_config(), str(tmp_path), samples_path=str(path))
+  assert str(path) in str(error.value)
+  _assert_nothing_written(tmp_path)
+
+
+def test_reference_of_wrong_dimension_is_refused(tmp_path):
+  """A 64-dim reference for 2048-dim Inception features (random weights, checked keys)."""
+  torch = pytest.importorskip("torch")
+  weights = tmp_path / "weights.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in peers.random_inception_state_dict().items()},
+             weights)
+  ref = tmp_path / "ref.npz"
+  np.savez(ref, mu=np.zeros(64), sigma=np.eye(64))
+  samples = tmp_path / "samples.npz"
+  np.savez(samples, arr_0=np.zeros((4, 8, 8, 1), np.uint8))
+  config = _config(metrics=("fid",), inception_weights=str(weights), inception_sha256_prefix="")
+  with pytest.raises(ValueError, match="64-dim statistics, the features are 2048-dim"):
+    evaluation.evaluate(config, str(tmp_path), samples_path=str(samples),
+                        reference_path=str(ref))
+  _assert_nothing_written(tmp_path)
+
+
+def test_unknown_metric_is_named():
+  with pytest.raises(ValueError, match="Unknown eval metric\\(s\\) \\['fidd'\\]"):
+    _config(metrics=("fidd",))
