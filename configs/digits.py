@@ -15,7 +15,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   config.data = dict(
       source="digits",  # scikit-learn's 8x8 digits; ship inside the package
-      split="train",  # the first 1,497 digits; "test" (the last 300) is held out
+      split="train",  # 1,497 digits; "test" (a fixed random 300) is held out
       image_size=8,  # pixels: the digits' own size
       num_channels=1,  # grayscale
       random_flip=False,  # digits are not mirror-symmetric

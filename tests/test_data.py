@@ -20,6 +20,7 @@ from diffusion_jax.data import (
     make_train_iterator,
     num_examples,
     pipeline,
+    sources,
 )
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -43,11 +44,12 @@ def _assert_same_batches(actual, expected):
     np.testing.assert_array_equal(got["label"], want["label"])
 
 
-def _digits_in_model_range():
-  """The digits as the pipeline should give them unchanged: [N, 8, 8, 1]."""
+def _digits_in_model_range(split: str = "train"):
+  """A digits split as the pipeline should give it unchanged: [N, 8, 8, 1]."""
   digits = sk_datasets.load_digits()
-  images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-  return images[..., None] / 127.5 - 1.0, digits.target
+  rows = sources.digits_split_indices(split)
+  images = np.round(digits.images[rows] * (255 / 16)).astype(np.uint8)
+  return images[..., None] / 127.5 - 1.0, digits.target[rows]
 
 
 # Config.
@@ -125,7 +127,7 @@ def test_each_epoch_is_a_new_permutation():
   epoch_1, epoch_2 = _take(_digits(random_flip=False), size, 2)
   _, labels = _digits_in_model_range()
   for epoch in (epoch_1, epoch_2):
-    np.testing.assert_array_equal(np.sort(epoch["label"]), np.sort(labels[:size]))
+    np.testing.assert_array_equal(np.sort(epoch["label"]), np.sort(labels))
   assert not np.array_equal(epoch_1["label"], epoch_2["label"])
 
 
@@ -195,12 +197,16 @@ def test_each_process_reads_its_own_half():
 
 
 def test_digits_splits_are_disjoint_and_cover_the_dataset():
-  images, labels = _digits_in_model_range()
+  train_rows, test_rows = (sources.digits_split_indices(s) for s in ("train", "test"))
+  assert len(test_rows) == 300 and len(train_rows) == 1497
+  np.testing.assert_array_equal(np.sort(np.concatenate([train_rows, test_rows])), np.arange(1797))
+  assert test_rows.max() > 1700 and test_rows.min() < 100  # drawn from all writers' blocks
   train = _take(_digits(split="train", shuffle=False, random_flip=False), 1497, 1)[0]
   test = list(make_eval_iterator(_digits(split="test"), 300))[0]
-  np.testing.assert_allclose(train["image"], images[:1497], atol=1e-6)
-  np.testing.assert_allclose(test["image"], images[1497:], atol=1e-6)
-  np.testing.assert_array_equal(test["label"], labels[1497:])
+  np.testing.assert_allclose(train["image"], _digits_in_model_range("train")[0], atol=1e-6)
+  images, labels = _digits_in_model_range("test")
+  np.testing.assert_allclose(test["image"], images, atol=1e-6)
+  np.testing.assert_array_equal(test["label"], labels)
   with pytest.raises(ValueError, match="unknown digits split 'validation'"):
     num_examples(_digits(split="validation"))
 
@@ -208,7 +214,7 @@ def test_digits_splits_are_disjoint_and_cover_the_dataset():
 @pytest.mark.parametrize("process_count", [1, 3])
 def test_eval_iterator_yields_every_example_once_over_all_processes(process_count):
   """300 test digits in global batches of 48: padded, masked, equal batch counts per process."""
-  images, labels = _digits_in_model_range()
+  images, labels = _digits_in_model_range("test")
   per_process = []
   for index in range(process_count):
     options = grain.sharding.ShardOptions(index, process_count, drop_remainder=False)
@@ -216,8 +222,8 @@ def test_eval_iterator_yields_every_example_once_over_all_processes(process_coun
   assert len({len(batches) for batches in per_process}) == 1  # hosts stay in step
   seen = np.concatenate([b["image"][b["mask"]] for batches in per_process for b in batches])
   seen_labels = np.concatenate([b["label"][b["mask"]] for batches in per_process for b in batches])
-  np.testing.assert_allclose(seen, images[1497:], atol=1e-6)  # in order, none twice
-  np.testing.assert_array_equal(seen_labels, labels[1497:])
+  np.testing.assert_allclose(seen, images, atol=1e-6)  # in order, none twice
+  np.testing.assert_array_equal(seen_labels, labels)
   last = per_process[-1][-1]
   assert last["image"].shape == (48 // process_count, 8, 8, 1) and not last["mask"].all()
 

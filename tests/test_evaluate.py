@@ -1,5 +1,7 @@
 """launch.evaluate end to end on a smoke run: the report, resuming, NLL, and one clear error per bad input."""
 
+import hashlib
+import importlib
 import json
 import os
 import subprocess
@@ -196,21 +198,64 @@ def test_bad_samples_file_is_named(tmp_path, array, message):
   _assert_nothing_written(tmp_path)
 
 
-def test_reference_of_wrong_dimension_is_refused(tmp_path):
-  """A 64-dim reference for 2048-dim Inception features (random weights, checked keys)."""
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory) -> str:
+  """A .pth of the FID Inception's keys with random weights (not the published file)."""
   torch = pytest.importorskip("torch")
-  weights = tmp_path / "weights.pth"
+  path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
   torch.save({k: torch.from_numpy(v) for k, v in peers.random_inception_state_dict().items()},
-             weights)
+             path)
+  return str(path)
+
+
+def test_inception_metrics_of_a_samples_file(tmp_path, random_inception_weights):
+  """FID, IS, sFID and precision/recall of 20 images against an ADM-style reference file."""
+  rng = np.random.default_rng(0)
+  samples = tmp_path / "samples.npz"
+  np.savez(samples, arr_0=rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8))
+  ref = tmp_path / "ref.npz"
+  np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023),
+           sigma_s=np.eye(2023), arr_0=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+  config = _config(metrics=("fid", "is", "sfid", "precision_recall"),
+                   inception_weights=random_inception_weights, inception_sha256_prefix="",
+                   feature_batch_size=16)  # one compiled batch shape for samples and reference
+  report = evaluation.evaluate(config, str(tmp_path), samples_path=str(samples),
+                               reference_path=str(ref))
+  (scores,) = report["runs"]
+  for key in ("fid", "is", "is_std", "sfid", "precision", "recall"):
+    assert np.isfinite(scores[key]), key
+  assert scores["fid"] > 0 and scores["sfid"] > 0 and 1 <= scores["is"] <= 1008
+  assert 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
+  info = report["feature_networks"]["inception"]
+  assert info["sha256"] == hashlib.sha256(open(random_inception_weights, "rb").read()).hexdigest()
+  assert info["published_weights"] is False and info["resize"] == "tf"
+  assert report["references"]["inception"]["path"] == str(ref)
+  assert any("20 < 2048 samples" in warning for warning in report["warnings"])
+
+
+def test_reference_of_wrong_dimension_is_refused(tmp_path, random_inception_weights):
+  """A 64-dim reference for 2048-dim Inception features (random weights, checked keys)."""
+  weights = random_inception_weights
   ref = tmp_path / "ref.npz"
   np.savez(ref, mu=np.zeros(64), sigma=np.eye(64))
   samples = tmp_path / "samples.npz"
   np.savez(samples, arr_0=np.zeros((4, 8, 8, 1), np.uint8))
-  config = _config(metrics=("fid",), inception_weights=str(weights), inception_sha256_prefix="")
+  config = _config(metrics=("fid",), inception_weights=weights, inception_sha256_prefix="")
   with pytest.raises(ValueError, match="64-dim statistics, the features are 2048-dim"):
     evaluation.evaluate(config, str(tmp_path), samples_path=str(samples),
                         reference_path=str(ref))
   _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("name, variant", [
+    ("digits", ""), ("digits", "smoke"), ("digits", "sweep"), ("cifar10_ddpm", None),
+    ("cifar10_iddpm", ""), ("cifar10_iddpm", "sweep"), ("celebahq256_ddpm", None),
+    ("imagenet64_iddpm", None)])
+def test_every_eval_config_is_valid(name, variant):
+  module = importlib.import_module(f"configs.eval.{name}")
+  config = evaluation.from_config_dict(
+      module.get_config() if variant is None else module.get_config(variant))
+  assert config.name.startswith(name) and config.metrics and config.data["image_size"] > 0
 
 
 def test_unknown_metric_is_named():
