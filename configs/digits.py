@@ -59,12 +59,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       num_samples=64,  # images per grid
       sampler="ddim",
       sample_steps=50,
+      eval_every=500,  # steps between sample-quality evaluations (TensorBoard eval/fd_digits)
+      eval_num_samples=300,  # as many as the held-out digits (configs/eval/digits.py)
+      eval_metric="fd_digits",  # Fréchet distance on the digits classifier's features
   )
 
   if variant == "smoke":  # a few seconds: for tests
     config.model.update(ch=32)
     config.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2,
-                        sample_every=0, num_samples=4, sample_steps=5)
+                        sample_every=0, num_samples=4, sample_steps=5, eval_every=0)
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of configs/digits.py; known: 'smoke'.")
   return config

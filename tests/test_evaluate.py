@@ -261,3 +261,48 @@ def test_every_eval_config_is_valid(name, variant):
 def test_unknown_metric_is_named():
   with pytest.raises(ValueError, match="Unknown eval metric\\(s\\) \\['fidd'\\]"):
     _config(metrics=("fidd",))
+
+
+# ----------------------------------------------------------------------------- during training
+
+
+def _digits_smoke_with_eval(**train_overrides):
+  from configs import digits  # pylint: disable=g-import-not-at-top
+
+  config = digits.get_config("smoke")
+  config.train.update({"eval_every": 2, "eval_num_samples": 16, "eval_metric": "fd_digits",
+                       **train_overrides})
+  return config
+
+
+def _scalars(workdir: str, tag: str) -> dict[int, float]:
+  """{step: value} of one scalar in a run's TensorBoard event files."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  values = {}
+  for name in os.listdir(workdir):
+    if name.startswith("events.out.tfevents"):
+      for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+        for value in event.summary.value:
+          if value.tag == tag:
+            values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def test_training_logs_a_periodic_evaluation(tmp_path):
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+
+  train.train_and_evaluate(_digits_smoke_with_eval(), str(tmp_path))
+  fd = _scalars(str(tmp_path), "eval/fd_digits")
+  assert sorted(fd) == [2, 4] and all(np.isfinite(v) and v > 0 for v in fd.values())
+  assert any(name.startswith("reference-digits_classifier")
+             for name in os.listdir(tmp_path / "eval"))  # the cached training-split statistics
+
+
+def test_periodic_fid_without_weights_fails_before_training(tmp_path, monkeypatch):
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.delenv("DIFFUSION_JAX_INCEPTION_WEIGHTS", raising=False)
+  with pytest.raises(FileNotFoundError, match="DIFFUSION_JAX_INCEPTION_WEIGHTS"):
+    train.train_and_evaluate(_digits_smoke_with_eval(eval_metric="fid"), str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints" / "2")

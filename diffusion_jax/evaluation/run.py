@@ -68,13 +68,13 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
 
   with timer("reference"):
     references = {name: given_reference if given_reference and name == "inception" else
-                  _reference(net, config, data_config, workdir) for name, net in nets.items()}
+                  reference_statistics(net, config, data_config, workdir) for name, net in nets.items()}
   runs = []
   for sampler in (config.samplers if samples is None else (None,)):
     with timer("sampling"):
       run_samples = samples if sampler is None else _draw(model, sampler, config, out_dir)
     with timer("features"):
-      scores = _score(run_samples, nets, references, config)
+      scores = score_samples(run_samples, nets, references, config)
     runs.append({**_describe(sampler, model, samples_path), "num_samples": len(run_samples),
                  **scores})
   report = {
@@ -180,13 +180,20 @@ def _split_batches(data_config, split: str, batch_size: int):
   """(uint8 batches of every example of `split` once, their count): the eval iterator, unmasked."""
   from diffusion_jax import data  # pylint: disable=g-import-not-at-top
 
+  import grain  # pylint: disable=g-import-not-at-top
+
   split_config = dataclasses.replace(data_config, split=split)
-  batches = data.make_eval_iterator(split_config, batch_size)
+  whole_split = grain.sharding.ShardOptions(0, 1, drop_remainder=False)
+  batches = data.make_eval_iterator(split_config, batch_size, whole_split)
   return (images.to_uint8(b["image"][b["mask"]]) for b in batches), data.num_examples(split_config)
 
 
-def _reference(net, config: EvalConfig, data_config, workdir: str) -> reference.ReferenceStats:
-  """The reference split's statistics under `net`: cached in WORKDIR/eval/, else computed."""
+def reference_statistics(net, config: EvalConfig, data_config,
+                         workdir: str) -> reference.ReferenceStats:
+  """The reference split's statistics under `net`: cached in WORKDIR/eval/, else computed.
+
+  Every process reads the whole split (the statistics are computed on the host).
+  """
   tag = _file_tag(f"{data_config.source}-{data_config.name}-{data_config.image_size}px"
                   f"x{data_config.num_channels}-{config.reference_split}")
   if net.name == "inception":
@@ -205,7 +212,8 @@ def _reference(net, config: EvalConfig, data_config, workdir: str) -> reference.
       features=None if summary.pool_features is None else summary.pool_features[:config.num_samples],
       source={"data": dataclasses.asdict(data_config) | {"split": config.reference_split},
               **net.info})
-  reference.save_reference(path, stats)
+  if jax.process_index() == 0:
+    reference.save_reference(path, stats)
   return dataclasses.replace(stats, path=path)
 
 
@@ -247,7 +255,7 @@ def _describe(sampler, model: EmaModel | None, samples_path: str | None) -> dict
           "nfe": steps * (2 if sampler.guidance_scale else 1)}
 
 
-def _score(samples: np.ndarray, nets: dict, references: dict, config: EvalConfig) -> dict:
+def score_samples(samples: np.ndarray, nets: dict, references: dict, config: EvalConfig) -> dict:
   """Every sample metric of `config` on uint8 samples [N, H, W, C]."""
   scores = {}
   for name, net in nets.items():

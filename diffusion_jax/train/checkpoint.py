@@ -110,6 +110,12 @@ class Checkpointer:
     self._manager.close()
 
 
+def restore_target(state, shardings):
+  """Each leaf's shape and dtype, placed on the current mesh: what Orbax restores onto."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the run's config as JSON beside the checkpoints (process 0 only)."""
   if jax.process_index() == 0:

@@ -62,12 +62,20 @@ class TrainConfig:
   sampler: str = "ddim"  # sampler of the grids: ddpm (ancestral), ddim or dpm_solver
   sample_steps: int = 100  # its number of steps
   model_parallelism: int = 1  # size of the mesh's "model" axis (FSDP); 1 = data parallel
+  eval_every: int = 0  # steps between sample-quality evaluations (train/periodic_eval.py); 0 = none
+  eval_num_samples: int = 2000  # samples per evaluation: a biased but comparable curve
+  eval_metric: str = "fid"  # "fid" (needs $DIFFUSION_JAX_INCEPTION_WEIGHTS) or "fd_digits"
 
   def __post_init__(self):
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "num_samples", "sample_steps", "model_parallelism"):
+                 "num_samples", "sample_steps", "model_parallelism", "eval_num_samples"):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}.")
+    if self.eval_every < 0:
+      raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}.")
+    if self.eval_metric not in ("fid", "fd_digits"):
+      raise ValueError(f"Unknown train.eval_metric {self.eval_metric!r}; known: ['fid',"
+                       " 'fd_digits'].")
     if self.sampler not in sampling.SAMPLERS:
       raise ValueError(f"Unknown train.sampler {self.sampler!r}; known: {sorted(sampling.SAMPLERS)}.")
     if not 0.0 <= self.ema_decay < 1.0:

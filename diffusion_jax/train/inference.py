@@ -11,7 +11,6 @@ from diffusion_jax import parallel
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.train import checkpoint, experiment
-from diffusion_jax.train.loop import restore_target
 
 from diffusion_jax.sampling.generate import ApplyFn
 
@@ -46,7 +45,7 @@ def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
   fields = {"ema_params": abstract.ema_params, "step": abstract.step}
   replicated = parallel.replicated(parallel.make_mesh())
   restored = checkpointer.restore_fields(
-      restore_target(fields, jax.tree.map(lambda _: replicated, fields)), step=step)
+      checkpoint.restore_target(fields, jax.tree.map(lambda _: replicated, fields)), step=step)
   checkpointer.close()
   return EmaModel(exp.apply_fn, restored["ema_params"], exp.spec, exp.schedule, exp.image_shape,
                   exp.num_classes, int(restored["step"]))

@@ -13,7 +13,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
 from diffusion_jax import data, images, parallel, sampling
-from diffusion_jax.train import checkpoint, experiment
+from diffusion_jax.train import checkpoint, experiment, periodic_eval
 from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics, train_step
 
 
@@ -39,12 +39,6 @@ def create_state(exp: experiment.Experiment, mesh, seed: int):
   abstract = jax.eval_shape(exp.init_state, rng)
   shardings = parallel.state_shardings(mesh, abstract)
   return jax.jit(exp.init_state, out_shardings=shardings)(rng), shardings
-
-
-def restore_target(state, shardings):
-  """Each leaf's shape and dtype, placed on the current mesh: what Orbax restores onto."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
 
 
 def make_grid_sampler(exp: experiment.Experiment, mesh):
@@ -94,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state, shardings = create_state(exp, mesh, config.seed)
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=exp.train.checkpoint_every,
                                          keep=exp.train.keep_checkpoints)
-  state = checkpointer.restore(restore_target(state, shardings), data_iterator) or state
+  state = checkpointer.restore(checkpoint.restore_target(state, shardings), data_iterator) or state
   initial_step = int(state.step)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if initial_step == 0:
@@ -104,6 +98,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                dict(mesh.shape))
   step_fn = compile_train_step(exp, shardings, mesh)
   grid_sampler = make_grid_sampler(exp, mesh)
+  evaluator = (periodic_eval.make_evaluator(exp, mesh, workdir) if exp.train.eval_every
+               else None)
   batch_sharding = parallel.batch_sharding(mesh)
   progress = periodic_actions.ReportProgress(num_train_steps=exp.train.num_steps, writer=writer)
   accumulated = None
@@ -121,6 +117,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if (exp.train.sample_every and step % exp.train.sample_every == 0) or last:
         with progress.timed("sample"):
           write_samples(grid_sampler, state, step, config.seed + 1, workdir, writer)
+      if evaluator and (step % exp.train.eval_every == 0 or last):
+        with progress.timed("eval"):
+          writer.write_scalars(step, evaluator(state.ema_params, step))
       stop = _stop_requested(preemption, step)
       checkpointer.save(step, state, data_iterator, force=last or stop)
       if stop:
