@@ -2,7 +2,7 @@
 
 import os
 import re
-import sys
+import warnings
 
 import jax
 import numpy as np
@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import peers
 from diffusion_jax import parallel
-from diffusion_jax.evaluation import inception
+from diffusion_jax.evaluation import inception, metrics
 
 
 def relative_error(ours, theirs) -> float:
@@ -88,6 +88,31 @@ def test_features_match_pytorch_fid(pytorch_fid_model, state_dict, one_device_fe
   assert relative_error(ours["spatial"], spatial) < 1e-4
   assert {k: v.shape for k, v in ours.items()} == {
       "pool": (len(images), 2048), "logits": (len(images), 1008), "spatial": (len(images), 2023)}
+
+
+def test_fid_and_is_of_two_image_sets_match_the_originals(pytorch_fid_model, state_dict,
+                                                          variables, one_device_features):
+  """Ours end to end (network + metrics) against pytorch-fid's FID and torch-fidelity's IS."""
+  peers.import_torchvision()
+  from pytorch_fid.fid_score import calculate_frechet_distance  # noqa: PLC0415
+  from torch_fidelity.metric_isc import isc_features_to_metric  # noqa: PLC0415
+
+  other = uint8_images(5, SMALL.shape)
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  ours = [one_device_features[0], inception.inception_features(
+      variables, other, "pytorch-fid", batch_size=3, mesh=mesh)]
+  theirs = [pytorch_fid_outputs(pytorch_fid_model, images)[0] for images in (SMALL, other)]
+  gaussians = lambda pools: [s for p in pools for s in (np.mean(p, 0), np.cov(p, rowvar=False))]
+  fid = metrics.frechet_distance(*gaussians([o["pool"].astype(np.float64) for o in ours]))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # sqrtm's `disp` is deprecated; 9 images: singular
+    expected_fid = calculate_frechet_distance(*gaussians([p.astype(np.float64) for p in theirs]))
+  assert fid == pytest.approx(expected_fid, rel=1e-3) and fid > 0
+  logits = np.concatenate([p @ state_dict["fc.weight"].T for p in theirs])  # unbiased, as IS
+  expected_is = isc_features_to_metric(torch.from_numpy(logits), splits=2, shuffle=False)
+  ours_is = metrics.inception_score(np.concatenate([o["logits"] for o in ours]), splits=2)
+  assert ours_is[0] == pytest.approx(expected_is["inception_score_mean"], rel=1e-3)
+  assert ours_is[1] == pytest.approx(expected_is["inception_score_std"], rel=1e-2, abs=1e-6)
 
 
 def test_sharded_features_equal_one_device(variables, one_device_features):
