@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = "cifar10_ddpm"  # the report goes to WORKDIR/eval/cifar10_ddpm-step<N>/
   config.metrics = ("fid", "is", "nll")
-  config.samplers = [dict(sampler="ddpm", steps=0)]  # ancestral, all T steps
+  config.samplers = (dict(sampler="ddpm", steps=0),)  # ancestral, all T steps
   config.num_samples = 50_000
   config.batch_size = 500  # images per sampling batch, over all devices
   config.seed = 0

@@ -21,11 +21,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = cifar10_ddpm.get_config()
   config.name = "cifar10_iddpm"
   config.metrics = ("fid", "nll")
-  config.samplers = [dict(sampler="ddpm", steps=100)]
+  config.samplers = (dict(sampler="ddpm", steps=100),)
   config.nll.clip_x0 = True  # image_nll.py: calc_bpd_loop(clip_denoised=True)
   if variant == "sweep":
     config.name = "cifar10_iddpm_sweep"
-    config.samplers = [dict(sampler="ddpm", steps=n) for n in (25, 50, 100, 200, 1000, 0)]
+    config.samplers = tuple(dict(sampler="ddpm", steps=n) for n in (25, 50, 100, 200, 1000, 0))
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of configs/eval/cifar10_iddpm.py; known: 'sweep'.")
   return config

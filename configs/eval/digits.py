@@ -19,7 +19,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = "digits"  # the report goes to WORKDIR/eval/digits-step<N>/
   config.metrics = ("fd_digits", "is_digits", "nll")
-  config.samplers = [dict(sampler="ddim", steps=50)]  # the training run's grid sampler
+  config.samplers = (dict(sampler="ddim", steps=50),)  # the training run's grid sampler
   config.num_samples = 300  # as many as the held-out real digits, so both have the same bias
   config.batch_size = 300  # images per sampling batch
   config.seed = 0
@@ -32,14 +32,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.feature_batch_size = 300
 
   if variant == "smoke":  # seconds: for tests
-    config.samplers = [dict(sampler="ddim", steps=3)]
+    config.samplers = (dict(sampler="ddim", steps=3),)
     config.num_samples = 20
     config.batch_size = 8
     config.nll = dict(split="test", num_examples=8, batch_size=8, clip_x0=True)
     config.is_splits = 2
   elif variant == "sweep":  # FID-vs-NFE figure on the digits
-    config.samplers = [dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver")
-                       for n in (5, 10, 20, 50)]
+    config.samplers = tuple(dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver")
+                            for n in (5, 10, 20, 50))
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of configs/eval/digits.py; known: 'smoke',"
                      " 'sweep'.")

@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = cifar10_ddpm.get_config()
   config.name = "imagenet64_iddpm"
   config.metrics = ("fid", "sfid", "precision_recall", "nll")
-  config.samplers = [dict(sampler="ddpm", steps=250)]  # ADM's ImageNet-64 sampling steps
+  config.samplers = (dict(sampler="ddpm", steps=250),)  # ADM's ImageNet-64 sampling steps
   config.data.update(name="imagenet_resized/64x64", image_size=64)
   config.nll = dict(split="validation", num_examples=0, batch_size=500, clip_x0=True)
   config.batch_size = 256
