@@ -252,7 +252,8 @@ def test_interrupted_save_leaves_the_earlier_file(tmp_path, monkeypatch):
   reference.save_reference(path, _full_stats())
 
   def savez_that_dies(file, **arrays):
-    file.write(b"PK half a file")
+    with open(file, "wb") as f:
+      f.write(b"PK half a file")
     raise KeyboardInterrupt
 
   monkeypatch.setattr(np, "savez", savez_that_dies)

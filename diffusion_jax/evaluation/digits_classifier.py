@@ -20,6 +20,8 @@ import optax
 from absl import logging
 from flax import serialization
 
+from diffusion_jax import files
+
 FEATURE_DIM = 64
 NUM_CLASSES = 10
 _VERSION = 2  # bump when the network or its training changes: old caches are ignored
@@ -87,11 +89,8 @@ def load_or_train(cache_dir: str | None = None, seed: int = 0):
       logging.warning("Retraining the digits classifier: cannot read %s (%s).", path, error)
   logging.info("Training the digits classifier (%d steps) into %s.", _TRAIN_STEPS, path)
   params = train(train_set.images, train_set.labels, seed)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  temporary = f"{path}.tmp{os.getpid()}"
-  with open(temporary, "wb") as f:
+  with files.atomic_path(path) as temporary, open(temporary, "wb") as f:
     f.write(serialization.to_bytes(params))
-  os.replace(temporary, path)
   return params
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffusion_jax import losses, parallel
+from diffusion_jax import files, losses, parallel
 from diffusion_jax.evaluation.config import NllConfig
 from diffusion_jax.train.inference import EmaModel
 
@@ -77,17 +77,11 @@ def evaluate_nll(model: EmaModel, batches, config: NllConfig, out_dir: str, *,
           nll_fn(model.params, *inputs, jax.random.fold_in(key, b)), tiled=True)
       mask_all = multihost_utils.process_allgather(mask, tiled=True)
       if jax.process_index() == 0:
-        _save_atomic(path, {**result, "mask": mask_all})
+        files.save_npz(path, **result, mask=mask_all)
       multihost_utils.sync_global_devices(f"nll batch {b}")
     with np.load(path) as saved:
       parts.append({k: saved[k][saved["mask"]] for k in PARTS})
   means = {k: float(np.mean(np.concatenate([p[k] for p in parts]))) for k in PARTS}
   return {**means, "num_examples": int(sum(len(p["bpd"]) for p in parts)),
           "clip_x0": config.clip_x0}
-
-
-def _save_atomic(path: str, arrays: dict) -> None:
-  temporary = path + ".tmp.npz"
-  np.savez(temporary, **arrays)
-  os.replace(temporary, path)
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from diffusion_jax import files
 from diffusion_jax.evaluation.metrics import GaussianAccumulator
 
 _ARRAY_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "features")
@@ -129,18 +129,7 @@ def save_reference(path: str, stats: ReferenceStats) -> None:
   if stats.num_images is not None:
     arrays["num_images"] = np.int64(stats.num_images)
   arrays["source"] = np.str_(json.dumps(dict(stats.source), sort_keys=True))
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, prefix=".tmp-", suffix=".npz",
-                                   delete=False) as f:
-    try:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    except BaseException:
-      os.remove(f.name)
-      raise
-  os.replace(f.name, path)
+  files.save_npz(path, **arrays)
 
 
 def load_reference(path: str, *, load_images: bool = True) -> ReferenceStats:

@@ -8,6 +8,8 @@ import os
 import jax
 from clu import metric_writers
 
+from diffusion_jax import files
+
 # Per-run keys that are settings, not scores.
 _SETTINGS = ("sampler", "steps", "eta", "guidance", "nfe", "num_samples", "samples_file")
 
@@ -30,10 +32,9 @@ def write(report: dict, out_dir: str, step: int) -> None:
   """Writes report.json (atomically), TensorBoard scalars at `step`, the table, and the figure."""
   if jax.process_index() != 0:
     return
-  temporary = os.path.join(out_dir, "report.json.tmp")
-  with open(temporary, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
-  os.replace(temporary, os.path.join(out_dir, "report.json"))
+  with files.atomic_path(os.path.join(out_dir, "report.json")) as temporary:
+    with open(temporary, "w") as f:
+      json.dump(report, f, indent=2, sort_keys=True)
   writer = metric_writers.create_default_writer(out_dir, asynchronous=False)
   scalars = {f"{run_name(run)}/{k}": v for run in report["runs"] for k, v in scores(run).items()}
   for section in ("nll", "real_floor"):

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import tqdm
 
+from diffusion_jax import files
 from diffusion_jax import images as image_utils
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.sampling.guidance import classifier_free_guidance
@@ -105,9 +106,9 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
     batch = image_utils.to_uint8(sample_batch_fn(jax.random.fold_in(key, b)))
     if batch.shape[0] != batch_size:
       raise ValueError(f"sample_batch_fn returned {batch.shape[0]} images, expected {batch_size}.")
-    _save_npz(paths[b], batch)
+    files.save_npz(paths[b], arr_0=batch)
   samples = np.concatenate([_load_npz(path) for path in paths])[:num_samples]
-  _save_npz(os.path.join(out_dir, "samples.npz"), samples)
+  files.save_npz(os.path.join(out_dir, "samples.npz"), arr_0=samples)
   image_utils.save_image_grid(samples[:GRID_IMAGES], os.path.join(out_dir, "grid.png"),
                               min_size=GRID_MIN_SIZE)
   return samples
@@ -124,13 +125,6 @@ def _check_settings(path: str, settings: dict) -> None:
     return
   with open(path, "w") as f:
     json.dump(settings, f, indent=2, sort_keys=True)
-
-
-def _save_npz(path: str, array: np.ndarray) -> None:
-  """np.savez to `path` atomically: a temporary file, then renamed."""
-  temporary = path + ".tmp.npz"
-  np.savez(temporary, arr_0=array)
-  os.replace(temporary, path)
 
 
 def _load_npz(path: str) -> np.ndarray:
