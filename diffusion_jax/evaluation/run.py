@@ -60,6 +60,7 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
     given_reference = _given_reference(reference_path or config.reference_path, nets, config)
     model, skipped = _load_model(config, workdir, need_samples=samples is None)
     data_config = _data_config(config, model)
+    _check_splits_readable(config, data_config, given_reference, model)
   if samples is not None:
     _check_samples_fit(samples, samples_path, nets, data_config)
   step_tag = f"step{model.step}" if samples is None else _file_tag(samples_path)
@@ -67,8 +68,9 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
   os.makedirs(out_dir, exist_ok=True)
 
   with timer("reference"):
-    references = {name: given_reference if given_reference and name == "inception" else
-                  reference_statistics(net, config, data_config, workdir) for name, net in nets.items()}
+    references = {name: given_reference if given_reference and name == "inception"
+                  else reference_statistics(net, config, data_config, workdir)
+                  for name, net in nets.items()}
   runs = []
   for sampler in (config.samplers if samples is None else (None,)):
     with timer("sampling"):
@@ -160,6 +162,19 @@ def _data_config(config: EvalConfig, model: EmaModel | None):
     raise ValueError(f"Eval data images are {shape} but the model makes {model.image_shape}:"
                      " set config.data.image_size / num_channels to the run's.")
   return data_config
+
+
+def _check_splits_readable(config: EvalConfig, data_config, given_reference, model) -> None:
+  """Opens every split the evaluation reads, so a missing dataset fails before anything is written."""
+  from diffusion_jax import data  # pylint: disable=g-import-not-at-top
+
+  splits = set()
+  if config.sample_metrics and not (given_reference and _networks(config) == ["inception"]):
+    splits.add(config.reference_split)
+  if ("nll" in config.metrics and model is not None) or config.real_floor:
+    splits.add(config.nll.split)
+  for split in sorted(splits):
+    data.num_examples(dataclasses.replace(data_config, split=split))
 
 
 def _check_samples_fit(samples: np.ndarray, path: str, nets: dict, data_config) -> None:
