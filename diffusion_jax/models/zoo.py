@@ -3,6 +3,7 @@
     model = get_model("ddpm_cifar10")                       # the paper's model
     model = get_model("ddpm_cifar10", ch=32, ch_mult=(1, 2))  # a tiny variant
     model = get_model(config.model)  # a mapping with `name` plus overrides
+    model = get_model("my_package.nets:make_unet", width=64)  # your own module's factory
 
 Parameter counts come from `jax.eval_shape`, so even the 300M-parameter
 entries are counted without allocating a single weight.
@@ -10,6 +11,8 @@ entries are counted without allocating a single weight.
 
 import dataclasses
 import functools
+import importlib
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -169,20 +172,26 @@ def lookup(name: str) -> ZooEntry:
 
 
 def get_model(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
-  """Builds a zoo model, with constructor fields overridden.
+  """Builds a zoo model, with constructor fields overridden, or a module from its factory.
 
   Args:
-    spec: a zoo name, or a mapping (dict, ml_collections.ConfigDict) holding
-      `name` and any overrides (e.g. the training config's `config.model`).
+    spec: a zoo name, a factory "package.module:factory" (imported, called
+      with the overrides; it must return a Flax module taking
+      (x, t, y=None, train=False)), or a mapping (dict, ml_collections.ConfigDict)
+      holding `name` and any overrides (e.g. the training config's `config.model`).
     **overrides: fields of the module replacing the entry's (they win over
       the mapping's). Lists become tuples, so configs may hold either.
 
   Raises:
-    ValueError: for an unknown name, a mapping without `name`, or an override
-      that is not a field of the module (the error names it).
+    ValueError: for an unknown name, a mapping without `name`, an override
+      that is not a field of the module (the error names it), or a factory
+      that cannot be imported or does not build such a module.
   """
   if not isinstance(spec, str):
     spec, overrides = _split_config(spec, overrides)
+  overrides = {key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items()}
+  if ":" in spec:
+    return _from_factory(spec, overrides)
   entry = lookup(spec)
   fields = {f.name for f in dataclasses.fields(entry.module)} - {"parent", "name"}
   unknown = sorted(set(overrides) - fields)
@@ -191,8 +200,28 @@ def get_model(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
         f"unknown override(s) {unknown} for model {spec!r} ({entry.module.__name__}); "
         f"valid fields: {sorted(fields)}"
     )
-  overrides = {key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items()}
   return entry.module(**{**entry.kwargs, **overrides})
+
+
+def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+  """factory(**kwargs) for spec "package.module:factory", checked to be a diffusion model."""
+  module_name, _, attribute = spec.partition(":")
+  try:
+    factory = getattr(importlib.import_module(module_name), attribute)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"model {spec!r}: cannot import {attribute!r} from {module_name!r}: {e}") from e
+  try:
+    model = factory(**kwargs)
+  except TypeError as e:
+    raise ValueError(f"model {spec!r}: the factory does not take {sorted(kwargs)}: {e}") from e
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"model {spec!r}: the factory returned a {type(model).__name__}, not a Flax module")
+  try:
+    inspect.signature(model.__call__).bind(None, None, None, train=False)
+  except TypeError as e:
+    raise ValueError(f"model {spec!r}: {type(model).__name__} must take (x, t, y=None, train=False):"
+                     f" {e}") from e
+  return model
 
 
 def _split_config(config: Mapping[str, Any], overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 CONFIG_FILE = "config.json"
 
@@ -42,15 +43,21 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, data_iterator: grain.DatasetIterator, *, force=False) -> bool:
-    """Saves if `step` is a multiple of every_steps (or `force`); returns whether it did."""
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator | None, *,
+           force=False) -> bool:
+    """Saves if `step` is a multiple of every_steps (or `force`); returns whether it did.
+
+    A None iterator saves the state alone (a converted checkpoint has no data
+    position; training from it starts its data from the beginning).
+    """
     if not force and step % self.every_steps:
       return False
     if step in self._manager.all_steps():
       return False
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, abstract_state, data_iterator: grain.DatasetIterator | None = None,
               step: int | None = None):
@@ -58,8 +65,9 @@ class Checkpointer:
 
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set.
-      data_iterator: advanced in place to where the checkpoint left it; None
-        restores the state alone (for sampling and evaluation).
+      data_iterator: advanced in place to where the checkpoint left it (left
+        as it is when the checkpoint saved none); None restores the state
+        alone (for sampling and evaluation).
       step: which checkpoint; the latest when None.
 
     Returns:
@@ -69,7 +77,7 @@ class Checkpointer:
     if step is None:
       return None
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    if data_iterator is not None and (epath.Path(self.directory) / str(step) / "data").exists():
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._restore(step, items).state
 

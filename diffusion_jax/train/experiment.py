@@ -33,6 +33,7 @@ class DiffusionConfig:
   loss: str = "simple"  # simple, hybrid or vlb
   timestep_sampler: str = "uniform"  # uniform or loss_aware (Improved DDPM sec. 3.3)
   clip_x0: bool = True  # clip predicted x_0 to [-1, 1] when sampling
+  rescale_timesteps: bool = False  # feed the network t * 1000 / T (Improved DDPM's code)
 
   def __post_init__(self):
     parse_enum(losses.LossType, self.loss, "diffusion.loss")
@@ -45,6 +46,17 @@ class DiffusionConfig:
   @property
   def spec(self) -> ModelSpec:
     return ModelSpec(self.mean_type, self.var_type, self.clip_x0)
+
+  def network_timesteps(self, t: jax.Array) -> jax.Array:
+    """The timesteps the network sees for diffusion timesteps t [B].
+
+    t itself, or t * 1000 / T as float32 with `rescale_timesteps`: the
+    improved-diffusion code feeds its network timesteps on DDPM's [0, 1000)
+    scale whatever T is, so a network trained there needs them.
+    """
+    if not self.rescale_timesteps:
+      return t
+    return jnp.asarray(t, jnp.float32) * (1000.0 / self.num_timesteps)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,14 +115,23 @@ class Experiment:
   def num_classes(self) -> int | None:
     return getattr(self.model, "num_classes", None)
 
+  def model_apply(self, params, x_t, t, y=None, **kwargs):
+    """model.apply on diffusion timesteps t [B]: the one place every caller of the network goes
+    through (training, samplers, NLL), so that `diffusion.rescale_timesteps` applies to all.
+
+    kwargs (train, rngs) go to `model.apply`.
+    """
+    return self.model.apply({"params": params}, x_t, self.diffusion.network_timesteps(t), y,
+                            **kwargs)
+
   def apply_fn(self, params, x_t, t, y=None):
     """The model as samplers call it: (params, x_t [B, H, W, C], t [B], y [B] | None) -> output."""
-    return self.model.apply({"params": params}, x_t, t, y)
+    return self.model_apply(params, x_t, t, y)
 
   def step_fns(self) -> StepFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
     return StepFns(
-        model=self.model, tx=tx, lr_schedule=lr_schedule, spec=self.spec,
+        apply=self.model_apply, tx=tx, lr_schedule=lr_schedule, spec=self.spec,
         schedule=self.schedule,
         loss_type=losses.LossType(self.diffusion.loss),
         timestep_sampler=losses.get_timestep_sampler(self.diffusion.timestep_sampler,
@@ -128,8 +149,11 @@ class Experiment:
                       sampler_state=fns.timestep_sampler.init())
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-  """Checks the config and builds its parts; every bad value is named in the error."""
+def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Experiment:
+  """Checks the config and builds its parts; every bad value is named in the error.
+
+  `model`, when given, is used instead of building `config.model` with the zoo.
+  """
   from diffusion_jax import data  # the input pipeline pulls in TF; import it only when training
 
   known = {"seed", "data", "model", "diffusion", "optim", "train"}
@@ -139,7 +163,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   data_config = data.DataConfig.from_mapping(config.data)
   image_shape = (data_config.image_size, data_config.image_size, data_config.num_channels)
   spec = diffusion_config.spec
-  model = models.get_model(dict(config.model))
+  model = models.get_model(dict(config.model)) if model is None else model
   _check_model_output(model, spec, image_shape)
   return Experiment(
       config=config, model=model, diffusion=diffusion_config,

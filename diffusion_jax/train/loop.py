@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -79,9 +80,15 @@ def _loggable(scalars: dict, step: int) -> dict:
   return {k: v for k, v in scalars.items() if np.isfinite(v)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
-  exp = experiment.build(config)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       model: nn.Module | None = None) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
+
+  `model`, an already built Flax module taking (x, t, y=None, train=False), replaces
+  `config.model`. Sampling the run later (launch.sample) rebuilds the model from
+  config.model: name a factory there ("package.module:factory") to make that possible.
+  """
+  exp = experiment.build(config, model)
   mesh = parallel.make_mesh(exp.train.model_parallelism)
   checkpoint.save_config(config, workdir)
   data_iterator = data.make_train_iterator(exp.data, exp.train.batch_size)

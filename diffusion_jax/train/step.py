@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -50,7 +50,9 @@ def compute_metrics(accumulated: TrainMetrics) -> dict[str, float]:
 class StepFns:
   """The static parts of a train step: what to apply, how to read it, what to minimise."""
 
-  model: nn.Module
+  # (params, x_t, t, y, train=, rngs=) -> output: Experiment.model_apply, which maps t to the
+  # network's timesteps.
+  apply: Callable[..., jax.Array]
   tx: optax.GradientTransformation
   lr_schedule: optax.Schedule
   spec: ModelSpec
@@ -93,8 +95,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
 
   def loss_fn(params):
     def model_fn(x_t, t):
-      return fns.model.apply({"params": params}, x_t, t, labels, train=True,
-                             rngs={"dropout": dropout_key})
+      return fns.apply(params, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
     terms = losses.training_losses(model_fn, fns.spec, fns.schedule, fns.loss_type,
                                    x_start, t, noise)
     return jnp.mean(terms.loss * weights), terms

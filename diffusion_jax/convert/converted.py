@@ -1,0 +1,75 @@
+"""A converted checkpoint: the zoo U-Net's fields, the diffusion process, the parameters, the run config."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from diffusion_jax.convert.mapping import ConvertError, Rules, StateDict, assemble
+from diffusion_jax.models import unet, zoo
+
+# config.model.name of every converted model: the U-Net class itself, all its fields given.
+UNET_FACTORY = "diffusion_jax.models.unet:UNet"
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+  """A published checkpoint in the zoo's terms.
+
+  Attributes:
+    model: fields of `models.UNet`.
+    diffusion: fields of `train.DiffusionConfig` (schedule, T, parameterisation, rescale_timesteps).
+    image_shape: (H, W, C) the model was trained on.
+    params: the Flax parameter tree, float32 numpy arrays.
+    step: the source's training step, 0 when unknown.
+    source: what was converted: format, path, preset, flags (written to convert.json).
+    dataset: TFDS name of the training data when known (for data.name), else "".
+  """
+
+  model: dict[str, Any]
+  diffusion: dict[str, Any]
+  image_shape: tuple[int, int, int]
+  params: Any
+  step: int
+  source: dict[str, Any]
+  dataset: str = ""
+
+  def config(self) -> ml_collections.ConfigDict:
+    """The run config `experiment.build` reads: the model, the process, the data's shape."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = dict(
+        source="tfds", name=self.dataset or "unknown", image_size=self.image_shape[0],
+        num_channels=self.image_shape[2], random_flip=False)
+    config.model = dict(name=UNET_FACTORY, **self.model)
+    config.diffusion = dict(self.diffusion)
+    config.optim = {}
+    config.train = {}
+    return config
+
+
+def build_params(model: Mapping[str, Any], image_shape: tuple[int, int, int], rules: Rules,
+                 state: StateDict) -> Any:
+  """The UNet(**model) parameters filled from `state` by `rules`; errors name the file and keys."""
+  if image_shape[0] != image_shape[1]:
+    raise ConvertError(f"{state.origin}: only square images are supported, got {image_shape}")
+  abstract = zoo.abstract_init(unet.UNet(**model), image_shape)[1]["params"]
+  try:
+    return assemble(rules, abstract, state)
+  except ConvertError as e:
+    raise ConvertError(f"{state.origin}: {e}") from None
+
+
+def resolutions(image_size: int, levels: list[int]) -> tuple[int, ...]:
+  """Side lengths in pixels of the U-Net levels in `levels` (level l is image_size / 2^l)."""
+  return tuple(image_size >> level for level in levels)
+
+
+def check_choice(value: Any, known: Mapping[Any, Any] | tuple, what: str, origin: str) -> Any:
+  """known[value] (or value, for a tuple of known values); a ConvertError names `what` otherwise."""
+  if value not in known:
+    raise ConvertError(f"{origin}: unsupported {what} {value!r}; supported: {list(known)}")
+  return known[value] if isinstance(known, Mapping) else value

@@ -1,0 +1,61 @@
+"""A converted checkpoint as a run's workdir, and as an EmaModel in memory.
+
+The workdir is what a training run leaves: config.json and an Orbax
+checkpoint of a full TrainState whose params and ema_params are the converted
+parameters (a fresh optimizer state, the step of the source), so that
+launch.sample, launch.evaluate and train.inference read it as one of ours.
+convert.json beside them names the source file, its SHA-256 and its flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import parallel, weightfiles
+from diffusion_jax.convert.converted import Converted
+from diffusion_jax.train import checkpoint, experiment
+from diffusion_jax.train.inference import EmaModel
+from diffusion_jax.train.step import TrainState
+
+RECORD_FILE = "convert.json"
+
+
+def write_workdir(converted: Converted, workdir: str) -> dict:
+  """Writes `converted` as a run in `workdir` (which must hold no run yet); returns convert.json's record.
+
+  Raises:
+    FileExistsError: `workdir` already holds a run's config.json.
+  """
+  if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    raise FileExistsError(f"{workdir} already holds a run ({checkpoint.CONFIG_FILE}): pick a new"
+                          " workdir for the converted checkpoint")
+  config = converted.config()
+  exp = experiment.build(config)
+  fns = exp.step_fns()
+  params = jax.tree.map(jnp.asarray, converted.params)
+  state = TrainState(step=jnp.array(converted.step, jnp.int32), params=params, ema_params=params,
+                     opt_state=fns.tx.init(params), rng=jax.random.PRNGKey(config.seed),
+                     sampler_state=fns.timestep_sampler.init())
+  checkpoint.save_config(config, workdir)
+  checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=1, async_saves=False)
+  checkpointer.save(converted.step, state, None, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  record = {**converted.source, "sha256": weightfiles.sha256(converted.source["path"]),
+            "step": converted.step, "image_shape": list(converted.image_shape)}
+  with open(os.path.join(workdir, RECORD_FILE), "w") as f:
+    json.dump(record, f, indent=2, default=str)
+  return record
+
+
+def ema_model(converted: Converted) -> EmaModel:
+  """The EmaModel that train.inference.load_ema_for_sampling would give for write_workdir's run."""
+  exp = experiment.build(converted.config())
+  params = jax.device_put(converted.params, parallel.replicated(parallel.make_mesh()))
+  return EmaModel(exp.apply_fn, params, exp.spec, exp.schedule, exp.image_shape, exp.num_classes,
+                  converted.step)
+
