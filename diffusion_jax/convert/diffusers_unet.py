@@ -123,6 +123,9 @@ def unet_fields(config: dict[str, Any], origin: str) -> tuple[dict, tuple[int, i
   if out_ch not in (in_ch, 2 * in_ch):
     raise ConvertError(f"{origin}: out_channels {out_ch} must be in_channels {in_ch} (or twice"
                        " it, with a learned variance)")
+  if config["resnet_time_scale_shift"] == "scale_shift" and config["attn_norm_num_groups"] is None:
+    raise ConvertError(f"{origin}: resnet_time_scale_shift 'scale_shift' with attn_norm_num_groups"
+                       " None (the mid-block attention then has no GroupNorm) is not supported")
   head_dim = config["attention_head_dim"]
   model = dict(
       ch=ch, ch_mult=tuple(mults), num_res_blocks=config["layers_per_block"],
