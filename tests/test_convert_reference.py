@@ -104,10 +104,13 @@ def test_flags_that_disagree_with_the_tensors_are_named():
 
 
 def test_readme_flags_and_presets():
-  flags = openai_flags.parse_flags("--image_size 32 --learn_sigma True --dropout=0.3".split())
-  assert flags == dict(image_size=32, learn_sigma=True, dropout=0.3)
+  flags = convert.parse_source_flags("--image_size 32 --learn_sigma True --dropout=0.3".split())
+  assert flags == dict(image_size="32", learn_sigma="True", dropout="0.3")
+  assert openai_flags.typed_flags(flags) == dict(image_size=32, learn_sigma=True, dropout=0.3)
   with pytest.raises(ConvertError, match="unknown improved/guided-diffusion flag"):
-    openai_flags.parse_flags(["--imagesize", "32"])
+    openai_flags.typed_flags({"imagesize": "32"})
+  with pytest.raises(ConvertError, match="expected --name value"):
+    convert.parse_source_flags(["--image_size"])
   preset = openai_flags.preset_flags("improved", "cifar10_uncond_50M_500K")
   assert preset["diffusion_steps"] == 4000 and preset["step"] == 500_000
   assert openai_flags.repo_of_preset("64x64_diffusion") == "guided"

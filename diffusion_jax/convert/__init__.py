@@ -94,10 +94,27 @@ def _openai_format(path: str, format: str | None, preset: str | None) -> tuple[s
   return format or f"{repo}_diffusion", preset
 
 
+def parse_source_flags(argv: list[str]) -> dict[str, str]:
+  """README-style ["--name", "value", ...] or ["--name=value", ...] -> {name: value} (strings).
+
+  The source's flags as its README writes them; `convert` types them as the source does.
+  """
+  flags, i = {}, 0
+  while i < len(argv):
+    name, eq, value = argv[i].removeprefix("--").partition("=")
+    if not argv[i].startswith("--") or not name or (not eq and i + 1 >= len(argv)):
+      raise ConvertError(f"expected --name value or --name=value, got {argv[i:]}")
+    if not eq:
+      value, i = argv[i + 1], i + 1
+    flags[name] = value
+    i += 1
+  return flags
+
+
 def load(path: str, format: str | None = None, preset: str | None = None, **flags: Any):
   """The checkpoint at `path` as a train.inference.EmaModel (params replicated over all devices)."""
   return ema_model(convert(path, format, preset, **flags))
 
 
 __all__ = ["FORMATS", "RECORD_FILE", "ConvertError", "Converted", "convert", "load",
-           "write_workdir"]
+           "parse_source_flags", "write_workdir"]

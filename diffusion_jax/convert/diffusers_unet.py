@@ -65,24 +65,28 @@ _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
 # Scheduler keys that would change the process away from what DiffusionConfig describes.
 _SCHEDULER_FIXED = dict(trained_betas=(None,), thresholding=(False,),
                         rescale_betas_zero_snr=(False,), clip_sample_range=(1.0,))
-FLAG_TYPES: dict[str, type] = {}  # the directory says everything
+# config.json says everything about the network; these are ours (the training step, TFDS data name).
+FLAG_TYPES: dict[str, type] = dict(step=int, dataset=str)
 
 
 def convert(path: str, preset: str | None = None, flags: dict | None = None) -> Converted:
   """Converts the UNet2DModel in directory `path` (a model or a pipeline directory)."""
-  if preset or flags:
-    raise ConvertError(f"{path}: a diffusers directory takes no preset or flags (got"
-                       f" {preset!r}, {sorted(flags or {})}); its config.json says everything")
+  flags = flags or {}
+  if preset or set(flags) - set(FLAG_TYPES):
+    raise ConvertError(f"{path}: a diffusers directory takes no preset and no flags but"
+                       f" {sorted(FLAG_TYPES)} (got {preset!r}, {sorted(flags)}); its config.json"
+                       " says the rest")
   model_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
   config = read_unet_config(model_dir)
   weights = _weight_file(model_dir)
   state = StateDict(weightfiles.load(weights), weights)
-  model, image_shape, attends = unet_fields(config, model_dir)
+  model, image_shape = unet_fields(config, model_dir)
   rules = _rules(len(config["block_out_channels"]), config["layers_per_block"], state)
   return Converted(
       model=model, diffusion=read_scheduler(path, model_dir, learned=model["learn_sigma"]),
-      image_shape=image_shape, params=build_params(model, image_shape, rules, state), step=0,
-      source={"format": "diffusers", "path": weights, "attention_levels": attends})
+      image_shape=image_shape, params=build_params(model, image_shape, rules, state),
+      step=int(flags.get("step", 0)), source={"format": "diffusers", "path": weights},
+      dataset=str(flags.get("dataset", "")))
 
 
 def read_unet_config(model_dir: str) -> dict[str, Any]:
@@ -101,8 +105,8 @@ def read_unet_config(model_dir: str) -> dict[str, Any]:
   return {**UNET_DEFAULTS, **given}
 
 
-def unet_fields(config: dict[str, Any], origin: str) -> tuple[dict, tuple[int, int, int], list]:
-  """(models.UNet fields, image shape (H, W, C), attending levels) of a UNet2DModel config."""
+def unet_fields(config: dict[str, Any], origin: str) -> tuple[dict, tuple[int, int, int]]:
+  """(models.UNet fields, image shape (H, W, C)) of a UNet2DModel config."""
   for key, allowed in _FIXED.items():
     check_choice(config[key], allowed, f"UNet2DModel setting {key}", origin)
   channels = list(config["block_out_channels"])
@@ -140,7 +144,7 @@ def unet_fields(config: dict[str, Any], origin: str) -> tuple[dict, tuple[int, i
       downsample_padding=check_choice(config["downsample_padding"], _PADDINGS,
                                       "downsample_padding", origin),
       norm_eps=float(config["norm_eps"]))
-  return model, (size, size, in_ch), attends
+  return model, (size, size, in_ch)
 
 
 def _attending_levels(config: dict[str, Any], origin: str) -> list[int]:

@@ -5,7 +5,7 @@ Flag names, types and defaults are those of each repo's script_util.py
 DIFFUSION_FLAGS their READMEs give for each released checkpoint, plus the
 training step the file name states and the training data's TFDS name.
 
-    flags = parse_flags(["--image_size", "32", "--learn_sigma", "True"])  # README style
+    flags = typed_flags({"image_size": "32", "learn_sigma": "True"})  # strings, as on a command line
 """
 
 from __future__ import annotations
@@ -114,20 +114,3 @@ def typed_flags(flags: dict[str, Any]) -> dict[str, Any]:
     except ValueError as e:
       raise ConvertError(f"flag {name}: {e}") from None
   return typed
-
-
-def parse_flags(argv: list[str]) -> dict[str, Any]:
-  """README-style ["--name", "value", ...] or ["--name=value", ...] -> typed flags."""
-  flags, i = {}, 0
-  while i < len(argv):
-    arg = argv[i]
-    if not arg.startswith("--"):
-      raise ConvertError(f"expected a --flag, got {arg!r} in {argv}")
-    name, eq, value = arg[2:].partition("=")
-    if not eq:
-      if i + 1 >= len(argv):
-        raise ConvertError(f"flag --{name} has no value")
-      value, i = argv[i + 1], i + 1
-    flags[name] = value
-    i += 1
-  return typed_flags(flags)
