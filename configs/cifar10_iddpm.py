@@ -22,6 +22,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       schedule="cosine", num_timesteps=4000,
       var_type="learned_range",
       loss="hybrid",  # L_simple + 0.001 L_vlb, sec. 3.1
+      rescale_timesteps=True,  # the network sees t * 1000 / T, as improved-diffusion feeds it
   )
   config.optim.update(lr=1e-4, warmup_steps=0)
   config.train.update(num_steps=500_000)

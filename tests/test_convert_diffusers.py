@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +30,7 @@ DDPM_CIFAR10 = dict(
 NARROW = dict(DDPM_CIFAR10, sample_size=16, block_out_channels=(32, 64, 64),
               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
               up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=1)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEGACY_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 TOLERANCE = 1e-4  # max abs, float32
 
@@ -144,3 +148,20 @@ def test_scheduler_betas_other_than_ours_are_refused(tmp_path):
   (tmp_path / "scheduler_config.json").write_text(json.dumps(dict(beta_end=0.012)))
   with pytest.raises(ConvertError, match="beta_end 0.012"):
     convert.convert(str(tmp_path))
+
+
+def test_launch_evaluate_accepts_a_converted_workdir(tmp_path):
+  """A converted digits-shaped model (8x8 grayscale) through launch.evaluate's NLL, as our runs."""
+  config = dict(NARROW, sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32),
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+  save_model(config, tmp_path / "hub")
+  workdir = tmp_path / "converted"
+  convert.write_workdir(convert.convert(str(tmp_path / "hub"), step=7), str(workdir))
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.evaluate", "--config=configs/eval/digits.py:smoke",
+       f"--workdir={workdir}", "--config.metrics=nll"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / "eval" / "digits-step7" / "report.json").read_text())
+  assert report["checkpoint_step"] == 7 and np.isfinite(report["nll"]["bpd"])
