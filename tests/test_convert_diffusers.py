@@ -1,4 +1,4 @@
-"""diffusers UNet2DModel directories converted, against diffusers' own forward pass on the same inputs."""
+"""diffusers UNet2DModel directories converted, against diffusers' forward pass."""
 
 import json
 import math
@@ -49,7 +49,7 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def save_model(config: dict, directory, legacy_bin: bool = False, seed: int = 0) -> UNet2DModel:
-  """A random UNet2DModel saved in `directory`: safetensors, or a .bin with pre-2023 attention names."""
+  """A random UNet2DModel saved in `directory`: safetensors, or .bin with pre-2023 names."""
   model = randomize(UNet2DModel(**config), seed)
   if not legacy_bin:
     model.save_pretrained(directory, safe_serialization=True)
@@ -85,7 +85,8 @@ def test_ddpm_cifar10_layout_full_size(tmp_path):
   assert error < TOLERANCE
   converted = convert.convert(str(tmp_path))
   assert converted.model["ch_mult"] == (1, 2, 2, 2) and converted.model["attn_resolutions"] == (16,)
-  assert converted.model["time_embedding"] == "ddpm" and converted.model["downsample_padding"] == "SAME"
+  assert converted.model["time_embedding"] == "ddpm"
+  assert converted.model["downsample_padding"] == "SAME"
   assert converted.diffusion == dict(schedule="linear", num_timesteps=1000, mean_type="epsilon",
                                      var_type="fixed_small", loss="simple", clip_x0=True,
                                      rescale_timesteps=False)
@@ -111,7 +112,7 @@ def test_adm_style_settings(tmp_path):
       variance_type="learned_range", prediction_type="epsilon", clip_sample=False)))
   assert max_error(model, tmp_path, labels=torch.tensor([0, 4, 2])) < TOLERANCE
   converted = convert.convert(str(tmp_path))
-  assert converted.diffusion["schedule"] == "cosine" and converted.diffusion["num_timesteps"] == 4000
+  assert (converted.diffusion["schedule"], converted.diffusion["num_timesteps"]) == ("cosine", 4000)
   assert converted.diffusion["var_type"] == "learned_range" and not converted.diffusion["clip_x0"]
   assert converted.model["num_head_channels"] == 16 and converted.model["num_classes"] == 5
 

@@ -1,4 +1,4 @@
-"""Converted checkpoints as runs: launch.convert, then launch.sample; convert.load = the workdir's EmaModel."""
+"""Converted checkpoints as runs: launch.convert, launch.sample, convert.load."""
 
 import json
 import os

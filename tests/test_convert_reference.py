@@ -85,7 +85,8 @@ def test_the_qkv_order_matters():
   arrays, flags = reference("guided_updown_cond")
   flags.pop("repo")
   converted = convert.convert(os.path.join(DATA, "guided_updown_cond.pt"),
-                              format="guided_diffusion", **{**flags, "use_new_attention_order": False})
+                              format="guided_diffusion",
+                              **{**flags, "use_new_attention_order": False})
   out = converted_output(converted, arrays["x"], arrays["t"], arrays["y"])
   assert np.abs(out - arrays["out"]).max() > 100 * TOLERANCE
 
@@ -94,7 +95,8 @@ def test_flags_that_disagree_with_the_tensors_are_named():
   with pytest.raises(ConvertError, match=r"num_res_blocks=3 \(the checkpoint has 1\)"):
     convert.convert(os.path.join(DATA, "iddpm_small.pt"), format="improved_diffusion",
                     image_size=32, num_res_blocks=3)
-  with pytest.raises(ConvertError, match=r"attention_resolutions=16,8 \(the checkpoint has \[8\]\)"):
+  disagreement = r"attention_resolutions=16,8 \(the checkpoint has \[8\]\)"
+  with pytest.raises(ConvertError, match=disagreement):
     convert.convert(os.path.join(DATA, "iddpm_small.pt"), format="improved_diffusion",
                     image_size=16, attention_resolutions="16,8")
   with pytest.raises(ConvertError, match="pass image_size"):

@@ -1,4 +1,4 @@
-"""Models from outside the registry ("package.module:factory", built modules) and rescale_timesteps."""
+"""Models from outside the registry ("package.module:factory", built modules); rescale_timesteps."""
 
 import os
 import re
@@ -24,7 +24,8 @@ class EchoT(nn.Module):
   @nn.compact
   def __call__(self, x, t, y=None, train=False):
     bias = self.param("bias", nn.initializers.zeros, (self.channels,))
-    return jnp.zeros(x.shape[:-1] + (self.channels,)) + jnp.asarray(t, jnp.float32)[:, None, None, None] + bias
+    t_Bx1x1x1 = jnp.asarray(t, jnp.float32)[:, None, None, None]
+    return jnp.zeros(x.shape[:-1] + (self.channels,)) + t_Bx1x1x1 + bias
 
 
 def echo_factory(channels: int = 3) -> nn.Module:

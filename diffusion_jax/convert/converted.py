@@ -1,4 +1,4 @@
-"""A converted checkpoint: the zoo U-Net's fields, the diffusion process, the parameters, the run config."""
+"""A converted checkpoint: the zoo U-Net's fields, the process, the parameters, the run config."""
 
 from __future__ import annotations
 

@@ -230,7 +230,7 @@ def read_scheduler(path: str, model_dir: str, learned: bool) -> dict[str, Any]:
 
 
 def _check_linear_betas(scheduler: dict, steps: int, origin: str) -> None:
-  """diffusers' linear betas must be ours: 1e-4 to 0.02 scaled by 1000 / T (schedules.linear_betas)."""
+  """diffusers' linear betas must be ours: 1e-4..0.02 times 1000 / T (schedules.linear_betas)."""
   expected = {"beta_start": 1e-4 * 1000 / steps, "beta_end": 0.02 * 1000 / steps}
   for key, value in expected.items():
     given = float(scheduler.get(key, {"beta_start": 1e-4, "beta_end": 0.02}[key]))

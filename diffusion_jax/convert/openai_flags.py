@@ -1,11 +1,11 @@
-"""The flags of openai/improved-diffusion and guided-diffusion, and their released checkpoints' values.
+"""The flags of openai/improved-diffusion and guided-diffusion, and their released checkpoints'.
 
 Flag names, types and defaults are those of each repo's script_util.py
 (`model_and_diffusion_defaults`); PRESETS are the MODEL_FLAGS and
 DIFFUSION_FLAGS their READMEs give for each released checkpoint, plus the
 training step the file name states and the training data's TFDS name.
 
-    flags = typed_flags({"image_size": "32", "learn_sigma": "True"})  # strings, as on a command line
+    flags = typed_flags({"image_size": "32", "learn_sigma": "True"})  # as on a command line
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def preset_flags(repo: str, preset: str | None) -> dict[str, Any]:
   if preset is None:
     return {}
   if preset not in PRESETS[repo]:
-    raise ConvertError(f"unknown {repo}-diffusion preset {preset!r}; known: {sorted(PRESETS[repo])}")
+    raise ConvertError(f"unknown {repo}-diffusion preset {preset!r};"
+                       f" known: {sorted(PRESETS[repo])}")
   return dict(PRESETS[repo][preset])
 
 
@@ -104,9 +105,10 @@ def repo_of_preset(preset: str) -> str | None:
 
 
 def typed_flags(flags: dict[str, Any]) -> dict[str, Any]:
-  """Flags converted to their types (strings as on a command line are accepted); unknown ones are errors."""
+  """Flags in their types (strings too, as on a command line); an unknown flag is an error."""
   if unknown := sorted(set(flags) - set(FLAG_TYPES)):
-    raise ConvertError(f"unknown improved/guided-diffusion flag(s) {unknown}; known: {sorted(FLAG_TYPES)}")
+    raise ConvertError(f"unknown improved/guided-diffusion flag(s) {unknown};"
+                       f" known: {sorted(FLAG_TYPES)}")
   typed = {}
   for name, value in flags.items():
     try:

@@ -84,7 +84,8 @@ def read_architecture(state: StateDict) -> dict[str, Any]:
   out_channels = state.shape("out.2.weight")[0]
   if out_channels not in (in_channels, 2 * in_channels):
     raise ConvertError(f"{state.origin}: {out_channels} output channels for {in_channels} input"
-                       " channels (super-resolution and other UNetModel variants are not supported)")
+                       " channels (super-resolution and other UNetModel variants are not"
+                       " supported)")
   outputs = state.indices("output_blocks")
   resamplers = [_kind(state, f"output_blocks.{k}.{j}") for k in outputs
                 for j in state.indices(f"output_blocks.{k}")[1:]]
@@ -231,6 +232,6 @@ def _rules(arch: dict, new_order: bool) -> Rules:
 
 
 def _step_from_name(path: str) -> int:
-  """The step in an improved-diffusion checkpoint name (model200000.pt, ema_0.9999_200000.pt), else 0."""
+  """The step an improved-diffusion file name states (ema_0.9999_200000.pt), or 0."""
   match = _STEP_IN_NAME.search(path.replace("\\", "/").rsplit("/", 1)[-1])
   return int(match.group(1)) if match else 0

@@ -25,7 +25,7 @@ RECORD_FILE = "convert.json"
 
 
 def write_workdir(converted: Converted, workdir: str) -> dict:
-  """Writes `converted` as a run in `workdir` (which must hold no run yet); returns convert.json's record.
+  """Writes `converted` as a run in a new `workdir`; returns what convert.json records.
 
   Raises:
     FileExistsError: `workdir` already holds a run's config.json.

@@ -209,18 +209,20 @@ def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
   try:
     factory = getattr(importlib.import_module(module_name), attribute)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f"model {spec!r}: cannot import {attribute!r} from {module_name!r}: {e}") from e
+    raise ValueError(f"model {spec!r}: cannot import {attribute!r} from {module_name!r}:"
+                     f" {e}") from e
   try:
     model = factory(**kwargs)
   except TypeError as e:
     raise ValueError(f"model {spec!r}: the factory does not take {sorted(kwargs)}: {e}") from e
   if not isinstance(model, nn.Module):
-    raise ValueError(f"model {spec!r}: the factory returned a {type(model).__name__}, not a Flax module")
+    raise ValueError(f"model {spec!r}: the factory returned a {type(model).__name__},"
+                     " not a Flax module")
   try:
     inspect.signature(model.__call__).bind(None, None, None, train=False)
   except TypeError as e:
-    raise ValueError(f"model {spec!r}: {type(model).__name__} must take (x, t, y=None, train=False):"
-                     f" {e}") from e
+    raise ValueError(f"model {spec!r}: {type(model).__name__} must take"
+                     f" (x, t, y=None, train=False): {e}") from e
   return model
 
 

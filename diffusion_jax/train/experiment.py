@@ -116,10 +116,11 @@ class Experiment:
     return getattr(self.model, "num_classes", None)
 
   def model_apply(self, params, x_t, t, y=None, **kwargs):
-    """model.apply on diffusion timesteps t [B]: the one place every caller of the network goes
-    through (training, samplers, NLL), so that `diffusion.rescale_timesteps` applies to all.
+    """model.apply({"params": params}, x_t, t', y, **kwargs) on diffusion timesteps t [B].
 
-    kwargs (train, rngs) go to `model.apply`.
+    t' = diffusion.network_timesteps(t). Every call of the network goes through
+    here (the train step, every sampler, the NLL), so rescale_timesteps holds for
+    all of them. kwargs (train, rngs) go to model.apply.
     """
     return self.model.apply({"params": params}, x_t, self.diffusion.network_timesteps(t), y,
                             **kwargs)
