@@ -6,6 +6,8 @@ tests/data/*.npz hold what the original PyTorch code computed on random weights
 
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,8 @@ from diffusion_jax.convert import ConvertError, openai_flags
 from diffusion_jax.models import unet
 from diffusion_jax.train.experiment import DiffusionConfig
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO, "tests", "data")
 TOLERANCE = 1e-4  # max abs, float32
 
 
@@ -164,3 +167,11 @@ def test_a_file_that_runs_code_on_load_is_refused(tmp_path):
   with pytest.raises(weightfiles.UnsafeWeightFileError, match="system"):
     convert.convert(str(tmp_path / "model-790000.ckpt"), preset="ema_cifar10")
   assert not marker.exists()
+
+
+def test_the_library_imports_neither_torch_nor_diffusers():
+  code = ("import sys; from diffusion_jax import convert; import launch.convert;"
+          " print(sorted({'torch', 'diffusers'} & set(sys.modules)))")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]

@@ -147,19 +147,20 @@ def _check_given_flags(arch: dict, given: dict, image_size: int, origin: str) ->
               resblock_updown=arch["resblock_updown"],
               attention_resolutions=sorted(resolutions(image_size, arch["attention_levels"])),
               channel_mult=list(arch["ch_mult"]))
-  wrong = []
-  for flag, actual in told.items():
-    if flag not in given or (flag == "channel_mult" and given[flag] == ""):
-      continue
-    value = given[flag]
-    if flag in ("attention_resolutions", "channel_mult"):
-      value = sorted(int(v) for v in str(value).split(",")) if flag != "channel_mult" else [
-          int(v) for v in str(value).split(",")]
-    if value != actual:
-      wrong.append(f"{flag}={given[flag]} (the checkpoint has {actual})")
+  wrong = [f"{flag}={given[flag]} (the checkpoint has {actual})" for flag, actual in told.items()
+           if given.get(flag, "") != "" and _comparable(flag, given[flag]) != actual]
   if wrong:
     raise ConvertError(f"{origin}: flags disagree with the checkpoint at image_size {image_size}:"
                        f" {', '.join(wrong)}")
+
+
+def _comparable(flag: str, value: Any) -> Any:
+  """A flag's value as `_check_given_flags` compares it: lists for the comma-separated ones."""
+  if flag == "attention_resolutions":
+    return sorted(int(v) for v in str(value).split(","))
+  if flag == "channel_mult":
+    return [int(v) for v in str(value).split(",")]
+  return value
 
 
 def _diffusion_fields(arch: dict, options: dict) -> dict[str, Any]:
