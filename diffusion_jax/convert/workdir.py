@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import parallel, weightfiles
+from diffusion_jax import files, parallel, weightfiles
 from diffusion_jax.convert.converted import Converted
 from diffusion_jax.train import checkpoint, experiment
 from diffusion_jax.train.inference import EmaModel
@@ -27,11 +27,16 @@ RECORD_FILE = "convert.json"
 def write_workdir(converted: Converted, workdir: str) -> dict:
   """Writes `converted` as a run in a new `workdir`; returns what convert.json records.
 
+  config.json is written only once the checkpoint is complete, convert.json
+  last; an interrupted conversion leaves a workdir that this refuses.
+
   Raises:
-    FileExistsError: `workdir` already holds a run's config.json.
+    FileExistsError: `workdir` already holds a config.json, checkpoints or a convert.json.
   """
-  if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
-    raise FileExistsError(f"{workdir} already holds a run ({checkpoint.CONFIG_FILE}): pick a new"
+  present = [name for name in (checkpoint.CONFIG_FILE, "checkpoints", RECORD_FILE)
+             if os.path.exists(os.path.join(workdir, name))]
+  if present:
+    raise FileExistsError(f"{workdir} already holds a run ({', '.join(present)}): pick a new"
                           " workdir for the converted checkpoint")
   config = converted.config()
   exp = experiment.build(config)
@@ -40,15 +45,16 @@ def write_workdir(converted: Converted, workdir: str) -> dict:
   state = TrainState(step=jnp.array(converted.step, jnp.int32), params=params, ema_params=params,
                      opt_state=fns.tx.init(params), rng=jax.random.PRNGKey(config.seed),
                      sampler_state=fns.timestep_sampler.init())
-  checkpoint.save_config(config, workdir)
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=1, async_saves=False)
   checkpointer.save(converted.step, state, None, force=True)
   checkpointer.wait()
   checkpointer.close()
+  checkpoint.save_config(config, workdir)
   record = {**converted.source, "sha256": weightfiles.sha256(converted.source["path"]),
             "step": converted.step, "image_shape": list(converted.image_shape)}
-  with open(os.path.join(workdir, RECORD_FILE), "w") as f:
-    json.dump(record, f, indent=2, default=str)
+  with files.atomic_path(os.path.join(workdir, RECORD_FILE)) as temporary:
+    with open(temporary, "w") as f:
+      json.dump(record, f, indent=2, default=str)
   return record
 
 
