@@ -6,15 +6,19 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from benchmarks import peers
-from diffusion_jax import convert
+from configs import digits
+from diffusion_jax import convert, train
 from diffusion_jax.convert import ConvertError
 from diffusion_jax.models import unet
+from diffusion_jax.train import checkpoint
+from diffusion_jax.train.inference import load_ema_for_sampling
 
 peers.import_torchvision()  # diffusers imports torchvision; the CPU torch needs the shim
 from diffusers import UNet2DModel  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -155,18 +159,40 @@ def test_scheduler_betas_other_than_ours_are_refused(tmp_path):
     convert.convert(str(tmp_path))
 
 
-def test_launch_evaluate_accepts_a_converted_workdir(tmp_path):
-  """A converted digits-shaped model (8x8 grayscale) through launch.evaluate's NLL, as our runs."""
+def digits_shaped_workdir(tmp_path, step: int) -> str:
+  """A random 8x8 grayscale UNet2DModel (the digits' shape) converted into a workdir."""
   config = dict(NARROW, sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32),
                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
   save_model(config, tmp_path / "hub")
-  workdir = tmp_path / "converted"
-  convert.write_workdir(convert.convert(str(tmp_path / "hub"), step=7), str(workdir))
+  workdir = str(tmp_path / "converted")
+  convert.write_workdir(convert.convert(str(tmp_path / "hub"), step=step), workdir)
+  return workdir
+
+
+def test_launch_evaluate_accepts_a_converted_workdir(tmp_path):
+  """A converted digits-shaped model through launch.evaluate's NLL, as our runs."""
+  workdir = digits_shaped_workdir(tmp_path, step=7)
   result = subprocess.run(
       [sys.executable, "-m", "launch.evaluate", "--config=configs/eval/digits.py:smoke",
        f"--workdir={workdir}", "--config.metrics=nll"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads((workdir / "eval" / "digits-step7" / "report.json").read_text())
+  report = json.loads(open(os.path.join(workdir, "eval", "digits-step7", "report.json")).read())
   assert report["checkpoint_step"] == 7 and np.isfinite(report["nll"]["bpd"])
+
+
+def test_training_continues_from_a_converted_workdir(tmp_path):
+  """Fine-tuning: the converted checkpoint (no data position saved) is restored and trained on."""
+  workdir = digits_shaped_workdir(tmp_path, step=7)
+  config = checkpoint.load_config(workdir)
+  config.data = digits.get_config("smoke").data
+  config.optim.warmup_steps = 0
+  config.train.update(batch_size=8, num_steps=9, log_every=1, sample_every=0, num_samples=4,
+                      sample_steps=2)
+  converted = load_ema_for_sampling(workdir)
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 9
+  changes = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(state.params),
+                         jax.device_get(converted.params))
+  assert 0 < max(jax.tree.leaves(changes)) < 0.1  # trained from the converted weights

@@ -6,6 +6,7 @@ tests/data/*.npz hold what the original PyTorch code computed on random weights
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import torch
 
 from diffusion_jax import convert, weightfiles
 from diffusion_jax.convert import ConvertError, openai_flags
+from diffusion_jax.convert.converted import typed_flags
 from diffusion_jax.models import unet
 from diffusion_jax.train.experiment import DiffusionConfig
 
@@ -111,9 +113,12 @@ def test_flags_that_disagree_with_the_tensors_are_named():
 def test_readme_flags_and_presets():
   flags = convert.parse_source_flags("--image_size 32 --learn_sigma True --dropout=0.3".split())
   assert flags == dict(image_size="32", learn_sigma="True", dropout="0.3")
-  assert openai_flags.typed_flags(flags) == dict(image_size=32, learn_sigma=True, dropout=0.3)
-  with pytest.raises(ConvertError, match="unknown improved/guided-diffusion flag"):
-    openai_flags.typed_flags({"imagesize": "32"})
+  assert typed_flags(flags, openai_flags.FLAG_TYPES, "openai") == dict(
+      image_size=32, learn_sigma=True, dropout=0.3)
+  with pytest.raises(ConvertError, match=re.escape("guided-diffusion flag(s) ['imagesize']")):
+    convert.convert(os.path.join(DATA, "iddpm_small.pt"), "improved_diffusion", imagesize="32")
+  with pytest.raises(ConvertError, match="learn_sigma='maybe'"):
+    convert.convert(os.path.join(DATA, "iddpm_small.pt"), "improved_diffusion", learn_sigma="maybe")
   with pytest.raises(ConvertError, match="expected --name value"):
     convert.parse_source_flags(["--image_size"])
   preset = openai_flags.preset_flags("improved", "cifar10_uncond_50M_500K")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
@@ -73,3 +73,17 @@ def check_choice(value: Any, known: Mapping[Any, Any] | tuple, what: str, origin
   if value not in known:
     raise ConvertError(f"{origin}: unsupported {what} {value!r}; supported: {list(known)}")
   return known[value] if isinstance(known, Mapping) else value
+
+
+def typed_flags(flags: Mapping[str, Any], types: Mapping[str, Callable[[Any], Any]],
+                source: str) -> dict[str, Any]:
+  """`flags` in their types (strings too, as on a command line); an unknown or bad flag is named."""
+  if unknown := sorted(set(flags) - set(types)):
+    raise ConvertError(f"unknown {source} flag(s) {unknown}; known: {sorted(types)}")
+  typed = {}
+  for name, value in flags.items():
+    try:
+      typed[name] = types[name](value)
+    except ValueError as e:
+      raise ConvertError(f"{source} flag {name}={value!r}: {e}") from None
+  return typed

@@ -23,7 +23,8 @@ from typing import Any
 
 from diffusion_jax import weightfiles
 from diffusion_jax.convert import mapping
-from diffusion_jax.convert.converted import Converted, build_params, check_choice, resolutions
+from diffusion_jax.convert.converted import (Converted, build_params, check_choice, resolutions,
+                                             typed_flags)
 from diffusion_jax.convert.mapping import ConvertError, Rules, StateDict
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -71,11 +72,10 @@ FLAG_TYPES: dict[str, type] = dict(step=int, dataset=str)
 
 def convert(path: str, preset: str | None = None, flags: dict | None = None) -> Converted:
   """Converts the UNet2DModel in directory `path` (a model or a pipeline directory)."""
-  flags = flags or {}
-  if preset or set(flags) - set(FLAG_TYPES):
-    raise ConvertError(f"{path}: a diffusers directory takes no preset and no flags but"
-                       f" {sorted(FLAG_TYPES)} (got {preset!r}, {sorted(flags)}); its config.json"
-                       " says the rest")
+  if preset:
+    raise ConvertError(f"{path}: a diffusers directory takes no preset (got {preset!r}): its"
+                       " config.json says everything")
+  flags = typed_flags(flags or {}, FLAG_TYPES, "diffusers")
   model_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
   config = read_unet_config(model_dir)
   weights = _weight_file(model_dir)
@@ -85,8 +85,8 @@ def convert(path: str, preset: str | None = None, flags: dict | None = None) -> 
   return Converted(
       model=model, diffusion=read_scheduler(path, model_dir, learned=model["learn_sigma"]),
       image_shape=image_shape, params=build_params(model, image_shape, rules, state),
-      step=int(flags.get("step", 0)), source={"format": "diffusers", "path": weights},
-      dataset=str(flags.get("dataset", "")))
+      step=flags.get("step", 0), source={"format": "diffusers", "path": weights},
+      dataset=flags.get("dataset", ""))
 
 
 def read_unet_config(model_dir: str) -> dict[str, Any]:

@@ -4,8 +4,6 @@ Flag names, types and defaults are those of each repo's script_util.py
 (`model_and_diffusion_defaults`); PRESETS are the MODEL_FLAGS and
 DIFFUSION_FLAGS their READMEs give for each released checkpoint, plus the
 training step the file name states and the training data's TFDS name.
-
-    flags = typed_flags({"image_size": "32", "learn_sigma": "True"})  # as on a command line
 """
 
 from __future__ import annotations
@@ -102,17 +100,3 @@ def preset_flags(repo: str, preset: str | None) -> dict[str, Any]:
 def repo_of_preset(preset: str) -> str | None:
   """"improved" or "guided" when `preset` names a released checkpoint of that repo, else None."""
   return next((repo for repo, presets in PRESETS.items() if preset in presets), None)
-
-
-def typed_flags(flags: dict[str, Any]) -> dict[str, Any]:
-  """Flags in their types (strings too, as on a command line); an unknown flag is an error."""
-  if unknown := sorted(set(flags) - set(FLAG_TYPES)):
-    raise ConvertError(f"unknown improved/guided-diffusion flag(s) {unknown};"
-                       f" known: {sorted(FLAG_TYPES)}")
-  typed = {}
-  for name, value in flags.items():
-    try:
-      typed[name] = FLAG_TYPES[name](value)
-    except ValueError as e:
-      raise ConvertError(f"flag {name}: {e}") from None
-  return typed

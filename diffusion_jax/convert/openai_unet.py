@@ -28,9 +28,9 @@ from typing import Any
 
 from diffusion_jax import weightfiles
 from diffusion_jax.convert import mapping
-from diffusion_jax.convert.converted import Converted, build_params, resolutions
+from diffusion_jax.convert.converted import Converted, build_params, resolutions, typed_flags
 from diffusion_jax.convert.mapping import ConvertError, Rules, StateDict
-from diffusion_jax.convert.openai_flags import REPO_DEFAULTS, preset_flags, typed_flags
+from diffusion_jax.convert.openai_flags import FLAG_TYPES, REPO_DEFAULTS, preset_flags
 
 _RES_NAMES = dict(norm1="in_layers.0", conv1="in_layers.2", emb_proj="emb_layers.1",
                   norm2="out_layers.0", conv2="out_layers.3", skip="skip_connection")
@@ -41,7 +41,8 @@ _STEP_IN_NAME = re.compile(r"(?:^model|^ema_[0-9.]+_)(\d+)\.pt$")
 def convert(path: str, repo: str, preset: str | None = None, flags: dict | None = None,
             state: StateDict | None = None) -> Converted:
   """Converts an improved-diffusion (repo "improved") or guided-diffusion ("guided") checkpoint."""
-  given = {**preset_flags(repo, preset), **typed_flags(flags or {})}
+  given = {**preset_flags(repo, preset),
+           **typed_flags(flags or {}, FLAG_TYPES, "improved/guided-diffusion")}
   options = {**REPO_DEFAULTS[repo], **given}
   state = state or StateDict(weightfiles.load(path), path)
   arch = read_architecture(state)

@@ -22,7 +22,8 @@ from typing import Any
 
 from diffusion_jax import weightfiles
 from diffusion_jax.convert import mapping
-from diffusion_jax.convert.converted import Converted, build_params, check_choice, resolutions
+from diffusion_jax.convert.converted import (Converted, build_params, check_choice, resolutions,
+                                             typed_flags)
 from diffusion_jax.convert.mapping import ConvertError, Rules, StateDict
 
 FLAG_TYPES: dict[str, Any] = dict(resolution=int, dropout=float, model_var_type=str, step=int,
@@ -45,10 +46,7 @@ def convert(path: str, preset: str | None = None, flags: dict | None = None,
   """Converts a pytorch_diffusion `Model` state dict (e.g. model-790000.ckpt of ema_cifar10)."""
   if preset is not None:
     check_choice(preset, tuple(PRESETS), "pytorch_diffusion preset", path)
-  if unknown := sorted(set(flags or {}) - set(FLAG_TYPES)):
-    raise ConvertError(f"unknown pytorch_diffusion flag(s) {unknown}; known: {sorted(FLAG_TYPES)}")
-  given = {**PRESETS.get(preset, {}),
-           **{k: FLAG_TYPES[k](v) for k, v in (flags or {}).items()}}
+  given = {**PRESETS.get(preset, {}), **typed_flags(flags or {}, FLAG_TYPES, "pytorch_diffusion")}
   if "resolution" not in given:
     raise ConvertError(f"{path}: the checkpoint does not tell the image size: pass resolution"
                        f" (or a preset, one of {sorted(PRESETS)})")
