@@ -107,9 +107,9 @@ def conv(target: str, source: str) -> Rules:
           _path(target, "bias"): (f"{source}.bias", SAME)}
 
 
-def linear(target: str, source: str, trailing: int = 0) -> Rules:
-  """A Linear (or 1x1 conv) onto a Flax nn.Dense."""
-  return {_path(target, "kernel"): (f"{source}.weight", dense(trailing=trailing)),
+def linear(target: str, source: str) -> Rules:
+  """A Linear onto a Flax nn.Dense."""
+  return {_path(target, "kernel"): (f"{source}.weight", dense()),
           _path(target, "bias"): (f"{source}.bias", SAME)}
 
 
