@@ -124,7 +124,7 @@ def test_digits_classifier_is_accurate_on_held_out_digits():
   test = sources.digits_source("test")
   logits = digits_classifier.digits_features(digits_classifier.load_or_train(),
                                              test.images)["logits"]
-  assert np.mean(logits.argmax(1) == test.labels) > 0.85  # chance is 0.1
+  assert np.mean(logits.argmax(1) == test.labels) > 0.9  # measured 0.99; chance is 0.1
 
 
 # ----------------------------------------------------------------------------- bad input
