@@ -5,7 +5,15 @@
 As configs/cifar10_iddpm.py with the 64x64 model (channel multipliers
 1,2,3,4; 121M params), no dropout, 1.5M steps, on TFDS's
 imagenet_resized/64x64 (prepare it with `tfds build` first; ImageNet needs a
-manual download).
+manual download). Like improved-diffusion, it does not clip gradients
+(inherited from configs/cifar10_iddpm.py).
+
+Where this differs from the improved-diffusion code, and why:
+- num_steps=1.5M: the code trains until stopped; 1.5M is the paper's
+  ImageNet 64x64 training length.
+- Data: TFDS's imagenet_resized/64x64, the one downsampled ImageNet TFDS
+  builds; its resizing may differ from the paper's downsampled ImageNet.
+- Sample grids with DDIM, 100 steps: monitoring only.
 """
 
 import ml_collections

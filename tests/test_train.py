@@ -61,6 +61,8 @@ def test_paper_configs_keep_the_papers_settings():
   iddpm = cifar10_iddpm.get_config()
   assert (iddpm.diffusion.schedule, iddpm.diffusion.num_timesteps, iddpm.diffusion.loss,
           iddpm.diffusion.var_type) == ("cosine", 4000, "hybrid", "learned_range")
+  assert ho.optim.grad_clip == 1.0  # the DDPM code clips; improved-diffusion only logs the norm
+  assert iddpm.optim.grad_clip == imagenet64_iddpm.get_config().optim.grad_clip == 0.0
   assert celebahq256_ddpm.get_config().optim.lr == 2e-5
 
 
