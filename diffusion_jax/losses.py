@@ -112,29 +112,54 @@ class LossTerms(NamedTuple):
   vb: jax.Array  # L_t in bits/dim (0 for L_simple)
 
 
+def min_snr_weights(spec: ModelSpec, schedule: Schedule, t, gamma: float) -> jax.Array:
+  """Min-SNR-gamma weights of the MSE at timesteps t [B] (Hang et al. 2023): [B].
+
+  With SNR_t = abar_t / (1 - abar_t), the x_0-space weight min(SNR_t, gamma)
+  written for the network's target, whose MSE is SNR_t (epsilon) or
+  SNR_t + 1 (v) times the x_0 one:
+    epsilon: min(SNR_t, gamma) / SNR_t
+    v:       min(SNR_t, gamma) / (SNR_t + 1)
+    x0:      min(SNR_t, gamma), the paper's definition itself
+  so all three minimise the same objective.
+  """
+  snr = 1.0 / jnp.square(schedule.sqrt_recipm1_alphas_cumprod[t])  # float64-exact terms
+  clipped = jnp.minimum(snr, gamma)
+  if spec.mean_type is diffusion.MeanType.EPSILON:
+    return clipped / snr
+  if spec.mean_type is diffusion.MeanType.V:
+    return clipped / (snr + 1.0)
+  return clipped
+
+
 def training_losses(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, loss_type,
-                    x_start, t, noise) -> LossTerms:
+                    x_start, t, noise, *, min_snr_gamma: float | None = None) -> LossTerms:
   """The per-example training loss at timesteps t [B] for noise eps [B, H, W, C].
 
   L_hybrid = L_simple + lambda * L_vlb (Improved DDPM sec. 3.1) with
   L_vlb estimated as T * L_t, i.e. L_t * T / 1000 for lambda = 0.001, and
   the mean's gradient stopped in the bound term, so that L_vlb trains only
-  the variance.
+  the variance. With `min_snr_gamma`, the MSE term of the loss is weighted by
+  `min_snr_weights` (the returned `mse` stays unweighted, for logging).
   """
   loss_type = diffusion.parse_enum(LossType, loss_type, "loss_type")
   _check_loss_fits(loss_type, spec)
+  if min_snr_gamma is not None and loss_type is LossType.VLB:
+    raise ValueError("min-SNR weighting weights the MSE, which loss 'vlb' does not use.")
   x_t = diffusion.q_sample(schedule, x_start, t, noise)
   output = model_fn(x_t, t)
   mean_output, var_output = diffusion.split_output(spec, output)
   target = diffusion.mean_target(spec, schedule, x_start, t, noise)
   mse = mean_flat(jnp.square(target - mean_output))
+  weighted_mse = mse if min_snr_gamma is None else (
+      min_snr_weights(spec, schedule, t, min_snr_gamma) * mse)
   num_timesteps = schedule.num_timesteps
   if loss_type is LossType.SIMPLE:
-    return LossTerms(mse, mse, jnp.zeros_like(mse))
+    return LossTerms(weighted_mse, mse, jnp.zeros_like(mse))
   if loss_type is LossType.HYBRID:
     frozen = jnp.concatenate([jax.lax.stop_gradient(mean_output), var_output], axis=-1)
     vb = vb_term_bits(spec, schedule, frozen, x_start, x_t, t)
-    return LossTerms(mse + HYBRID_LAMBDA * num_timesteps * vb, mse, vb)
+    return LossTerms(weighted_mse + HYBRID_LAMBDA * num_timesteps * vb, mse, vb)
   vb = vb_term_bits(spec, schedule, output, x_start, x_t, t)
   return LossTerms(num_timesteps * vb, mse, vb)
 

@@ -81,14 +81,45 @@ def test_hybrid_bound_does_not_reach_the_mean():
   assert abs(float(vlb_grads["a"] - mse_grads["a"])) > 1e-3  # L_vlb alone reaches the mean
 
 
-def test_hybrid_scales_vlb_by_lambda_times_T():
+@pytest.mark.parametrize("num_timesteps", [1000, 4000])  # lambda T = 1 and 4
+def test_hybrid_scales_vlb_by_lambda_times_T(num_timesteps):
   spec = ModelSpec(var_type="learned_range")
   x0 = jax.random.uniform(jax.random.key(0), (3, 2, 2, 1), minval=-1, maxval=1)
   noise = jnp.zeros_like(x0)
   t = jnp.array([10, 20, 30])
   model = lambda x_t, t: jnp.concatenate([x_t, jnp.zeros_like(x_t)], -1)
-  terms = losses.training_losses(model, spec, SCHED, "hybrid", x0, t, noise)
-  np.testing.assert_allclose(terms.loss, terms.mse + 0.001 * 1000 * terms.vb, rtol=1e-6)
+  schedule = schedules.get_schedule("cosine", num_timesteps)
+  terms = losses.training_losses(model, spec, schedule, "hybrid", x0, t, noise)
+  assert np.all(terms.vb > 0)
+  np.testing.assert_allclose(terms.loss, terms.mse + 0.001 * num_timesteps * terms.vb, rtol=1e-6)
+
+
+# Independent of the library: SNR_t = abar_t / (1 - abar_t) of Ho et al.'s linear betas, float64.
+ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+MIN_SNR_FORMULA = {  # Hang et al. 2023 for each target, gamma = 5
+    "epsilon": lambda snr: np.minimum(snr, 5.0) / snr,
+    "v": lambda snr: np.minimum(snr, 5.0) / (snr + 1.0),
+    "x0": lambda snr: np.minimum(snr, 5.0),
+}
+
+
+@pytest.mark.parametrize("mean_type", sorted(MIN_SNR_FORMULA))
+def test_min_snr_weights_follow_the_formula(mean_type):
+  t = np.array([0, 50, 150, 300, 999])  # SNR from ~1e4 through gamma = 5 to ~4e-5
+  snr = ABAR[t] / (1.0 - ABAR[t])
+  assert snr[1] > 5.0 > snr[2]
+  spec = ModelSpec(mean_type=mean_type)
+  weights = losses.min_snr_weights(spec, SCHED, jnp.asarray(t), 5.0)
+  np.testing.assert_allclose(weights, MIN_SNR_FORMULA[mean_type](snr), rtol=1e-5)
+
+  x0 = jax.random.uniform(jax.random.key(0), (5, 2, 2, 1), minval=-1, maxval=1)
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  model = lambda x_t, t: 0.5 * x_t
+  terms = losses.training_losses(model, spec, SCHED, "simple", x0, jnp.asarray(t), noise,
+                                 min_snr_gamma=5.0)
+  np.testing.assert_allclose(terms.loss, weights * terms.mse, rtol=1e-6)
+  with pytest.raises(ValueError, match="'vlb' does not use"):
+    losses.training_losses(model, spec, SCHED, "vlb", x0, jnp.asarray(t), noise, min_snr_gamma=5.0)
 
 
 def test_loss_type_must_fit_the_variance():

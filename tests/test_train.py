@@ -163,6 +163,9 @@ def test_unfinished_checkpoint_is_never_restored(tmp_path):
     ("optim", "lr_decay", 0.1, "optim.lr_decay"),
     ("diffusion", "loss", "l1", "diffusion.loss 'l1'"),
     ("diffusion", "schedule", "cosin", "diffusion.schedule 'cosin'"),
+    ("diffusion", "loss_weighting", "snr", "diffusion.loss_weighting 'snr'"),
+    ("diffusion", "min_snr_gamma", 0.0, "diffusion.min_snr_gamma must be positive"),
+    ("train", "grad_accum_steps", 0, "train.grad_accum_steps must be positive"),
     ("data", "source", "imagenet", "imagenet"),
     ("model", "name", "ddpm_cifar100", "ddpm_cifar10"),
     ("model", "chh", 4, "chh"),
@@ -210,3 +213,44 @@ def test_bfloat16_compute_keeps_float32_parameters():
   assert np.all(np.isfinite(history))
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
   assert {x.dtype for x in jax.tree.leaves(state.ema_params)} == {np.dtype("float32")}
+
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+  def one_step(grad_accum_steps):
+    config = _tiny_digits(batch_size=32, grad_accum_steps=grad_accum_steps)
+    config.diffusion.timestep_sampler = "loss_aware"
+    config.optim.warmup_steps = 0  # else the first step's learning rate is 0
+    exp = train.build(config)
+    mesh = parallel.make_mesh()
+    state, shardings = loop.create_state(exp, mesh, 0)
+    batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
+    state, step_metrics = loop.compile_train_step(exp, shardings, mesh)(
+        state, data.make_global_batch(batch, parallel.batch_sharding(mesh)))
+    return state, train.compute_metrics(step_metrics)
+
+  (whole, whole_metrics), (accumulated, metrics) = one_step(1), one_step(4)
+  # The gradient's norm catches a sum instead of a mean, which Adam's first step would hide.
+  np.testing.assert_allclose(metrics["grad_norm"], whole_metrics["grad_norm"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=1e-5)
+  _assert_trees_equal(_params(whole), _params(accumulated), rtol=1e-5, atol=1e-6)
+  history = jax.device_get(accumulated.sampler_state)
+  assert int(history.counts.sum()) == 32  # every example's loss, not one microbatch's
+  _assert_trees_equal(jax.device_get(whole.sampler_state), history, rtol=1e-5, atol=0)
+
+
+def test_label_dropout_defaults_to_the_model_and_is_refused_without_labels():
+  unconditional = _tiny_digits()
+  assert train.build(unconditional).step_fns().label_dropout == 0.0
+  unconditional.train.label_dropout = 0.1
+  with pytest.raises(ValueError, match="train.label_dropout=0.1 needs a class-conditional"):
+    train.build(unconditional)
+  conditional = _tiny_digits()
+  conditional.model.num_classes = 10
+  assert train.build(conditional).step_fns().label_dropout == 0.1
+  conditional.train.label_dropout = 0.0
+  assert train.build(conditional).step_fns().label_dropout == 0.0
+  conditional.train.update(label_dropout=1.0)
+  with pytest.raises(ValueError, match="train.label_dropout must be in"):
+    train.build(conditional)
+  with pytest.raises(ValueError, match="train.grad_accum_steps=3 does not divide"):
+    train.build(_tiny_digits(grad_accum_steps=3))

@@ -22,6 +22,9 @@ from diffusion_jax.train import optimizer
 from diffusion_jax.train.step import StepFns, TrainState
 
 
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DiffusionConfig:
   """The process and its parameterisation (Ho et al. 2020; Improved DDPM)."""
@@ -34,10 +37,20 @@ class DiffusionConfig:
   timestep_sampler: str = "uniform"  # uniform or loss_aware (Improved DDPM sec. 3.3)
   clip_x0: bool = True  # clip predicted x_0 to [-1, 1] when sampling
   rescale_timesteps: bool = False  # feed the network t * 1000 / T (Improved DDPM's code)
+  loss_weighting: str = "none"  # "none", or "min_snr": Hang et al. 2023 (docs/training.md)
+  min_snr_gamma: float = 5.0  # gamma of "min_snr", the paper's choice
 
   def __post_init__(self):
-    parse_enum(losses.LossType, self.loss, "diffusion.loss")
+    loss = parse_enum(losses.LossType, self.loss, "diffusion.loss")
     self.spec  # checks mean_type and var_type
+    if self.loss_weighting not in LOSS_WEIGHTINGS:
+      raise ValueError(f"Unknown diffusion.loss_weighting {self.loss_weighting!r}; known:"
+                       f" {list(LOSS_WEIGHTINGS)}.")
+    if self.loss_weighting == "min_snr" and loss is losses.LossType.VLB:
+      raise ValueError("diffusion.loss_weighting 'min_snr' weights the MSE, which diffusion.loss"
+                       " 'vlb' does not use.")
+    if self.min_snr_gamma <= 0:
+      raise ValueError(f"diffusion.min_snr_gamma must be positive, got {self.min_snr_gamma}.")
     for key, known in (("schedule", schedules.BETA_SCHEDULES),
                        ("timestep_sampler", losses.TIMESTEP_SAMPLERS)):
       if getattr(self, key) not in known:
@@ -46,6 +59,11 @@ class DiffusionConfig:
   @property
   def spec(self) -> ModelSpec:
     return ModelSpec(self.mean_type, self.var_type, self.clip_x0)
+
+  @property
+  def snr_gamma(self) -> float | None:
+    """The gamma of min-SNR weighting, or None without it (losses.training_losses' argument)."""
+    return self.min_snr_gamma if self.loss_weighting == "min_snr" else None
 
   def network_timesteps(self, t: jax.Array) -> jax.Array:
     """The timesteps the network sees for diffusion timesteps t [B].
@@ -57,6 +75,9 @@ class DiffusionConfig:
     if not self.rescale_timesteps:
       return t
     return jnp.asarray(t, jnp.float32) * (1000.0 / self.num_timesteps)
+
+
+DEFAULT_LABEL_DROPOUT = 0.1  # p_uncond; Ho & Salimans 2022 find 0.1 or 0.2 best
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,10 +98,15 @@ class TrainConfig:
   eval_every: int = 0  # steps between sample-quality evaluations (train/periodic_eval.py); 0 = none
   eval_num_samples: int = 2000  # samples per evaluation: a biased but comparable curve
   eval_metric: str = "fid"  # "fid" (needs $DIFFUSION_JAX_INCEPTION_WEIGHTS) or "fd_digits"
+  grad_accum_steps: int = 1  # microbatches per optimizer step (batch_size / k images each)
+  # Classifier-free guidance's p_uncond (Ho & Salimans 2022): the probability of training a
+  # label as the null label. None: DEFAULT_LABEL_DROPOUT for class-conditional models, else 0.
+  label_dropout: float | None = None
 
   def __post_init__(self):
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "num_samples", "sample_steps", "model_parallelism", "eval_num_samples"):
+                 "num_samples", "sample_steps", "model_parallelism", "eval_num_samples",
+                 "grad_accum_steps"):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}.")
     if self.eval_every < 0:
@@ -92,6 +118,21 @@ class TrainConfig:
       raise ValueError(f"Unknown train.sampler {self.sampler!r}; known: {sorted(sampling.SAMPLERS)}.")
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
+    if self.batch_size % self.grad_accum_steps:
+      raise ValueError(f"train.grad_accum_steps={self.grad_accum_steps} does not divide"
+                       f" train.batch_size={self.batch_size}.")
+    if self.label_dropout is not None and not 0.0 <= self.label_dropout < 1.0:
+      raise ValueError(f"train.label_dropout must be in [0, 1), got {self.label_dropout}.")
+
+  def p_uncond(self, class_conditional: bool) -> float:
+    """label_dropout for a model that is class-conditional or not; set for an unconditional
+    model, it is an error."""
+    if self.label_dropout is None:
+      return DEFAULT_LABEL_DROPOUT if class_conditional else 0.0
+    if self.label_dropout and not class_conditional:
+      raise ValueError(f"train.label_dropout={self.label_dropout} needs a class-conditional"
+                       " model (model.num_classes); this one is unconditional.")
+    return self.label_dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +179,10 @@ class Experiment:
         timestep_sampler=losses.get_timestep_sampler(self.diffusion.timestep_sampler,
                                                      self.diffusion.num_timesteps),
         ema_decay=self.train.ema_decay,
-        class_conditional=self.num_classes is not None)
+        num_classes=self.num_classes,
+        label_dropout=self.train.p_uncond(self.num_classes is not None),
+        min_snr_gamma=self.diffusion.snr_gamma,
+        grad_accum_steps=self.train.grad_accum_steps)
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """A fresh TrainState; jit it with out_shardings to create it sharded."""
@@ -166,11 +210,12 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> 
   spec = diffusion_config.spec
   model = models.get_model(dict(config.model)) if model is None else model
   _check_model_output(model, spec, image_shape)
+  train_config = from_mapping(TrainConfig, config.train, "train")
+  train_config.p_uncond(getattr(model, "num_classes", None) is not None)  # checks label_dropout
   return Experiment(
       config=config, model=model, diffusion=diffusion_config,
       schedule=schedules.get_schedule(diffusion_config.schedule, diffusion_config.num_timesteps),
-      optim=optimizer.OptimConfig.from_mapping(config.optim),
-      train=from_mapping(TrainConfig, config.train, "train"),
+      optim=optimizer.OptimConfig.from_mapping(config.optim), train=train_config,
       data=data_config, image_shape=image_shape)
 
 

@@ -60,7 +60,12 @@ class StepFns:
   loss_type: losses.LossType
   timestep_sampler: Any  # losses.UniformSampler | losses.LossAwareSampler
   ema_decay: float
-  class_conditional: bool
+  # Labels 0..num_classes-1, and num_classes the null label of classifier-free guidance;
+  # None: an unconditional model.
+  num_classes: int | None = None
+  label_dropout: float = 0.0  # p_uncond: probability of training a label as the null label
+  min_snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE; None: unweighted
+  grad_accum_steps: int = 1  # microbatches per optimizer update
 
 
 def _average(values, mask=None):
@@ -79,28 +84,86 @@ def _metrics(fns: StepFns, terms: losses.LossTerms, t, grad_norm, step) -> Train
       **per_quarter)
 
 
+def drop_labels(labels: jax.Array, key: jax.Array, p_uncond: float,
+                null_label: int) -> jax.Array:
+  """Each label [B] replaced by `null_label` with probability p_uncond (Ho & Salimans 2022, Alg. 1).
+
+  Trains the unconditional branch that classifier-free guidance samples with.
+  """
+  return jnp.where(jax.random.bernoulli(key, p_uncond, labels.shape), null_label, labels)
+
+
+def split_microbatches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...], microbatch j holding examples j, j+k, j+2k, ...
+
+  Strided rather than contiguous so that each microbatch keeps the batch's
+  split over the "data" axis: every device works on every microbatch.
+  """
+  return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def merge_microbatches(x: jax.Array) -> jax.Array:
+  """The inverse of `split_microbatches`: [k, B/k, ...] -> [B, ...] in the batch's order."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def _grads(params, examples, dropout_key, fns: StepFns):
+  """-> (gradient of mean(weights * loss), per-example LossTerms) on (x_0, t, eps, weights, y)."""
+  x_start, t, noise, weights, labels = examples
+
+  def loss_fn(params):
+    def model_fn(x_t, t):
+      return fns.apply(params, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
+    terms = losses.training_losses(model_fn, fns.spec, fns.schedule, fns.loss_type,
+                                   x_start, t, noise, min_snr_gamma=fns.min_snr_gamma)
+    return jnp.mean(terms.loss * weights), terms
+
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return grads, terms
+
+
+def _accumulated_grads(params, examples, dropout_key, fns: StepFns):
+  """`_grads` averaged over fns.grad_accum_steps microbatches of `examples`, in one lax.scan.
+
+  Equal microbatches make the mean of their mean losses the batch's mean loss,
+  so the update equals one step on the whole batch; the terms come back [B].
+  """
+  k = fns.grad_accum_steps
+  if k == 1:
+    return _grads(params, examples, dropout_key, fns)
+
+  def accumulate(grad_sum, index_and_microbatch):
+    index, microbatch = index_and_microbatch
+    grads, terms = _grads(params, microbatch, jax.random.fold_in(dropout_key, index), fns)
+    return jax.tree.map(jnp.add, grad_sum, grads), terms
+
+  microbatches = jax.tree.map(lambda x: split_microbatches(x, k), examples)
+  grad_sum, terms = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
+                                 (jnp.arange(k), microbatches))
+  return jax.tree.map(lambda g: g / k, grad_sum), jax.tree.map(merge_microbatches, terms)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
                ) -> tuple[TrainState, TrainMetrics]:
   """One optimizer step on batch {"image": [B, H, W, C] in [-1, 1], "label": int [B]}.
 
   Pure, with no host sync: jit it with `fns` closed over (see `loop.compile_train_step`).
   The loss is Ho et al. eq. 14 (simple), or Improved DDPM's hybrid or vlb,
-  weighted by the timestep sampler's importance weights.
+  weighted by the timestep sampler's importance weights. t, the noise and the
+  dropped labels are drawn for the whole batch, then the gradient is
+  accumulated over fns.grad_accum_steps microbatches, and the timestep sampler
+  sees every example's loss.
   """
   x_start = batch["image"]
-  labels = batch["label"] if fns.class_conditional else None
-  t_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+  t_key, noise_key, dropout_key, label_key = jax.random.split(
+      jax.random.fold_in(state.rng, state.step), 4)
   t, weights = fns.timestep_sampler.sample(state.sampler_state, t_key, x_start.shape[0])
   noise = jax.random.normal(noise_key, x_start.shape, x_start.dtype)
-
-  def loss_fn(params):
-    def model_fn(x_t, t):
-      return fns.apply(params, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
-    terms = losses.training_losses(model_fn, fns.spec, fns.schedule, fns.loss_type,
-                                   x_start, t, noise)
-    return jnp.mean(terms.loss * weights), terms
-
-  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  labels = batch["label"] if fns.num_classes is not None else None
+  if fns.label_dropout:
+    labels = drop_labels(labels, label_key, fns.label_dropout, null_label=fns.num_classes)
+  grads, terms = _accumulated_grads(state.params, (x_start, t, noise, weights, labels),
+                                    dropout_key, fns)
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - fns.ema_decay)
