@@ -14,6 +14,11 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def grid_columns(num_images: int) -> int:
+  """The columns of a grid of `num_images` by default: ceil(sqrt(N))."""
+  return math.ceil(math.sqrt(num_images))
+
+
 def make_image_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2) -> np.ndarray:
   """Tiles uint8 [N, H, W, C] into one [rows*(H+p)+p, ncols*(W+p)+p, C] image, row by row.
 
@@ -24,7 +29,7 @@ def make_image_grid(images: np.ndarray, ncols: int | None = None, padding: int =
     raise ValueError("Expected uint8 images [N, H, W, C] with C in (1, 3, 4), got "
                      f"{images.dtype} {images.shape}.")
   n, h, w, c = images.shape
-  ncols = ncols or math.ceil(math.sqrt(n))
+  ncols = ncols or grid_columns(n)
   nrows = math.ceil(n / ncols)
   grid = np.zeros((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c), np.uint8)
   for k, image in enumerate(images):

@@ -353,12 +353,29 @@ def test_sample_to_files_resumes_to_the_uninterrupted_result(tmp_path):
 def test_batch_sampler_with_labels_and_guidance():
   calls = []
   conditional = toy_conditional_model(calls, learned_variance=False)
-  config = sampling.SamplerConfig("dpm_solver", steps=6, guidance_scale=2.0)
-  sample_batch = sampling.make_batch_sampler(
-      config, lambda params, x, t, y: conditional(x, t, y), ModelSpec(), SCHEDULE, (2, 2, 1),
-      batch_size=4, num_classes=10)
-  x = jit(sample_batch)({}, jax.random.key(0))
-  assert x.shape == (4, 2, 2, 1) and calls == [8] and np.all(np.abs(x) <= 1.0)
+  w, null, labels = 2.0, 10, np.array([0, 3, 7, 9])
+  config = sampling.SamplerConfig("dpm_solver", steps=6, guidance_scale=w)
+  spec = ModelSpec(clip_x0=False)  # values, not clipped ones, are compared
+  batch_sampler = functools.partial(sampling.make_batch_sampler, spec=spec, schedule=SCHEDULE,
+                                    image_shape=(2, 2, 1), batch_size=4, num_classes=10)
+  x = jit(batch_sampler(config, lambda params, x, t, y: conditional(x, t, y), labels=labels))(
+      {}, jax.random.key(0))
+  assert x.shape == (4, 2, 2, 1) and calls == [8]
+  # Ho & Salimans eq. 6 on the toy: (1 + w) toy(x, t, y) - w toy(x, t, null) is, written out,
+  # 0.5 x + t / T + 0.1 (y + w (y - null)); sampled without guidance, it must give the same x.
+  shift = 0.1 * (labels + w * (labels - null))[:, None, None, None]
+  closed_form = lambda params, x, t, y: 0.5 * x + t[:, None, None, None] / T + shift
+  unguided = sampling.SamplerConfig("dpm_solver", steps=6)
+  expected = jit(batch_sampler(unguided, closed_form, labels=labels))({}, jax.random.key(0))
+  np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+  conditional_only = jit(batch_sampler(unguided, lambda params, x, t, y: conditional(x, t, y),
+                                       labels=labels))({}, jax.random.key(0))
+  assert np.abs(x - conditional_only).min() > 0.1  # guidance moved every value
+  calls.clear()
+  random_labels = jit(batch_sampler(config, lambda params, x, t, y: conditional(x, t, y)))
+  assert random_labels({}, jax.random.key(0)).shape == (4, 2, 2, 1) and calls == [8]
+  with pytest.raises(ValueError, match=r"labels must be int \[batch_size=4\]"):
+    batch_sampler(config, conditional, labels=labels[:3])
   with pytest.raises(ValueError, match="class-conditional"):
     sampling.make_batch_sampler(config, None, ModelSpec(), SCHEDULE, (2, 2, 1), 4)
   with pytest.raises(ValueError, match="'ddim' only"):

@@ -11,12 +11,13 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import PartitionSpec as P
 
-from configs import celebahq256_ddpm, cifar10_ddpm, cifar10_iddpm, digits, imagenet64_iddpm
-from diffusion_jax import data, parallel, train
+from configs import (celebahq256_ddpm, cifar10_cond, cifar10_ddpm, cifar10_iddpm, digits,
+                     imagenet64_iddpm)
+from diffusion_jax import data, parallel, sampling, train
 from diffusion_jax.train import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_CONFIGS = [cifar10_ddpm, celebahq256_ddpm, cifar10_iddpm, imagenet64_iddpm]
+PAPER_CONFIGS = [cifar10_ddpm, celebahq256_ddpm, cifar10_iddpm, imagenet64_iddpm, cifar10_cond]
 
 
 def _tiny_digits(**train_overrides):
@@ -249,8 +250,35 @@ def test_label_dropout_defaults_to_the_model_and_is_refused_without_labels():
   assert train.build(conditional).step_fns().label_dropout == 0.1
   conditional.train.label_dropout = 0.0
   assert train.build(conditional).step_fns().label_dropout == 0.0
+  conditional.train.sample_guidance = 1.0
+  with pytest.raises(ValueError, match="train.label_dropout=0 leaves untrained"):
+    train.build(conditional)
   conditional.train.update(label_dropout=1.0)
   with pytest.raises(ValueError, match="train.label_dropout must be in"):
     train.build(conditional)
+  with pytest.raises(ValueError, match="train.sample_guidance=1.0 needs a class-conditional"):
+    train.build(_tiny_digits(sample_guidance=1.0))
   with pytest.raises(ValueError, match="train.grad_accum_steps=3 does not divide"):
     train.build(_tiny_digits(grad_accum_steps=3))
+
+
+def test_conditional_digits_train_with_guided_grids_one_class_per_row(tmp_path, monkeypatch):
+  config = digits.get_config("cond,smoke")
+  config.train.update(num_samples=9, num_steps=2)  # a 3x3 grid: digits 0, 1, 2 by rows
+  exp = train.build(config)
+  assert (exp.num_classes, exp.step_fns().label_dropout, exp.train.sample_guidance) == (10, 0.1, 1.0)
+  seen = {}
+  make_batch_sampler = sampling.make_batch_sampler
+
+  def spy(sampler_config, *args, labels=None, **kwargs):
+    seen.update(labels=labels, guidance=sampler_config.guidance_scale)
+    return make_batch_sampler(sampler_config, *args, labels=labels, **kwargs)
+
+  monkeypatch.setattr(sampling, "make_batch_sampler", spy)
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2 and os.path.exists(tmp_path / "samples" / "step_00000002.png")
+  np.testing.assert_array_equal(seen["labels"], [0, 0, 0, 1, 1, 1, 2, 2, 2])
+  assert seen["guidance"] == 1.0
+  np.testing.assert_array_equal(sampling.grid_labels(100, 10), np.repeat(np.arange(10), 10))
+  with pytest.raises(ValueError, match="'bad'"):
+    digits.get_config("cond,bad")

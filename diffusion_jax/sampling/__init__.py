@@ -4,7 +4,8 @@
     images = sampling.ddim_sample(model_fn, spec, steps, key, (16, 32, 32, 3), eta=0.0)
 """
 
-from diffusion_jax.sampling.generate import SamplerConfig, make_batch_sampler, sample_to_files
+from diffusion_jax.sampling.generate import (SamplerConfig, grid_labels, make_batch_sampler,
+                                             sample_to_files)
 from diffusion_jax.sampling.guidance import classifier_free_guidance
 from diffusion_jax.sampling.loop import (SamplingSchedule, Trajectory, logsnr_respaced,
                                          respaced)
@@ -22,6 +23,7 @@ __all__ = [
     "ddpm_sample",
     "dpm_solver_sample",
     "get_sampler",
+    "grid_labels",
     "logsnr_respaced",
     "make_batch_sampler",
     "respaced",

@@ -9,6 +9,7 @@ import os
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -45,16 +46,20 @@ class SamplerConfig:
 
 def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec,
                        schedule: Schedule, image_shape, batch_size: int, *,
-                       num_classes: int | None = None):
+                       num_classes: int | None = None, labels=None):
   """A pure `sample_batch(params, key) -> float32 [batch_size, H, W, C]` in [-1, 1].
 
   `config.steps` are spaced uniformly in time for "ddpm" and "ddim", and in
   log-SNR for "dpm_solver" (`logsnr_respaced`), each sampler's best choice.
-  A class-conditional model (num_classes set) gets uniformly drawn labels,
-  guided with label num_classes as the null class when guidance_scale > 0.
+  A class-conditional model (num_classes set) gets `labels` (int [batch_size],
+  e.g. `grid_labels`), or uniformly drawn ones when None, guided with label
+  num_classes as the null class when guidance_scale > 0.
   """
   if config.guidance_scale and num_classes is None:
     raise ValueError("guidance_scale > 0 needs a class-conditional model (num_classes).")
+  if labels is not None and (num_classes is None or np.shape(labels) != (batch_size,)):
+    raise ValueError(f"labels must be int [batch_size={batch_size}] for a class-conditional"
+                     f" model, got shape {np.shape(labels)} with num_classes={num_classes}.")
   sampler = get_sampler(config.sampler)
   options = {"eta": config.eta} if config.sampler == "ddim" else {}
   if config.sampler == "dpm_solver" and config.steps:
@@ -68,15 +73,26 @@ def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec
     if num_classes is None:
       model_fn = lambda x, t: apply_fn(params, x, t, None)
     else:
-      labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
-      model_fn = lambda x, t: apply_fn(params, x, t, labels)
+      classes = (jax.random.randint(label_key, (batch_size,), 0, num_classes) if labels is None
+                 else jnp.asarray(labels, jnp.int32))
+      model_fn = lambda x, t: apply_fn(params, x, t, classes)
       if config.guidance_scale:
         conditional = lambda x, t, y: apply_fn(params, x, t, y)
-        model_fn = classifier_free_guidance(conditional, spec, labels, config.guidance_scale,
+        model_fn = classifier_free_guidance(conditional, spec, classes, config.guidance_scale,
                                             null_label=num_classes)
     return sampler(model_fn, spec, steps, key, shape, **options)
 
   return sample_batch
+
+
+def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
+  """int32 [num_images]: class r % num_classes for every image of row r of an image grid.
+
+  Rows as `images.make_image_grid` lays them out (ceil(sqrt(N)) columns), so a
+  class-conditional grid of 100 images shows ten rows, one per class, for ten classes.
+  """
+  return (np.arange(num_images) // image_utils.grid_columns(num_images)
+          % num_classes).astype(np.int32)
 
 
 def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_samples: int,

@@ -94,6 +94,7 @@ class TrainConfig:
   num_samples: int = 64  # images in a sample grid
   sampler: str = "ddim"  # sampler of the grids: ddpm (ancestral), ddim or dpm_solver
   sample_steps: int = 100  # its number of steps
+  sample_guidance: float = 0.0  # classifier-free guidance w of the grids (Ho & Salimans 2022)
   model_parallelism: int = 1  # size of the mesh's "model" axis (FSDP); 1 = data parallel
   eval_every: int = 0  # steps between sample-quality evaluations (train/periodic_eval.py); 0 = none
   eval_num_samples: int = 2000  # samples per evaluation: a biased but comparable curve
@@ -123,16 +124,27 @@ class TrainConfig:
                        f" train.batch_size={self.batch_size}.")
     if self.label_dropout is not None and not 0.0 <= self.label_dropout < 1.0:
       raise ValueError(f"train.label_dropout must be in [0, 1), got {self.label_dropout}.")
+    if self.sample_guidance < 0:
+      raise ValueError(f"train.sample_guidance must be >= 0, got {self.sample_guidance}.")
 
   def p_uncond(self, class_conditional: bool) -> float:
-    """label_dropout for a model that is class-conditional or not; set for an unconditional
-    model, it is an error."""
-    if self.label_dropout is None:
-      return DEFAULT_LABEL_DROPOUT if class_conditional else 0.0
-    if self.label_dropout and not class_conditional:
-      raise ValueError(f"train.label_dropout={self.label_dropout} needs a class-conditional"
-                       " model (model.num_classes); this one is unconditional.")
-    return self.label_dropout
+    """label_dropout for a model that is class-conditional or not.
+
+    Raises:
+      ValueError: label_dropout or sample_guidance set for an unconditional model,
+        or guided grids from a null label that label_dropout 0 leaves untrained.
+    """
+    if not class_conditional:
+      for key in ("label_dropout", "sample_guidance"):
+        if getattr(self, key):
+          raise ValueError(f"train.{key}={getattr(self, key)} needs a class-conditional model"
+                           " (model.num_classes); this one is unconditional.")
+      return 0.0
+    p_uncond = DEFAULT_LABEL_DROPOUT if self.label_dropout is None else self.label_dropout
+    if self.sample_guidance and not p_uncond:
+      raise ValueError(f"train.sample_guidance={self.sample_guidance} samples the null label,"
+                       " which train.label_dropout=0 leaves untrained.")
+    return p_uncond
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +223,7 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> 
   model = models.get_model(dict(config.model)) if model is None else model
   _check_model_output(model, spec, image_shape)
   train_config = from_mapping(TrainConfig, config.train, "train")
-  train_config.p_uncond(getattr(model, "num_classes", None) is not None)  # checks label_dropout
+  train_config.p_uncond(getattr(model, "num_classes", None) is not None)  # checks it fits
   return Experiment(
       config=config, model=model, diffusion=diffusion_config,
       schedule=schedules.get_schedule(diffusion_config.schedule, diffusion_config.num_timesteps),

@@ -43,11 +43,18 @@ def create_state(exp: experiment.Experiment, mesh, seed: int):
 
 
 def make_grid_sampler(exp: experiment.Experiment, mesh):
-  """A jitted `(ema_params, key) -> float32 [num_samples, H, W, C]` for the sample grids."""
-  config = sampling.SamplerConfig(sampler=exp.train.sampler, steps=exp.train.sample_steps)
+  """A jitted `(ema_params, key) -> float32 [num_samples, H, W, C]` for the sample grids.
+
+  A class-conditional model draws one class per row of the grid (`sampling.grid_labels`),
+  guided with train.sample_guidance.
+  """
+  config = sampling.SamplerConfig(sampler=exp.train.sampler, steps=exp.train.sample_steps,
+                                  guidance_scale=exp.train.sample_guidance)
+  num_samples, num_classes = exp.train.num_samples, exp.num_classes
+  labels = None if num_classes is None else sampling.grid_labels(num_samples, num_classes)
   return jax.jit(sampling.make_batch_sampler(
-      config, exp.apply_fn, exp.spec, exp.schedule, exp.image_shape, exp.train.num_samples,
-      num_classes=exp.num_classes), compiler_options=parallel.compiler_options(mesh))
+      config, exp.apply_fn, exp.spec, exp.schedule, exp.image_shape, num_samples,
+      num_classes=num_classes, labels=labels), compiler_options=parallel.compiler_options(mesh))
 
 
 def write_samples(grid_sampler, state: TrainState, step: int, seed: int, workdir: str, writer):
