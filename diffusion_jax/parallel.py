@@ -8,12 +8,13 @@ train step is `jax.jit`ted with these shardings; XLA inserts the collectives.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -64,8 +65,31 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def compiler_options(mesh: Mesh) -> dict[str, str]:
-  """XLA options for programs compiled onto `mesh`: CPU_COMPILER_OPTIONS on CPUs, none elsewhere."""
-  return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else {}
+  """XLA options for programs compiled onto `mesh`: CPU_COMPILER_OPTIONS on CPUs, none elsewhere.
+
+  Options this jaxlib's XLA:CPU does not accept are left out, with one warning:
+  the flag is experimental, and a jaxlib without it must still compile.
+  """
+  if mesh.devices.flat[0].platform != "cpu":
+    return {}
+  return dict(_accepted_cpu_options(tuple(sorted(CPU_COMPILER_OPTIONS.items()))))
+
+
+@functools.cache
+def _accepted_cpu_options(options: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+  """The (name, value) options with which XLA:CPU compiles a trivial program (cached: once each)."""
+  accepted = []
+  for name, value in options:
+    try:
+      jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(
+          jax.ShapeDtypeStruct((), np.float32,
+                               sharding=SingleDeviceSharding(jax.devices("cpu")[0]))).compile()
+    except jax.errors.JaxRuntimeError as error:
+      logging.warning("XLA:CPU rejects compiler option %s=%s (%s); compiling without it.", name,
+                      value, error)
+      continue
+    accepted.append((name, value))
+  return tuple(accepted)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -314,12 +314,16 @@ def test_ronneberger_same_padding_keeps_size():
 # ---- GroupNorm -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("implementation", ["matmul", "reduce"])
 @pytest.mark.parametrize("shape", [(2, 8, 8, 64), (3, 4, 4, 96)])
-def test_group_norm_matches_flax_values_and_gradients(shape):
+def test_group_norm_matches_flax_values_and_gradients(shape, implementation):
+  """Each implementation, forced on this CPU, against nn.GroupNorm: the same outputs and
+  gradients, so the per-platform choice changes nothing but speed."""
   rng = np.random.default_rng(3)
   x = jnp.asarray(2.0 + 3.0 * rng.normal(size=shape), jnp.float32)  # off-centre, wide
   cotangent = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  ours, flax_gn = GroupNorm(epsilon=1e-5), nn.GroupNorm(epsilon=1e-5)
+  ours = GroupNorm(epsilon=1e-5, implementation=implementation)
+  flax_gn = nn.GroupNorm(epsilon=1e-5)
   params = jax.tree.map(
       lambda p: p + jnp.asarray(rng.normal(size=p.shape), jnp.float32),  # non-trivial affine
       flax_gn.init(jax.random.key(0), x))
@@ -333,6 +337,19 @@ def test_group_norm_matches_flax_values_and_gradients(shape):
     grad = jax.grad(loss, argnums=argnum)
     jax.tree.map(close, grad(ours, params, x), grad(flax_gn, params, x))
   np.testing.assert_allclose(ours.apply(params, x), flax_gn.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform,matmuls", [("cpu", True), ("tpu", False), ("cuda", False)])
+def test_group_norm_uses_matmul_statistics_on_cpu_only(platform, matmuls):
+  """"auto" lowers to the HIGHEST-precision matmuls for a CPU and to reductions elsewhere."""
+  x = jnp.ones((2, 4, 4, 64))
+  module = GroupNorm()
+  params = module.init(jax.random.key(0), x)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply(p, x) ** 2), argnums=(0, 1)))
+  hlo = jax.export.export(grad, platforms=[platform])(params, x).mlir_module()
+  assert ("precision = [HIGHEST, HIGHEST]" in hlo) == matmuls
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    GroupNorm(implementation="fast").init(jax.random.key(0), x)
 
 
 def test_group_norm_normalises_each_group():

@@ -1,5 +1,6 @@
 """Training: configs compile and run, the loss falls, sharding and resume are exact, errors are clear."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -282,3 +283,16 @@ def test_conditional_digits_train_with_guided_grids_one_class_per_row(tmp_path, 
   np.testing.assert_array_equal(sampling.grid_labels(100, 10), np.repeat(np.arange(10), 10))
   with pytest.raises(ValueError, match="'bad'"):
     digits.get_config("cond,bad")
+
+
+def test_unknown_cpu_compiler_option_is_dropped_with_one_warning(monkeypatch, caplog):
+  known = dict(parallel.CPU_COMPILER_OPTIONS)
+  monkeypatch.setattr(parallel, "CPU_COMPILER_OPTIONS", {**known, "xla_no_such_flag": "1"})
+  exp = train.build(_tiny_digits())
+  batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
+  with caplog.at_level(logging.WARNING):
+    state, losses = _run_steps(exp, parallel.make_mesh(), [batch])  # compile_train_step's path
+    assert parallel.compiler_options(parallel.make_mesh()) == known
+  assert int(state.step) == 1 and np.isfinite(losses[0])
+  warnings = [r for r in caplog.records if "xla_no_such_flag" in r.getMessage()]
+  assert len(warnings) == 1, warnings

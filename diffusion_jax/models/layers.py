@@ -3,7 +3,8 @@
 Shapes are NHWC; internal tensor names carry them (`x_BxHxWxC`, `emb_BxE`).
 Every module computes in `dtype` (e.g. bfloat16) and keeps float32 parameters.
 Normalisation is GroupNorm with 32 groups (`GroupNorm` below: nn.GroupNorm's
-parameters and outputs, statistics in float32 whatever `dtype` is).
+parameters and outputs, statistics in float32 whatever `dtype` is, computed
+the way that is fastest on the platform compiled for).
 
 Papers:
   DDPM: Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models",
@@ -57,22 +58,30 @@ def timestep_embedding(
   return jnp.pad(emb_BxD, ((0, 0), (0, dim % 2)))
 
 
+GroupNormImpl = Literal["auto", "matmul", "reduce"]
+
+
 class GroupNorm(nn.Module):
-  """Group normalisation (Wu & He 2018) of [B, H, W, C], group sums as matmuls.
+  """Group normalisation (Wu & He 2018) of [B, H, W, C], statistics in float32.
 
   y = (x - mu_g) / sqrt(sigma_g^2 + eps) * scale + bias, where mu_g and
   sigma_g^2 = E[x^2] - mu_g^2 run over H, W and the C / G channels of each
-  group. Each sum is one float32 contraction of [B, H*W, C] with the [C, G]
-  channel-to-group indicator, at full precision: on XLA:CPU it and its
-  gradients lower to matmuls, several times faster than the reductions of
-  `nn.GroupNorm` (benchmarks/train_throughput.py). Same parameters (scale and
-  bias [C]) and outputs as `nn.GroupNorm`; statistics are float32 whatever
-  `dtype` is.
+  group. Same parameters (scale and bias [C]) and outputs as `nn.GroupNorm`;
+  statistics are float32 whatever `dtype` is. Two ways to the group means:
+    "matmul": one float32 contraction of [B, H*W, C] with the [C, G]
+      channel-to-group indicator at Precision.HIGHEST. On XLA:CPU it and its
+      gradients lower to matmuls, several times faster than the reductions
+      (benchmarks/train_throughput.py); on TPU, HIGHEST runs as several
+      bfloat16 passes, so it is kept to CPUs.
+    "reduce": means over the [B, H*W, G, C/G] axes, as `nn.GroupNorm` does.
+    "auto" (default): "matmul" when compiled for a CPU, "reduce" elsewhere,
+      chosen at lowering by `lax.platform_dependent`.
   """
 
   num_groups: int = 32
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
+  implementation: GroupNormImpl = "auto"
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -81,19 +90,47 @@ class GroupNorm(nn.Module):
       raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
     scale_C = self.param("scale", nn.initializers.ones, (channels,))
     bias_C = self.param("bias", zeros_init, (channels,))
-    group_size = channels // self.num_groups
     x_BxNxC = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1, channels).astype(jnp.float32)
-    indicator_CxG = jnp.repeat(jnp.eye(self.num_groups, dtype=jnp.float32), group_size, axis=0)
-    count = x_BxNxC.shape[1] * group_size
-
-    def group_mean(v_BxNxC):
-      sum_BxG = jnp.einsum("bnc,cg->bg", v_BxNxC, indicator_CxG, precision=lax.Precision.HIGHEST)
-      return jnp.repeat(sum_BxG / count, group_size, axis=-1)[:, None, :]
-
-    mean_Bx1xC = group_mean(x_BxNxC)
-    var_Bx1xC = jnp.maximum(group_mean(x_BxNxC * x_BxNxC) - mean_Bx1xC**2, 0.0)
+    moments = {name: functools.partial(fn, num_groups=self.num_groups) for name, fn in
+               (("matmul", _group_moments_matmul), ("reduce", _group_moments_reduce))}
+    if self.implementation == "auto":
+      mean_Bx1xC, mean_sq_Bx1xC = lax.platform_dependent(
+          x_BxNxC, cpu=moments["matmul"], default=moments["reduce"])
+    elif self.implementation in moments:
+      mean_Bx1xC, mean_sq_Bx1xC = moments[self.implementation](x_BxNxC)
+    else:
+      raise ValueError(f"GroupNorm implementation must be one of {list(moments) + ['auto']},"
+                       f" got {self.implementation!r}")
+    var_Bx1xC = jnp.maximum(mean_sq_Bx1xC - mean_Bx1xC**2, 0.0)
     y_BxNxC = (x_BxNxC - mean_Bx1xC) * (lax.rsqrt(var_Bx1xC + self.epsilon) * scale_C) + bias_C
     return y_BxNxC.reshape(x_BxHxWxC.shape).astype(self.dtype)
+
+
+def _group_moments_matmul(x_BxNxC: jax.Array, num_groups: int):
+  """(E[x], E[x^2]) over each group of [B, N, C], as [B, 1, C]: HIGHEST-precision matmuls."""
+  channels = x_BxNxC.shape[-1]
+  group_size = channels // num_groups
+  indicator_CxG = jnp.repeat(jnp.eye(num_groups, dtype=jnp.float32), group_size, axis=0)
+  count = x_BxNxC.shape[1] * group_size
+
+  def group_mean(v_BxNxC):
+    sum_BxG = jnp.einsum("bnc,cg->bg", v_BxNxC, indicator_CxG, precision=lax.Precision.HIGHEST)
+    return jnp.repeat(sum_BxG / count, group_size, axis=-1)[:, None, :]
+
+  return group_mean(x_BxNxC), group_mean(x_BxNxC * x_BxNxC)
+
+
+def _group_moments_reduce(x_BxNxC: jax.Array, num_groups: int):
+  """(E[x], E[x^2]) over each group of [B, N, C], as [B, 1, C]: reductions, as nn.GroupNorm."""
+  b, n, channels = x_BxNxC.shape
+  group_size = channels // num_groups
+  x_BxNxGxS = x_BxNxC.reshape(b, n, num_groups, group_size)
+
+  def group_mean(v_BxNxGxS):
+    mean_BxG = jnp.mean(v_BxNxGxS, axis=(1, 3))
+    return jnp.repeat(mean_BxG, group_size, axis=-1)[:, None, :]
+
+  return group_mean(x_BxNxGxS), group_mean(x_BxNxGxS * x_BxNxGxS)
 
 
 def upsample_nearest(x_BxHxWxC: jax.Array) -> jax.Array:
