@@ -1,4 +1,4 @@
-"""Atomic file writes: a finished file or none, never half of one."""
+"""Atomic file writes (a finished file or none, never half of one) and the user's cache directory."""
 
 from __future__ import annotations
 
@@ -37,3 +37,9 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
   """np.savez(path, **arrays), atomically."""
   with atomic_path(path) as temporary:
     np.savez(temporary, **arrays)
+
+
+def default_cache_dir() -> str:
+  """$DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax: cached models and compiled programs."""
+  return os.environ.get("DIFFUSION_JAX_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))

@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from diffusion_jax import files
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
@@ -47,6 +49,29 @@ def maybe_initialize_distributed(multihost: bool = False) -> None:
     return
   logging.info("Process %d of %d, %d local / %d global devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
+  """Turns on JAX's persistent compilation cache: a restarted run loads its compiled programs.
+
+  Launchers call this (launch/common.py), never the library at import.
+
+  Args:
+    cache_dir: the cache's directory. None: JAX's own setting when made
+      ($JAX_COMPILATION_CACHE_DIR), else files.default_cache_dir()/xla
+      ($DIFFUSION_JAX_CACHE/xla or ~/.cache/diffusion_jax/xla). "": off.
+
+  Returns:
+    The directory in use, or None when off.
+  """
+  if cache_dir == "":
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  if cache_dir is None:
+    cache_dir = (jax.config.jax_compilation_cache_dir
+                 or os.path.join(files.default_cache_dir(), "xla"))
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  return cache_dir
 
 
 def make_mesh(model_parallelism: int = 1, devices=None) -> Mesh:

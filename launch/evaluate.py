@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from diffusion_jax import evaluation, logs
 from diffusion_jax.train.checkpoint import CheckpointError
 from diffusion_jax.weightfiles import WeightFileError
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
                                           lock_config=True)
@@ -37,6 +38,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
+  common.enable_compilation_cache()
   if jax.process_count() > 1:
     raise app.UsageError("launch.evaluate runs on the devices of one host.")
   try:

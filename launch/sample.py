@@ -21,6 +21,7 @@ from absl import app, flags
 
 from diffusion_jax import logs, parallel, sampling
 from diffusion_jax.train.inference import load_ema_for_sampling
+from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoints.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50_000, "Images to draw.")
@@ -39,6 +40,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
+  common.enable_compilation_cache()
   if jax.process_count() > 1:
     raise app.UsageError("launch.sample runs on one host; start one job per host instead.")
   if _BATCH_SIZE.value % jax.device_count():

@@ -5,13 +5,17 @@
         --config.optim.lr=1e-4
 
 Multi-host (TPU pod slices, Slurm GPU jobs) is detected from the environment;
-see launch/tpu_pod.sh and launch/slurm.sbatch.
+see launch/tpu_pod.sh and launch/slurm.sbatch. Compiled programs are cached in
+$DIFFUSION_JAX_CACHE/xla (default ~/.cache/diffusion_jax/xla), so a restart
+skips compiling: --compilation_cache=DIR moves the cache, --compilation_cache=
+turns it off.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import logs, parallel, train
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -26,6 +30,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
+  common.enable_compilation_cache()
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
   logging.info("Config:\n%s", _CONFIG.value)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

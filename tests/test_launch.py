@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from configs import digits
-from diffusion_jax import train
+from diffusion_jax import parallel, train
 from diffusion_jax.train.inference import load_ema_for_sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,9 +31,11 @@ def test_train_then_sample(tmp_path):
   output = tmp_path / "samples"
   result = subprocess.run(
       [sys.executable, "-m", "launch.sample", f"--workdir={workdir}", "--num_samples=10",
-       "--batch_size=8", "--sampler=ddim", "--steps=3", f"--output={output}"],
+       "--batch_size=8", "--sampler=ddim", "--steps=3", f"--output={output}",
+       f"--compilation_cache={tmp_path / 'xla'}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert os.listdir(tmp_path / "xla")  # the sampler's program, for the next run to load
   samples = np.load(output / "samples.npz")["arr_0"]
   assert samples.shape == (10, 8, 8, 1) and samples.dtype == np.uint8
   assert samples.std() > 0  # real images, not a constant fill
@@ -69,3 +71,20 @@ def test_two_process_training_run(tmp_path):
   assert "Process 1 of 2, 2 local / 4 global devices" in logs[1]
   data_state = os.listdir(os.path.join(workdir, "checkpoints", "4", "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_state)
+
+
+def test_compilation_cache_directory_and_off_switch(monkeypatch):
+  saved = {name: getattr(jax.config, name) for name in
+           ("jax_compilation_cache_dir", "jax_enable_compilation_cache")}
+  try:
+    monkeypatch.setenv("DIFFUSION_JAX_CACHE", "/somewhere")
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert parallel.enable_compilation_cache() == "/somewhere/xla"
+    assert jax.config.jax_compilation_cache_dir == "/somewhere/xla"
+    assert parallel.enable_compilation_cache() == "/somewhere/xla"  # JAX's setting now
+    assert parallel.enable_compilation_cache("/elsewhere") == "/elsewhere"
+    assert parallel.enable_compilation_cache("") is None
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)

@@ -64,12 +64,6 @@ def train(images_uint8: np.ndarray, labels: np.ndarray, seed: int = 0):
   return scan(params)
 
 
-def default_cache_dir() -> str:
-  """$DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax."""
-  return os.environ.get("DIFFUSION_JAX_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))
-
-
 def load_or_train(cache_dir: str | None = None, seed: int = 0):
   """The classifier's params: read from the cache, or trained on the digits' train split and cached.
 
@@ -77,7 +71,7 @@ def load_or_train(cache_dir: str | None = None, seed: int = 0):
   """
   from diffusion_jax.data import sources  # pylint: disable=g-import-not-at-top  (imports TF)
 
-  path = os.path.join(cache_dir or default_cache_dir(),
+  path = os.path.join(cache_dir or files.default_cache_dir(),
                       f"digits_classifier-v{_VERSION}-seed{seed}.msgpack")
   train_set = sources.digits_source("train")
   template = DigitsClassifier().init(jax.random.key(0), train_set.images[:1])["params"]

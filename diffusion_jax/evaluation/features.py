@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import tqdm
 
-from diffusion_jax import weightfiles
+from diffusion_jax import files, weightfiles
 from diffusion_jax.evaluation import digits_classifier, inception, metrics
 from diffusion_jax.evaluation.config import EvalConfig
 
@@ -73,7 +73,7 @@ def load_digits_net(config: EvalConfig) -> FeatureNet:
                               batch_size=config.feature_batch_size)
   return FeatureNet("digits_classifier", extract, digits_classifier.FEATURE_DIM, None,
                     {"network": "digits_classifier", "trained_on": "digits train split",
-                     "cache": digits_classifier.default_cache_dir()})
+                     "cache": files.default_cache_dir()})
 
 
 LOADERS = {"inception": load_inception_net, "digits_classifier": load_digits_net}

@@ -1,0 +1,16 @@
+"""What the launchers share: the persistent compilation cache's flag."""
+
+from absl import flags, logging
+
+from diffusion_jax import parallel
+
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Directory of JAX's persistent compilation cache, which lets a"
+    " restarted run skip compiling; default $JAX_COMPILATION_CACHE_DIR, else"
+    " $DIFFUSION_JAX_CACHE/xla or ~/.cache/diffusion_jax/xla; '' turns it off.")
+
+
+def enable_compilation_cache() -> None:
+  """parallel.enable_compilation_cache with --compilation_cache; call it first in main()."""
+  cache_dir = parallel.enable_compilation_cache(_COMPILATION_CACHE.value)
+  logging.info("Compilation cache: %s.", cache_dir or "off")
