@@ -5,7 +5,14 @@
 Settings from the paper's sec. 4 and App. B: the 35.7M U-Net, linear betas
 1e-4..0.02 over T=1000, eps-prediction with L_simple, Adam at 2e-4 with 5000
 warmup steps, batch 128, dropout 0.1, EMA 0.9999, random horizontal flips,
-800k steps; sampling with sigma_t^2 = beta_t (fixed_large).
+800k steps; sampling with sigma_t^2 = beta_t (fixed_large). These are also the
+defaults of the TF code's scripts/run_cifar.py (gradient clipping at 1 included).
+
+Where this differs from the TF code, and why:
+- num_steps=800k: the code trains until stopped; 800k is the paper's length.
+- Sample grids every 50k steps with DDIM, 100 steps: monitoring only (the
+  code's evaluation worker samples separately); evaluation is
+  configs/eval/cifar10_ddpm.py.
 Smoke variant for tests: --config=configs/cifar10_ddpm.py:smoke.
 """
 

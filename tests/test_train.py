@@ -65,7 +65,8 @@ def test_paper_configs_keep_the_papers_settings():
           iddpm.diffusion.var_type) == ("cosine", 4000, "hybrid", "learned_range")
   assert ho.optim.grad_clip == 1.0  # the DDPM code clips; improved-diffusion only logs the norm
   assert iddpm.optim.grad_clip == imagenet64_iddpm.get_config().optim.grad_clip == 0.0
-  assert celebahq256_ddpm.get_config().optim.lr == 2e-5
+  celebahq = celebahq256_ddpm.get_config()
+  assert (celebahq.optim.lr, celebahq.diffusion.var_type) == (2e-5, "fixed_small")  # run_celebahq
 
 
 def test_cifar10_config_reads_tfds():
