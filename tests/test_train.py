@@ -325,3 +325,14 @@ def test_unknown_cpu_compiler_option_is_dropped_with_one_warning(monkeypatch, ca
   assert int(state.step) == 1 and np.isfinite(losses[0])
   warnings = [r for r in caplog.records if "xla_no_such_flag" in r.getMessage()]
   assert len(warnings) == 1, warnings
+
+
+def test_min_snr_weighting_reaches_the_train_step():
+  config = _tiny_digits()
+  assert train.build(config).step_fns().min_snr_gamma is None
+  config.diffusion.update(loss_weighting="min_snr", min_snr_gamma=3.0)
+  assert train.build(config).step_fns().min_snr_gamma == 3.0
+  config.diffusion.update(loss="vlb", var_type="learned_range")
+  config.model.learn_sigma = True
+  with pytest.raises(ValueError, match="which diffusion.loss 'vlb' does not use"):
+    train.build(config)
