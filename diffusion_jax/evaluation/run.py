@@ -17,11 +17,12 @@ import os
 import re
 import time
 
+import grain
 import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import images, sampling
+from diffusion_jax import data, images, parallel, sampling
 from diffusion_jax.evaluation import features as feature_lib
 from diffusion_jax.evaluation import metrics, nll, reference, report as report_lib
 from diffusion_jax.evaluation.config import EvalConfig
@@ -150,8 +151,6 @@ def _load_model(config: EvalConfig, workdir: str, need_samples: bool):
 
 def _data_config(config: EvalConfig, model: EmaModel | None):
   """The evaluation data (reference and NLL splits), checked against the model's image shape."""
-  from diffusion_jax import data  # pylint: disable=g-import-not-at-top  (imports TF)
-
   if not config.data:
     raise ValueError(f"Eval config {config.name!r} names no data (config.data): set its source,"
                      " name, image_size and num_channels.")
@@ -166,8 +165,6 @@ def _data_config(config: EvalConfig, model: EmaModel | None):
 
 def _check_splits_readable(config: EvalConfig, data_config, given_reference, model) -> None:
   """Opens every split the evaluation reads, so a missing dataset fails before anything is written."""
-  from diffusion_jax import data  # pylint: disable=g-import-not-at-top
-
   splits = set()
   if config.sample_metrics and not (given_reference and _networks(config) == ["inception"]):
     splits.add(config.reference_split)
@@ -193,10 +190,6 @@ def _file_tag(path: str) -> str:
 
 def _split_batches(data_config, split: str, batch_size: int):
   """(uint8 batches of every example of `split` once, their count): the eval iterator, unmasked."""
-  from diffusion_jax import data  # pylint: disable=g-import-not-at-top
-
-  import grain  # pylint: disable=g-import-not-at-top
-
   split_config = dataclasses.replace(data_config, split=split)
   whole_split = grain.sharding.ShardOptions(0, 1, drop_remainder=False)
   batches = data.make_eval_iterator(split_config, batch_size, whole_split)
@@ -243,8 +236,6 @@ def _reference_info(stats: reference.ReferenceStats) -> dict:
 def _draw(model: EmaModel, sampler: sampling.SamplerConfig, config: EvalConfig,
           out_dir: str) -> np.ndarray:
   """config.num_samples images from one sampler setting, through the resumable sample_to_files."""
-  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
-
   mesh = parallel.make_mesh()
   batch_size = -(-config.batch_size // mesh.size) * mesh.size
   sample_batch = jax.jit(
@@ -330,8 +321,6 @@ def _real_floor(nets: dict, references: dict, config: EvalConfig, data_config) -
 
 def _nll(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> dict:
   """NLL in bits/dim on config.nll.split, resumable in OUT_DIR/nll-<settings>/."""
-  from diffusion_jax import data  # pylint: disable=g-import-not-at-top
-
   nll_config = config.nll
   split_config = dataclasses.replace(data_config, split=nll_config.split)
   total = data.num_examples(split_config)
