@@ -19,7 +19,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import evaluation, logs
+from diffusion_jax import evaluation
 from diffusion_jax.train.checkpoint import CheckpointError
 from diffusion_jax.weightfiles import WeightFileError
 from launch import common
@@ -35,10 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  common.enable_compilation_cache()
+  common.start(argv)
   if jax.process_count() > 1:
     raise app.UsageError("launch.evaluate runs on the devices of one host.")
   try:

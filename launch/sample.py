@@ -19,7 +19,7 @@ import os
 import jax
 from absl import app, flags
 
-from diffusion_jax import logs, parallel, sampling
+from diffusion_jax import parallel, sampling
 from diffusion_jax.train.inference import load_ema_for_sampling
 from launch import common
 
@@ -37,10 +37,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  common.enable_compilation_cache()
+  common.start(argv)
   if jax.process_count() > 1:
     raise app.UsageError("launch.sample runs on one host; start one job per host instead.")
   if _BATCH_SIZE.value % jax.device_count():

@@ -14,7 +14,7 @@ turns it off.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import logs, parallel, train
+from diffusion_jax import parallel, train
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -27,10 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logs.quiet_library_logs()
-  common.enable_compilation_cache()
+  common.start(argv)
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
   logging.info("Config:\n%s", _CONFIG.value)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
