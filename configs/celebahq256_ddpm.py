@@ -19,10 +19,15 @@ from configs import cifar10_ddpm
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = cifar10_ddpm.get_config()
+  return cifar10_ddpm.finish(base(), variant)
+
+
+def base() -> ml_collections.ConfigDict:
+  """What this config sets; other configs start here."""
+  config = cifar10_ddpm.base()
   config.data.update(name="celeb_a_hq/256", image_size=256)
   config.model.update(name="ddpm_celebahq256", dropout=0.0)  # 113,673,219 params
   config.diffusion.var_type = "fixed_small"  # the CelebA-HQ code samples with beta~_t
   config.optim.lr = 2e-5  # App. B: 2e-5 for 256x256
   config.train.update(batch_size=64, num_steps=500_000, num_samples=16)
-  return cifar10_ddpm._variant(config, variant)
+  return config

@@ -22,11 +22,16 @@ from configs import cifar10_ddpm
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = cifar10_ddpm.get_config()
+  return cifar10_ddpm.finish(base(), variant)
+
+
+def base() -> ml_collections.ConfigDict:
+  """What this config sets; other configs start here."""
+  config = cifar10_ddpm.base()
   config.model.num_classes = 10  # CIFAR-10's labels; the null label is index 10
   config.train.update(
       label_dropout=0.1,  # p_uncond, the probability of training a label as the null label
       num_samples=100,  # a 10x10 grid: one row per class
       sample_guidance=1.0,  # w of the grids
   )
-  return cifar10_ddpm._variant(config, variant)
+  return config

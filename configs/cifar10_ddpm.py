@@ -19,9 +19,15 @@ Smoke variant for tests: --config=configs/cifar10_ddpm.py:smoke.
 import ml_collections
 
 from configs import smoke
+from diffusion_jax.train import experiment
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  return finish(base(), variant)
+
+
+def base() -> ml_collections.ConfigDict:
+  """What this config sets, before the defaults fill in the rest; other configs start here."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -65,10 +71,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       num_samples=64,
       sampler="ddim", sample_steps=100,  # grids only; evaluation samples with all 1000 steps
   )
-  return _variant(config, variant)
+  return config
 
 
-def _variant(config, variant):
+def finish(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """`config` with every field at its default where unset (so all can be overridden), varied."""
+  config = experiment.complete_config(config)
   if variant == "smoke":
     return smoke.shrink(config)
   if variant:

@@ -22,7 +22,12 @@ from configs import cifar10_ddpm
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = cifar10_ddpm.get_config()
+  return cifar10_ddpm.finish(base(), variant)
+
+
+def base() -> ml_collections.ConfigDict:
+  """What this config sets; other configs start here."""
+  config = cifar10_ddpm.base()
   config.data.random_flip = False  # improved-diffusion's loader does not flip
   config.model.update(name="iddpm_cifar10", dropout=0.3)  # 52,546,438 params
   config.diffusion.update(
@@ -33,4 +38,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   )
   config.optim.update(lr=1e-4, warmup_steps=0, grad_clip=0.0)  # improved-diffusion: no clipping
   config.train.update(num_steps=500_000)
-  return cifar10_ddpm._variant(config, variant)
+  return config

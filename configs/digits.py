@@ -14,6 +14,8 @@ digit r, guided with w = 1 (`:cond,smoke` is its smoke variant):
 
 import ml_collections
 
+from diffusion_jax.train import experiment
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -85,4 +87,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.update(ch=32)
     config.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2,
                         sample_every=0, num_samples=4, sample_steps=5, eval_every=0)
-  return config
+  return experiment.complete_config(config)  # every other field at its default

@@ -22,8 +22,13 @@ from configs import cifar10_ddpm, cifar10_iddpm
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  config = cifar10_iddpm.get_config()
+  return cifar10_ddpm.finish(base(), variant)
+
+
+def base() -> ml_collections.ConfigDict:
+  """What this config sets; other configs start here."""
+  config = cifar10_iddpm.base()
   config.data.update(name="imagenet_resized/64x64", image_size=64)
   config.model.update(name="iddpm_imagenet64", dropout=0.0)  # 121,063,942 params
   config.train.update(num_steps=1_500_000)
-  return cifar10_ddpm._variant(config, variant)
+  return config

@@ -9,7 +9,7 @@ import ml_collections
 
 def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
-  if "num_classes" in config.model:
+  if config.model.num_classes is not None:
     config.model.num_classes = 10
   config.data.update(image_size=16, num_threads=0)
   config.diffusion.num_timesteps = 100

@@ -1,13 +1,55 @@
-"""What the launchers share: the start of main() and the persistent compilation cache's flag."""
+"""What the launchers share: running main() with one-line flag errors, and the start of main()."""
+
+from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 
-from diffusion_jax import logs, parallel
+from diffusion_jax import configlib, logs, parallel
 
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "Directory of JAX's persistent compilation cache, which lets a"
     " restarted run skip compiling; default $JAX_COMPILATION_CACHE_DIR, else"
     " $DIFFUSION_JAX_CACHE/xla or ~/.cache/diffusion_jax/xla; '' turns it off.")
+
+
+def run(main) -> None:
+  """app.run(main), where an unknown `--config.KEY` override is one line naming it, exit 1."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parse; a config override of a key the config lacks ends the program in one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):  # what ml_collections raises for a key it lacks
+    if error := _unknown_override(argv):
+      sys.exit(f"FATAL Flags parsing error: {error}")
+    raise
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The message naming the first `--config.KEY=...` whose KEY the --config file lacks."""
+  if "config" not in flags.FLAGS:
+    return None
+  flag = flags.FLAGS["config"]
+  config = flag.parser.parse(_flag_argument(argv, "config") or flag.default)
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      if error := configlib.unknown_key(config, arg.removeprefix("--config.").partition("=")[0]):
+        return error
+  return None
+
+
+def _flag_argument(argv: list[str], name: str) -> str | None:
+  """The value of `--name=VALUE` or `--name VALUE` in argv."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.partition("=")[2]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def enable_compilation_cache() -> None:

@@ -11,6 +11,7 @@ test split, so no NLL.
 import ml_collections
 
 from configs.eval import cifar10_ddpm
+from diffusion_jax.evaluation.config import complete_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -21,4 +22,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 64
   config.data.update(name="celeb_a_hq/256", image_size=256)
   config.feature_batch_size = 100
-  return config
+  return complete_config(config)  # every other field at its default

@@ -13,6 +13,8 @@ of the 50,000 training images, IS with 10 splits on TF's Inception graph (our
 
 import ml_collections
 
+from diffusion_jax.evaluation.config import complete_config
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -34,4 +36,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.is_splits = 10
   config.pr_k = 3
   config.feature_batch_size = 200
-  return config
+  return complete_config(config)  # every other field at its default

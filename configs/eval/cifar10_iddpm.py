@@ -15,6 +15,7 @@ FID-vs-NFE table and fid_vs_nfe.png (as the paper's Figure 8).
 import ml_collections
 
 from configs.eval import cifar10_ddpm
+from diffusion_jax.evaluation.config import complete_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -28,4 +29,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.samplers = tuple(dict(sampler="ddpm", steps=n) for n in (25, 50, 100, 200, 1000, 0))
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of configs/eval/cifar10_iddpm.py; known: 'sweep'.")
-  return config
+  return complete_config(config)  # every other field at its default

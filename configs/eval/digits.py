@@ -14,6 +14,8 @@ is the full bound on those held-out digits (test split).
 
 import ml_collections
 
+from diffusion_jax.evaluation.config import complete_config
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -43,4 +45,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of configs/eval/digits.py; known: 'smoke',"
                      " 'sweep'.")
-  return config
+  return complete_config(config)  # every other field at its default

@@ -16,6 +16,7 @@ imagenet_resized/64x64's train split are computed and cached. NLL on the
 import ml_collections
 
 from configs.eval import cifar10_ddpm
+from diffusion_jax.evaluation.config import complete_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,4 +27,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.update(name="imagenet_resized/64x64", image_size=64)
   config.nll = dict(split="validation", num_examples=0, batch_size=500, clip_x0=True)
   config.batch_size = 256
-  return config
+  return complete_config(config)  # every other field at its default

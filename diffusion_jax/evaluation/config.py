@@ -6,8 +6,11 @@ import dataclasses
 import os
 from typing import Any
 
-from diffusion_jax import sampling
+import ml_collections
+
+from diffusion_jax import configlib, sampling
 from diffusion_jax.configlib import from_mapping
+from diffusion_jax.data.config import DataConfig
 
 # Metrics on the Inception network's features (Heusel et al. 2017; Salimans et al. 2016;
 # Nash et al. 2021; Kynkäänniemi et al. 2019).
@@ -95,6 +98,21 @@ class EvalConfig:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"Inception weights file {path!r} does not exist.")
     return path
+
+
+def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with every field of EvalConfig, NllConfig and DataConfig at its default where unset.
+
+  So the command line can override any of them on any eval config; configs/eval files end with
+  it. `samplers` stays the file's list (or one default sampler).
+  """
+  values = dict(config)
+  samplers = values.pop("samplers", ({},))
+  data = values.pop("data", {})
+  complete = configlib.section(EvalConfig, values, name="eval")
+  complete.samplers = tuple(dict(sampler) for sampler in samplers)
+  complete.data = configlib.section(DataConfig, data, name="data")
+  return complete
 
 
 def from_config_dict(config: Any) -> EvalConfig:

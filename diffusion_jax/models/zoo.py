@@ -20,6 +20,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from diffusion_jax import configlib
 
 from diffusion_jax.models.ronneberger import RonnebergerUNet
 from diffusion_jax.models.unet import UNet
@@ -201,6 +204,25 @@ def get_model(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
         f"valid fields: {sorted(fields)}"
     )
   return entry.module(**{**entry.kwargs, **overrides})
+
+
+def config_section(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A config's model section with every field of its zoo entry's module.
+
+  `model` ({"name": ..., **overrides}) over the entry's settings over the
+  module's defaults, so that any field (dtype, remat, ...) can be set on the
+  command line. A factory's ("package.module:factory") arguments are its own:
+  its section is `model` as given.
+  """
+  values = dict(model)
+  name = _split_config(values, {})[0]
+  if ":" in name:
+    return ml_collections.ConfigDict(values)
+  entry = lookup(name)
+  del values["name"]
+  section = configlib.section(entry.module, values, name="model", defaults=entry.kwargs)
+  section.name = name
+  return section
 
 
 def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion_jax import losses, models, sampling, schedules
+from diffusion_jax import configlib, losses, models, sampling, schedules
 from diffusion_jax.configlib import from_mapping
+from diffusion_jax.data.config import DataConfig
 from diffusion_jax.diffusion import ModelSpec, parse_enum
 from diffusion_jax.train import optimizer
 from diffusion_jax.train.step import StepFns, TrainState
@@ -206,6 +207,30 @@ class Experiment:
                       sampler_state=fns.timestep_sampler.init())
 
 
+SECTIONS = ("seed", "data", "model", "diffusion", "optim", "train")
+
+
+def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with every field its sections know: the file's values over the defaults.
+
+  Each section holds all fields of its dataclass (`DataConfig`, the zoo entry's
+  module, `DiffusionConfig`, `OptimConfig`, `TrainConfig`), so the command line
+  can override any of them on any config. Config files end with it; it is
+  idempotent, and a key no section knows is a ValueError naming it.
+  """
+  configlib.check_known(config, SECTIONS, "config")
+  if "model" not in config:
+    raise ValueError("The config has no model section (config.model with a `name`).")
+  complete = ml_collections.ConfigDict()
+  complete.seed = config.get("seed", 0)
+  complete.data = configlib.section(DataConfig, config.get("data"), name="data")
+  complete.model = models.config_section(config.model)
+  for name, cls in (("diffusion", DiffusionConfig), ("optim", optimizer.OptimConfig),
+                    ("train", TrainConfig)):
+    complete[name] = configlib.section(cls, config.get(name), name=name)
+  return complete
+
+
 def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Experiment:
   """Checks the config and builds its parts; every bad value is named in the error.
 
@@ -213,9 +238,7 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> 
   """
   from diffusion_jax import data  # the input pipeline pulls in TF; import it only when training
 
-  known = {"seed", "data", "model", "diffusion", "optim", "train"}
-  if unknown := sorted(set(config.keys()) - known):
-    raise ValueError(f"Unknown top-level config key(s) {unknown}; known: {sorted(known)}.")
+  configlib.check_known(config, SECTIONS, "config")
   diffusion_config = from_mapping(DiffusionConfig, config.diffusion, "diffusion")
   data_config = data.DataConfig.from_mapping(config.data)
   image_shape = (data_config.image_size, data_config.image_size, data_config.num_channels)
