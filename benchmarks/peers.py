@@ -12,6 +12,7 @@ and torch-fidelity with the `test` extra.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -23,8 +24,10 @@ from diffusion_jax.models import UNet
 def import_peer():
   """(torch with one thread per core, None), or (None, why there is no PyTorch column)."""
   try:
-    import diffusers  # noqa: PLC0415  (optional peer: the `bench` extra)
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (optional peer: the `bench` extra)
+    if importlib.util.find_spec("torchvision"):  # diffusers' models import it when installed
+      import_torchvision()
+    import diffusers  # noqa: PLC0415
   except ImportError as e:
     return None, f"{e.name} is not installed (pip install -e '.[bench]')"
   diffusers.utils.logging.set_verbosity_error()
