@@ -9,18 +9,24 @@ uint8 NHWC, what FID tools read) and OUTPUT/grid.png; OUTPUT defaults to
 WORKDIR/samples/step<checkpoint>-<sampler settings>. Rerunning the same command
 resumes after the last finished batch, with the same result as one run; an
 OUTPUT holding another checkpoint's or sampler's batches is refused.
-The batch is split over all local devices; one host only.
+
+Every batch is split over all devices. Several hosts run it as one job, like
+launch.train (--multihost on a TPU pod slice; Slurm tasks and
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are detected):
+each host draws its devices' rows of every batch and process 0 alone writes
+OUTPUT, so only process 0 needs to see it. Batch b is drawn with
+fold_in(key(seed), b) whatever the number of hosts and devices: a given
+--seed and --batch_size give the same images on one host or many, and a run
+can be resumed on a different number of hosts.
 """
 
-import dataclasses
-import functools
 import os
 
 import jax
 from absl import app, flags
 
 from diffusion_jax import parallel, sampling
-from diffusion_jax.train.inference import load_ema_for_sampling
+from diffusion_jax.train import inference
 from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoints.")
@@ -33,33 +39,26 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per batch, over al
 _SEED = flags.DEFINE_integer("seed", 0, "Batch b is drawn with fold_in(key(seed), b).")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to sample; default the latest.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory; default WORKDIR/samples/<settings>.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Join a multi-process run (TPU pod slice); Slurm and"
+    " JAX_COORDINATOR_ADDRESS are detected without it.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   common.start(argv)
-  if jax.process_count() > 1:
-    raise app.UsageError("launch.sample runs on one host; start one job per host instead.")
+  parallel.maybe_initialize_distributed(_MULTIHOST.value)
   if _BATCH_SIZE.value % jax.device_count():
     raise app.UsageError(f"--batch_size={_BATCH_SIZE.value} must be a multiple of the"
                          f" {jax.device_count()} devices.")
   config = sampling.SamplerConfig(_SAMPLER.value, _STEPS.value or None, _ETA.value,
                                   _GUIDANCE.value)
-  model = load_ema_for_sampling(_WORKDIR.value, _STEP.value)
-  mesh = parallel.make_mesh()
-  sample_batch = jax.jit(
-      sampling.make_batch_sampler(config, model.apply_fn, model.spec, model.schedule,
-                                  model.image_shape, _BATCH_SIZE.value,
-                                  num_classes=model.num_classes),
-      out_shardings=parallel.batch_sharding(mesh), compiler_options=parallel.compiler_options(mesh))
+  model = inference.load_ema_for_sampling(_WORKDIR.value, _STEP.value)
   name = (f"step{model.step}-{config.sampler}-{config.steps or 'all'}steps-eta{config.eta:g}"
           f"-w{config.guidance_scale:g}-seed{_SEED.value}")
-  output = _OUTPUT.value or os.path.join(_WORKDIR.value, "samples", name)
-  sampling.sample_to_files(
-      functools.partial(sample_batch, model.params), _NUM_SAMPLES.value, _BATCH_SIZE.value, output,
-      key=jax.random.key(_SEED.value),
-      settings={"workdir": os.path.abspath(_WORKDIR.value), "checkpoint_step": model.step,
-                **dataclasses.asdict(config)})
+  inference.draw_samples(model, config, _NUM_SAMPLES.value, _BATCH_SIZE.value,
+                         _OUTPUT.value or os.path.join(_WORKDIR.value, "samples", name),
+                         seed=_SEED.value, settings={"workdir": os.path.abspath(_WORKDIR.value)})
 
 
 if __name__ == "__main__":

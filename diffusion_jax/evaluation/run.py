@@ -22,12 +22,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import data, images, parallel, sampling
+from diffusion_jax import data, images, sampling
 from diffusion_jax.evaluation import features as feature_lib
 from diffusion_jax.evaluation import metrics, nll, reference, report as report_lib
 from diffusion_jax.evaluation.config import EvalConfig
 from diffusion_jax.train import checkpoint
-from diffusion_jax.train.inference import EmaModel, load_ema_for_sampling
+from diffusion_jax.train.inference import EmaModel, draw_samples, load_ema_for_sampling
 
 # Below this many images a 2048-dim covariance is singular (Heusel et al. use 50,000).
 MIN_FID_IMAGES = 2048
@@ -236,19 +236,11 @@ def _reference_info(stats: reference.ReferenceStats) -> dict:
 def _draw(model: EmaModel, sampler: sampling.SamplerConfig, config: EvalConfig,
           out_dir: str) -> np.ndarray:
   """config.num_samples images from one sampler setting, through the resumable sample_to_files."""
-  mesh = parallel.make_mesh()
-  batch_size = -(-config.batch_size // mesh.size) * mesh.size
-  sample_batch = jax.jit(
-      sampling.make_batch_sampler(sampler, model.apply_fn, model.spec, model.schedule,
-                                  model.image_shape, batch_size, num_classes=model.num_classes),
-      out_shardings=parallel.batch_sharding(mesh),
-      compiler_options=parallel.compiler_options(mesh))
+  batch_size = -(-config.batch_size // jax.device_count()) * jax.device_count()
   name = (f"samples-{sampler.sampler}-{sampler.steps or 'all'}steps-eta{sampler.eta:g}"
           f"-w{sampler.guidance_scale:g}-seed{config.seed}")
-  return sampling.sample_to_files(
-      lambda key: sample_batch(model.params, key), config.num_samples, batch_size,
-      os.path.join(out_dir, name), key=jax.random.key(config.seed),
-      settings={"checkpoint_step": model.step, **dataclasses.asdict(sampler)})
+  return draw_samples(model, sampler, config.num_samples, batch_size,
+                      os.path.join(out_dir, name), seed=config.seed)
 
 
 def _describe(sampler, model: EmaModel | None, samples_path: str | None) -> dict:

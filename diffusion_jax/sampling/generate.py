@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from diffusion_jax import files
 from diffusion_jax import images as image_utils
@@ -107,27 +108,77 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
   uninterrupted run. `settings` (JSON-able, e.g. the sampler's flags) is saved
   with batch_size and key, and a rerun with different ones is refused.
 
+  Several processes (a `jax.distributed` job) call it together, with a
+  `sample_batch_fn` jitted over the devices of all of them, the batch split
+  over its first axis (what `launch.sample` does): each device draws its rows
+  of every batch, the batch is gathered, and only process 0 reads or writes
+  `out_dir` (it decides which batches are left and sends that to the others).
+  A batch depends on key, b and batch_size only, not on how many processes or
+  devices draw it (JAX's partitionable threefry: each device makes its own
+  slice of the same random numbers), so a run may be resumed by a different
+  number of processes.
+
   Writes samples.npz ('arr_0': uint8 [num_samples, H, W, C], the format FID
-  tools read) and grid.png of the first 64 images; returns the samples.
+  tools read) and grid.png of the first 64 images; returns the samples, on
+  every process.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  _check_settings(os.path.join(out_dir, "settings.json"), {
-      **(settings or {}), "batch_size": batch_size,
-      "key": np.asarray(jax.random.key_data(key)).tolist()})
   num_batches = math.ceil(num_samples / batch_size)
   paths = [os.path.join(out_dir, f"batch_{b:06d}.npz") for b in range(num_batches)]
-  todo = [b for b in range(num_batches) if not os.path.exists(paths[b])]
-  for b in tqdm.tqdm(todo, total=num_batches, initial=num_batches - len(todo),
-                     desc="sampling", unit="batch"):
-    batch = image_utils.to_uint8(sample_batch_fn(jax.random.fold_in(key, b)))
-    if batch.shape[0] != batch_size:
-      raise ValueError(f"sample_batch_fn returned {batch.shape[0]} images, expected {batch_size}.")
-    files.save_npz(paths[b], arr_0=batch)
-  samples = np.concatenate([_load_npz(path) for path in paths])[:num_samples]
-  files.save_npz(os.path.join(out_dir, "samples.npz"), arr_0=samples)
-  image_utils.save_image_grid(samples[:GRID_IMAGES], os.path.join(out_dir, "grid.png"),
-                              min_size=GRID_MIN_SIZE)
+  todo = _batches_to_draw(out_dir, paths, {
+      **(settings or {}), "batch_size": batch_size,
+      "key": np.asarray(jax.random.key_data(key)).tolist()})
+  drawn = {}
+  for b in tqdm.tqdm(todo, total=num_batches, initial=num_batches - len(todo), desc="sampling",
+                     unit="batch", disable=jax.process_index() > 0):
+    drawn[b] = image_utils.to_uint8(multihost_utils.process_allgather(
+        sample_batch_fn(jax.random.fold_in(key, b)), tiled=True))
+    if drawn[b].shape[0] != batch_size:
+      raise ValueError(f"sample_batch_fn returned {drawn[b].shape[0]} images (gathered over"
+                       f" {jax.process_count()} processes), expected {batch_size}.")
+    if jax.process_index() == 0:
+      files.save_npz(paths[b], arr_0=drawn[b])
+  for b in range(num_batches):
+    if b not in drawn:
+      drawn[b] = _read_on_process_0(paths[b])
+  samples = np.concatenate([drawn[b] for b in range(num_batches)])[:num_samples]
+  if jax.process_index() == 0:
+    files.save_npz(os.path.join(out_dir, "samples.npz"), arr_0=samples)
+    image_utils.save_image_grid(samples[:GRID_IMAGES], os.path.join(out_dir, "grid.png"),
+                                min_size=GRID_MIN_SIZE)
   return samples
+
+
+def _batches_to_draw(out_dir: str, paths: list[str], settings: dict) -> list[int]:
+  """The indices of `paths` not yet written, as process 0 finds them after checking `settings`.
+
+  Every process gets the same list, or the same refusal (a ValueError).
+  """
+  verdict = np.zeros(len(paths) + 1, np.int32)  # [missing batch b] + [settings refused]
+  refusal = None
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+      _check_settings(os.path.join(out_dir, "settings.json"), settings)
+    except ValueError as error:
+      refusal = error
+    verdict[:-1] = [not os.path.exists(path) for path in paths]
+    verdict[-1] = refusal is not None
+  verdict = multihost_utils.broadcast_one_to_all(verdict)
+  if refusal:
+    raise refusal
+  if verdict[-1]:
+    raise ValueError(f"Process 0 refused {out_dir}: it holds the settings of another run (see"
+                     " process 0's error).")
+  return [b for b in range(len(paths)) if verdict[b]]
+
+
+def _read_on_process_0(path: str) -> np.ndarray:
+  """The uint8 [B, H, W, C] batch saved at `path`, read by process 0 and sent to every process."""
+  batch = _load_npz(path) if jax.process_index() == 0 else None
+  shape = multihost_utils.broadcast_one_to_all(np.array(batch.shape if batch is not None
+                                                        else (0, 0, 0, 0)))
+  return multihost_utils.broadcast_one_to_all(batch if batch is not None
+                                              else np.zeros(shape, np.uint8))
 
 
 def _check_settings(path: str, settings: dict) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Mapping
 
 import jax
+import numpy as np
 
-from diffusion_jax import parallel
+from diffusion_jax import parallel, sampling
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.train import checkpoint, experiment
@@ -49,3 +51,27 @@ def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
   checkpointer.close()
   return EmaModel(exp.apply_fn, restored["ema_params"], exp.spec, exp.schedule, exp.image_shape,
                   exp.num_classes, int(restored["step"]))
+
+
+def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: int,
+                 batch_size: int, out_dir: str, *, seed: int,
+                 settings: Mapping[str, Any] | None = None) -> np.ndarray:
+  """`sampling.sample_to_files` of `model`: resumable, every batch split over all devices.
+
+  Batch b is drawn with fold_in(key(seed), b) on the devices of every process
+  (call it from all of them), so one host or many give the same uint8
+  [num_samples, H, W, C], returned on every process. batch_size must be a
+  multiple of jax.device_count(). The saved settings are the checkpoint step,
+  `config`'s fields and `settings`.
+  """
+  mesh = parallel.make_mesh()
+  if batch_size % mesh.size:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the {mesh.size} devices.")
+  sample_batch = jax.jit(
+      sampling.make_batch_sampler(config, model.apply_fn, model.spec, model.schedule,
+                                  model.image_shape, batch_size, num_classes=model.num_classes),
+      out_shardings=parallel.batch_sharding(mesh), compiler_options=parallel.compiler_options(mesh))
+  return sampling.sample_to_files(
+      functools.partial(sample_batch, model.params), num_samples, batch_size, out_dir,
+      key=jax.random.key(seed),
+      settings={**(settings or {}), "checkpoint_step": model.step, **dataclasses.asdict(config)})

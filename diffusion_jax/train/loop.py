@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -42,25 +43,50 @@ def create_state(exp: experiment.Experiment, mesh, seed: int):
   return jax.jit(exp.init_state, out_shardings=shardings)(rng), shardings
 
 
-def make_grid_sampler(exp: experiment.Experiment, mesh):
-  """A jitted `(ema_params, key) -> float32 [num_samples, H, W, C]` for the sample grids.
+class GridSampler(NamedTuple):
+  """The sampler of the training run's sample grids.
 
-  A class-conditional model draws one class per row of the grid (`sampling.grid_labels`),
-  guided with train.sample_guidance.
+  `sample(ema_params, key)` -> float32 [padded_size, H, W, C], split over the
+  mesh's data axis; the grid is its first `num_samples` images.
+  """
+
+  sample: Callable[[Any, jax.Array], jax.Array]
+  num_samples: int
+
+
+def make_grid_sampler(exp: experiment.Experiment, mesh) -> GridSampler:
+  """The train.num_samples images of the sample grids, each device drawing its share.
+
+  The batch is padded to a multiple of the mesh's data axis (the extra images
+  are drawn and dropped). All noise is drawn at the padded shape from one key;
+  under JAX's partitionable threefry the first num_samples images of such a
+  draw do not depend on the padding, so a seed gives the same grid on any
+  number of devices. A class-conditional model draws one class per row of the
+  grid (`sampling.grid_labels`), guided with train.sample_guidance.
   """
   config = sampling.SamplerConfig(sampler=exp.train.sampler, steps=exp.train.sample_steps,
                                   guidance_scale=exp.train.sample_guidance)
   num_samples, num_classes = exp.train.num_samples, exp.num_classes
-  labels = None if num_classes is None else sampling.grid_labels(num_samples, num_classes)
-  return jax.jit(sampling.make_batch_sampler(
-      config, exp.apply_fn, exp.spec, exp.schedule, exp.image_shape, num_samples,
-      num_classes=num_classes, labels=labels), compiler_options=parallel.compiler_options(mesh))
+  padded_size = -(-num_samples // mesh.shape[parallel.DATA_AXIS]) * mesh.shape[parallel.DATA_AXIS]
+  labels = None if num_classes is None else np.pad(
+      sampling.grid_labels(num_samples, num_classes), (0, padded_size - num_samples))
+  sample = jax.jit(sampling.make_batch_sampler(
+      config, exp.apply_fn, exp.spec, exp.schedule, exp.image_shape, padded_size,
+      num_classes=num_classes, labels=labels), out_shardings=parallel.batch_sharding(mesh),
+      compiler_options=parallel.compiler_options(mesh))
+  return GridSampler(sample, num_samples)
 
 
-def write_samples(grid_sampler, state: TrainState, step: int, seed: int, workdir: str, writer):
-  """Samples from the EMA parameters into samples/step_<step>.png and TensorBoard."""
+def write_samples(grid_sampler: GridSampler, state: TrainState, step: int, seed: int,
+                  workdir: str, writer):
+  """Samples from the EMA parameters into samples/step_<step>.png and TensorBoard.
+
+  Every process calls it (the images are gathered from all devices); process 0 writes.
+  """
   key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-  samples = images.to_uint8(jax.device_get(grid_sampler(state.ema_params, key)))
+  sharded = grid_sampler.sample(state.ema_params, key)
+  samples = images.to_uint8(
+      multihost_utils.process_allgather(sharded, tiled=True)[:grid_sampler.num_samples])
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
