@@ -11,6 +11,8 @@ skips compiling: --compilation_cache=DIR moves the cache, --compilation_cache=
 turns it off.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,7 +32,10 @@ def main(argv):
   common.start(argv)
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
   logging.info("Config:\n%s", _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.ConfigChangeError as error:
+    sys.exit(f"launch.train: {error}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 
 from diffusion_jax.data.config import SOURCES, DataConfig
 from diffusion_jax.data.pipeline import (
+    TrainIterator,
     local_batch_size,
     make_eval_iterator,
     make_global_batch,
@@ -17,6 +18,7 @@ from diffusion_jax.data.pipeline import (
 __all__ = [
     "SOURCES",
     "DataConfig",
+    "TrainIterator",
     "local_batch_size",
     "make_eval_iterator",
     "make_global_batch",

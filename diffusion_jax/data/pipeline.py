@@ -4,15 +4,22 @@
            ─► Preprocess ─► RandomHorizontalFlip ─► batch ─► (threads)
            ─► to_model_range ─► {"image": f32 [B, S, S, C], "label": i32 [B]}
 
-Every random choice is a function of `config.seed` and the record's position,
-so the iterator's state is just that position: `get_state()` / `set_state()`
-(or Orbax with `grain.checkpoint.CheckpointSave` / `CheckpointRestore`) resume
-it exactly. `make_global_batch` then joins the hosts' batches into one
-`jax.Array` sharded over the mesh.
+Every random choice is a function of the order's seed and the record's
+position, so the iterator's state is just that position (and the step at which
+its order started): `get_state()` / `set_state()` (or Orbax with
+`grain.checkpoint.CheckpointSave` / `CheckpointRestore`) resume it exactly.
+A run's order starts at step 0, seeded by `config.seed`; a run continued on
+another number of processes, whose shards no longer match the saved
+positions, starts a fresh order at its step (`TrainIterator.restart_order`).
+`make_global_batch` then joins the hosts' batches into one `jax.Array` sharded
+over the mesh.
 """
 
+from __future__ import annotations
+
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import jax
@@ -57,17 +64,28 @@ def shard(
   return dataset[start:stop]
 
 
+def order_seed(seed: int, start_step: int) -> int:
+  """The seed of the data order starting at `start_step`: `seed` for step 0.
+
+  Any other start step draws a new 32-bit seed from (seed, start_step), the
+  same on every process and machine.
+  """
+  if start_step == 0:
+    return seed
+  return int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0])
+
+
 def _records(
-    config: DataConfig, shard_options: grain.sharding.ShardOptions
+    config: DataConfig, shard_options: grain.sharding.ShardOptions, seed: int
 ) -> grain.MapDataset:
-  """This process's endless sequence of prepared uint8 records."""
+  """This process's endless prepared uint8 records, in the order of `seed`."""
   dataset = shard(grain.MapDataset.source(make_source(config)), shard_options)
   if len(dataset) == 0:
     raise ValueError(
         f"process {shard_options.shard_index} of {shard_options.shard_count}"
         " has no examples: the dataset is smaller than the process count"
     )
-  dataset = dataset.seed(config.seed)
+  dataset = dataset.seed(seed)
   if config.shuffle:
     dataset = dataset.shuffle()
   dataset = dataset.repeat()  # Reseeds the shuffle and flips every epoch.
@@ -79,11 +97,60 @@ def _records(
   return dataset
 
 
+ORDER_START_STEP = "order_start_step"  # TrainIterator's key in grain's state
+
+
+class TrainIterator(grain.DatasetIterator):
+  """The training batches in one data order, and the step that order started at.
+
+  Its state is grain's position in the order plus `order_start_step`, so a
+  checkpoint names its order and `set_state` rebuilds it; a state without
+  the key (saved before it existed) is a position in the order of step 0.
+  """
+
+  def __init__(
+      self,
+      make_order: Callable[[int], grain.DatasetIterator],
+      start_step: int = 0,
+  ):
+    """`make_order(start_step)`: the batches of the order starting there."""
+    self._make_order = make_order
+    self.start_step = start_step
+    super().__init__(make_order(start_step))
+
+  def _use_order(self, start_step: int) -> None:
+    """Goes on with the order starting at `start_step`, from its beginning."""
+    self._parent.close()
+    super().__init__(self._make_order(start_step))
+    self.start_step = start_step
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return {**self._parent.get_state(), ORDER_START_STEP: self.start_step}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    position = dict(state)
+    start_step = position.pop(ORDER_START_STEP, 0)
+    if start_step != self.start_step:
+      self._use_order(start_step)
+    self._parent.set_state(position)
+
+  def restart_order(self, step: int) -> None:
+    """Goes on with a fresh order seeded by `step` (`order_seed`).
+
+    For a run resumed on another number of processes: each process read its
+    own shard of the old order, so no position in it fits the new shards.
+    """
+    self._use_order(step)
+
+
 def make_train_iterator(
     config: DataConfig,
     global_batch_size: int,
     shard_options: grain.sharding.ShardOptions | None = None,
-) -> grain.DatasetIterator:
+) -> TrainIterator:
   """An endless iterator over this process's share of the training batches.
 
   Args:
@@ -95,24 +162,29 @@ def make_train_iterator(
   Returns:
     A checkpointable iterator of `{"image": float32 [B, S, S, C] in [-1, 1],
     "label": int32 [B]}` with B = global_batch_size / process count,
-    S = config.image_size and C = config.num_channels.
+    S = config.image_size and C = config.num_channels, in the order of
+    `config.seed` (of `order_seed(config.seed, s)` after `restart_order(s)`).
   """
   shard_options = shard_options or grain.sharding.ShardByJaxProcess(
       drop_remainder=True
   )
   batch_size = local_batch_size(global_batch_size, shard_options.shard_count)
-  batches = _records(config, shard_options).batch(
-      batch_size, drop_remainder=True
-  )
   # Threads prepare whole batches: prefetching single records would cost
   # grain a scan of its buffer per record.
   read_options = grain.ReadOptions(
       num_threads=config.num_threads,
       prefetch_buffer_size=2 * config.num_threads,
   )
-  return iter(
-      batches.to_iter_dataset(read_options).map(transforms.to_model_range)
-  )
+
+  def make_order(start_step: int) -> grain.DatasetIterator:
+    seed = order_seed(config.seed, start_step)
+    records = _records(config, shard_options, seed)
+    batches = records.batch(batch_size, drop_remainder=True)
+    return iter(
+        batches.to_iter_dataset(read_options).map(transforms.to_model_range)
+    )
+
+  return TrainIterator(make_order)
 
 
 def make_eval_iterator(

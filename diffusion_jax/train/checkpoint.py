@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 
@@ -19,7 +20,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from diffusion_jax import files
+
 CONFIG_FILE = "config.json"
+_DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's file of one process's position
 
 
 class CheckpointError(RuntimeError):
@@ -59,15 +63,19 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, abstract_state, data_iterator: grain.DatasetIterator | None = None,
-              step: int | None = None):
+  def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """Restores the state onto the shardings of `abstract_state`, and the iterator in place.
+
+    The state is read onto any mesh, whatever the devices that saved it. The
+    data position is per process: resumed exactly by the same number of
+    processes; with another number, the iterator starts a fresh order seeded
+    by the step instead, with a warning.
 
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set.
-      data_iterator: advanced in place to where the checkpoint left it (left
-        as it is when the checkpoint saved none); None restores the state
-        alone (for sampling and evaluation).
+      data_iterator: a `data.TrainIterator`, advanced in place to where the
+        checkpoint left it (left as it is when the checkpoint saved none);
+        None restores the state alone (for sampling and evaluation).
       step: which checkpoint; the latest when None.
 
     Returns:
@@ -77,9 +85,26 @@ class Checkpointer:
     if step is None:
       return None
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None and (epath.Path(self.directory) / str(step) / "data").exists():
+    saved_counts = self.data_process_counts(step) if data_iterator is not None else set()
+    if jax.process_count() in saved_counts:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._restore(step, items).state
+    state = self._restore(step, items).state
+    if saved_counts and jax.process_count() not in saved_counts:
+      logging.warning(
+          "Checkpoint %d holds the data position of %s process(es) and this run has %d: that"
+          " position cannot be resumed, so training goes on with a fresh data order seeded by"
+          " step %d (the examples already seen are not taken into account).", step,
+          " or ".join(map(str, sorted(saved_counts))), jax.process_count(), step)
+      data_iterator.restart_order(step)
+    return state
+
+  def data_process_counts(self, step: int) -> set[int]:
+    """The process counts whose data positions checkpoint `step` holds (grain's file names)."""
+    data_dir = epath.Path(self.directory) / str(step) / "data"
+    if not data_dir.exists():
+      return set()
+    return {int(match[1]) for path in data_dir.iterdir()
+            if (match := _DATA_FILE.fullmatch(path.name))}
 
   def restore_fields(self, abstract_fields: dict, step: int | None = None) -> dict | None:
     """Restores only the named fields of the saved state, e.g. {"ema_params": ..., "step": ...}.
@@ -125,11 +150,11 @@ def restore_target(state, shardings):
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the run's config as JSON beside the checkpoints (process 0 only)."""
+  """Writes the run's config as JSON beside the checkpoints, atomically (process 0 only)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    with files.atomic_path(os.path.join(workdir, CONFIG_FILE)) as temporary:
+      with open(temporary, "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

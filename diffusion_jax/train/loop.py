@@ -15,7 +15,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
 from diffusion_jax import data, images, parallel, sampling
-from diffusion_jax.train import checkpoint, experiment, periodic_eval
+from diffusion_jax.train import checkpoint, experiment, periodic_eval, run_config
 from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics, train_step
 
 
@@ -122,14 +122,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config.model: name a factory there ("package.module:factory") to make that possible.
   """
   exp = experiment.build(config, model)
-  mesh = parallel.make_mesh(exp.train.model_parallelism)
-  checkpoint.save_config(config, workdir)
-  data_iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
-  state, shardings = create_state(exp, mesh, config.seed)
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=exp.train.checkpoint_every,
                                          keep=exp.train.keep_checkpoints)
+  config_changes = run_config.check_resume(config, workdir, checkpointer)  # before any write
+  mesh = parallel.make_mesh(exp.train.model_parallelism)
+  data_iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
+  state, shardings = create_state(exp, mesh, config.seed)
   state = checkpointer.restore(checkpoint.restore_target(state, shardings), data_iterator) or state
   initial_step = int(state.step)
+  run_config.record_resume(config, workdir, config_changes, initial_step)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if initial_step == 0:
     parameter_overview.log_parameter_overview(state.params)
