@@ -6,14 +6,34 @@ pooling with stride 2; channels double at each level (64 .. 1024). Expansive
 path: a 2x2 up-convolution halving the channels, concatenation with the
 centre crop of the matching contracting feature map, two 3x3 convs + ReLU.
 A final 1x1 conv maps to the classes: 23 conv layers in all. A 572x572 input
-gives a 388x388 segmentation map.
+gives a 388x388 segmentation map. Weights start Gaussian with standard
+deviation sqrt(2 / N), N the incoming connections of a unit (Sec. 3).
 """
 
+import math
 from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+def he_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """N(0, 2 / N) for a conv kernel [kh, kw, in, out], N = kh * kw * in (Sec. 3).
+
+  N counts a unit's incoming connections, e.g. 576 for a 3x3 conv on 64
+  channels. A plain Gaussian, as the paper says, not a truncated one.
+  """
+  incoming = math.prod(shape[:-1])
+  return jax.random.normal(key, shape, dtype) * jnp.sqrt(2.0 / incoming).astype(dtype)
+
+
+def he_normal_upconv(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """N(0, 2 / N) for a 2x2 stride-2 up-convolution [2, 2, in, out]: N = in.
+
+  Each output unit of a stride-2 2x2 up-convolution sees one input pixel.
+  """
+  return jax.random.normal(key, shape, dtype) * jnp.sqrt(2.0 / shape[-2]).astype(dtype)
 
 
 def center_crop(x_BxHxWxC: jax.Array, height: int, width: int) -> jax.Array:
@@ -58,7 +78,8 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(2):
-      x = nn.relu(nn.Conv(self.features, (3, 3), padding=self.padding, name=f"conv{i}")(x))
+      x = nn.relu(nn.Conv(self.features, (3, 3), padding=self.padding, kernel_init=he_normal,
+                          name=f"conv{i}")(x))
     return x
 
 
@@ -92,10 +113,11 @@ class RonnebergerUNet(nn.Module):
     h = ConvBlock(self.features * 2**self.depth, self.padding, name="bottom")(h)
     for level in reversed(range(self.depth)):
       features = self.features * 2**level
-      h = nn.ConvTranspose(features, (2, 2), strides=(2, 2), name=f"up{level}_upconv")(h)
+      h = nn.ConvTranspose(features, (2, 2), strides=(2, 2), kernel_init=he_normal_upconv,
+                           name=f"up{level}_upconv")(h)
       skip = center_crop(skips.pop(), h.shape[1], h.shape[2])
       h = ConvBlock(features, self.padding, name=f"up{level}")(jnp.concatenate([skip, h], axis=-1))
-    return nn.Conv(self.num_classes, (1, 1), name="classifier")(h)
+    return nn.Conv(self.num_classes, (1, 1), kernel_init=he_normal, name="classifier")(h)
 
   def _check_input(self, x: jax.Array) -> None:
     if x.ndim != 4:

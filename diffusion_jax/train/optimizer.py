@@ -1,4 +1,4 @@
-"""The optax optimizer of a run: Adam(W) with linear warmup, an LR decay and clipping."""
+"""The optax optimizer of a run: Adam(W) or SGD with momentum; linear warmup, LR decay, clipping."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import optax
 from diffusion_jax.configlib import from_mapping
 
 SCHEDULES = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,6 +26,7 @@ class OptimConfig:
   b2: float = 0.999
   eps: float = 1e-8
   weight_decay: float = 0.0  # decoupled, for "adamw"
+  momentum: float = 0.9  # for "sgd" (Ronneberger et al. 2015 use 0.99)
   grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
 
   def __post_init__(self):
@@ -54,9 +55,11 @@ def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """-> (clip + Adam(W) with the LR schedule, the schedule itself for logging)."""
+  """-> (clip + the optimizer with the LR schedule, the schedule itself for logging)."""
   schedule = learning_rate_schedule(config)
-  if config.optimizer == "adam":
+  if config.optimizer == "sgd":
+    opt = optax.sgd(schedule, momentum=config.momentum)
+  elif config.optimizer == "adam":
     opt = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
   else:
     opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
