@@ -8,6 +8,7 @@ the input pipeline; the model section goes to the zoo.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ from diffusion_jax.configlib import from_mapping
 from diffusion_jax.data.config import DataConfig
 from diffusion_jax.diffusion import ModelSpec, parse_enum
 from diffusion_jax.train import optimizer
-from diffusion_jax.train.step import StepFns, TrainState
+from diffusion_jax.train.step import StepFns, TrainState, train_step
 
 
 LOSS_WEIGHTINGS = ("none", "min_snr")
@@ -196,6 +197,22 @@ class Experiment:
         label_dropout=self.train.p_uncond(self.num_classes is not None),
         min_snr_gamma=self.diffusion.snr_gamma,
         grad_accum_steps=self.train.grad_accum_steps)
+
+  def train_step_fn(self):
+    """The pure `(state, batch) -> (state, metrics)` the loop jits."""
+    return functools.partial(train_step, fns=self.step_fns())
+
+  def make_train_iterator(self):
+    """The input pipeline's endless, checkpointable iterator of training batches."""
+    from diffusion_jax import data  # the input pipeline pulls in TF; import it only when training
+
+    return data.make_train_iterator(self.data, self.train.batch_size)
+
+  def periodic_hooks(self, mesh, workdir: str):
+    """The loop's periodic actions for this run (`loop.diffusion_hooks`)."""
+    from diffusion_jax.train import loop  # the loop imports this module
+
+    return loop.diffusion_hooks(self, mesh, workdir)
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """A fresh TrainState; jit it with out_shardings to create it sharded."""

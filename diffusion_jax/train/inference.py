@@ -30,15 +30,15 @@ class EmaModel:
   step: int  # the training step of the checkpoint
 
 
-def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
-  """The EMA parameters of a run's latest checkpoint (or `step`), replicated over all devices.
+def restore_ema(exp, workdir: str, step: int | None = None) -> tuple[Any, int]:
+  """(EMA parameters replicated over all devices, step) of a run's latest checkpoint (or `step`).
 
-  Reads only the EMA parameters and the step, never the optimizer state.
+  `exp` is the run's experiment (any task's: it needs `init_state`). Reads
+  only the EMA parameters and the step, never the optimizer state.
 
   Raises:
-    FileNotFoundError: the workdir has no config.json or no checkpoint.
+    FileNotFoundError: the workdir has no checkpoint.
   """
-  exp = experiment.build(checkpoint.load_config(workdir))
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=1 << 30)
   if checkpointer.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first.")
@@ -49,8 +49,25 @@ def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
   restored = checkpointer.restore_fields(
       checkpoint.restore_target(fields, jax.tree.map(lambda _: replicated, fields)), step=step)
   checkpointer.close()
-  return EmaModel(exp.apply_fn, restored["ema_params"], exp.spec, exp.schedule, exp.image_shape,
-                  exp.num_classes, int(restored["step"]))
+  return restored["ema_params"], int(restored["step"])
+
+
+def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
+  """The EMA parameters of a run's latest checkpoint (or `step`), replicated over all devices.
+
+  Reads only the EMA parameters and the step, never the optimizer state.
+
+  Raises:
+    FileNotFoundError: the workdir has no config.json or no checkpoint.
+    ValueError: the workdir holds another task's run (segmentation).
+  """
+  config = checkpoint.load_config(workdir)
+  if config.get("task", "diffusion") != "diffusion":
+    raise ValueError(f"{workdir} holds a {config.task} run, not a diffusion model to sample.")
+  exp = experiment.build(config)
+  params, step = restore_ema(exp, workdir, step)
+  return EmaModel(exp.apply_fn, params, exp.spec, exp.schedule, exp.image_shape,
+                  exp.num_classes, step)
 
 
 def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: int,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -15,27 +15,43 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
 from diffusion_jax import data, images, parallel, sampling
-from diffusion_jax.train import checkpoint, experiment, periodic_eval, run_config
-from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics, train_step
+from diffusion_jax.train import checkpoint, experiment, periodic_eval, run_config, tasks
+from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics
 
 
-def compile_train_step(exp: experiment.Experiment, state_shardings, mesh,
-                       compiler_options: dict[str, str] | None = None):
-  """jit(train_step) with the state's shardings, the batch over "data", the old state donated.
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """A periodic action of the loop: `run(state, step, writer)` every `every` steps and at the last.
+
+  `every` 0 runs it at the last step only. Each task's experiment lists its
+  own (`periodic_hooks`): diffusion draws sample grids and scores them,
+  segmentation measures IoU on held-out images.
+  """
+
+  name: str
+  every: int
+  run: Callable[[TrainState, int, metric_writers.MetricWriter], None]
+
+  def due(self, step: int, last: bool) -> bool:
+    return last or bool(self.every and step % self.every == 0)
+
+
+def compile_train_step(exp, state_shardings, mesh, compiler_options: dict[str, str] | None = None):
+  """jit of the experiment's train step: state shardings kept, batch over "data", old state donated.
 
   `compiler_options` (XLA's) default to `parallel.compiler_options(mesh)`.
   """
   if compiler_options is None:
     compiler_options = parallel.compiler_options(mesh)
   return jax.jit(
-      functools.partial(train_step, fns=exp.step_fns()),
+      exp.train_step_fn(),
       in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
       out_shardings=(state_shardings, parallel.replicated(mesh)),
       donate_argnums=0,
       compiler_options=compiler_options)
 
 
-def create_state(exp: experiment.Experiment, mesh, seed: int):
+def create_state(exp, mesh, seed: int):
   """-> (the initial state, created directly in its shardings, and those shardings)."""
   rng = jax.random.PRNGKey(seed)
   abstract = jax.eval_shape(exp.init_state, rng)
@@ -98,6 +114,22 @@ def write_samples(grid_sampler: GridSampler, state: TrainState, step: int, seed:
 GRID_MIN_SIZE = 32  # pixels: smaller samples are enlarged in the PNG grids
 
 
+def diffusion_hooks(exp: experiment.Experiment, mesh, workdir: str) -> list[Hook]:
+  """A diffusion run's hooks: sample grids (train.sample_every) and their quality (eval_every)."""
+  grid_sampler = make_grid_sampler(exp, mesh)
+  seed = exp.config.seed + 1
+
+  def sample(state, step, writer):
+    write_samples(grid_sampler, state, step, seed, workdir, writer)
+
+  hooks = [Hook("sample", exp.train.sample_every, sample)]
+  if exp.train.eval_every:
+    evaluator = periodic_eval.make_evaluator(exp, mesh, workdir)
+    hooks.append(Hook("eval", exp.train.eval_every, lambda state, step, writer:
+                      writer.write_scalars(step, evaluator(state.ema_params, step))))
+  return hooks
+
+
 def _stop_requested(preemption: checkpoint.PreemptionFlag, step: int) -> bool:
   """Whether to save and stop now; every host agrees on the step in multi-host runs."""
   if jax.process_count() == 1:
@@ -117,16 +149,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        model: nn.Module | None = None) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
-  `model`, an already built Flax module taking (x, t, y=None, train=False), replaces
-  `config.model`. Sampling the run later (launch.sample) rebuilds the model from
-  config.model: name a factory there ("package.module:factory") to make that possible.
+  The config's `task` (`tasks.TASKS`: diffusion by default, or segmentation)
+  builds the experiment; the loop is the same for both. `model`, an already
+  built Flax module, replaces `config.model` (for diffusion one taking (x, t,
+  y=None, train=False)). Sampling the run later (launch.sample) rebuilds the
+  model from config.model: name a factory there ("package.module:factory") to
+  make that possible.
   """
-  exp = experiment.build(config, model)
+  exp = tasks.build(config, model)
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=exp.train.checkpoint_every,
                                          keep=exp.train.keep_checkpoints)
   config_changes = run_config.check_resume(config, workdir, checkpointer)  # before any write
   mesh = parallel.make_mesh(exp.train.model_parallelism)
-  data_iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
+  data_iterator = exp.make_train_iterator()
   state, shardings = create_state(exp, mesh, config.seed)
   state = checkpointer.restore(checkpoint.restore_target(state, shardings), data_iterator) or state
   initial_step = int(state.step)
@@ -138,9 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                type(exp.model).__name__, exp.train.num_steps, initial_step, jax.device_count(),
                dict(mesh.shape))
   step_fn = compile_train_step(exp, shardings, mesh)
-  grid_sampler = make_grid_sampler(exp, mesh)
-  evaluator = (periodic_eval.make_evaluator(exp, mesh, workdir) if exp.train.eval_every
-               else None)
+  hooks = exp.periodic_hooks(mesh, workdir)
   batch_sharding = parallel.batch_sharding(mesh)
   progress = periodic_actions.ReportProgress(num_train_steps=exp.train.num_steps, writer=writer)
   accumulated = None
@@ -155,12 +188,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars = compute_metrics(accumulated)  # the only host sync of the loop
         writer.write_scalars(step, _loggable(scalars, step))
         accumulated = None
-      if (exp.train.sample_every and step % exp.train.sample_every == 0) or last:
-        with progress.timed("sample"):
-          write_samples(grid_sampler, state, step, config.seed + 1, workdir, writer)
-      if evaluator and (step % exp.train.eval_every == 0 or last):
-        with progress.timed("eval"):
-          writer.write_scalars(step, evaluator(state.ema_params, step))
+      for hook in hooks:
+        if hook.due(step, last):
+          with progress.timed(hook.name):
+            hook.run(state, step, writer)
       stop = _stop_requested(preemption, step)
       checkpointer.save(step, state, data_iterator, force=last or stop)
       if stop:

@@ -1,0 +1,174 @@
+"""The segmentation input pipeline: image/mask pairs -> weight maps -> augmented tiles -> batches.
+
+    source ─► this process's shard ─► shuffle (per epoch) ─► repeat
+           ─► Prepare (channels, resize, weight map: Sec. 3 eq. 2)
+           ─► RandomTile (shift, rotation, elastic, intensity: Sec. 3.1) ─► batch
+           ─► {"image": f32 [B, T, T, C] in [-1, 1], "mask": i32 [B, O, O],
+               "weights": f32 [B, O, O]}
+
+T is the network's input tile, O its output (T minus the context the unpadded
+convolutions eat). As in the diffusion pipeline, every random choice is a
+function of the seed and the record's position, so the grain iterator's state
+resumes it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+from diffusion_jax.configlib import from_mapping
+from diffusion_jax.data import pipeline as image_pipeline
+from diffusion_jax.segmentation import augment, sources, weights
+
+SOURCES = ("cells", "tfds", "folder")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SegmentationDataConfig:
+  """Where the image/mask pairs come from and how they are prepared.
+
+  source "cells": synthetic cell images (`synthetic.py`), offline. "tfds": a
+  TFDS dataset's `image_key` and `mask_key` features (e.g. oxford_iiit_pet's
+  "image" and "segmentation_mask", whose labels 1..3 become 0..2 with
+  mask_offset 1). "folder": PATH/SPLIT/images/NAME.png with
+  PATH/SPLIT/masks/NAME.png holding class indices.
+  """
+
+  source: str = "cells"
+  split: str = "train"  # training split ("train" / "test" for cells and folders)
+  eval_split: str = "test"  # held-out split of the IoU evaluation
+  eval_images: int = 0  # held-out images evaluated (the first ones); 0: all
+  name: str = ""  # TFDS dataset (source "tfds")
+  image_key: str = "image"  # TFDS feature holding the image
+  mask_key: str = "segmentation_mask"  # TFDS feature holding the mask
+  mask_offset: int = 0  # subtracted from the stored labels (oxford_iiit_pet: 1)
+  path: str = ""  # root of the split folders (source "folder")
+  num_channels: int = 1  # 1 (gray) or 3 (RGB); other images are converted
+  tile_size: int = 316  # pixels: the network's input tile; its output is smaller by the context
+  resize: int = 0  # pixels: scale each image's short side to this (masks: nearest); 0 keeps
+  num_images: int = 64  # synthetic training images (source "cells")
+  num_eval_images: int = 16  # synthetic held-out images (source "cells")
+  image_size: int = 128  # pixels: side of the synthetic images (source "cells")
+  shuffle: bool = True
+  seed: int = 0  # seeds the synthetic images, the shuffle and the augmentation
+  num_threads: int = 2  # threads preparing batches ahead; 0: in the main thread
+
+  def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ValueError(f"Unknown data.source {self.source!r}; known: {list(SOURCES)}.")
+    if self.source == "tfds" and not self.name:
+      raise ValueError("data.source 'tfds' needs data.name (e.g. 'oxford_iiit_pet').")
+    if self.source == "folder" and not self.path:
+      raise ValueError("data.source 'folder' needs data.path.")
+    if self.num_channels not in (1, 3):
+      raise ValueError(f"data.num_channels must be 1 or 3, got {self.num_channels}.")
+    for key in ("resize", "eval_images", "num_threads"):
+      if getattr(self, key) < 0:
+        raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}.")
+    for key in ("num_images", "num_eval_images", "image_size", "tile_size"):
+      if getattr(self, key) <= 0:
+        raise ValueError(f"data.{key} must be positive, got {getattr(self, key)}.")
+
+  @classmethod
+  def from_mapping(cls, mapping: Any) -> "SegmentationDataConfig":
+    return from_mapping(cls, mapping, "data")
+
+
+def make_source(config: SegmentationDataConfig, split: str, num_classes: int):
+  """The checked source of `split` (`sources.CheckedSource`)."""
+  if config.source == "cells":
+    count = config.num_images if split == config.split else config.num_eval_images
+    return sources.cells_source(config.seed, split, count, config.image_size, num_classes)
+  if config.source == "tfds":
+    return sources.tfds_source(config.name, split, config.image_key, config.mask_key, num_classes,
+                               config.mask_offset)
+  return sources.folder_source(f"{config.path}/{split}", num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepare(grain.transforms.Map):
+  """A record -> {"image": f32 [H, W, C] in [0, 1], "mask": i32 [H, W], "weights": f32 [H, W]}."""
+
+  num_channels: int
+  resize: int
+  num_classes: int
+  weight_map: weights.WeightMapConfig
+
+  def map(self, record):
+    image, mask = sources.prepare_image(record["image"], record["mask"], self.num_channels,
+                                        self.resize)
+    return {"image": image, "mask": mask,
+            "weights": weights.weight_map(mask, self.num_classes, self.weight_map)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomTile(grain.transforms.RandomMap):
+  """A prepared whole image -> one augmented training tile (`augment.random_tile`), in [-1, 1]."""
+
+  tile: int
+  output: int
+  augment: augment.AugmentConfig
+
+  def random_map(self, record, rng: np.random.Generator):
+    image, mask, weight = augment.random_tile(rng, record["image"], record["mask"],
+                                              record["weights"], self.tile, self.output,
+                                              self.augment)
+    return {"image": image * 2.0 - 1.0, "mask": mask, "weights": weight}
+
+
+@dataclasses.dataclass(frozen=True)
+class TileShape:
+  """The network's tile sizes: `tile` in, `output` out (`models.valid_output_size`)."""
+
+  tile: int
+  output: int
+
+
+def make_train_iterator(config: SegmentationDataConfig, global_batch_size: int, tiles: TileShape,
+                        num_classes: int, weight_map: weights.WeightMapConfig,
+                        augment_config: augment.AugmentConfig,
+                        shard_options: grain.sharding.ShardOptions | None = None):
+  """An endless, checkpointable iterator over this process's share of the training tiles.
+
+  Returns batches {"image": float32 [B, T, T, C] in [-1, 1], "mask": int32
+  [B, O, O], "weights": float32 [B, O, O]}, B = global_batch_size / process
+  count, T = tiles.tile, O = tiles.output.
+  """
+  shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  batch_size = image_pipeline.local_batch_size(global_batch_size, shard_options.shard_count)
+  dataset = image_pipeline.shard(
+      grain.MapDataset.source(make_source(config, config.split, num_classes)), shard_options)
+  if len(dataset) == 0:
+    raise ValueError(f"process {shard_options.shard_index} of {shard_options.shard_count} has no"
+                     " examples: the dataset is smaller than the process count")
+  dataset = dataset.seed(config.seed)
+  if config.shuffle:
+    dataset = dataset.shuffle()
+  dataset = (dataset.repeat()
+             .map(Prepare(config.num_channels, config.resize, num_classes, weight_map))
+             .random_map(RandomTile(tiles.tile, tiles.output, augment_config))
+             .batch(batch_size, drop_remainder=True))
+  read_options = grain.ReadOptions(num_threads=config.num_threads,
+                                   prefetch_buffer_size=2 * config.num_threads)
+  return iter(dataset.to_iter_dataset(read_options))
+
+
+def load_eval_set(config: SegmentationDataConfig, num_classes: int):
+  """The held-out images: (images [f32 [H, W, C] in [-1, 1]], masks [i32 [H, W]]), whole.
+
+  The first `config.eval_images` of `config.eval_split` (all when 0); sizes may differ.
+  """
+  source = make_source(config, config.eval_split, num_classes)
+  count = min(len(source), config.eval_images or len(source))
+  images, masks = [], []
+  for index in range(count):
+    record = source[index]
+    image, mask = sources.prepare_image(record["image"], record["mask"], config.num_channels,
+                                        config.resize)
+    images.append(image * 2.0 - 1.0)
+    masks.append(mask)
+  return images, masks
