@@ -18,6 +18,7 @@ import pytest
 from diffusion_jax import configlib, models
 from diffusion_jax.data.config import DataConfig
 from diffusion_jax.evaluation.config import EvalConfig, NllConfig
+from diffusion_jax.segmentation import experiment as segmentation_experiment
 from diffusion_jax.train import experiment, optimizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,6 +30,13 @@ EVAL_CONFIGS = sorted(p.name for p in (REPO / "configs" / "eval").glob("*.py")
 TRAIN_SECTIONS = {"data": DataConfig, "diffusion": experiment.DiffusionConfig,
                   "optim": optimizer.OptimConfig, "train": experiment.TrainConfig}
 EVAL_SECTIONS = {"": EvalConfig, "nll": NllConfig, "data": DataConfig}
+
+
+def _train_sections(config) -> dict:
+  """The sections of a training config: its task's (segmentation's own, or diffusion's)."""
+  if config.get("task") == "segmentation":
+    return segmentation_experiment.SECTION_CLASSES
+  return TRAIN_SECTIONS
 
 
 def _config_text(path: str) -> str:
@@ -48,7 +56,7 @@ def _load(path: str):
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
 def test_train_config_holds_every_field_of_its_sections(name):
   config = _load(f"configs/{name}")
-  for section, cls in TRAIN_SECTIONS.items():
+  for section, cls in _train_sections(config).items():
     assert sorted(config[section].keys()) == sorted(configlib.field_names(cls)), section
   module = models.lookup(config.model.name).module
   assert sorted(config.model.keys()) == sorted([*configlib.field_names(module), "name"])
@@ -125,8 +133,8 @@ print(json.dumps(results))
 
 def test_command_line_overrides_a_field_of_every_section_no_config_sets():
   """In a subprocess, as the launchers parse flags; the fields are chosen by the test."""
-  requests = {f"configs/{name}": _unset_field_overrides(f"configs/{name}",
-                                                      [*TRAIN_SECTIONS, "model"])
+  requests = {f"configs/{name}": _unset_field_overrides(
+      f"configs/{name}", [*_train_sections(_load(f"configs/{name}")), "model"])
               for name in TRAIN_CONFIGS}
   requests.update({f"configs/eval/{name}": _unset_field_overrides(f"configs/eval/{name}",
                                                                  list(EVAL_SECTIONS))

@@ -19,7 +19,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from diffusion_jax import models, parallel
+from diffusion_jax import configlib, models, parallel
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.segmentation import augment, data, metrics, step, tiling, weights
 from diffusion_jax.train import optimizer
@@ -28,6 +28,10 @@ from diffusion_jax.train.loop import Hook
 from diffusion_jax.train.step import TrainState
 
 SECTIONS = ("seed", "task", "data", "model", "weight_map", "augment", "optim", "train")
+# The dataclass of each section but model (the zoo's) and the scalars.
+SECTION_CLASSES = {"data": data.SegmentationDataConfig, "weight_map": weights.WeightMapConfig,
+                   "augment": augment.AugmentConfig, "optim": optimizer.OptimConfig,
+                   "train": TrainConfig}
 PANEL_IMAGES = 4  # held-out images in each image | truth | prediction PNG
 EVAL_CHUNK = 16  # held-out images whose tiles are predicted together
 
@@ -149,6 +153,24 @@ def _tile_shape(model: nn.Module, tile: int, num_channels: int) -> data.TileShap
   return data.TileShape(tile, out.shape[1])
 
 
+def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with every field its sections know, as `train.experiment.complete_config` does.
+
+  Each section holds all fields of its dataclass (`SECTION_CLASSES`, the zoo
+  entry's module for `model`), so the command line can override any of them.
+  Segmentation config files end with it; a key no section knows is a
+  ValueError naming it.
+  """
+  configlib.check_known(config, SECTIONS, "config")
+  complete = ml_collections.ConfigDict()
+  complete.seed = config.get("seed", 0)
+  complete.task = "segmentation"
+  complete.model = models.config_section(config.model)
+  for name, cls in SECTION_CLASSES.items():
+    complete[name] = configlib.section(cls, config.get(name), name=name)
+  return complete
+
+
 def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
           ) -> SegmentationExperiment:
   """Checks a segmentation config (`task = "segmentation"`) and builds its parts.
@@ -156,9 +178,7 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
   `model`, when given, replaces `config.model`; it needs `num_classes` and
   `depth` fields, as `RonnebergerUNet` has.
   """
-  if unknown := sorted(set(config.keys()) - set(SECTIONS)):
-    raise ValueError(f"Unknown top-level config key(s) {unknown} of a segmentation config;"
-                     f" known: {list(SECTIONS)}.")
+  configlib.check_known(config, SECTIONS, "config")
   data_config = data.SegmentationDataConfig.from_mapping(config.data)
   model = models.get_model(dict(config.model)) if model is None else model
   for field in ("num_classes", "depth"):
