@@ -8,8 +8,9 @@
 
 T is the network's input tile, O its output (T minus the context the unpadded
 convolutions eat). As in the diffusion pipeline, every random choice is a
-function of the seed and the record's position, so the grain iterator's state
-resumes it exactly.
+function of the order's seed and the record's position, so the iterator's
+state resumes it exactly, and a run continued on another number of processes
+goes on in a fresh order (`data.TrainIterator`).
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ class TileShape:
 def make_train_iterator(config: SegmentationDataConfig, global_batch_size: int, tiles: TileShape,
                         num_classes: int, weight_map: weights.WeightMapConfig,
                         augment_config: augment.AugmentConfig,
-                        shard_options: grain.sharding.ShardOptions | None = None):
+                        shard_options: grain.sharding.ShardOptions | None = None
+                        ) -> image_pipeline.TrainIterator:
   """An endless, checkpointable iterator over this process's share of the training tiles.
 
   Returns batches {"image": float32 [B, T, T, C] in [-1, 1], "mask": int32
@@ -140,21 +142,25 @@ def make_train_iterator(config: SegmentationDataConfig, global_batch_size: int, 
   """
   shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
   batch_size = image_pipeline.local_batch_size(global_batch_size, shard_options.shard_count)
-  dataset = image_pipeline.shard(
+  records = image_pipeline.shard(
       grain.MapDataset.source(make_source(config, config.split, num_classes)), shard_options)
-  if len(dataset) == 0:
+  if len(records) == 0:
     raise ValueError(f"process {shard_options.shard_index} of {shard_options.shard_count} has no"
                      " examples: the dataset is smaller than the process count")
-  dataset = dataset.seed(config.seed)
-  if config.shuffle:
-    dataset = dataset.shuffle()
-  dataset = (dataset.repeat()
-             .map(Prepare(config.num_channels, config.resize, num_classes, weight_map))
-             .random_map(RandomTile(tiles.tile, tiles.output, augment_config))
-             .batch(batch_size, drop_remainder=True))
   read_options = grain.ReadOptions(num_threads=config.num_threads,
                                    prefetch_buffer_size=2 * config.num_threads)
-  return iter(dataset.to_iter_dataset(read_options))
+
+  def make_order(start_step: int) -> grain.DatasetIterator:
+    dataset = records.seed(image_pipeline.order_seed(config.seed, start_step))
+    if config.shuffle:
+      dataset = dataset.shuffle()
+    dataset = (dataset.repeat()
+               .map(Prepare(config.num_channels, config.resize, num_classes, weight_map))
+               .random_map(RandomTile(tiles.tile, tiles.output, augment_config))
+               .batch(batch_size, drop_remainder=True))
+    return iter(dataset.to_iter_dataset(read_options))
+
+  return image_pipeline.TrainIterator(make_order)
 
 
 def load_eval_set(config: SegmentationDataConfig, num_classes: int):
