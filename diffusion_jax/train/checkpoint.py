@@ -1,12 +1,15 @@
 """Orbax checkpoints of the train state and the data iterator, saved side by side.
 
-Saves are atomic (Orbax writes to a temporary directory and renames it when
-complete), so an interrupted save is never restored; a finished checkpoint is
-never deleted here except by the keep-last-K policy.
+Saves are atomic (Orbax writes to `<step>.orbax-checkpoint-tmp` and renames it
+when complete), so a save interrupted by kill -9 or a full disk is never
+restored: the steps listed skip temporary directories, and the next training
+run in the workdir deletes them. A finished checkpoint is never deleted here except by the
+keep-last-K policy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from diffusion_jax import files
 
@@ -33,13 +37,17 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
   """Saves and restores {"state": TrainState, "data": iterator state} in `workdir/checkpoints`."""
 
-  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_saves: bool = True):
+  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_saves: bool = True,
+               delete_unfinished: bool = False):
+    """`delete_unfinished`: delete the temporary directories of interrupted saves; only for the
+    run that trains in `workdir`, as a reader would delete a live run's save in progress."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.every_steps = every_steps
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_saves))
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_saves,
+            cleanup_tmp_directories=delete_unfinished))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -47,21 +55,36 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def is_due(self, step: int) -> bool:
+    """Whether `step` is a multiple of every_steps: when `save` saves without `force`."""
+    return step % self.every_steps == 0
+
   def save(self, step: int, state, data_iterator: grain.DatasetIterator | None, *,
            force=False) -> bool:
     """Saves if `step` is a multiple of every_steps (or `force`); returns whether it did.
 
     A None iterator saves the state alone (a converted checkpoint has no data
-    position; training from it starts its data from the beginning).
+    position; training from it starts its data from the beginning). The save
+    runs in the background; an earlier one that failed (a full disk) raises
+    CheckpointError here or in `wait`.
     """
-    if not force and step % self.every_steps:
-      return False
-    if step in self._manager.all_steps():
+    if not (force or self.is_due(step)) or step in self._manager.all_steps():
       return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._naming_save_failures():
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  @contextlib.contextmanager
+  def _naming_save_failures(self):
+    """Re-raises a failed save (disk full, no permission) as one error naming the directory."""
+    try:
+      yield
+    except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, ... for I/O errors.
+      raise CheckpointError(
+          f"Saving a checkpoint in {self.directory} failed: {type(e).__name__}: {e}. Finished"
+          f" checkpoints: {self.all_steps()}; the unfinished one is never restored.") from e
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """Restores the state onto the shardings of `abstract_state`, and the iterator in place.
@@ -137,16 +160,39 @@ class Checkpointer:
 
   def wait(self):
     """Blocks until every asynchronous save has been written."""
-    self._manager.wait_until_finished()
+    with self._naming_save_failures():
+      self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.close()
+    """Waits for the saves in flight, then closes the manager."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def restore_target(state, shardings):
   """Each leaf's shape and dtype, placed on the current mesh: what Orbax restores onto."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       state, shardings)
+
+
+def check_writable(workdir: str) -> None:
+  """Creates `workdir` and writes a file in it, so that a read-only one fails before training.
+
+  Every process checks, as every process writes its data position.
+
+  Raises:
+    OSError: naming the workdir and the reason.
+  """
+  probe = epath.Path(workdir) / f".write_check_{jax.process_index()}"
+  try:
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise OSError(f"Cannot write in workdir {workdir}: {e.strerror or e}. Checkpoints, config"
+                  " and metrics go there: pick a writable --workdir.") from e
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -166,18 +212,38 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-class PreemptionFlag:
-  """Set by SIGTERM (preemption); the loop checks it between steps, saves and stops.
+class PreemptionNotice:
+  """Whether to save and stop after a step because SIGTERM came, every process at the same step.
 
-  Checking a Python flag between steps costs no device sync.
+  One process: a SIGTERM handler sets a flag, read between steps. Several
+  processes (`jax.distributed.initialize()` called): JAX's preemption sync
+  manager, whose SIGTERM handler `initialize` installed. When any process gets
+  SIGTERM (a pod preempted: all of them; a node drained: one), the coordination
+  service tells every process; in a background thread each sends the last step
+  it reported, and all stop at the one after the furthest. No Python handler
+  is installed then: it would replace JAX's, and the notice would never spread.
+  Neither path costs a device sync.
+
+  Call `reached(step)` after every step, on every process. Steps are the
+  global step numbers, as Orbax's CheckpointManager also reports them to JAX.
   """
 
-  def __init__(self):
+  def __init__(self, first_step: int):
+    """`first_step`: the step the run starts from (0, or the restored checkpoint's)."""
+    self._first_step = first_step
     self._event = threading.Event()
     self._previous = None
+    self._jax_sync = jax.distributed.is_initialized()
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if self._jax_sync:
+      try:  # A notice before this call is acted on only from step 0 (docs/training.md).
+        multihost_utils.reached_preemption_sync_point(self._first_step)
+      except RuntimeError:
+        logging.warning("JAX's preemption service is off (jax_enable_preemption_service):"
+                        " SIGTERM ends this multi-process run without a checkpoint.")
+        self._jax_sync = False
+    elif threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
     return self
 
@@ -185,6 +251,8 @@ class PreemptionFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  @property
-  def is_set(self) -> bool:
+  def reached(self, step: int) -> bool:
+    """Whether `step`, just taken, is the one to save and stop at."""
+    if self._jax_sync:
+      return multihost_utils.reached_preemption_sync_point(step)
     return self._event.is_set()

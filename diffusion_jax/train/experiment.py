@@ -25,6 +25,7 @@ from diffusion_jax.train.step import StepFns, TrainState, train_step
 
 
 LOSS_WEIGHTINGS = ("none", "min_snr")
+NONFINITE_ACTIONS = ("stop", "skip")  # train.on_nonfinite
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,6 +106,10 @@ class TrainConfig:
   # Classifier-free guidance's p_uncond (Ho & Salimans 2022): the probability of training a
   # label as the null label. None: DEFAULT_LABEL_DROPOUT for class-conditional models, else 0.
   label_dropout: float | None = None
+  # A step with a non-finite loss or gradient never changes the state (train/step.py); "stop":
+  # the run then raises naming that step, with no checkpoint saved after it; "skip": it goes on,
+  # counting such steps in the metric skipped_steps. See docs/training.md.
+  on_nonfinite: str = "stop"
 
   def __post_init__(self):
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -128,6 +133,9 @@ class TrainConfig:
       raise ValueError(f"train.label_dropout must be in [0, 1), got {self.label_dropout}.")
     if self.sample_guidance < 0:
       raise ValueError(f"train.sample_guidance must be >= 0, got {self.sample_guidance}.")
+    if self.on_nonfinite not in NONFINITE_ACTIONS:
+      raise ValueError(f"Unknown train.on_nonfinite {self.on_nonfinite!r}; known:"
+                       f" {list(NONFINITE_ACTIONS)}.")
 
   def p_uncond(self, class_conditional: bool) -> float:
     """label_dropout for a model that is class-conditional or not.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Callable, NamedTuple
@@ -16,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import data, images, parallel, sampling
 from diffusion_jax.train import checkpoint, experiment, periodic_eval, run_config, tasks
-from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics
+from diffusion_jax.train.step import TrainMetrics, TrainState, compute_metrics, merge_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,19 +131,26 @@ def diffusion_hooks(exp: experiment.Experiment, mesh, workdir: str) -> list[Hook
   return hooks
 
 
-def _stop_requested(preemption: checkpoint.PreemptionFlag, step: int) -> bool:
-  """Whether to save and stop now; every host agrees on the step in multi-host runs."""
-  if jax.process_count() == 1:
-    return preemption.is_set
-  return multihost_utils.reached_preemption_sync_point(step)
-
-
-def _loggable(scalars: dict, step: int) -> dict:
-  """Drops the means of empty timestep quarters; raises on a non-finite loss or gradient."""
-  bad = [k for k in ("loss", "grad_norm") if not np.isfinite(scalars[k])]
-  if bad:
-    raise FloatingPointError(f"Non-finite {bad} at step {step}: {scalars}.")
+def _finite(scalars: dict) -> dict:
+  """The logged values but NaNs: the means of empty timestep quarters, or of skipped steps only."""
   return {k: v for k, v in scalars.items() if np.isfinite(v)}
+
+
+def _raise_if_skipped(accumulated: TrainMetrics | None, latest_checkpoint: int | None) -> None:
+  """train.on_nonfinite="stop": raises naming the first step skipped since the metrics were reset.
+
+  Reads two device scalars: called at log steps and before saves only, so that
+  no checkpoint is ever saved of a state past a non-finite step.
+  """
+  if accumulated is None:
+    return
+  skipped = jax.device_get(accumulated["skipped_steps"])
+  if skipped.count:
+    raise FloatingPointError(
+        f"Non-finite loss or gradient at step {int(skipped.first)} ({int(skipped.count)} such"
+        f" step(s) since the last log); stopping (train.on_nonfinite='stop'). The latest"
+        f" checkpoint, step {latest_checkpoint}, is from before it; train.on_nonfinite='skip'"
+        " skips such steps instead.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -156,9 +164,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model from config.model: name a factory there ("package.module:factory") to
   make that possible.
   """
+  checkpoint.check_writable(workdir)
   exp = tasks.build(config, model)
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=exp.train.checkpoint_every,
-                                         keep=exp.train.keep_checkpoints)
+                                         keep=exp.train.keep_checkpoints, delete_unfinished=True)
   config_changes = run_config.check_resume(config, workdir, checkpointer)  # before any write
   mesh = parallel.make_mesh(exp.train.model_parallelism)
   data_iterator = exp.make_train_iterator()
@@ -177,7 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch_sharding = parallel.batch_sharding(mesh)
   progress = periodic_actions.ReportProgress(num_train_steps=exp.train.num_steps, writer=writer)
   accumulated = None
-  with checkpoint.PreemptionFlag() as preemption:
+  stop_on_nonfinite = exp.train.on_nonfinite == "stop"
+  with checkpoint.PreemptionNotice(initial_step) as preemption, contextlib.closing(checkpointer):
     for step in range(initial_step + 1, exp.train.num_steps + 1):
       batch = data.make_global_batch(next(data_iterator), batch_sharding)
       state, step_metrics = step_fn(state, batch)
@@ -185,19 +195,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       progress(step)
       last = step == exp.train.num_steps
       if step % exp.train.log_every == 0 or last:
-        scalars = compute_metrics(accumulated)  # the only host sync of the loop
-        writer.write_scalars(step, _loggable(scalars, step))
+        scalars = compute_metrics(accumulated)  # the loop's host sync (and before saves)
+        if stop_on_nonfinite:
+          _raise_if_skipped(accumulated, checkpointer.latest_step())
+        writer.write_scalars(step, _finite(scalars))
         accumulated = None
       for hook in hooks:
         if hook.due(step, last):
           with progress.timed(hook.name):
             hook.run(state, step, writer)
-      stop = _stop_requested(preemption, step)
-      checkpointer.save(step, state, data_iterator, force=last or stop)
+      stop = preemption.reached(step)
+      if stop or last or checkpointer.is_due(step):
+        if stop_on_nonfinite:
+          _raise_if_skipped(accumulated, checkpointer.latest_step())
+        checkpointer.save(step, state, data_iterator, force=True)
       if stop:
         logging.warning("Stop requested (SIGTERM): saved step %d and stopping.", step)
         break
-  checkpointer.wait()
-  checkpointer.close()
   writer.flush()
   return state

@@ -30,8 +30,29 @@ class TrainState:
 
 
 # Metric name -> clu metric, accumulated on device between logs: loss, mse, vb, grad_norm,
-# learning_rate, and loss_q<i>, the loss in the i-th quarter of [0, T).
+# learning_rate, loss_q<i> (the loss in the i-th quarter of [0, T)) and skipped_steps. The
+# means leave out skipped steps.
 TrainMetrics = dict[str, metrics.Metric]
+
+NO_STEP = jnp.iinfo(jnp.int32).max  # SkippedSteps.first when no step was skipped
+
+
+@flax.struct.dataclass
+class SkippedSteps(metrics.Metric):
+  """Steps whose update was skipped for a non-finite loss or gradient: how many, and the first.
+
+  compute() gives the count; `first` is the first skipped step's number (the
+  step the update would have made, as the loop counts them), NO_STEP if none.
+  """
+
+  count: jax.Array  # int32 []
+  first: jax.Array  # int32 []
+
+  def merge(self, other: SkippedSteps) -> SkippedSteps:
+    return SkippedSteps(count=self.count + other.count, first=jnp.minimum(self.first, other.first))
+
+  def compute(self) -> jax.Array:
+    return self.count
 
 
 def merge_metrics(accumulated: TrainMetrics | None, new: TrainMetrics) -> TrainMetrics:
@@ -68,19 +89,22 @@ class StepFns:
   grad_accum_steps: int = 1  # microbatches per optimizer update
 
 
-def _average(values, mask=None):
-  mask = jnp.ones_like(values) if mask is None else mask
-  return metrics.Average(total=jnp.sum(values * mask), count=jnp.sum(mask))
+def _average(values, mask) -> metrics.Average:
+  """The mean of `values` where the boolean `mask` (broadcast to them) holds; NaNs elsewhere drop
+  out."""
+  mask = jnp.broadcast_to(mask, values.shape)
+  return metrics.Average(total=jnp.sum(jnp.where(mask, values, 0.0)), count=jnp.sum(mask))
 
 
-def _metrics(fns: StepFns, terms: losses.LossTerms, t, grad_norm, step) -> TrainMetrics:
+def _metrics(fns: StepFns, terms: losses.LossTerms, t, grad_norm, step, finite) -> TrainMetrics:
   quarter = t * 4 // fns.schedule.num_timesteps  # [B] in 0..3
-  per_quarter = {f"loss_q{q}": _average(terms.loss, (quarter == q).astype(jnp.float32))
-                 for q in range(4)}
+  per_quarter = {f"loss_q{q}": _average(terms.loss, (quarter == q) & finite) for q in range(4)}
   return dict(
-      loss=_average(terms.loss), mse=_average(terms.mse), vb=_average(terms.vb),
-      grad_norm=_average(grad_norm[None]),
+      loss=_average(terms.loss, finite), mse=_average(terms.mse, finite),
+      vb=_average(terms.vb, finite), grad_norm=_average(grad_norm[None], finite),
       learning_rate=metrics.LastValue(total=fns.lr_schedule(step), count=jnp.array(1)),
+      skipped_steps=SkippedSteps(count=jnp.where(finite, 0, 1).astype(jnp.int32),
+                                 first=jnp.where(finite, NO_STEP, step + 1).astype(jnp.int32)),
       **per_quarter)
 
 
@@ -153,6 +177,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
   dropped labels are drawn for the whole batch, then the gradient is
   accumulated over fns.grad_accum_steps microbatches, and the timestep sampler
   sees every example's loss.
+
+  A step with a non-finite loss or gradient changes nothing but the step
+  counter: params, EMA, optimizer and timestep-sampler states keep their
+  values, and the metrics count it in skipped_steps instead of the means. The
+  next step draws new noise (its key folds in the new counter) on the next
+  batch. The loop decides whether the run goes on (train.on_nonfinite).
   """
   x_start = batch["image"]
   t_key, noise_key, dropout_key, label_key = jax.random.split(
@@ -164,10 +194,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
     labels = drop_labels(labels, label_key, fns.label_dropout, null_label=fns.num_classes)
   grads, terms = _accumulated_grads(state.params, (x_start, t, noise, weights, labels),
                                     dropout_key, fns)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(terms.loss))
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - fns.ema_decay)
-  new_state = state.replace(
-      step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
+  updated = state.replace(
+      params=params, ema_params=ema_params, opt_state=opt_state,
       sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss))
-  return new_state, _metrics(fns, terms, t, optax.tree.norm(grads), state.step)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  return (new_state.replace(step=state.step + 1),
+          _metrics(fns, terms, t, grad_norm, state.step, finite))
