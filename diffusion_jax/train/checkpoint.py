@@ -237,7 +237,7 @@ class PreemptionNotice:
 
   def __enter__(self):
     if self._jax_sync:
-      try:  # A notice before this call is acted on only from step 0 (docs/training.md).
+      try:  # JAX agrees on step 1 for a notice before this call: see docs/training.md.
         multihost_utils.reached_preemption_sync_point(self._first_step)
       except RuntimeError:
         logging.warning("JAX's preemption service is off (jax_enable_preemption_service):"

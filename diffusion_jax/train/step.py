@@ -90,8 +90,7 @@ class StepFns:
 
 
 def _average(values, mask) -> metrics.Average:
-  """The mean of `values` where the boolean `mask` (broadcast to them) holds; NaNs elsewhere drop
-  out."""
+  """The mean of `values` where boolean `mask` (broadcast) holds; NaNs elsewhere drop out."""
   mask = jnp.broadcast_to(mask, values.shape)
   return metrics.Average(total=jnp.sum(jnp.where(mask, values, 0.0)), count=jnp.sum(mask))
 
