@@ -55,6 +55,20 @@ class SkippedSteps(metrics.Metric):
     return self.count
 
 
+def keep_finite_update(state: TrainState, updated: TrainState, finite: jax.Array
+                       ) -> tuple[TrainState, SkippedSteps]:
+  """`updated` if the step was `finite`, else `state` unchanged; the counter advances either way.
+
+  Every task's train step ends with it, so the loop's train.on_nonfinite
+  holds for all of them. Returns the new state and the step's skipped_steps
+  metric.
+  """
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  skipped = SkippedSteps(count=jnp.where(finite, 0, 1).astype(jnp.int32),
+                         first=jnp.where(finite, NO_STEP, state.step + 1).astype(jnp.int32))
+  return kept.replace(step=state.step + 1), skipped
+
+
 def merge_metrics(accumulated: TrainMetrics | None, new: TrainMetrics) -> TrainMetrics:
   """Merges one step's metrics into the running ones (device arrays only: no sync)."""
   if accumulated is None:
@@ -102,8 +116,6 @@ def _metrics(fns: StepFns, terms: losses.LossTerms, t, grad_norm, step, finite) 
       loss=_average(terms.loss, finite), mse=_average(terms.mse, finite),
       vb=_average(terms.vb, finite), grad_norm=_average(grad_norm[None], finite),
       learning_rate=metrics.LastValue(total=fns.lr_schedule(step), count=jnp.array(1)),
-      skipped_steps=SkippedSteps(count=jnp.where(finite, 0, 1).astype(jnp.int32),
-                                 first=jnp.where(finite, NO_STEP, step + 1).astype(jnp.int32)),
       **per_quarter)
 
 
@@ -198,9 +210,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - fns.ema_decay)
-  updated = state.replace(
+  new_state, skipped = keep_finite_update(state, state.replace(
       params=params, ema_params=ema_params, opt_state=opt_state,
-      sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss))
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-  return (new_state.replace(step=state.step + 1),
-          _metrics(fns, terms, t, grad_norm, state.step, finite))
+      sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss)), finite)
+  return new_state, dict(_metrics(fns, terms, t, grad_norm, state.step, finite),
+                         skipped_steps=skipped)
