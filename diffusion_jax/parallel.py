@@ -29,16 +29,24 @@ CPU_COMPILER_OPTIONS = {
 }
 
 
+# A run's processes and this one's rank, set by hand instead of detected from the cluster.
+COORDINATOR_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
 def maybe_initialize_distributed(multihost: bool = False) -> None:
   """Calls `jax.distributed.initialize()` for a run over several processes.
 
-  With `multihost` (TPU pod slices: launch/tpu_pod.sh passes --multihost) JAX
-  detects the cluster itself. Without it, initialises only when the
-  environment says so: a Slurm job with several tasks (launch/slurm.sbatch),
-  or a manual launch setting JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID.
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, when set, win
+  over everything else: a manual launch on any cluster, or a pod launch
+  rehearsed off-TPU (tests/test_cluster_launchers.py). Otherwise, with
+  `multihost` (TPU pod slices: launch/tpu_pod.sh passes --multihost) JAX
+  detects the cluster itself; without it, initialises only for a Slurm job
+  with several tasks (launch/slurm.sbatch).
   """
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    if missing := [name for name in COORDINATOR_VARIABLES if name not in os.environ]:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but not {', '.join(missing)}: a"
+                       f" multi-process launch sets all of {', '.join(COORDINATOR_VARIABLES)}.")
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
