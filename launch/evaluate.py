@@ -19,7 +19,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import evaluation
+from diffusion_jax import data, evaluation
 from diffusion_jax.train.checkpoint import CheckpointError
 from diffusion_jax.weightfiles import WeightFileError
 from launch import common
@@ -42,7 +42,8 @@ def main(argv):
     config = evaluation.from_config_dict(_CONFIG.value)
     evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
                         reference_path=_REFERENCE.value)
-  except (ValueError, FileNotFoundError, CheckpointError, WeightFileError) as error:
+  except (ValueError, FileNotFoundError, CheckpointError, WeightFileError,
+          data.DatasetUnavailableError) as error:
     sys.exit(f"launch.evaluate: {error}")
 
 

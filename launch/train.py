@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import parallel, train
+from diffusion_jax import data, parallel, train
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -34,7 +34,7 @@ def main(argv):
   logging.info("Config:\n%s", _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train.ConfigChangeError as error:
+  except (train.ConfigChangeError, data.DatasetUnavailableError) as error:
     sys.exit(f"launch.train: {error}")
 
 

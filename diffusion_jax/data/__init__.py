@@ -14,10 +14,12 @@ from diffusion_jax.data.pipeline import (
     make_train_iterator,
     num_examples,
 )
+from diffusion_jax.data.sources import DatasetUnavailableError
 
 __all__ = [
     "SOURCES",
     "DataConfig",
+    "DatasetUnavailableError",
     "TrainIterator",
     "local_batch_size",
     "make_eval_iterator",

@@ -7,13 +7,18 @@ A source is a sequence (`len(source)`, `source[i]`) of records
 grain shuffle globally, shard by process and resume from a recorded position.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import pathlib
-from collections.abc import Sequence
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from diffusion_jax.data.config import DataConfig
@@ -82,17 +87,122 @@ def digits_source(split: str = "train") -> ArraySource:
   return ArraySource(images=images[rows], labels=digits.target[rows])
 
 
-def tfds_source(name: str, split: str) -> Sequence[dict[str, Any]]:
-  """The random-access (ArrayRecord) source of a TFDS dataset.
+class DatasetUnavailableError(Exception):
+  """A TFDS dataset that cannot be read or prepared here; the message says what to do."""
 
-  Records carry the dataset's features, e.g. {"image", "label", "id"}; the
-  data is prepared (downloaded) on first use unless it already is.
+
+# How long the check that a dataset's download server answers may wait, in seconds.
+_PROBE_TIMEOUT_S = 10
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict[str, Any]]:
+  """The random-access (ArrayRecord) source of a TFDS dataset in `data_dir`.
+
+  Records carry the dataset's features, e.g. {"image", "label", "id"}. A
+  dataset not prepared yet is downloaded and written as ArrayRecord files
+  first, where that can work: its download server answers, its manual
+  download (if it needs one) is in place, and one process runs. Otherwise
+  `DatasetUnavailableError` names the dataset, the data directory and the
+  command that prepares it, at once rather than after minutes of retries.
+  `data_dir` defaults to TFDS's: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
   """
+  # Imported here: TFDS takes seconds to import and pulls in TensorFlow when it
+  # prepares data; sampling, conversion and evaluating a samples file never read it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
-    return tfds.data_source(name, split=split)
+    builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as error:
-    first_line = str(error).splitlines()[0]
-    raise ValueError(f"unknown TFDS dataset '{name}': {first_line}") from error
+    raise ValueError(f"unknown TFDS dataset '{name}': {_first_line(error)}") from error
+  # Loading comes first, so that a dataset mocked by `tfds.testing.mock_data`
+  # (loadable, never prepared) is read as TFDS's own `data_source` reads it.
+  try:
+    return builder.as_data_source(split=split)
+  except (KeyError, NotImplementedError) as error:  # TFDS: no splits yet, or no random access
+    if _is_prepared(builder):
+      if isinstance(error, KeyError):
+        raise
+      raise DatasetUnavailableError(_no_random_access(builder, name)) from error
+  _check_can_prepare(builder, name)
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except (OSError, tfds.download.DownloadError) as error:
+    raise DatasetUnavailableError(
+        f"{_not_prepared(builder, name)}, and preparing it failed ({_first_line(error)}):"
+        f" {_how_to_prepare(builder, name)}") from error
+  return builder.as_data_source(split=split)
+
+
+def _no_random_access(builder, name: str) -> str:
+  return (f"TFDS dataset '{name}' in {builder.data_path} is stored as"
+          f" {builder.info.file_format.value} files, which cannot be read by index: write it"
+          f" again as ArrayRecord with `{_build_command(builder, name)} --overwrite`")
+
+
+def _is_prepared(builder) -> bool:
+  # is_prepared() logs a warning for a missing folder: a first use is not worth one.
+  return builder.data_path.exists() and builder.is_prepared()
+
+
+def _check_can_prepare(builder, name: str) -> None:
+  """Raises DatasetUnavailableError where `builder.download_and_prepare()` cannot work."""
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    manual_dir = builder.data_dir_root / "downloads" / "manual"
+    if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
+      instructions = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+      raise DatasetUnavailableError(
+          f"{_not_prepared(builder, name)}, and it needs a manual download into {manual_dir}:"
+          f" {instructions} Then run `{_build_command(builder, name)}`.")
+  if unreachable := _unreachable(builder.url_infos or {}):
+    raise DatasetUnavailableError(
+        f"{_not_prepared(builder, name)}, and it cannot be downloaded from here ({unreachable}):"
+        f" {_how_to_prepare(builder, name)}")
+  if jax.process_count() > 1:
+    raise DatasetUnavailableError(
+        f"{_not_prepared(builder, name)}; prepare it once before a multi-process run, so that"
+        f" the processes do not race to write it: `{_build_command(builder, name)}`.")
+
+
+def _unreachable(urls: Iterable[str]) -> str | None:
+  """'URL: reason' for the first server among `urls` that does not answer; None if all do.
+
+  One HEAD request per host, through the proxies the environment names, so
+  that an offline machine fails at once instead of after TFDS's minutes of
+  download retries.
+  """
+  probed = set()
+  for url in urls:
+    host = urllib.parse.urlsplit(url).netloc
+    if host in probed:
+      continue
+    probed.add(host)
+    try:
+      urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                             timeout=_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+      pass  # the server answered; TFDS's download reports what it said
+    except OSError as error:  # URLError (no such host, refused), timeouts
+      return f"{url}: {getattr(error, 'reason', error)}"
+  return None
+
+
+def _not_prepared(builder, name: str) -> str:
+  return f"TFDS dataset '{name}' is not prepared in {builder.data_dir_root}"
+
+
+def _build_command(builder, name: str) -> str:
+  return f"tfds build {name} --file_format=array_record --data_dir={builder.data_dir_root}"
+
+
+def _how_to_prepare(builder, name: str) -> str:
+  return (f"prepare it with `{_build_command(builder, name)}` (on a machine that can download"
+          f" it, then copy {builder.data_dir_root / builder.name} here), or point $TFDS_DATA_DIR"
+          " at a directory that holds it.")
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
 
 
 class FolderSource:

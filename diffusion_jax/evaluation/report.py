@@ -6,9 +6,8 @@ import json
 import os
 
 import jax
-from clu import metric_writers
 
-from diffusion_jax import files
+from diffusion_jax import files, summaries
 
 # Per-run keys that are settings, not scores.
 _SETTINGS = ("sampler", "steps", "eta", "guidance", "nfe", "num_samples", "samples_file")
@@ -35,13 +34,12 @@ def write(report: dict, out_dir: str, step: int) -> None:
   with files.atomic_path(os.path.join(out_dir, "report.json")) as temporary:
     with open(temporary, "w") as f:
       json.dump(report, f, indent=2, sort_keys=True)
-  writer = metric_writers.create_default_writer(out_dir, asynchronous=False)
   scalars = {f"{run_name(run)}/{k}": v for run in report["runs"] for k, v in scores(run).items()}
   for section in ("nll", "real_floor"):
     scalars.update({f"{section}/{k}": v for k, v in report.get(section, {}).items()
                     if isinstance(v, float)})
-  writer.write_scalars(step, scalars)
-  writer.close()
+  with summaries.ScalarWriter(out_dir) as writer:
+    writer.write_scalars(step, scalars)
   print(format_table(report))
   if len(report["runs"]) > 1:
     plot_fid_vs_nfe(report["runs"], os.path.join(out_dir, "fid_vs_nfe.png"))
