@@ -13,7 +13,7 @@ turns it off.
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import data, parallel, train

@@ -114,6 +114,7 @@ class TrainIterator(grain.DatasetIterator):
       start_step: int = 0,
   ):
     """`make_order(start_step)`: the batches of the order starting there."""
+    super().__init__()  # closable by grain's __del__ even if make_order raises (no data)
     self._make_order = make_order
     self.start_step = start_step
     super().__init__(make_order(start_step))
