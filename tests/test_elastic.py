@@ -207,7 +207,9 @@ def _free_port() -> int:
 
 def _train_in_two_processes(workdir: str) -> None:
   """launch.train on digits:smoke as 2 processes x 2 CPU devices (gloo), 4 steps."""
-  env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_PROCESSES="2",
+  env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             JAX_ENABLE_COMPILATION_CACHE="false",  # processes compile alike: no gloo timeout
+             JAX_NUM_PROCESSES="2",
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
   workers = [subprocess.Popen(

@@ -49,7 +49,7 @@ class _Job:
   """One `launch.train` job over 2 processes on this machine, each logging to a file."""
 
   def __init__(self, workdir, log_dir, name: str, num_processes: int = 2):
-    env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_ENABLE_COMPILATION_CACHE="false",
                JAX_NUM_PROCESSES=str(num_processes),
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")

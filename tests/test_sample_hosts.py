@@ -42,7 +42,9 @@ def _free_port() -> int:
 
 def _run_two_processes(args: list[str]) -> list[str]:
   """Runs `python ARGS` as processes 0 and 1 of one job with 2 CPU devices each; their stderr."""
-  env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_PROCESSES="2",
+  env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             JAX_ENABLE_COMPILATION_CACHE="false",  # processes compile alike: no gloo timeout
+             JAX_NUM_PROCESSES="2",
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
   workers = [subprocess.Popen([sys.executable, *args], cwd=REPO,
