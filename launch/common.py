@@ -52,6 +52,16 @@ def _flag_argument(argv: list[str], name: str) -> str | None:
   return None
 
 
+def define_multihost_flag() -> flags.FlagHolder:
+  """--multihost, for the launchers that run as one job over several hosts (train, sample).
+
+  Its value goes to `parallel.maybe_initialize_distributed`.
+  """
+  return flags.DEFINE_bool(
+      "multihost", False, "Join a multi-process run (TPU pod slice); Slurm and"
+      " JAX_COORDINATOR_ADDRESS are detected without it.")
+
+
 def enable_compilation_cache() -> None:
   """parallel.enable_compilation_cache with --compilation_cache; call it first in main()."""
   cache_dir = parallel.enable_compilation_cache(_COMPILATION_CACHE.value)

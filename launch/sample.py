@@ -39,9 +39,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per batch, over al
 _SEED = flags.DEFINE_integer("seed", 0, "Batch b is drawn with fold_in(key(seed), b).")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to sample; default the latest.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory; default WORKDIR/samples/<settings>.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Join a multi-process run (TPU pod slice); Slurm and"
-    " JAX_COORDINATOR_ADDRESS are detected without it.")
+_MULTIHOST = common.define_multihost_flag()
 flags.mark_flags_as_required(["workdir"])
 
 

@@ -22,9 +22,7 @@ from launch import common
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Join a multi-process run (TPU pod slice); Slurm and"
-    " JAX_COORDINATOR_ADDRESS are detected without it.")
+_MULTIHOST = common.define_multihost_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 

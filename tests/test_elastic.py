@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,8 @@ from configs import digits
 from diffusion_jax import data, parallel, train
 from diffusion_jax.data import pipeline
 from diffusion_jax.train import checkpoint, loop, run_config
+
+import local_jobs  # tests/local_jobs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,38 +200,12 @@ def test_checkpoint_on_8_devices_resumes_on_4_and_then_on_1(tmp_path, monkeypatc
       {"train.num_steps": [4, 5]}]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _train_in_two_processes(workdir: str) -> None:
-  """launch.train on digits:smoke as 2 processes x 2 CPU devices (gloo), 4 steps."""
-  env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             JAX_ENABLE_COMPILATION_CACHE="false",  # processes compile alike: no gloo timeout
-             JAX_NUM_PROCESSES="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
-  workers = [subprocess.Popen(
-      [sys.executable, "-m", "launch.train", "--config=configs/digits.py:smoke",
-       f"--workdir={workdir}"], cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  logs = [worker.communicate(timeout=600)[1] for worker in workers]
-  assert [worker.returncode for worker in workers] == [0, 0], [_first_error(log) for log in logs]
-
-
-def _first_error(log: str) -> str:
-  """The log from its first traceback on: what failed, rather than an abort's module list."""
-  start = log.find("Traceback")
-  return log[start:start + 3000] if start >= 0 else log[-3000:]
-
-
 def test_two_process_checkpoint_resumes_in_one_process_with_a_warning(tmp_path, monkeypatch,
                                                                       caplog):
   caplog.set_level(logging.INFO)
   workdir = str(tmp_path)
-  _train_in_two_processes(workdir)
+  local_jobs.run_job(["-m", "launch.train", "--config=configs/digits.py:smoke",
+                      f"--workdir={workdir}"])  # 2 processes x 2 CPU devices, 4 steps
   assert set(_data_state(workdir, 4)) == {"process_0-of-2.json", "process_1-of-2.json"}
   saved = _saved_state(workdir, 4)
   restores = _record_restores(monkeypatch)

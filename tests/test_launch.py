@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,8 @@ import numpy as np
 from configs import digits
 from diffusion_jax import parallel, train
 from diffusion_jax.train.inference import load_ema_for_sampling
+
+import local_jobs  # tests/local_jobs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,26 +51,11 @@ def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
   assert result.returncode != 0 and "config.json" in result.stderr
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_process_training_run(tmp_path):
   """Real multi-host JAX on one machine: 2 processes x 2 CPU devices, gloo collectives."""
   workdir = str(tmp_path / "run")
-  env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             JAX_ENABLE_COMPILATION_CACHE="false",  # processes compile alike: no gloo timeout
-             JAX_NUM_PROCESSES="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
-  workers = [subprocess.Popen(
-      [sys.executable, "-m", "launch.train", "--config=configs/digits.py:smoke",
-       f"--workdir={workdir}"], cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  logs = [worker.communicate(timeout=600)[1] for worker in workers]
-  assert [worker.returncode for worker in workers] == [0, 0], logs[0][-3000:]
+  logs = local_jobs.run_job(["-m", "launch.train", "--config=configs/digits.py:smoke",
+                             f"--workdir={workdir}"])
   assert "Process 1 of 2, 2 local / 4 global devices" in logs[1]
   data_state = os.listdir(os.path.join(workdir, "checkpoints", "4", "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_state)

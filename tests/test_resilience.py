@@ -13,7 +13,6 @@ import random
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import pytest
 from configs import digits
 from diffusion_jax import data, parallel, train
 from diffusion_jax.train import checkpoint, loop
+
+import local_jobs  # tests/local_jobs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,20 +40,11 @@ JOB_FLAGS = ["--config=configs/digits.py:smoke", "--config.model.ch_mult=(1,)",
 STOP_SECONDS, EXIT_SECONDS = 10, 60
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 class _Job:
   """One `launch.train` job over 2 processes on this machine, each logging to a file."""
 
   def __init__(self, workdir, log_dir, name: str, num_processes: int = 2):
-    env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_ENABLE_COMPILATION_CACHE="false",
-               JAX_NUM_PROCESSES=str(num_processes),
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = local_jobs.job_env(num_processes, devices_per_process=1)
     self.log_paths = [log_dir / f"{name}.process_{i}.log" for i in range(num_processes)]
     self.processes = []
     for i, log_path in enumerate(self.log_paths):

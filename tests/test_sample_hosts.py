@@ -13,8 +13,6 @@ per-device batch).
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import types
 
@@ -27,32 +25,12 @@ from configs import digits
 from diffusion_jax import parallel, sampling
 from diffusion_jax.train import experiment, inference, loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import local_jobs  # tests/local_jobs.py
+
 NUM_SAMPLES, BATCH_SIZE, SEED = 20, 8, 3  # three batches, the last cut to 4 images
 SAMPLER = sampling.SamplerConfig("ddpm", steps=4)
 SAMPLE_FLAGS = [f"--num_samples={NUM_SAMPLES}", f"--batch_size={BATCH_SIZE}", f"--seed={SEED}",
                 "--sampler=ddpm", "--steps=4"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _run_two_processes(args: list[str]) -> list[str]:
-  """Runs `python ARGS` as processes 0 and 1 of one job with 2 CPU devices each; their stderr."""
-  env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             JAX_ENABLE_COMPILATION_CACHE="false",  # processes compile alike: no gloo timeout
-             JAX_NUM_PROCESSES="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
-  workers = [subprocess.Popen([sys.executable, *args], cwd=REPO,
-                              env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-  logs = [worker.communicate(timeout=600)[1] for worker in workers]
-  assert [worker.returncode for worker in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-  return logs
 
 
 def resume_worker(workdir: str, out_dir: str) -> None:
@@ -85,7 +63,7 @@ def one_process_samples(digits_smoke_run, tmp_path_factory) -> np.ndarray:
 def two_process_run(digits_smoke_run, tmp_path_factory) -> tuple[str, list[str]]:
   """(the output of launch.sample run as 2 processes, their logs)."""
   output = str(tmp_path_factory.mktemp("two_processes") / "samples")
-  logs = _run_two_processes(["-m", "launch.sample", f"--workdir={digits_smoke_run}",
+  logs = local_jobs.run_job(["-m", "launch.sample", f"--workdir={digits_smoke_run}",
                              f"--output={output}", *SAMPLE_FLAGS])
   return output, logs
 
@@ -115,7 +93,7 @@ def test_two_processes_resume_an_interrupted_run(two_process_run, one_process_sa
   open(os.path.join(output, ".batch_000000.npz.k1ll3d.npz"), "wb").close()
   kept = os.stat(os.path.join(output, "batch_000001.npz"))
 
-  _run_two_processes(["-c", "import sys; sys.path[:0] = ['tests', '.']; import test_sample_hosts;"
+  local_jobs.run_job(["-c", "import sys; sys.path[:0] = ['tests', '.']; import test_sample_hosts;"
                       " test_sample_hosts.resume_worker(*sys.argv[1:])", digits_smoke_run, output])
   with np.load(os.path.join(output, "samples.npz")) as data:
     np.testing.assert_array_equal(data["arr_0"], one_process_samples)

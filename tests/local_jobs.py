@@ -1,0 +1,66 @@
+"""Multi-process JAX jobs on this machine, for tests: local processes joined by gloo collectives."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def job_env(num_processes: int = 2, devices_per_process: int = 2) -> dict[str, str]:
+  """This environment for the processes of one job; each adds its own JAX_PROCESS_ID.
+
+  No persistent compilation cache: JAX's CPU cache keys hold each process's view
+  of the topology, so only one process would hit it while the others compile,
+  and gloo gives up waiting in the first collective after 30 s on a loaded machine.
+  """
+  return dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+              JAX_ENABLE_COMPILATION_CACHE="false", JAX_NUM_PROCESSES=str(num_processes),
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}")
+
+
+def run_job(args: list[str], num_processes: int = 2, devices_per_process: int = 2,
+            timeout: float = 600) -> list[str]:
+  """Runs `python ARGS` as every process of one job; asserts each exits 0; their stderr.
+
+  Each process logs to its own file (a full pipe cannot stall one process while
+  another waits for it in a collective), and every process still running when
+  the job fails or times out is killed.
+  """
+  env = job_env(num_processes, devices_per_process)
+  with tempfile.TemporaryDirectory() as log_dir:
+    log_paths = [os.path.join(log_dir, f"process_{i}.log") for i in range(num_processes)]
+    workers = []
+    try:
+      for i, log_path in enumerate(log_paths):
+        with open(log_path, "w") as log:
+          workers.append(subprocess.Popen(
+              [sys.executable, *args], cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)),
+              stdout=subprocess.DEVNULL, stderr=log, text=True))
+      for worker in workers:
+        worker.wait(timeout=timeout)
+    finally:
+      for worker in workers:
+        if worker.poll() is None:
+          worker.kill()
+          worker.wait()
+    logs = [open(path).read() for path in log_paths]
+  assert [w.returncode for w in workers] == [0] * num_processes, [_first_error(log) for log in logs]
+  return logs
+
+
+def _first_error(log: str) -> str:
+  """The log from its first traceback on: what failed, rather than an abort's module list."""
+  start = log.find("Traceback")
+  return log[start:start + 3000] if start >= 0 else log[-3000:]
