@@ -1,42 +1,164 @@
-"""Atomic file writes (a finished file or none, never half of one) and the user's cache directory."""
+"""The one path layer: every file under a user's path is read and written here.
+
+Workdirs, output folders, data folders, reference statistics, samples and
+weight files may be local paths, `gs://bucket/...` or any other filesystem
+that fsspec serves; `etils.epath` (what Orbax itself uses) makes them behave
+alike. A path is kept as the user gave it: `gs://b/run` stays `gs://b/run`,
+and a relative local path is never resolved against the working directory in
+what the project records.
+
+Writes are atomic, a finished file or none, never half of one: on a local disk
+through a temporary file beside the target that is flushed and renamed onto
+it; on an object store by uploading the finished bytes in one request (a GCS
+object upload is atomic), with no rename dance.
+
+For gs:// set `EPATH_USE_TF=false` (see docs/training.md): epath then uses
+fsspec's gcsfs, which honours `STORAGE_EMULATOR_HOST` and the usual Google
+credentials, rather than TensorFlow's GCS client.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def path(p: PathLike) -> epath.Path:
+  """`p` as an `epath.Path` (local, gs://, fsspec), not resolved against the working directory."""
+  return epath.Path(p)
+
+
+def is_local(p: PathLike) -> bool:
+  """Whether `p` names a file on this machine's filesystem (no `scheme://` prefix)."""
+  return "://" not in os.fspath(p)
+
+
+def join(p: PathLike, *parts: str) -> str:
+  """`p / parts` as a string, the way the user would write it (`gs://b/run/x`, `run/x`)."""
+  return os.fspath(path(p).joinpath(*parts)) if parts else os.fspath(path(p))
+
+
+def exists(p: PathLike) -> bool:
+  return path(p).exists()
+
+
+def is_file(p: PathLike) -> bool:
+  return path(p).is_file()
+
+
+def is_dir(p: PathLike) -> bool:
+  return path(p).is_dir()
+
+
+def makedirs(p: PathLike) -> None:
+  """Creates directory `p` and its parents; nothing on object stores, whose folders are implicit."""
+  path(p).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(p: PathLike) -> list[str]:
+  """The names in directory `p`, sorted."""
+  return sorted(child.name for child in path(p).iterdir())
+
+
+def read_bytes(p: PathLike) -> bytes:
+  return path(p).read_bytes()
+
+
+def read_text(p: PathLike) -> str:
+  return path(p).read_text()
+
+
+def read_json(p: PathLike) -> Any:
+  return json.loads(read_text(p))
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-  """Yields a temporary path beside `path`, moved onto `path` when the block ends without error.
+def atomic_path(p: PathLike) -> Iterator[str]:
+  """Yields a local temporary path; what is written there becomes `p` when the block ends.
 
-  The temporary file keeps `path`'s suffix (np.savez appends ".npz" otherwise),
-  is flushed to disk before the rename, and is removed if the block raises, so
-  an interrupted write leaves any earlier file at `path` as it was.
+  On a local disk the temporary file lies beside `p`, keeps its suffix
+  (np.savez appends ".npz" otherwise), is flushed to disk and renamed onto `p`;
+  on an object store its bytes are uploaded to `p` in one request. If the block
+  raises, nothing is written and any earlier file at `p` stays as it was.
   """
-  directory, name = os.path.split(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=os.path.splitext(name)[1],
-                                           dir=directory)
+  name = path(p).name
+  suffix = os.path.splitext(name)[1]
+  if is_local(p):
+    directory = os.path.dirname(os.path.abspath(p))
+    os.makedirs(directory, exist_ok=True)
+    with _temporary_file(directory, name, suffix) as temporary:
+      yield temporary
+      with open(temporary, "rb+") as f:
+        os.fsync(f.fileno())
+      os.replace(temporary, p)
+  else:
+    with tempfile.TemporaryDirectory() as directory:
+      with _temporary_file(directory, name, suffix) as temporary:
+        yield temporary
+        path(p).write_bytes(open(temporary, "rb").read())  # pylint: disable=consider-using-with
+
+
+@contextlib.contextmanager
+def _temporary_file(directory: str, name: str, suffix: str) -> Iterator[str]:
+  """An empty file `directory/.name.XXXX<suffix>`, readable as a normal new file, removed after."""
+  descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=directory)
   os.close(descriptor)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would make every written file private
   try:
     yield temporary
-    with open(temporary, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
 
 
-def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-  """np.savez(path, **arrays), atomically."""
-  with atomic_path(path) as temporary:
+def write_bytes(p: PathLike, data: bytes) -> None:
+  """Writes `data` to `p`, atomically."""
+  with atomic_path(p) as temporary, open(temporary, "wb") as f:
+    f.write(data)
+
+
+def write_text(p: PathLike, text: str) -> None:
+  """Writes `text` to `p`, atomically."""
+  write_bytes(p, text.encode())
+
+
+def write_json(p: PathLike, value: Any, **dumps_kwargs) -> None:
+  """Writes `json.dumps(value)` to `p`, atomically."""
+  write_text(p, json.dumps(value, **dumps_kwargs))
+
+
+def append_line(p: PathLike, line: str) -> None:
+  """Appends `line` and a newline to the text file `p` (created if missing).
+
+  Object stores cannot append: the file is read and rewritten whole, atomically,
+  so this suits small logs written by one process (config_history.jsonl).
+  """
+  old = read_text(p) if exists(p) else ""
+  write_text(p, old + line + "\n")
+
+
+def save_npz(p: PathLike, **arrays: np.ndarray) -> None:
+  """np.savez(p, **arrays), atomically."""
+  with atomic_path(p) as temporary:
     np.savez(temporary, **arrays)
+
+
+def load_npz(p: PathLike) -> dict[str, np.ndarray]:
+  """The arrays of the .npz file `p`, read whole (no pickled objects)."""
+  with np.load(io.BytesIO(read_bytes(p)), allow_pickle=False) as npz:
+    return {key: npz[key] for key in npz.files}
 
 
 def default_cache_dir() -> str:
