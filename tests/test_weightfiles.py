@@ -165,7 +165,7 @@ def test_tensor_past_its_storage_is_refused(tmp_path):
     return data
 
   _rewrite_zip(honest, lying, enlarge)
-  with pytest.raises(WeightFileError, match="reaches element 8 of a storage of 4"):
+  with pytest.raises(WeightFileError, match="9 elements from a storage of 4"):
     weightfiles.load(lying)
 
 
