@@ -155,7 +155,7 @@ Writer = Callable[[Path], Path]
 CASES: dict[str, tuple[Writer, str | None, str]] = {
     # BUILD and the other mutating opcodes on what the reader already holds.
     "build_rewrites_tensor": (lambda p: torch_zip(p, _build_on(
-        get(2), tup(get(1), integer(0), tup(integer(4)), tup(integer(2**28)), pickle.NEWFALSE))),
+        get(2), tup(get(1), integer(-1), tup(integer(4)), tup(integer(1)), pickle.NEWFALSE))),
         "UnsafeWeightFileError", r"BUILD acts on a _TensorRecord; it may act only on a dict"),
     "build_rewrites_storage_type": (lambda p: torch_zip(p, _build_on(
         glob("torch", "FloatStorage"), tup(glob("torch", "DoubleStorage")))),
@@ -167,7 +167,7 @@ CASES: dict[str, tuple[Writer, str | None, str]] = {
                                               + integer(-8) + pickle.SETITEM + pickle.POP),
                           "UnsafeWeightFileError", r"SETITEM acts on a _TensorRecord"),
     "legacy_build_rewrites_tensor": (lambda p: legacy(p, _build_on(
-        get(2), tup(get(1), integer(0), tup(integer(4)), tup(integer(2**28)), pickle.NEWFALSE))),
+        get(2), tup(get(1), integer(-1), tup(integer(4)), tup(integer(1)), pickle.NEWFALSE))),
         "UnsafeWeightFileError", r"BUILD acts on a _TensorRecord"),
     "set_of_deep_tuples": (lambda p: torch_zip(p, mapping({"w": _GOOD}) + pickle.EMPTY_SET
                                                + pickle.MARK + _deep_tuple(10**6)
