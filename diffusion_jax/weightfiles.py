@@ -438,10 +438,9 @@ def _checked_view(record: _TensorRecord, name: str, path: str) -> _View:
     fail(f"storage offset {quote(offset)}, size {quote(record.size)} and stride"
          f" {quote(record.stride)}: expected non-negative int64 integers, size and stride of one"
          f" length (at most {_MAX_DIMS})")
-  flags = {k for k, v in (record.metadata or {}).items()} if type(record.metadata) in (
-      *_MAPPINGS, type(None)) else None
-  if flags is None or flags - {"neg"}:  # conj needs complex storages, which are not admitted
-    fail(f"metadata {quote(record.metadata)}: only torch's neg bit is supported")
+  metadata = {} if record.metadata is None else record.metadata
+  if type(metadata) not in _MAPPINGS or {k for k, v in metadata.items() if v} - {"neg"}:
+    fail(f"metadata {quote(metadata)}: only torch's neg bit is supported")  # conj: complex only
   count = math.prod(shape)
   if count > storage.numel:
     fail(f"{count} elements from a storage of {storage.numel}: a view larger than its storage"
@@ -454,7 +453,7 @@ def _checked_view(record: _TensorRecord, name: str, path: str) -> _View:
          f" of {storage.numel}")
   return _View(storage.key, storage.dtype, offset, shape,
                tuple(s if n > 1 else 0 for n, s in zip(shape, strides)),
-               negate=bool(record.metadata and record.metadata.get("neg")))
+               negate=bool(metadata.get("neg")))
 
 
 def _checked_views(obj, path: str, file_size: int) -> dict[str, _View]:
