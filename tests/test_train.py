@@ -198,6 +198,13 @@ def test_bad_config_values_are_named(section, key, value, message):
     train.build(config)
 
 
+def test_a_batch_that_does_not_split_over_the_devices_is_named_before_any_write(tmp_path):
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=r"train.batch_size=12 must be a multiple of the 8 devices"):
+    train.train_and_evaluate(_tiny_digits(batch_size=12), str(workdir))
+  assert not workdir.exists()
+
+
 def test_variance_and_model_outputs_must_agree():
   config = _tiny_digits()
   config.diffusion.update(var_type="learned_range", loss="hybrid")
@@ -284,7 +291,8 @@ def test_label_dropout_defaults_to_the_model_and_is_refused_without_labels():
   with pytest.raises(ValueError, match="train.label_dropout=0 leaves untrained"):
     train.build(conditional)
   conditional.train.update(label_dropout=1.0)
-  with pytest.raises(ValueError, match="train.label_dropout must be in"):
+  with pytest.raises(ValueError,
+                     match=r"train.label_dropout must be a finite number in \[0, 1\), got 1.0"):
     train.build(conditional)
   with pytest.raises(ValueError, match="train.sample_guidance=1.0 needs a class-conditional"):
     train.build(_tiny_digits(sample_guidance=1.0))
