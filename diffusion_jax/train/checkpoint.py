@@ -25,7 +25,6 @@ import threading
 
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -34,6 +33,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import files
+from diffusion_jax.train import checksums
 
 CONFIG_FILE = "config.json"
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's file of one process's position
@@ -46,52 +46,6 @@ class CheckpointError(RuntimeError):
 
 class DamagedCheckpointError(CheckpointError):
   """A checkpoint restored, but an array differs from what was saved, or is not finite."""
-
-
-def _words(x: jax.Array) -> jax.Array:
-  """The bits of `x` as uint32: one word per element of 1, 2 or 4 bytes, two per 8 bytes."""
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  if x.dtype.itemsize < 4:
-    unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-  return jax.lax.bitcast_convert_type(x, jnp.uint32)
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-  """uint32 []: the sum of word_i * (2i + 1) mod 2^32 over the words of `x`, i in row-major order.
-
-  A change of any one word changes it (odd factors are invertible mod 2^32).
-  Integer sums are exact, so it is the same on any sharding, mesh or number
-  of hosts, and each device reads only its own shard.
-  """
-  words = _words(x)
-  index, stride = jnp.zeros(words.shape, jnp.uint32), 1
-  for axis in reversed(range(words.ndim)):
-    index += jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * np.uint32(stride % 2**32)
-    stride *= words.shape[axis]
-  return jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
-
-
-def _is_finite(x: jax.Array) -> jax.Array:
-  """bool []: whether every value of `x` is finite (always, for integer arrays)."""
-  return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
-
-
-_summarize = jax.jit(lambda tree: (jax.tree.map(_checksum, tree), jax.tree.map(_is_finite, tree)))
-
-
-def array_summaries(tree) -> tuple[dict[str, int], list[str]]:
-  """({array name: checksum}, [names of arrays with non-finite values]) of a pytree of arrays.
-
-  Names are the arrays' paths, e.g. "ema_params/Conv_0/kernel"; computed on
-  the devices, one scalar per array comes to the host.
-  """
-  checksums, finite = jax.device_get(_summarize(tree))
-  names = [jax.tree_util.keystr(path, simple=True, separator="/")
-           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  return ({name: int(c) for name, c in zip(names, jax.tree.leaves(checksums))},
-          [name for name, ok in zip(names, jax.tree.leaves(finite)) if not ok])
 
 
 def _agreed(ok: bool) -> bool:
@@ -151,14 +105,14 @@ class Checkpointer:
     """
     if not (force or self.is_due(step)) or self._is_taken(step):
       return False
-    checksums, non_finite = array_summaries(state)
+    saved_checksums, non_finite = checksums.array_summaries(state)
     if non_finite:
       raise FloatingPointError(
           f"Not saving checkpoint {self._step_path(step)}: the state's {non_finite[0]} holds"
           f" non-finite values ({len(non_finite)} array(s) do); the latest checkpoint is step"
           f" {self.latest_step()}.")
     items = {"state": ocp.args.StandardSave(state),
-             INTEGRITY_ITEM: ocp.args.JsonSave({"checksums": checksums})}
+             INTEGRITY_ITEM: ocp.args.JsonSave({"checksums": saved_checksums})}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.wait()
@@ -330,8 +284,8 @@ class Checkpointer:
 
   def _verify(self, step: int, tree, saved: dict[str, int] | None) -> None:
     """Raises DamagedCheckpointError if an array of `tree` is not finite or not as `saved`."""
-    checksums, non_finite = array_summaries(tree)
-    damaged = [name for name, checksum in checksums.items()
+    found, non_finite = checksums.array_summaries(tree)
+    damaged = [name for name, checksum in found.items()
                if saved is not None and saved.get(name) != checksum]
     if damaged:
       raise DamagedCheckpointError(
