@@ -141,8 +141,8 @@ def test_a_state_with_a_non_finite_value_is_never_saved(tmp_path):
 def test_checksums_see_any_one_changed_value_on_any_sharding():
   values = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
   sharded = jax.device_put(values, NamedSharding(parallel.make_mesh(), P("data")))
-  checksums, non_finite = checksums.array_summaries({"a": sharded, "b": jnp.array(True)})
-  assert checksums["a"] == checksums.array_summaries({"a": values})[0]["a"]
+  found, non_finite = checksums.array_summaries({"a": sharded, "b": jnp.array(True)})
+  assert found["a"] == checksums.array_summaries({"a": values})[0]["a"]
   assert not non_finite
   changed = set()
   for i in np.ndindex(values.shape):
@@ -150,7 +150,7 @@ def test_checksums_see_any_one_changed_value_on_any_sharding():
       altered = values.copy()
       altered[i] = new
       changed.add(checksums.array_summaries({"a": altered})[0]["a"])
-  assert checksums["a"] not in changed
+  assert found["a"] not in changed
   swapped = values.copy()
   swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places
-  assert checksums.array_summaries({"a": swapped})[0]["a"] != checksums["a"]
+  assert checksums.array_summaries({"a": swapped})[0]["a"] != found["a"]
