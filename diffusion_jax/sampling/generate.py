@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffusion_jax import files
+from diffusion_jax import configlib, files
 from diffusion_jax import images as image_utils
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.sampling.guidance import classifier_free_guidance
@@ -34,15 +34,16 @@ class SamplerConfig:
 
   sampler: str = "ddim"  # "ddpm", "ddim" or "dpm_solver"
   steps: int | None = None  # model calls over [0, T-1]; None = all T (see make_batch_sampler)
-  eta: float = 0.0  # DDIM's noise scale, 0 = deterministic; "ddim" only
+  eta: float = 0.0  # DDIM's noise scale in [0, 1], 0 = deterministic; "ddim" only
   guidance_scale: float = 0.0  # classifier-free guidance w; 0 = none
 
   def __post_init__(self):
     get_sampler(self.sampler)
+    configlib.check_ranges(self, "sampler", {"steps": configlib.AT_LEAST_ONE,
+                                             "eta": configlib.UNIT_INTERVAL,
+                                             "guidance_scale": configlib.NON_NEGATIVE})
     if self.eta and self.sampler != "ddim":
       raise ValueError(f"eta={self.eta} applies to sampler 'ddim' only, not {self.sampler!r}.")
-    if self.guidance_scale < 0:
-      raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}.")
 
 
 def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec,
