@@ -1,0 +1,163 @@
+"""Evaluation as one multi-process job, and the exact merging of feature statistics.
+
+The multi-process run is launch.evaluate as 2 processes x 2 fake CPU devices
+(gloo collectives); the reference is the same launcher as 1 process x 4
+devices. Their reports agree to REL_TOLERANCE: the features and the NLL are
+float32, computed with 5 images per device in one run and 10 in the other
+(XLA:CPU may block a matmul differently for another row count, which moves
+the last float32 bit, ~1e-7 relative); the Gaussian statistics are merged in
+float64 (round-off ~1e-15) and the Fréchet distance and scores are float64
+functions of them. A layout bug (an image counted twice or not at all, the
+logits out of order, an example with another example's noise) moves the
+numbers by far more than that: ~1e-2.
+"""
+
+import functools
+import json
+import os
+import shutil
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import parallel
+from diffusion_jax.evaluation import features as feature_lib
+from diffusion_jax.evaluation import metrics
+
+import local_jobs  # tests/local_jobs.py
+
+REL_TOLERANCE = 1e-5
+# NLL on the first 12 test digits in global batches of 8: on 1 process batch 0 holds
+# examples 0..7; on 2 processes it holds 0..3 and 6..9 (each process reads 6).
+EVAL_FLAGS = ["--config=configs/eval/digits.py:smoke", "--config.nll.num_examples=12"]
+# Process 0 writes with umask 022, every other process with 077: a file or folder
+# that any other process made is unreadable to the group.
+_LAUNCH_WITH_UMASKS = (
+    "import os, runpy, sys; sys.path.insert(0, '.');"
+    " os.umask(0o022 if os.environ['JAX_PROCESS_ID'] == '0' else 0o077);"
+    " runpy.run_module('launch.evaluate', run_name='__main__', alter_sys=True)")
+
+
+def _evaluate_job(run_dir: str, workdir: str, num_processes: int, devices_per_process: int):
+  """(report, the eval folder, the processes' logs) of launch.evaluate on a copy of run_dir."""
+  shutil.copytree(run_dir, workdir, ignore=shutil.ignore_patterns("eval"))
+  logs = local_jobs.run_job(["-c", _LAUNCH_WITH_UMASKS, f"--workdir={workdir}", *EVAL_FLAGS],
+                            num_processes, devices_per_process)
+  eval_dir = os.path.join(workdir, "eval")
+  with open(os.path.join(eval_dir, "digits-step4", "report.json")) as f:
+    return json.load(f), eval_dir, logs
+
+
+@pytest.fixture(scope="module")
+def reports(digits_smoke_run, tmp_path_factory):
+  """{process count: (report, eval folder, logs)} for 1 x 4 and 2 x 2 devices."""
+  root = tmp_path_factory.mktemp("evaluate_hosts")
+  return {count: _evaluate_job(digits_smoke_run, str(root / f"run{count}"), count, 4 // count)
+          for count in (1, 2)}
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_two_processes_report_the_numbers_of_one(reports):
+  (one, _, _), (two, _, logs) = reports[1], reports[2]
+  assert "Process 1 of 2, 2 local / 4 global devices" in logs[1]
+  for where in ("samples", "real_floor"):
+    ones, twos = ((r["runs"][0] if where == "samples" else r[where]) for r in (one, two))
+    for metric in ("fd_digits", "is_digits", "is_digits_std"):
+      assert twos[metric] == pytest.approx(ones[metric], rel=REL_TOLERANCE), (where, metric)
+  for part in ("bpd", "prior_bpd", "decoder_bpd", "terms_bpd"):
+    assert two["nll"][part] == pytest.approx(one["nll"][part], rel=REL_TOLERANCE), part
+  assert two["nll"]["num_examples"] == one["nll"]["num_examples"] == 12
+  assert two["runs"][0]["num_samples"] == 20 and two["real_floor"]["num_images"] == 300
+  for name, reference in two["references"].items():
+    assert reference["num_images"] == one["references"][name]["num_images"] == 1497
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_only_process_0_writes_and_paths_are_recorded_as_given(reports):
+  for count, (report, eval_dir, _) in reports.items():
+    assert report["workdir"] == os.path.dirname(eval_dir)  # as given on the command line
+    written = sorted(os.path.relpath(os.path.join(folder, name), eval_dir)
+                     for folder, dirs, names in os.walk(eval_dir) for name in dirs + names)
+    private = [name for name in written
+               if not os.stat(os.path.join(eval_dir, name)).st_mode & stat.S_IRGRP]
+    assert not private, f"made by a process other than 0 ({count} processes): {private}"
+    assert "digits-step4/report.json" in written
+  names = [sorted(n for n in _tree(eval_dir) if "tfevents" not in n)
+           for _, eval_dir, _ in reports.values()]
+  assert names[0] == names[1]  # the same files: samples, NLL batches, reference, report
+
+
+def _tree(root: str) -> list[str]:
+  return [os.path.relpath(os.path.join(folder, name), root)
+          for folder, _, names in os.walk(root) for name in names]
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _toy_features(images):
+  """A feature 'network' of 8x8x1 uint8 images: pool = 5 nonlinear features, logits = 3."""
+  x = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
+  pool = jnp.stack([x[:, :8].mean(1), x[:, 8:].max(1), jnp.sin(x[:, 3] * 3.0),
+                    x[:, 10] * x[:, 20], x[:, 63]], axis=1)
+  return {"pool": pool, "logits": pool[:, :3] * 4.0}
+
+
+def _toy_net(mesh) -> feature_lib.FeatureNet:
+  batch = parallel.batch_sharding(mesh)
+  features = jax.jit(_toy_features, in_shardings=batch, out_shardings=batch)
+  return feature_lib.FeatureNet("toy", features, mesh, 16, 5, None, {})
+
+
+def test_statistics_of_sharded_batches_equal_those_of_the_whole_set():
+  """37 images in batches of 16 over 8 devices (the last padded): numpy's mean and cov of all."""
+  mesh = parallel.make_mesh()
+  assert mesh.size == 8
+  net = _toy_net(mesh)
+  images = np.random.default_rng(0).integers(0, 256, (37, 8, 8, 1), np.uint8)
+  summary = feature_lib.summarize(net, feature_lib.local_batches(images, 16),
+                                  keep_logits=True, keep_pool=True)
+  expected = jax.device_get(jax.jit(_toy_features)(images))
+  mu, sigma = summary.pool.statistics()
+  np.testing.assert_allclose(mu, expected["pool"].astype(np.float64).mean(0), rtol=1e-12)
+  np.testing.assert_allclose(sigma, np.cov(expected["pool"].astype(np.float64), rowvar=False),
+                             rtol=1e-10, atol=1e-15)
+  assert summary.count == 37
+  np.testing.assert_array_equal(summary.logits, expected["logits"])  # in the images' order
+  np.testing.assert_array_equal(summary.pool_features, expected["pool"])
+
+
+def test_merged_parts_equal_the_whole_and_travel_bit_for_bit():
+  """Accumulators of unequal parts, merged in order, give numpy's statistics of the concatenation."""
+  rng = np.random.default_rng(1)
+  parts = [rng.normal(3.0, 2.0, (n, 6)) for n in (1, 17, 40, 2)]
+  accumulators = [metrics.GaussianAccumulator(6).update(p) for p in parts]
+  moments = [metrics.GaussianAccumulator.from_moments(a.count, a.mean, a.scatter)
+             for a in accumulators]
+  merged = functools.reduce(metrics.GaussianAccumulator.merge, moments)
+  whole = np.concatenate(parts)
+  mu, sigma = merged.statistics()
+  np.testing.assert_allclose(mu, whole.mean(0), rtol=1e-13)
+  np.testing.assert_allclose(sigma, np.cov(whole, rowvar=False), rtol=1e-12)
+  # One process: the exchange returns its own statistics exactly, not rounded to float32.
+  exchanged = feature_lib.merge_over_processes(merged)
+  assert exchanged.count == merged.count == 60
+  np.testing.assert_array_equal(exchanged.mean, merged.mean)
+  np.testing.assert_array_equal(exchanged.scatter, merged.scatter)
+  assert not np.array_equal(merged.mean.astype(np.float32).astype(np.float64), merged.mean)
+
+
+def test_local_batches_cover_every_image_once_in_equal_batches():
+  images = np.arange(37, dtype=np.uint8).reshape(37, 1, 1, 1)
+  batches = list(feature_lib.local_batches(images, 16))
+  assert [len(b["image"]) for b in batches] == [16, 16, 16]
+  index = np.concatenate([b["index"] for b in batches])
+  np.testing.assert_array_equal(index[index >= 0], np.arange(37))
+  for batch in batches:
+    np.testing.assert_array_equal(batch["mask"], batch["index"] >= 0)
+    np.testing.assert_array_equal(batch["image"][batch["mask"], 0, 0, 0],
+                                  batch["index"][batch["mask"]])
+
