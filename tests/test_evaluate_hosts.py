@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import parallel
+from diffusion_jax import data, files, parallel
 from diffusion_jax.evaluation import features as feature_lib
-from diffusion_jax.evaluation import metrics
+from diffusion_jax.evaluation import metrics, nll
+from diffusion_jax.evaluation.config import NllConfig
+from diffusion_jax.train.inference import load_ema_for_sampling
 
 import local_jobs  # tests/local_jobs.py
 
@@ -161,3 +163,25 @@ def test_local_batches_cover_every_image_once_in_equal_batches():
     np.testing.assert_array_equal(batch["image"][batch["mask"], 0, 0, 0],
                                   batch["index"][batch["mask"]])
 
+
+
+# ----------------------------------------------------------------------------- NLL
+
+
+def test_nll_of_an_example_does_not_depend_on_its_batch(digits_smoke_run, tmp_path):
+  """Batches of 8, then of 16, in one folder: the same numbers; the stale batch 0 is recomputed."""
+  model = load_ema_for_sampling(digits_smoke_run)
+  split = data.DataConfig(source="digits", split="test", image_size=8, num_channels=1,
+                          num_threads=0)
+  config = NllConfig(num_examples=12)
+  out_dir = str(tmp_path / "nll")
+  results = {}
+  for batch_size in (8, 16):
+    batches = data.make_eval_iterator(split, batch_size, num_examples=12)
+    results[batch_size] = nll.evaluate_nll(model, batches, config, out_dir,
+                                           key=jax.random.key(0))
+  for part in nll.PARTS:
+    assert results[16][part] == pytest.approx(results[8][part], rel=REL_TOLERANCE), part
+  assert results[16]["num_examples"] == results[8]["num_examples"] == 12
+  index = files.load_npz(os.path.join(out_dir, "batch_000000.npz"))["index"]
+  np.testing.assert_array_equal(np.sort(index[index >= 0]), np.arange(12))  # not 0..7 of run 1
