@@ -25,7 +25,7 @@ import pytest
 
 from diffusion_jax import data, files, parallel
 from diffusion_jax.evaluation import features as feature_lib
-from diffusion_jax.evaluation import metrics, nll
+from diffusion_jax.evaluation import hosts, metrics, nll
 from diffusion_jax.evaluation.config import NllConfig
 from diffusion_jax.train.inference import load_ema_for_sampling
 
@@ -145,7 +145,7 @@ def test_merged_parts_equal_the_whole_and_travel_bit_for_bit():
   np.testing.assert_allclose(mu, whole.mean(0), rtol=1e-13)
   np.testing.assert_allclose(sigma, np.cov(whole, rowvar=False), rtol=1e-12)
   # One process: the exchange returns its own statistics exactly, not rounded to float32.
-  exchanged = feature_lib.merge_over_processes(merged)
+  exchanged = hosts.merge_over_processes(merged)
   assert exchanged.count == merged.count == 60
   np.testing.assert_array_equal(exchanged.mean, merged.mean)
   np.testing.assert_array_equal(exchanged.scatter, merged.scatter)

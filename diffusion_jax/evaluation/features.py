@@ -20,7 +20,6 @@ back in the image set's order.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 
@@ -31,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from diffusion_jax import files, parallel, weightfiles
-from diffusion_jax.evaluation import digits_classifier, inception, metrics
+from diffusion_jax.evaluation import digits_classifier, hosts, inception, metrics
 from diffusion_jax.evaluation.config import EvalConfig
 
 # Metric -> (the network it runs on, the formula): fd = Fréchet distance of pool
@@ -165,10 +164,10 @@ def summarize(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]], *,
       bar.update(int(mask.sum()) * jax.process_count())
   index = np.concatenate(kept["index"])
   return FeatureSummary(
-      pool=merge_over_processes(pool),
-      spatial=None if spatial is None else merge_over_processes(spatial),
-      logits=gather_in_order(np.concatenate(kept["logits"]), index) if keep_logits else None,
-      pool_features=gather_in_order(np.concatenate(kept["pool"]), index) if keep_pool else None)
+      pool=hosts.merge_over_processes(pool),
+      spatial=None if spatial is None else hosts.merge_over_processes(spatial),
+      logits=hosts.gather_in_order(np.concatenate(kept["logits"]), index) if keep_logits else None,
+      pool_features=hosts.gather_in_order(np.concatenate(kept["pool"]), index) if keep_pool else None)
 
 
 def _local_features(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]]) -> Iterator:
@@ -187,35 +186,6 @@ def _local_features(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]]) -
     pending = batch, multihost_utils.global_array_to_host_local_array(features, net.mesh, spec)
   if pending is not None:
     yield pending[0], jax.device_get(pending[1])
-
-
-def merge_over_processes(accumulator: metrics.GaussianAccumulator) -> metrics.GaussianAccumulator:
-  """The accumulators of every process merged in process order: the same on every process.
-
-  Counts, means and scatter matrices travel bit for bit (float64 as pairs of
-  32-bit words: JAX's collectives would round float64 to float32).
-  """
-  counts = _allgather_exact(np.array([accumulator.count], np.int64))[:, 0]
-  means = _allgather_exact(accumulator.mean)
-  scatters = _allgather_exact(accumulator.scatter)
-  parts = [metrics.GaussianAccumulator.from_moments(int(count), mean, scatter)
-           for count, mean, scatter in zip(counts, means, scatters)]
-  return functools.reduce(metrics.GaussianAccumulator.merge, parts)
-
-
-def _allgather_exact(array: np.ndarray) -> np.ndarray:
-  """[process count, *array.shape]: every process's 64-bit `array`, bit for bit."""
-  array = np.ascontiguousarray(array)
-  words = array.reshape(-1).view(np.uint32)
-  gathered = np.asarray(multihost_utils.process_allgather(words))  # [P, 2 * array.size]
-  return gathered.view(array.dtype).reshape(-1, *array.shape)
-
-
-def gather_in_order(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
-  """Every process's `rows` [n, ...] as one array ordered by `index` [n]; index -1 dropped."""
-  rows, index = multihost_utils.process_allgather((rows, index), tiled=True)
-  keep = index >= 0
-  return np.asarray(rows)[keep][np.argsort(index[keep], kind="stable")]
 
 
 def local_batches(images: np.ndarray, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:

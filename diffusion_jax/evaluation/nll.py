@@ -18,6 +18,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from diffusion_jax import data, files, losses, parallel
+from diffusion_jax.evaluation import hosts
 from diffusion_jax.evaluation.config import NllConfig
 from diffusion_jax.train.inference import EmaModel
 
@@ -96,14 +97,11 @@ def evaluate_nll(model: EmaModel, batches, config: NllConfig, out_dir: str, *,
 
 
 def _saved_on_process_0(path: str, index: np.ndarray) -> bool:
-  """Whether process 0 finds at `path` a finished batch of exactly the examples `index`.
-
-  Every process gets process 0's answer, so all of them compute the batch or none.
-  """
+  """Whether process 0 finds at `path` a finished batch of exactly the examples `index`."""
   saved = False
   if jax.process_index() == 0 and files.exists(path):
     saved = np.array_equal(files.load_npz(path).get("index"), index)
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(saved)))
+  return hosts.process_0_says(saved)
 
 
 def _mean_parts(results: list[dict[str, np.ndarray]]) -> dict:

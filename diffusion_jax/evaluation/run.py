@@ -30,7 +30,7 @@ from absl import logging
 
 from diffusion_jax import data, files, images, sampling
 from diffusion_jax.evaluation import features as feature_lib
-from diffusion_jax.evaluation import metrics, nll, reference, report as report_lib
+from diffusion_jax.evaluation import hosts, metrics, nll, reference, report as report_lib
 from diffusion_jax.evaluation.config import EvalConfig
 from diffusion_jax.train import checkpoint
 from diffusion_jax.train.inference import EmaModel, draw_samples, load_ema_for_sampling
@@ -211,7 +211,8 @@ def reference_statistics(net, config: EvalConfig, data_config,
   """The reference split's statistics under `net`: cached in WORKDIR/eval/, else computed.
 
   Call it on every process: each computes the features of its share of the
-  split, and process 0 writes the cache file.
+  split, and process 0 writes the cache file; when process 0 finds the file,
+  every process reads it (the workdir is shared, e.g. a bucket).
   """
   tag = _file_tag(f"{data_config.source}-{data_config.name}-{data_config.image_size}px"
                   f"x{data_config.num_channels}-{config.reference_split}")
@@ -219,7 +220,7 @@ def reference_statistics(net, config: EvalConfig, data_config,
     tag += f"-{config.resize}-{net.info['sha256'][:12]}"
   path = files.join(workdir, "eval", f"reference-{net.name}-{tag}.npz")
   keep_pool = "precision_recall" in config.metrics and net.name == "inception"
-  if files.exists(path):
+  if hosts.process_0_says(jax.process_index() == 0 and files.exists(path)):
     stats = reference.load_reference(path)
     if stats.features is not None or not keep_pool:
       return stats
