@@ -133,7 +133,7 @@ def test_statistics_of_sharded_batches_equal_those_of_the_whole_set():
 
 
 def test_merged_parts_equal_the_whole_and_travel_bit_for_bit():
-  """Accumulators of unequal parts, merged in order, give numpy's statistics of the concatenation."""
+  """Accumulators of unequal parts, merged in order: numpy's statistics of the concatenation."""
   rng = np.random.default_rng(1)
   parts = [rng.normal(3.0, 2.0, (n, 6)) for n in (1, 17, 40, 2)]
   accumulators = [metrics.GaussianAccumulator(6).update(p) for p in parts]
@@ -150,6 +150,42 @@ def test_merged_parts_equal_the_whole_and_travel_bit_for_bit():
   np.testing.assert_array_equal(exchanged.mean, merged.mean)
   np.testing.assert_array_equal(exchanged.scatter, merged.scatter)
   assert not np.array_equal(merged.mean.astype(np.float32).astype(np.float64), merged.mean)
+
+
+def _rows_of_process(process: int) -> np.ndarray:
+  """Process p's float64 features: 5 + 3p rows of 4, far from any float32 value."""
+  return np.random.default_rng(process).normal(1 / 3, 1e3, (5 + 3 * process, 4))
+
+
+def exchange_worker(out_dir: str) -> None:
+  """One process of a 2-process job: merges its statistics and gathers its rows with the other's."""
+  parallel.maybe_initialize_distributed()
+  process = jax.process_index()
+  rows = _rows_of_process(process)
+  merged = hosts.merge_over_processes(metrics.GaussianAccumulator(4).update(rows))
+  index = np.full(8, -1)  # process p holds the set's rows p, p + 2, p + 4, p + 6, then padding
+  index[:4] = np.arange(process, 8, 2)
+  ordered = hosts.gather_in_order(index[:, None] * 10.0, index)
+  np.savez(os.path.join(out_dir, f"process_{process}.npz"), count=merged.count,
+           mean=merged.mean, scatter=merged.scatter, ordered=ordered)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_two_processes_merge_float64_statistics_bit_for_bit(tmp_path):
+  """Both processes hold the in-order merge of both parts, every float64 bit of it."""
+  local_jobs.run_job(["-c", "import sys; sys.path[:0] = ['tests', '.']; import test_evaluate_hosts;"
+                      " test_evaluate_hosts.exchange_worker(*sys.argv[1:])", str(tmp_path)],
+                     devices_per_process=1)
+  parts = [metrics.GaussianAccumulator(4).update(_rows_of_process(p)) for p in (0, 1)]
+  expected = functools.reduce(metrics.GaussianAccumulator.merge, [
+      metrics.GaussianAccumulator.from_moments(a.count, a.mean, a.scatter) for a in parts])
+  for process in (0, 1):
+    result = np.load(tmp_path / f"process_{process}.npz")
+    assert result["count"] == 13
+    np.testing.assert_array_equal(result["mean"], expected.mean)
+    np.testing.assert_array_equal(result["scatter"], expected.scatter)
+    np.testing.assert_array_equal(result["ordered"][:, 0], np.arange(8) * 10.0)  # set order
+  assert not np.array_equal(expected.mean.astype(np.float32).astype(np.float64), expected.mean)
 
 
 def test_local_batches_cover_every_image_once_in_equal_batches():

@@ -45,7 +45,7 @@ class DigitsClassifier(nn.Module):
 
 
 def init_params(seed: int = 0):
-  """Untrained parameters: the shapes `load_or_train` reads into, or a placeholder to receive them."""
+  """Untrained parameters: what `load_or_train` reads into, or a placeholder to receive them."""
   return DigitsClassifier().init(jax.random.key(seed), np.zeros((1, 8, 8, 1), np.uint8))["params"]
 
 

@@ -150,24 +150,26 @@ def summarize(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]], *,
   """
   pool = metrics.GaussianAccumulator(net.pool_dim)
   spatial = metrics.GaussianAccumulator(net.spatial_dim) if net.spatial_dim else None
-  kept = {"logits": [], "pool": [], "index": []}
+  logits, pool_rows, index = [], [], []  # this process's rows, padding included
   with tqdm.tqdm(total=total, desc=desc, unit="img", disable=jax.process_index() > 0) as bar:
     for batch, features in _local_features(net, batches):
       mask = batch["mask"]
       pool.update(features["pool"][mask])
       if spatial is not None:
         spatial.update(features["spatial"][mask])
-      for name, wanted in (("logits", keep_logits), ("pool", keep_pool)):
-        if wanted:
-          kept[name].append(features[name])
-      kept["index"].append(np.where(mask, batch["index"], -1))
+      if keep_logits:
+        logits.append(features["logits"])
+      if keep_pool:
+        pool_rows.append(features["pool"])
+      index.append(np.where(mask, batch["index"], -1))
       bar.update(int(mask.sum()) * jax.process_count())
-  index = np.concatenate(kept["index"])
+  index = np.concatenate(index)
+  in_order = lambda rows: hosts.gather_in_order(np.concatenate(rows), index)
   return FeatureSummary(
       pool=hosts.merge_over_processes(pool),
       spatial=None if spatial is None else hosts.merge_over_processes(spatial),
-      logits=hosts.gather_in_order(np.concatenate(kept["logits"]), index) if keep_logits else None,
-      pool_features=hosts.gather_in_order(np.concatenate(kept["pool"]), index) if keep_pool else None)
+      logits=in_order(logits) if keep_logits else None,
+      pool_features=in_order(pool_rows) if keep_pool else None)
 
 
 def _local_features(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]]) -> Iterator:
