@@ -8,7 +8,7 @@ from typing import Any
 
 import ml_collections
 
-from diffusion_jax import configlib, sampling
+from diffusion_jax import configlib, files, sampling
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.data.config import DataConfig
 
@@ -94,7 +94,7 @@ class EvalConfig:
           " pt_inception-2015-12-05-6726825d.pth, published at https://github.com/mseitzer/"
           "pytorch-fid/releases (fid_weights-0.0.1) and by torch-fidelity; or evaluate the"
           " other metrics alone (e.g. --config.metrics=nll).")
-    if not os.path.isfile(path):
+    if not files.is_file(path):
       raise FileNotFoundError(f"Inception weights file {path!r} does not exist.")
     return path
 
