@@ -10,18 +10,16 @@ Writes WORKDIR/eval/<config name>-step<N>/report.json (every metric, the
 checkpoint step, sampler settings and NFE, weights SHA-256, wall time per
 phase), TensorBoard scalars beside it, a table on stdout, and for a sweep over
 several samplers fid_vs_nfe.png. Rerunning continues an interrupted
-evaluation. Runs on the devices of one host.
+evaluation. Runs on the devices of one host. A model factory that the
+workdir's config.json names ("package.module:factory") is code: it is imported
+only with --trust_model_code.
 """
-
-import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import data, evaluation
-from diffusion_jax.train.checkpoint import CheckpointError
-from diffusion_jax.weightfiles import WeightFileError
+from diffusion_jax import evaluation
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
@@ -31,6 +29,7 @@ _SAMPLES = flags.DEFINE_string("samples", None, "Evaluate this .npz ('arr_0': ui
                                " of sampling the run.")
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference statistics .npz (pytorch-fid's or"
                                  " the ADM evaluator's format) instead of the config's.")
+_TRUST_MODEL_CODE = common.define_trust_model_code_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,13 +37,9 @@ def main(argv):
   common.start(argv)
   if jax.process_count() > 1:
     raise app.UsageError("launch.evaluate runs on the devices of one host.")
-  try:
-    config = evaluation.from_config_dict(_CONFIG.value)
-    evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
-                        reference_path=_REFERENCE.value)
-  except (ValueError, FileNotFoundError, CheckpointError, WeightFileError,
-          data.DatasetUnavailableError) as error:
-    sys.exit(f"launch.evaluate: {error}")
+  config = evaluation.from_config_dict(_CONFIG.value)
+  evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
+                      reference_path=_REFERENCE.value, trust_model_code=_TRUST_MODEL_CODE.value)
 
 
 if __name__ == "__main__":

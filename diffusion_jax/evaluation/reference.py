@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,31 +146,21 @@ def load_reference(path: str, *, load_images: bool = True) -> ReferenceStats:
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No reference statistics file at {path}.")
-  try:
-    npz = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path} is not an .npz file: {type(e).__name__}: {e}") from e
-  if not isinstance(npz, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path} holds a single array (.npy), not an .npz of statistics.")
-  with npz:
-    return _from_npz(path, npz, load_images)
-
-
-def _from_npz(path: str, npz, load_images: bool) -> ReferenceStats:
-  keys = set(npz.files)
+  npz = files.read_npz(path, [*_ARRAY_KEYS, "num_images", "source",
+                              *(["arr_0"] if load_images else [])])
   for key in ("mu", "sigma"):
-    if key not in keys:
-      raise ValueError(f"reference {path} has no {key!r} array (keys: {sorted(keys)}).")
-  arrays = {key: npz[key] for key in _ARRAY_KEYS if key in keys}
+    if key not in npz:
+      raise ValueError(f"reference {path} has no {key!r} array (arrays: {sorted(npz)}).")
+  arrays = {key: npz[key] for key in _ARRAY_KEYS if key in npz}
   for key in ("mu", "sigma", "mu_s", "sigma_s"):
     if key in arrays:
       arrays[key] = arrays[key].astype(np.float64)
-  images = npz["arr_0"] if load_images and "arr_0" in keys else None
-  num_images = int(npz["num_images"]) if "num_images" in keys else None
+  images = npz.get("arr_0")
+  num_images = int(npz["num_images"]) if "num_images" in npz else None
   if num_images is None and images is not None:
     num_images = images.shape[0]
   source = {}
-  if "source" in keys:
+  if "source" in npz:
     try:
       source = json.loads(str(npz["source"]))
     except json.JSONDecodeError as e:
