@@ -73,7 +73,7 @@ def read_npz(path: str | os.PathLike, names: Iterable[str] | None = None) -> dic
       wanted = members if names is None else [name for name in names if name in members]
       return {name: _read_npz_member(archive, members[name]) for name in wanted}
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
-    raise ValueError(f"Cannot read {os.fspath(path)} as an .npz file: {error}") from error
+    raise ValueError(f"{os.fspath(path)} is not an .npz file: {error}") from error
 
 
 def _read_npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:

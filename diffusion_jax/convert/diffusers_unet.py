@@ -89,13 +89,24 @@ def convert(path: str, preset: str | None = None, flags: dict | None = None) -> 
       dataset=flags.get("dataset", ""))
 
 
+def _read_json_object(path: str) -> dict[str, Any]:
+  """The JSON object in file `path`; a ConvertError names the file when it holds anything else."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConvertError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(value, dict):
+    raise ConvertError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
+  return value
+
+
 def read_unet_config(model_dir: str) -> dict[str, Any]:
   """config.json with UNet2DModel's defaults filled in; unknown keys are an error naming them."""
   path = os.path.join(model_dir, "config.json")
   if not os.path.exists(path):
     raise ConvertError(f"{model_dir}: no config.json (a diffusers model directory has one)")
-  with open(path) as f:
-    given = json.load(f)
+  given = _read_json_object(path)
   if given.get("_class_name", "UNet2DModel") != "UNet2DModel":
     raise ConvertError(f"{path}: _class_name {given['_class_name']!r} is not supported;"
                        " supported: ['UNet2DModel']")
@@ -206,8 +217,7 @@ def read_scheduler(path: str, model_dir: str, learned: bool) -> dict[str, Any]:
   found = next((c for c in candidates if os.path.exists(c)), None)
   scheduler = {}
   if found:
-    with open(found) as f:
-      scheduler = json.load(f)
+    scheduler = _read_json_object(found)
   origin = found or path
   for key, allowed in _SCHEDULER_FIXED.items():
     check_choice(scheduler.get(key, allowed[0]), allowed, f"scheduler setting {key}", origin)

@@ -6,7 +6,7 @@ import collections
 import dataclasses
 import functools
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,14 @@ class Segmenter:
     logits = tiling.predict_images(self._predict_tiles, images, tiles.tile, tiles.output,
                                    self.exp.alignment, self.batch_size)
     return [np.argmax(image_logits, -1).astype(np.int32) for image_logits in logits]
+
+
+class SegmentationJob(NamedTuple):
+  """One input image and the two files segmenting it writes."""
+
+  image: pathlib.Path
+  mask: pathlib.Path  # uint8 class indices at the image's size
+  panel: pathlib.Path  # image | prediction, side by side
 
 
 def load(workdir: str, step: int | None = None, tile_size: int | None = None,
@@ -108,26 +116,31 @@ def output_paths(root: pathlib.Path, files: list[pathlib.Path],
   return chosen
 
 
-def segment_files(segmenter: Segmenter, path: str, output: str, *,
-                  overwrite: bool = False) -> list[pathlib.Path]:
-  """Segments an image file or a folder of them; returns the written masks.
+def plan_outputs(path: str, output: str, *, overwrite: bool = False) -> list[SegmentationJob]:
+  """What segmenting an image file or a folder of them writes, checked before anything is.
 
-  For each INPUT/NAME.ext writes OUTPUT/NAME.png (uint8 class indices, the
-  image's size) and OUTPUT/NAME_panel.png (image | prediction in colour); see
-  `output_paths` for names shared by several inputs. Images are converted and
-  resized as in training (data.num_channels, data.resize); masks come back at
-  the image's own size. Before anything is written, an OUTPUT equal to, inside
-  or containing the input is refused, and so are existing files at the output
-  paths unless `overwrite`.
+  Raises:
+    FileNotFoundError: no image at `path`.
+    outputs.OutputConflictError: OUTPUT is, lies inside or contains the input;
+      two inputs share an output; a file exists at an output path and not `overwrite`.
   """
   root, files = input_files(path)
   outputs.check_apart(output, [path])
   targets = output_paths(root, files, output)
   outputs.check_unclaimed([target for pair in targets for target in pair], overwrite=overwrite)
+  return [SegmentationJob(file, mask, panel) for file, (mask, panel) in zip(files, targets)]
+
+
+def segment_files(segmenter: Segmenter, jobs: list[SegmentationJob]) -> list[pathlib.Path]:
+  """Segments each job's image (`plan_outputs`); returns the written masks.
+
+  Writes the mask (uint8 class indices at the image's size) and the panel
+  (image | prediction in colour). Images are converted and resized as in
+  training (data.num_channels, data.resize).
+  """
   data = segmenter.exp.data
-  written = []
-  for file, (mask_path, panel_path) in zip(files, targets):
-    pixels = sources.read_image(file)
+  for job in jobs:
+    pixels = sources.read_image(job.image)
     pixels = pixels[..., None] if pixels.ndim == 2 else pixels
     image, _ = sources.prepare_image(pixels, np.zeros(pixels.shape[:2], np.int32),
                                      data.num_channels, data.resize)
@@ -135,10 +148,9 @@ def segment_files(segmenter: Segmenter, path: str, output: str, *,
     height, width = pixels.shape[:2]
     mask = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(
         (width, height), Image.Resampling.NEAREST))
-    mask_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask).save(mask_path)
+    job.mask.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(job.mask)
     shown = metrics.to_rgb(np.round(image * 255).astype(np.uint8))
     picture = metrics.side_by_side([shown[None], metrics.colorize(labels)[None]])
-    Image.fromarray(picture).save(panel_path)
-    written.append(mask_path)
-  return written
+    Image.fromarray(picture).save(job.panel)
+  return [job.mask for job in jobs]
