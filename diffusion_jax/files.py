@@ -1,57 +1,166 @@
-"""Atomic file writes (a finished file or none, never half of one), checked .npz reads, the cache."""
+"""The one path layer: every file under a user's path is read and written here.
+
+Workdirs, output folders, data folders, reference statistics, samples and
+weight files may be local paths, `gs://bucket/...` or any other filesystem
+that fsspec serves; `etils.epath` (what Orbax itself uses) makes them behave
+alike. A path is kept as the user gave it: `gs://b/run` stays `gs://b/run`,
+and a relative local path is never resolved against the working directory in
+what the project records.
+
+Writes are atomic, a finished file or none, never half of one: on a local disk
+through a temporary file beside the target that is flushed and renamed onto
+it; on an object store by uploading the finished bytes in one request (a GCS
+object upload is atomic), with no rename dance.
+
+For gs:// set `EPATH_USE_TF=false` (see docs/training.md): epath then uses
+fsspec's gcsfs, which honours `STORAGE_EMULATOR_HOST` and the usual Google
+credentials, rather than TensorFlow's GCS client.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import math
 import os
 import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
+from etils import epath
 
+PathLike = str | os.PathLike
 _NPY_MAGIC = b"\x93NUMPY"  # how a .npy file starts
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-  """Yields a temporary path beside `path`, moved onto `path` when the block ends without error.
+def path(p: PathLike) -> epath.Path:
+  """`p` as an `epath.Path` (local, gs://, fsspec), not resolved against the working directory."""
+  return epath.Path(p)
 
-  The temporary file keeps `path`'s suffix (np.savez appends ".npz" otherwise),
-  is flushed to disk before the rename, and is removed if the block raises, so
-  an interrupted write leaves any earlier file at `path` as it was.
+
+def is_local(p: PathLike) -> bool:
+  """Whether `p` names a file on this machine's filesystem (no `scheme://` prefix)."""
+  return "://" not in os.fspath(p)
+
+
+def join(p: PathLike, *parts: str) -> str:
+  """`p / parts` as a string, the way the user would write it (`gs://b/run/x`, `run/x`)."""
+  return os.fspath(path(p).joinpath(*parts)) if parts else os.fspath(path(p))
+
+
+def exists(p: PathLike) -> bool:
+  return path(p).exists()
+
+
+def is_file(p: PathLike) -> bool:
+  return path(p).is_file()
+
+
+def is_dir(p: PathLike) -> bool:
+  return path(p).is_dir()
+
+
+def makedirs(p: PathLike) -> None:
+  """Creates directory `p` and its parents; nothing on object stores, whose folders are implicit."""
+  path(p).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(p: PathLike) -> list[str]:
+  """The names in directory `p`, sorted."""
+  return sorted(child.name for child in path(p).iterdir())
+
+
+def read_bytes(p: PathLike) -> bytes:
+  return path(p).read_bytes()
+
+
+def read_text(p: PathLike) -> str:
+  return path(p).read_text()
+
+
+def read_json(p: PathLike) -> Any:
+  return json.loads(read_text(p))
+
+
+@contextlib.contextmanager
+def atomic_path(p: PathLike) -> Iterator[str]:
+  """Yields a local temporary path; what is written there becomes `p` when the block ends.
+
+  On a local disk the temporary file lies beside `p`, keeps its suffix
+  (np.savez appends ".npz" otherwise), is flushed to disk and renamed onto `p`;
+  on an object store its bytes are uploaded to `p` in one request. If the block
+  raises, nothing is written and any earlier file at `p` stays as it was.
   """
-  directory, name = os.path.split(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=os.path.splitext(name)[1],
-                                           dir=directory)
+  name = path(p).name
+  suffix = os.path.splitext(name)[1]
+  if is_local(p):
+    directory = os.path.dirname(os.path.abspath(p))
+    os.makedirs(directory, exist_ok=True)
+    with _temporary_file(directory, name, suffix) as temporary:
+      yield temporary
+      with open(temporary, "rb+") as f:
+        os.fsync(f.fileno())
+      os.replace(temporary, p)
+  else:
+    with tempfile.TemporaryDirectory() as directory:
+      with _temporary_file(directory, name, suffix) as temporary:
+        yield temporary
+        path(p).write_bytes(open(temporary, "rb").read())  # pylint: disable=consider-using-with
+
+
+@contextlib.contextmanager
+def _temporary_file(directory: str, name: str, suffix: str) -> Iterator[str]:
+  """An empty file `directory/.name.XXXX<suffix>`, readable as a normal new file, removed after."""
+  descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=directory)
   os.close(descriptor)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would make every written file private
   try:
     yield temporary
-    with open(temporary, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
 
 
-def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-  """np.savez(path, **arrays), atomically."""
-  with atomic_path(path) as temporary:
+def write_bytes(p: PathLike, data: bytes) -> None:
+  """Writes `data` to `p`, atomically."""
+  with atomic_path(p) as temporary, open(temporary, "wb") as f:
+    f.write(data)
+
+
+def write_text(p: PathLike, text: str) -> None:
+  """Writes `text` to `p`, atomically."""
+  write_bytes(p, text.encode())
+
+
+def write_json(p: PathLike, value: Any, **dumps_kwargs) -> None:
+  """Writes `json.dumps(value)` to `p`, atomically."""
+  write_text(p, json.dumps(value, **dumps_kwargs))
+
+
+def append_line(p: PathLike, line: str) -> None:
+  """Appends `line` and a newline to the text file `p` (created if missing).
+
+  Object stores cannot append: the file is read and rewritten whole, atomically,
+  so this suits small logs written by one process (config_history.jsonl).
+  """
+  old = read_text(p) if exists(p) else ""
+  write_text(p, old + line + "\n")
+
+
+def save_npz(p: PathLike, **arrays: np.ndarray) -> None:
+  """np.savez(p, **arrays), atomically."""
+  with atomic_path(p) as temporary:
     np.savez(temporary, **arrays)
 
 
-def default_cache_dir() -> str:
-  """$DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax: cached models and compiled programs."""
-  return os.environ.get("DIFFUSION_JAX_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))
-
-
-def read_npz(path: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-  """The arrays of an .npz file: those of `names` that it holds, or all of them.
+def load_npz(p: PathLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+  """The arrays of the .npz file `p`: those of `names` that it holds, or all of them.
 
   A file from elsewhere may be damaged or hostile: pickled objects are
   refused, and each array's header is checked against the bytes stored
@@ -59,21 +168,21 @@ def read_npz(path: str | os.PathLike, names: Iterable[str] | None = None) -> dic
   name or a header claiming 10^13 elements is one ValueError naming the file.
 
   Raises:
-    FileNotFoundError: no file at `path`.
-    ValueError: naming `path` (and the array) and what is wrong with it.
+    FileNotFoundError: no file at `p`.
+    ValueError: naming `p` (and the array) and what is wrong with it.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No file at {os.fspath(path)!r}.")
-  with open(path, "rb") as f:
-    if f.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
-      raise ValueError(f"{os.fspath(path)} holds a single array (.npy), not an .npz archive.")
+  if not is_file(p):
+    raise FileNotFoundError(f"No file at {os.fspath(p)!r}.")
+  data = read_bytes(p)
+  if data.startswith(_NPY_MAGIC):
+    raise ValueError(f"{os.fspath(p)} holds a single array (.npy), not an .npz archive.")
   try:
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
       members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
       wanted = members if names is None else [name for name in names if name in members]
       return {name: _read_npz_member(archive, members[name]) for name in wanted}
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
-    raise ValueError(f"{os.fspath(path)} is not an .npz file: {error}") from error
+    raise ValueError(f"{os.fspath(p)} is not an .npz file: {error}") from error
 
 
 def _read_npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
@@ -91,3 +200,9 @@ def _read_npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndar
                      f" but {stored:,} bytes are stored")
   with archive.open(info) as f:
     return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def default_cache_dir() -> str:
+  """$DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax: cached models and compiled programs."""
+  return os.environ.get("DIFFUSION_JAX_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))

@@ -13,7 +13,7 @@ import os
 import pathlib
 from collections.abc import Iterable
 
-from etils import epath
+from diffusion_jax import files
 
 OVERWRITE_FLAG = "--overwrite"
 
@@ -24,10 +24,9 @@ class OutputConflictError(ValueError):
 
 def _resolved(path: str | os.PathLike) -> pathlib.PurePath:
   """`path` absolute, links resolved; a URL (gs://...) as written, without a trailing slash."""
-  text = os.fspath(path)
-  if "://" in text:
-    return pathlib.PurePosixPath(text.rstrip("/"))
-  return pathlib.Path(text).resolve()
+  if not files.is_local(path):
+    return pathlib.PurePosixPath(os.fspath(path).rstrip("/"))
+  return pathlib.Path(path).resolve()
 
 
 def check_apart(output_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
@@ -66,7 +65,7 @@ def check_unclaimed(paths: Iterable[str | os.PathLike], *, overwrite: bool) -> N
   """
   if overwrite:
     return
-  existing = [os.fspath(path) for path in paths if epath.Path(path).exists()]
+  existing = [os.fspath(path) for path in paths if files.exists(path)]
   if existing:
     others = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
     raise OutputConflictError(f"{existing[0]!r}{others} already exists and this run did not"

@@ -33,3 +33,24 @@ def digits_smoke_run(tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp("digits_smoke"))
   train.train_and_evaluate(digits.get_config("smoke"), workdir)
   return workdir
+
+
+# Modules whose tests start several JAX processes joined by gloo: with `--dist loadgroup`
+# they share one xdist group, so no two such jobs compete for the cores at once (gloo
+# gives up after 30 s in a collective when a peer is starved).
+MULTIPROCESS_MODULES = frozenset({
+    "test_cluster_launchers", "test_elastic", "test_evaluate_hosts", "test_gcs", "test_launch",
+    "test_resilience", "test_sample_hosts"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+  """Each module's tests run on one xdist worker (its module fixtures are built once);
+  the multi-process modules all on one worker, one after another. A test marked with
+  its own `xdist_group` keeps it."""
+  for item in items:
+    if item.get_closest_marker("xdist_group"):
+      continue
+    module = item.module.__name__.rpartition(".")[2]
+    group = "multiprocess" if module in MULTIPROCESS_MODULES else module
+    item.add_marker(pytest.mark.xdist_group(group))

@@ -142,7 +142,7 @@ def _state(name: str) -> dict:
     (lambda s: s.pop("input_blocks.1.0.out_layers.3.bias"),
      r"missing key\(s\): input_blocks.1.0.out_layers.3.bias \(32,\)"),
     (lambda s: s.update({"input_blocks.1.0.extra.weight": torch.zeros(3)}),
-     r"unexpected key\(s\): input_blocks.1.0.extra.weight"),
+     r"unexpected key\(s\): 'input_blocks.1.0.extra.weight'"),
     (lambda s: s.update({"output_blocks.2.1.qkv.weight": torch.zeros(190, 64, 1)}),
      r"mis-shaped key\(s\): output_blocks.2.1.qkv.weight has shape \(190, 64, 1\), expected"
      r" \(192, 64, 1\)"),

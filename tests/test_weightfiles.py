@@ -1,20 +1,28 @@
 """The torch-free weight-file reader against files written by torch and safetensors themselves."""
 
 import hashlib
+import io
+import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
 
+import hypothesis
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import strategies as st
 
+import hostile_weightfiles
 from diffusion_jax import weightfiles
 from diffusion_jax.weightfiles import UnsafeWeightFileError, WeightFileError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state_dict() -> dict[str, torch.Tensor]:
@@ -152,23 +160,6 @@ def test_os_system_in_a_default_torch_save_is_named(tmp_path):
     weightfiles.load(path)
 
 
-def test_tensor_past_its_storage_is_refused(tmp_path):
-  """A size larger than the storage would make as_strided read foreign memory."""
-  honest = _save({"w": torch.arange(4.0)}, tmp_path / "honest.pt", "zip")
-  lying = tmp_path / "lying.pt"
-  size_4, size_9 = b"Q K\x00K\x04\x85".replace(b" ", b""), b"Q K\x00K\x09\x85".replace(b" ", b"")
-
-  def enlarge(name, data):
-    if name.endswith("/data.pkl"):
-      assert data.count(size_4) == 1
-      return data.replace(size_4, size_9)
-    return data
-
-  _rewrite_zip(honest, lying, enlarge)
-  with pytest.raises(WeightFileError, match="reaches element 8 of a storage of 4"):
-    weightfiles.load(lying)
-
-
 def _rewrite_zip(src, dst, edit):
   with zipfile.ZipFile(src) as source, zipfile.ZipFile(dst, "w") as target:
     for name in source.namelist():
@@ -219,3 +210,138 @@ def test_import_does_not_import_torch():
           "sys.exit('torch' in sys.modules or 'torch._utils' in sys.modules)")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+MEMORY_LIMIT = 1536 << 20  # address space of the reading process: Python, numpy and 1.5 GiB
+CPU_LIMIT_S = 120  # a backstop only: a reader stuck walking 2^40 paths is killed, and fails
+# Loads each file given, one JSON line per file, under the limits above.
+_READER = f"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))
+resource.setrlimit(resource.RLIMIT_CPU, ({CPU_LIMIT_S}, {CPU_LIMIT_S}))
+from diffusion_jax import weightfiles
+for path in sys.argv[1:]:
+  try:
+    result = {{"arrays": {{k: v.tolist() for k, v in weightfiles.load(path).items()}}}}
+  except Exception as e:
+    result = {{"error": type(e).__name__, "message": str(e)}}
+  print(json.dumps(result), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile_results(tmp_path_factory) -> dict[str, dict]:
+  """Each case's file read in one limited subprocess: {case: result, or how the process died}."""
+  folder = tmp_path_factory.mktemp("hostile")
+  paths = {case: str(write(folder / f"{case}.pt")) for case, (write, _, _) in
+           hostile_weightfiles.CASES.items()}
+  run = subprocess.run([sys.executable, "-c", _READER, *paths.values()], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+  lines = run.stdout.splitlines()
+  died = {"died": f"exit {run.returncode} after {len(lines)} files: {run.stderr[-500:]}"}
+  return {case: json.loads(lines[i]) if i < len(lines) else died for i, case in enumerate(paths)}
+
+
+@pytest.mark.parametrize("case", list(hostile_weightfiles.CASES))
+def test_hostile_file_is_one_bounded_error(hostile_results, case):
+  """Each hostile file: the documented error, one printable line naming what was wrong."""
+  _, error, pattern = hostile_weightfiles.CASES[case]
+  result = hostile_results[case]
+  assert "died" not in result, result["died"]
+  if error is None:
+    assert result == {"arrays": {"w": hostile_weightfiles.VALUES}}
+    return
+  assert result.get("error") == error, result
+  message = result["message"]
+  assert re.search(pattern, message), message
+  assert message.isprintable() and f"{case}.pt: " in message  # one line, no terminal escapes
+  assert len(message) < 1000 + len(ROOT) + 200, len(message)
+
+
+def test_quote_is_one_short_line():
+  assert weightfiles.quote("a\x1b[2J\n" * 100).startswith("'a\\x1b[2J\\n")
+  assert len(weightfiles.quote("x" * 10**6)) == 200 and len(weightfiles.quote(list(range(10**5)))) < 200
+  deep = ()
+  for _ in range(10**4):
+    deep = (deep,)
+  assert weightfiles.quote(deep).isprintable() and weightfiles.quote(10**5000) == "<int>"
+
+
+def test_safetensors_header_over_the_cap_is_refused(tmp_path):
+  """A header length over safetensors' 100 MB cap is refused before anything is read (sparse file)."""
+  path = tmp_path / "big.safetensors"
+  with open(path, "wb") as f:
+    f.write((150_000_000).to_bytes(8, "little") + b"{")
+    f.truncate(160_000_000)
+  with pytest.raises(WeightFileError, match="header of 150000000 bytes; at most 100000000"):
+    weightfiles.load(path)
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+def _fuzz_seeds(tmp_path_factory) -> dict[str, bytes]:
+  torch.manual_seed(1)
+  base = torch.randn(3, 4)
+  state = {"w": torch.randn(5), "t": base.t(), "s": base[1:, 2:], "b": base,
+           "h": torch.randn(3).half(), "p": torch.nn.Parameter(torch.randn(2))}
+  folder = tmp_path_factory.mktemp("seeds")
+  seeds = {fmt: _save(state, folder / fmt, fmt).read_bytes() for fmt in ("zip", "legacy")}
+  seeds["safetensors"] = _save({k: v.detach() for k, v in state.items()}, folder / "s",
+                               "safetensors").read_bytes()
+  return seeds
+
+
+@pytest.fixture(scope="module")
+def fuzz_seeds(tmp_path_factory):
+  return _fuzz_seeds(tmp_path_factory)
+
+
+def _zip_with_pickle(data: bytes, edit) -> bytes:
+  """`data` (a torch zip) with its data.pkl replaced by edit(data.pkl), CRCs made right."""
+  source, target = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+  with zipfile.ZipFile(target, "w") as archive:
+    for name in source.namelist():
+      record = source.read(name)
+      archive.writestr(name, edit(record) if name.endswith("data.pkl") else record)
+  return target.getvalue()
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
+  data = bytearray(data)
+  for position, value in edits:
+    data[position % len(data)] = value
+  return bytes(data[:len(data) - cut])
+
+
+def _in_the_file(array: np.ndarray, data: bytes) -> bool:
+  """Every element's bytes (or its negation's, or byte-swapped) occur somewhere in `data`."""
+  flat = array.reshape(-1)
+  candidates = (flat, -flat if flat.dtype.kind == "f" else flat, flat.byteswap())
+  return all(any(c[i:i + 1].tobytes() in data for c in candidates) for i in range(flat.size))
+
+
+@hypothesis.settings(derandomize=True, max_examples=300, deadline=None, database=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(target=st.sampled_from(["zip_pickle", "zip", "legacy", "safetensors"]),
+                  edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)),
+                                 min_size=1, max_size=6),
+                  cut=st.sampled_from([0, 0, 0, 1, 7, 100]))
+def test_mutated_files_give_file_bytes_or_documented_errors(tmp_path_factory, fuzz_seeds, target,
+                                                             edits, cut):
+  """Byte edits of valid small files: arrays whose every element lies in the file, or an error."""
+  if target == "zip_pickle":  # edits inside the pickle, past the CRC that guards the zip records
+    data = _zip_with_pickle(fuzz_seeds["zip"], lambda pkl: _mutate(pkl, edits, cut))
+  else:
+    data = _mutate(fuzz_seeds[target], edits, cut)
+  path = tmp_path_factory.getbasetemp() / "fuzzed.pt"
+  path.write_bytes(data)
+  try:
+    arrays = weightfiles.load(path)
+  except WeightFileError as e:
+    assert str(e).isprintable() and str(path) in str(e), str(e)
+    return
+  assert sum(a.nbytes for a in arrays.values()) <= len(data)
+  for name, array in arrays.items():
+    assert _in_the_file(array, data), name

@@ -25,7 +25,7 @@ from typing import Any
 from diffusion_jax import weightfiles
 from diffusion_jax.convert import diffusers_unet, openai_flags, openai_unet, pytorch_diffusion
 from diffusion_jax.convert.converted import Converted
-from diffusion_jax.convert.mapping import ConvertError, StateDict
+from diffusion_jax.convert.mapping import ConvertError, StateDict, quoted_keys
 from diffusion_jax.convert.workdir import RECORD_FILE, ema_model, write_workdir
 
 FORMATS: dict[str, Callable[..., Converted]] = {
@@ -69,7 +69,7 @@ def convert(path: str, format: str | None = None, preset: str | None = None,
                        " holding it and its config.json")
   if detected is None:
     raise ConvertError(f"{path}: not a checkpoint of {sorted(FORMATS)}; its first keys are"
-                       f" {sorted(state)[:5]}")
+                       f" {quoted_keys(sorted(state)[:5])}")
   if detected == "openai":
     format, preset = _openai_format(path, format, preset)
   elif format not in (None, detected):

@@ -23,9 +23,11 @@ from typing import Any
 
 from diffusion_jax import weightfiles
 from diffusion_jax.convert import mapping
-from diffusion_jax.convert.converted import (Converted, build_params, check_choice, resolutions,
-                                             typed_flags)
-from diffusion_jax.convert.mapping import ConvertError, Rules, StateDict
+from diffusion_jax.convert.converted import (MAX_BLOCKS, MAX_CHANNELS, MAX_CLASSES,
+                                             MAX_IMAGE_CHANNELS, MAX_IMAGE_SIZE, MAX_TIMESTEPS,
+                                             Converted, build_params, check_bounds, check_choice,
+                                             resolutions, typed_flags)
+from diffusion_jax.convert.mapping import ConvertError, Rules, StateDict, quoted_keys
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -66,6 +68,13 @@ _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
 # Scheduler keys that would change the process away from what DiffusionConfig describes.
 _SCHEDULER_FIXED = dict(trained_betas=(None,), thresholding=(False,),
                         rescale_betas_zero_snr=(False,), clip_sample_range=(1.0,))
+# Bounds of config.json's numbers, checked before anything is built from them.
+_BOUNDS = dict(
+    block_out_channels=(1, MAX_CHANNELS), layers_per_block=(1, MAX_BLOCKS),
+    sample_size=(1, MAX_IMAGE_SIZE), in_channels=(1, MAX_IMAGE_CHANNELS),
+    out_channels=(1, 2 * MAX_IMAGE_CHANNELS), time_embedding_dim=(1, 4 * MAX_CHANNELS),
+    attention_head_dim=(1, MAX_CHANNELS), num_class_embeds=(1, MAX_CLASSES))
+_MAX_JSON_BYTES = 1 << 20  # config.json and scheduler_config.json are a few hundred bytes
 # config.json says everything about the network; these are ours (the training step, TFDS data name).
 FLAG_TYPES: dict[str, type] = dict(step=int, dataset=str)
 
@@ -89,31 +98,35 @@ def convert(path: str, preset: str | None = None, flags: dict | None = None) -> 
       dataset=flags.get("dataset", ""))
 
 
-def _read_json_object(path: str) -> dict[str, Any]:
-  """The JSON object in file `path`; a ConvertError names the file when it holds anything else."""
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConvertError(f"{path} is not valid JSON: {e}") from e
-  if not isinstance(value, dict):
-    raise ConvertError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
-  return value
-
-
 def read_unet_config(model_dir: str) -> dict[str, Any]:
   """config.json with UNet2DModel's defaults filled in; unknown keys are an error naming them."""
   path = os.path.join(model_dir, "config.json")
   if not os.path.exists(path):
     raise ConvertError(f"{model_dir}: no config.json (a diffusers model directory has one)")
-  given = _read_json_object(path)
+  given = _read_json(path)
   if given.get("_class_name", "UNet2DModel") != "UNet2DModel":
-    raise ConvertError(f"{path}: _class_name {given['_class_name']!r} is not supported;"
-                       " supported: ['UNet2DModel']")
+    raise ConvertError(f"{path}: _class_name {weightfiles.quote(given['_class_name'])} is not"
+                       " supported; supported: ['UNet2DModel']")
   given = {k: v for k, v in given.items() if not k.startswith("_")}
   if unknown := sorted(set(given) - set(UNET_DEFAULTS)):
-    raise ConvertError(f"{path}: unsupported UNet2DModel setting(s) {unknown}")
+    raise ConvertError(f"{path}: unsupported UNet2DModel setting(s) {quoted_keys(unknown)}")
+  check_bounds(given, _BOUNDS, path)
   return {**UNET_DEFAULTS, **given}
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  """A JSON object of at most _MAX_JSON_BYTES; a ConvertError names the file otherwise."""
+  if os.path.getsize(path) > _MAX_JSON_BYTES:
+    raise ConvertError(f"{path}: {os.path.getsize(path)} bytes; a diffusers config has at most"
+                       f" {_MAX_JSON_BYTES}")
+  try:
+    with open(path, "rb") as f:
+      config = json.load(f)
+  except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    raise ConvertError(f"{path}: not JSON: {weightfiles.quote(str(e))}") from None
+  if not isinstance(config, dict):
+    raise ConvertError(f"{path}: a JSON {type(config).__name__}, not an object")
+  return config
 
 
 def unet_fields(config: dict[str, Any], origin: str) -> tuple[dict, tuple[int, int, int]]:
@@ -133,7 +146,8 @@ def unet_fields(config: dict[str, Any], origin: str) -> tuple[dict, tuple[int, i
   if isinstance(size, (list, tuple)):
     size = size[0] if len(set(size)) == 1 else None
   if not isinstance(size, int):
-    raise ConvertError(f"{origin}: sample_size {config['sample_size']!r} is not one square size")
+    raise ConvertError(f"{origin}: sample_size {weightfiles.quote(config['sample_size'])} is not"
+                       " one square size")
   in_ch, out_ch = config["in_channels"], config["out_channels"]
   if out_ch not in (in_ch, 2 * in_ch):
     raise ConvertError(f"{origin}: out_channels {out_ch} must be in_channels {in_ch} (or twice"
@@ -215,10 +229,9 @@ def read_scheduler(path: str, model_dir: str, learned: bool) -> dict[str, Any]:
                 os.path.join(path, "scheduler", "scheduler_config.json"),
                 os.path.join(model_dir, "scheduler_config.json")]
   found = next((c for c in candidates if os.path.exists(c)), None)
-  scheduler = {}
-  if found:
-    scheduler = _read_json_object(found)
+  scheduler = _read_json(found) if found else {}
   origin = found or path
+  check_bounds(scheduler, {"num_train_timesteps": (1, MAX_TIMESTEPS)}, origin)
   for key, allowed in _SCHEDULER_FIXED.items():
     check_choice(scheduler.get(key, allowed[0]), allowed, f"scheduler setting {key}", origin)
   steps = int(scheduler.get("num_train_timesteps", 1000))

@@ -26,7 +26,10 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from diffusion_jax import weightfiles
+
 Shape = tuple[int, ...]
+_LISTED_KEYS = 20  # the most keys of one kind a message names
 
 
 class ConvertError(ValueError):
@@ -176,14 +179,20 @@ def assemble(rules: Rules, abstract_params: Any, state: Mapping[str, np.ndarray]
                         f" (for {'/'.join(path)} {tuple(leaf.shape)})")
     else:
       params[path] = layout.convert(np.asarray(state[key], np.float32), tuple(leaf.shape))
-  unexpected = sorted(set(state) - used)
-  problems = [f"{what} key(s): {', '.join(items)}" for what, items in (
-      ("missing", list(missing.values())), ("unexpected", unexpected),
-      ("mis-shaped", list(misshaped.values()))) if items]
+  unexpected = quoted_keys(sorted(set(state) - used))
+  problems = [f"{what} key(s): {items}" for what, items in (
+      ("missing", ", ".join(missing.values())), ("unexpected", unexpected),
+      ("mis-shaped", ", ".join(misshaped.values()))) if items]
   if problems:
     raise ConvertError("the checkpoint does not fit the architecture read from it: "
                        + "; ".join(problems))
   return traverse_util.unflatten_dict(params)
+
+
+def quoted_keys(keys: list[str]) -> str:
+  """Keys read from a file, each quoted (`weightfiles.quote`): the first _LISTED_KEYS, and a count."""
+  shown = ", ".join(weightfiles.quote(key) for key in keys[:_LISTED_KEYS])
+  return shown + (f" and {len(keys) - _LISTED_KEYS} more" if len(keys) > _LISTED_KEYS else "")
 
 
 class StateDict(Mapping):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffusion_jax.convert.converted import (MAX_BLOCKS, MAX_CHANNELS, MAX_HEADS, MAX_IMAGE_SIZE,
+                                             MAX_TIMESTEPS)
 from diffusion_jax.convert.mapping import ConvertError
 
 
@@ -33,6 +35,11 @@ FLAG_TYPES: dict[str, Any] = dict(
     learn_sigma=_str2bool, sigma_small=_str2bool, diffusion_steps=int, noise_schedule=str,
     timestep_respacing=str, use_kl=_str2bool, predict_xstart=_str2bool,
     rescale_timesteps=_str2bool, rescale_learned_sigmas=_str2bool, step=int, dataset=str)
+# Bounds of the numeric flags (-1: unset, as the repos write it), checked before anything is built.
+FLAG_BOUNDS: dict[str, tuple[int, int]] = dict(
+    image_size=(1, MAX_IMAGE_SIZE), num_channels=(1, MAX_CHANNELS), num_res_blocks=(1, MAX_BLOCKS),
+    num_heads=(-1, MAX_HEADS), num_heads_upsample=(-1, MAX_HEADS), num_head_channels=(-1, MAX_CHANNELS),
+    diffusion_steps=(1, MAX_TIMESTEPS))
 
 _IMPROVED = dict(
     num_heads=4, num_heads_upsample=-1, num_head_channels=-1, use_new_attention_order=False,

@@ -28,9 +28,10 @@ from typing import Any
 
 from diffusion_jax import weightfiles
 from diffusion_jax.convert import mapping
-from diffusion_jax.convert.converted import Converted, build_params, resolutions, typed_flags
+from diffusion_jax.convert.converted import (Converted, build_params, check_bounds, check_unet,
+                                             resolutions, typed_flags)
 from diffusion_jax.convert.mapping import ConvertError, Rules, StateDict
-from diffusion_jax.convert.openai_flags import FLAG_TYPES, REPO_DEFAULTS, preset_flags
+from diffusion_jax.convert.openai_flags import FLAG_BOUNDS, FLAG_TYPES, REPO_DEFAULTS, preset_flags
 
 _RES_NAMES = dict(norm1="in_layers.0", conv1="in_layers.2", emb_proj="emb_layers.1",
                   norm2="out_layers.0", conv2="out_layers.3", skip="skip_connection")
@@ -44,11 +45,13 @@ def convert(path: str, repo: str, preset: str | None = None, flags: dict | None 
   given = {**preset_flags(repo, preset),
            **typed_flags(flags or {}, FLAG_TYPES, "improved/guided-diffusion")}
   options = {**REPO_DEFAULTS[repo], **given}
+  check_bounds(options, FLAG_BOUNDS, path)
   state = state or StateDict(weightfiles.load(path), path)
   arch = read_architecture(state)
   model, image_size = _model_fields(arch, options, given, path)
-  rules = _rules(arch, options["use_new_attention_order"])
   image_shape = (image_size, image_size, arch["in_channels"])
+  check_unet(model, image_shape, path)
+  rules = _rules(arch, options["use_new_attention_order"])
   step = given.get("step", _step_from_name(path))
   return Converted(
       model=model, diffusion=_diffusion_fields(arch, options), image_shape=image_shape,
@@ -69,7 +72,8 @@ def _kind(state: StateDict, prefix: str) -> str:
     return "down"
   if state.has_prefix(prefix):
     keys = sorted(k for k in state if k.startswith(prefix + "."))
-    raise ConvertError(f"{state.origin}: unsupported block {prefix} with keys {keys}")
+    raise ConvertError(f"{state.origin}: unsupported block {prefix} with keys"
+                       f" {mapping.quoted_keys(keys)}")
   return "absent"
 
 

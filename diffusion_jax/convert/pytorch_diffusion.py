@@ -22,8 +22,8 @@ from typing import Any
 
 from diffusion_jax import weightfiles
 from diffusion_jax.convert import mapping
-from diffusion_jax.convert.converted import (Converted, build_params, check_choice, resolutions,
-                                             typed_flags)
+from diffusion_jax.convert.converted import (MAX_IMAGE_SIZE, Converted, build_params, check_bounds,
+                                             check_choice, check_unet, resolutions, typed_flags)
 from diffusion_jax.convert.mapping import ConvertError, Rules, StateDict
 
 FLAG_TYPES: dict[str, Any] = dict(resolution=int, dropout=float, model_var_type=str, step=int,
@@ -50,10 +50,12 @@ def convert(path: str, preset: str | None = None, flags: dict | None = None,
   if "resolution" not in given:
     raise ConvertError(f"{path}: the checkpoint does not tell the image size: pass resolution"
                        f" (or a preset, one of {sorted(PRESETS)})")
+  check_bounds(given, {"resolution": (1, MAX_IMAGE_SIZE)}, path)
   state = state or StateDict(weightfiles.load(path), path)
   model, in_channels = _model_fields(state, given)
   size = given["resolution"]
   image_shape = (size, size, in_channels)
+  check_unet(model, image_shape, path)
   rules = _rules(len(model["ch_mult"]), model["num_res_blocks"])
   var_type = check_choice(given.get("model_var_type", "fixedsmall"), _VAR_TYPES, "model_var_type",
                           path)

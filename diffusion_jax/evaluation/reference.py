@@ -146,7 +146,7 @@ def load_reference(path: str, *, load_images: bool = True) -> ReferenceStats:
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No reference statistics file at {path}.")
-  npz = files.read_npz(path, [*_ARRAY_KEYS, "num_images", "source",
+  npz = files.load_npz(path, [*_ARRAY_KEYS, "num_images", "source",
                               *(["arr_0"] if load_images else [])])
   for key in ("mu", "sigma"):
     if key not in npz:

@@ -111,7 +111,7 @@ def load_samples(path: str) -> np.ndarray:
   """The `arr_0` of a samples .npz (the ADM evaluator's format): uint8 [N, H, W, 1 or 3]."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Samples file {path!r} does not exist.")
-  arrays = files.read_npz(path)
+  arrays = files.load_npz(path)
   if "arr_0" not in arrays:
     raise ValueError(f"Samples file {path} has no 'arr_0' array; it has {sorted(arrays)}.")
   samples = arrays["arr_0"]
