@@ -185,6 +185,6 @@ def test_verbose_shows_the_traceback(outcomes):
     ("a\n  b\tc", "a b c"),
     ("restore failed [tensorstore_spec[1]='{\"driver\": \"zarr\"}'] for x", "restore failed for x"),
     ("x" * 5000, "x" * (common.MAX_MESSAGE_CHARS - 1) + "…"),
-])
+], ids=["whitespace", "tensorstore_spec", "long"])
 def test_one_line_is_bounded_and_drops_tensorstore_specs(message, expected):
   assert common.one_line(ValueError(message)) == expected
