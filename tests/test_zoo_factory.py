@@ -134,9 +134,21 @@ def test_trusted_workdir_factory_is_built(workdir_naming_a_factory):
   assert FACTORY_CALLS == [1]
 
 
-def test_zoo_names_need_no_trust(tmp_path):
-  (tmp_path / "config.json").write_text(digits.get_config("smoke").to_json_best_effort())
-  assert inference.load_run_config(str(tmp_path)).model.name == "ddpm_cifar10"
+@pytest.mark.parametrize("name, trusted", [
+    ("ddpm_cifar10", True),  # a zoo name
+    ("diffusion_jax.models.unet:UNet", True),  # this package's module class (converted runs)
+    ("diffusion_jax.models.zoo:get_model", False),  # this package, but a function
+    ("diffusion_jax.files:write_text", False),  # this package, outside its models
+])
+def test_only_zoo_names_and_library_modules_need_no_trust(tmp_path, name, trusted):
+  config = digits.get_config("smoke")
+  config.model = {"name": name}
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  if trusted:
+    assert inference.load_run_config(str(tmp_path)).model.name == name
+  else:
+    with pytest.raises(models.UntrustedModelCodeError, match=re.escape(name)):
+      inference.load_run_config(str(tmp_path))
 
 
 @pytest.mark.parametrize("name, message", [

@@ -183,17 +183,35 @@ def check_trusted(model: Mapping[str, Any], trust_model_code: bool, source: str)
   """Refuses a model section that names a factory unless `trust_model_code`.
 
   Building such a model imports the factory's module and calls it: code from
-  whoever wrote `source` (e.g. a shared workdir's config.json). Zoo names are
-  always fine. Call it before `get_model` on any config the user did not write.
+  whoever wrote `source` (e.g. a shared workdir's config.json). Zoo names and
+  this package's own module classes (`diffusion_jax.models.unet:UNet`, what
+  launch.convert's workdirs name) are always fine. Call it before `get_model`
+  on any config the user did not write.
 
   Raises:
     UntrustedModelCodeError: naming the factory, `source` and the flag that allows it.
   """
   name = str(model.get("name", ""))
-  if is_factory(name) and not trust_model_code:
+  if is_factory(name) and not trust_model_code and not _is_library_module_class(name):
     raise UntrustedModelCodeError(
         f"{source} names the model factory {name!r}; building the model would import and run"
         " that code. Pass --trust_model_code (trust_model_code=True in Python) if you trust it.")
+
+
+def _is_library_module_class(spec: str) -> bool:
+  """Whether factory `spec` is a Flax module class of diffusion_jax.models (no foreign code).
+
+  Only modules of this package are imported to find out; constructing a
+  module class only stores its fields.
+  """
+  module_name, _, attribute = spec.partition(":")
+  if module_name != __package__ and not module_name.startswith(f"{__package__}."):
+    return False
+  try:
+    factory = getattr(importlib.import_module(module_name), attribute)
+  except (ImportError, AttributeError):
+    return False
+  return isinstance(factory, type) and issubclass(factory, nn.Module)
 
 
 def lookup(name: str) -> ZooEntry:
