@@ -22,15 +22,19 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 from etils import epath
 
 PathLike = str | os.PathLike
+_NPY_MAGIC = b"\x93NUMPY"  # how a .npy file starts
 
 
 def path(p: PathLike) -> epath.Path:
@@ -155,10 +159,47 @@ def save_npz(p: PathLike, **arrays: np.ndarray) -> None:
     np.savez(temporary, **arrays)
 
 
-def load_npz(p: PathLike) -> dict[str, np.ndarray]:
-  """The arrays of the .npz file `p`, read whole (no pickled objects)."""
-  with np.load(io.BytesIO(read_bytes(p)), allow_pickle=False) as npz:
-    return {key: npz[key] for key in npz.files}
+def load_npz(p: PathLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+  """The arrays of the .npz file `p`: those of `names` that it holds, or all of them.
+
+  A file from elsewhere may be damaged or hostile: pickled objects are
+  refused, and each array's header is checked against the bytes stored
+  before anything is allocated, so a truncated file, a .npy under an .npz
+  name or a header claiming 10^13 elements is one ValueError naming the file.
+
+  Raises:
+    FileNotFoundError: no file at `p`.
+    ValueError: naming `p` (and the array) and what is wrong with it.
+  """
+  if not is_file(p):
+    raise FileNotFoundError(f"No file at {os.fspath(p)!r}.")
+  data = read_bytes(p)
+  if data.startswith(_NPY_MAGIC):
+    raise ValueError(f"{os.fspath(p)} holds a single array (.npy), not an .npz archive.")
+  try:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+      members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+      wanted = members if names is None else [name for name in names if name in members]
+      return {name: _read_npz_member(archive, members[name]) for name in wanted}
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
+    raise ValueError(f"{os.fspath(p)} is not an .npz file: {error}") from error
+
+
+def _read_npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+  """One array of an .npz archive, its header checked against its stored size first."""
+  with archive.open(info) as f:
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(f)
+    claimed, stored = math.prod(shape) * dtype.itemsize, info.file_size - f.tell()
+  if dtype.hasobject:
+    raise ValueError(f"array {info.filename!r} holds Python objects (a pickle), not numbers")
+  if claimed != stored:
+    raise ValueError(f"array {info.filename!r} claims shape {shape} of {dtype} ({claimed:,} bytes)"
+                     f" but {stored:,} bytes are stored")
+  with archive.open(info) as f:
+    return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def default_cache_dir() -> str:

@@ -53,3 +53,31 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, ncols: int | No
   """
   grid = make_image_grid(enlarge(np.asarray(images), min_size), ncols, padding)
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+# Pillow's modes of 16-bit gray pixels (TIFF and PNG; "I" is 32-bit, checked to hold 16).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_8_bit(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+  """`image` with 8 bits per channel, scaled by its bit depth (Pillow would clip 16 bits to 255).
+
+  16-bit gray (common in microscopy) becomes "L" with v8 = round(v16 * 255 / 65535),
+  so 0 -> 0, 65535 -> 255 and mid-gray stays mid-gray; a 32-bit "I" image
+  is read so when its values fit in 16 bits. 8-bit modes are returned as
+  they are (palette, gray, RGB, ...: the caller converts them).
+
+  Raises:
+    ValueError: naming `path`, for float pixels or integers beyond 16 bits, which
+      have no one 8-bit reading.
+  """
+  if image.mode == "F":
+    raise ValueError(f"image file '{path}' holds 32-bit float pixels: save it with 8 or 16 bits"
+                     " per channel")
+  if image.mode not in _SIXTEEN_BIT_MODES:
+    return image
+  pixels = np.asarray(image).astype(np.int64)
+  if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+    raise ValueError(f"image file '{path}' holds 32-bit integer pixels outside 0..65535: save it"
+                     " with 8 or 16 bits per channel")
+  return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), mode="L")

@@ -13,16 +13,16 @@ Everything after `--` is the source's own flags, as its README writes them
 pytorch_diffusion: `--resolution 32`). Writes WORKDIR/config.json, an Orbax
 checkpoint with the parameters as EMA parameters (at the source's step when
 known) and WORKDIR/convert.json naming the source file and its SHA-256.
+WORKDIR must not hold a run, nor be, lie inside or contain the input.
 See docs/model_zoo.md for each published family's command.
 """
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
 
-from diffusion_jax import convert, logs
-from diffusion_jax.weightfiles import WeightFileError
+from diffusion_jax import convert, logs, outputs
+from launch import common
 
 _INPUT = flags.DEFINE_string("input", None, "A diffusers directory or a checkpoint file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The new workdir (must not hold a run).")
@@ -35,14 +35,12 @@ flags.mark_flags_as_required(["input", "workdir"])
 
 def main(argv):
   logs.quiet_library_logs()
-  try:
-    converted = convert.convert(_INPUT.value, _FORMAT.value, _PRESET.value,
-                                **convert.parse_source_flags(argv[1:]))
-    record = convert.write_workdir(converted, _WORKDIR.value)
-  except (convert.ConvertError, WeightFileError, FileExistsError, FileNotFoundError) as error:
-    sys.exit(f"launch.convert: {error}")
+  outputs.check_apart(_WORKDIR.value, [_INPUT.value], what="--workdir")  # before a long read
+  converted = convert.convert(_INPUT.value, _FORMAT.value, _PRESET.value,
+                              **convert.parse_source_flags(argv[1:]))
+  record = convert.write_workdir(converted, _WORKDIR.value)
   print(json.dumps(record, indent=2, default=str))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

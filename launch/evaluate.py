@@ -10,7 +10,8 @@ Writes WORKDIR/eval/<config name>-step<N>/report.json (every metric, the
 checkpoint step, sampler settings and NFE, weights SHA-256, wall time per
 phase), TensorBoard scalars beside it, a table on stdout, and for a sweep over
 several samplers fid_vs_nfe.png. Rerunning continues an interrupted
-evaluation.
+evaluation. A model factory that the workdir's config.json names
+("package.module:factory") is code: it is imported only with --trust_model_code.
 
 Several hosts run it as one job, like launch.train and launch.sample
 (--multihost on a TPU pod slice; Slurm tasks and JAX_COORDINATOR_ADDRESS /
@@ -19,14 +20,10 @@ features and NLL is split over the devices of all hosts, the statistics are
 merged exactly, and process 0 alone writes; the numbers equal one host's.
 """
 
-import sys
-
 from absl import flags
 from ml_collections import config_flags
 
-from diffusion_jax import data, evaluation, parallel
-from diffusion_jax.train.checkpoint import CheckpointError
-from diffusion_jax.weightfiles import WeightFileError
+from diffusion_jax import evaluation, parallel
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
@@ -37,19 +34,16 @@ _SAMPLES = flags.DEFINE_string("samples", None, "Evaluate this .npz ('arr_0': ui
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference statistics .npz (pytorch-fid's or"
                                  " the ADM evaluator's format) instead of the config's.")
 _MULTIHOST = common.define_multihost_flag()
+_TRUST_MODEL_CODE = common.define_trust_model_code_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   common.start(argv)
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
-  try:
-    config = evaluation.from_config_dict(_CONFIG.value)
-    evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
-                        reference_path=_REFERENCE.value)
-  except (ValueError, FileNotFoundError, CheckpointError, WeightFileError,
-          data.DatasetUnavailableError) as error:
-    sys.exit(f"launch.evaluate: {error}")
+  config = evaluation.from_config_dict(_CONFIG.value)
+  evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
+                      reference_path=_REFERENCE.value, trust_model_code=_TRUST_MODEL_CODE.value)
 
 
 if __name__ == "__main__":

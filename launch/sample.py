@@ -8,7 +8,10 @@ Writes OUTPUT/batch_*.npz as batches finish, then OUTPUT/samples.npz ('arr_0':
 uint8 NHWC, what FID tools read) and OUTPUT/grid.png; OUTPUT defaults to
 WORKDIR/samples/step<checkpoint>-<sampler settings>. Rerunning the same command
 resumes after the last finished batch, with the same result as one run; an
-OUTPUT holding another checkpoint's or sampler's batches is refused.
+OUTPUT holding another checkpoint's or sampler's batches, or other files named
+like this run's outputs, is refused unless --overwrite. A model factory that
+the workdir's config.json names ("package.module:factory") is code: it is
+imported only with --trust_model_code.
 
 Every batch is split over all devices. Several hosts run it as one job, like
 launch.train (--multihost on a TPU pod slice; Slurm tasks and
@@ -25,8 +28,8 @@ import os
 import jax
 from absl import app, flags
 
-from diffusion_jax import parallel, sampling
-from diffusion_jax.train import inference
+from diffusion_jax import outputs, parallel, sampling
+from diffusion_jax.train import checkpoint, inference
 from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoints.")
@@ -40,6 +43,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Batch b is drawn with fold_in(key(seed)
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to sample; default the latest.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory; default WORKDIR/samples/<settings>.")
 _MULTIHOST = common.define_multihost_flag()
+_TRUST_MODEL_CODE = common.define_trust_model_code_flag()
+_OVERWRITE = common.define_overwrite_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -51,13 +56,17 @@ def main(argv):
                          f" {jax.device_count()} devices.")
   config = sampling.SamplerConfig(_SAMPLER.value, _STEPS.value or None, _ETA.value,
                                   _GUIDANCE.value)
-  model = inference.load_ema_for_sampling(_WORKDIR.value, _STEP.value)
+  model = inference.load_ema_for_sampling(_WORKDIR.value, _STEP.value,
+                                          trust_model_code=_TRUST_MODEL_CODE.value)
   name = (f"step{model.step}-{config.sampler}-{config.steps or 'all'}steps-eta{config.eta:g}"
           f"-w{config.guidance_scale:g}-seed{_SEED.value}")
-  inference.draw_samples(model, config, _NUM_SAMPLES.value, _BATCH_SIZE.value,
-                         _OUTPUT.value or os.path.join(_WORKDIR.value, "samples", name),
-                         seed=_SEED.value, settings={"workdir": os.path.abspath(_WORKDIR.value)})
+  output = _OUTPUT.value or os.path.join(_WORKDIR.value, "samples", name)
+  outputs.check_apart(output, [os.path.join(_WORKDIR.value, checkpoint.CONFIG_FILE),
+                               os.path.join(_WORKDIR.value, "checkpoints")])
+  inference.draw_samples(model, config, _NUM_SAMPLES.value, _BATCH_SIZE.value, output,
+                         seed=_SEED.value, settings={"workdir": os.path.abspath(_WORKDIR.value)},
+                         overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -9,14 +9,17 @@ see launch/tpu_pod.sh and launch/slurm.sbatch. Compiled programs are cached in
 $DIFFUSION_JAX_CACHE/xla (default ~/.cache/diffusion_jax/xla), so a restart
 skips compiling: --compilation_cache=DIR moves the cache, --compilation_cache=
 turns it off.
-"""
 
-import sys
+The model is built from --config, never from the workdir's config.json (a
+resumed run's config is compared with it), so a model factory that --config
+names ("package.module:factory") is the user's own code and needs no
+--trust_model_code.
+"""
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import data, parallel, train
+from diffusion_jax import parallel, train
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -30,10 +33,7 @@ def main(argv):
   common.start(argv)
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
   logging.info("Config:\n%s", _CONFIG.value)
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (train.ConfigChangeError, data.DatasetUnavailableError) as error:
-    sys.exit(f"launch.train: {error}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def test_unknown_override_is_one_line(override, message, a_known_key):
        "--workdir=/nonexistent/never-written", override],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1 and "Traceback" not in result.stderr
-  errors = [line for line in result.stderr.splitlines() if line.startswith("FATAL")]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("launch.train: flags:")]
   assert len(errors) == 1 and message in errors[0] and a_known_key in errors[0]
 
 

@@ -342,8 +342,10 @@ def test_launch_segment_writes_masks_of_each_images_size(border_runs, tmp_path):
 
 
 def test_launch_segment_errors_are_one_line(tmp_path):
+  (tmp_path / "in").mkdir()
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "in" / "a.png")
   result = subprocess.run(
-      [sys.executable, "-m", "launch.segment", f"--workdir={tmp_path}", f"--input={tmp_path}",
+      [sys.executable, "-m", "launch.segment", f"--workdir={tmp_path}", f"--input={tmp_path / 'in'}",
        f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith("launch.segment: No config.json")

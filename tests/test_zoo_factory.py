@@ -1,4 +1,5 @@
-"""Models from outside the registry ("package.module:factory", built modules); rescale_timesteps."""
+"""Models from outside the registry ("package.module:factory", built modules), trusted only from
+the user's own config; rescale_timesteps."""
 
 import os
 import re
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 
 from configs import cifar10_iddpm, digits
-from diffusion_jax import models
-from diffusion_jax.train import experiment
+from configs.eval import digits as eval_digits
+from diffusion_jax import evaluation, models
+from diffusion_jax.segmentation import inference as seg_inference
+from diffusion_jax.train import experiment, inference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,3 +86,75 @@ def test_docs_example_trains_a_module_from_outside_the_zoo(tmp_path):
   assert int(state.step) == digits.get_config("smoke").train.num_steps
   assert "Conv_0" in state.params and os.path.exists(tmp_path / "checkpoints")
 
+
+
+# --- a factory named in a workdir's config.json runs only when trusted ---------------------------
+
+FACTORY_CALLS = []  # what marker_factory was called with, in this process
+
+
+def marker_factory(channels: int = 1) -> nn.Module:
+  """A factory that leaves a trace when it runs (as any code in a shared workdir could)."""
+  FACTORY_CALLS.append(channels)
+  return EchoT(channels)
+
+
+def not_a_module() -> str:
+  return "a string"
+
+
+@pytest.fixture
+def workdir_naming_a_factory(tmp_path) -> str:
+  """A workdir (config.json, no checkpoint) of a digits run whose model is marker_factory."""
+  config = digits.get_config("smoke")
+  config.model = {"name": f"{__name__}:marker_factory", "channels": 1}
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  FACTORY_CALLS.clear()
+  return str(tmp_path)
+
+
+@pytest.mark.parametrize("load", [
+    inference.load_ema_for_sampling,
+    seg_inference.load,
+    lambda workdir, **kwargs: evaluation.evaluate(
+        evaluation.from_config_dict(eval_digits.get_config("smoke")), workdir, **kwargs),
+], ids=["sample", "segment", "evaluate"])
+def test_workdir_factory_is_not_imported_without_trust(workdir_naming_a_factory, load):
+  with pytest.raises(models.UntrustedModelCodeError) as error:
+    load(workdir_naming_a_factory)
+  message = str(error.value)
+  assert f"'{__name__}:marker_factory'" in message and "--trust_model_code" in message
+  assert os.path.join(workdir_naming_a_factory, "config.json") in message
+  assert FACTORY_CALLS == []
+
+
+def test_trusted_workdir_factory_is_built(workdir_naming_a_factory):
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):  # built, then nothing to restore
+    inference.load_ema_for_sampling(workdir_naming_a_factory, trust_model_code=True)
+  assert FACTORY_CALLS == [1]
+
+
+@pytest.mark.parametrize("name, trusted", [
+    ("ddpm_cifar10", True),  # a zoo name
+    ("diffusion_jax.models.unet:UNet", True),  # this package's module class (converted runs)
+    ("diffusion_jax.models.zoo:get_model", False),  # this package, but a function
+    ("diffusion_jax.files:write_text", False),  # this package, outside its models
+])
+def test_only_zoo_names_and_library_modules_need_no_trust(tmp_path, name, trusted):
+  config = digits.get_config("smoke")
+  config.model = {"name": name}
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  if trusted:
+    assert inference.load_run_config(str(tmp_path)).model.name == name
+  else:
+    with pytest.raises(models.UntrustedModelCodeError, match=re.escape(name)):
+      inference.load_run_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("name, message", [
+    (f"{__name__}:not_a_module", "returned a str, not a Flax module"),
+    ("os:sep", "'sep' is a str, not a callable"),
+])
+def test_a_factory_must_build_a_flax_module(name, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    models.get_model(name)

@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import files, parallel, weightfiles
+from diffusion_jax import files, outputs, parallel, weightfiles
 from diffusion_jax.convert.converted import Converted
 from diffusion_jax.train import checkpoint, experiment
 from diffusion_jax.train.inference import EmaModel
@@ -32,7 +32,9 @@ def write_workdir(converted: Converted, workdir: str) -> dict:
 
   Raises:
     FileExistsError: `workdir` already holds a config.json, checkpoints or a convert.json.
+    outputs.OutputConflictError: `workdir` is, lies inside or contains the source.
   """
+  outputs.check_apart(workdir, [converted.source["path"]], what="workdir")
   present = [name for name in (checkpoint.CONFIG_FILE, "checkpoints", RECORD_FILE)
              if os.path.exists(os.path.join(workdir, name))]
   if present:

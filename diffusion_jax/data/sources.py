@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from diffusion_jax import images as image_utils
 from diffusion_jax.data.config import DataConfig
 
 # File suffixes (lower case) that `FolderSource` picks up.
@@ -211,7 +212,8 @@ class FolderSource:
   Files are sorted by their path relative to the root, so that the index of
   each image (and hence shuffles, shards and resumed positions) does not
   depend on the file system's listing order. Every image is converted to RGB
-  (palette and alpha dropped); records carry label 0.
+  (palette and alpha dropped; 16-bit gray scaled to 8 bits, `images.to_8_bit`);
+  records carry label 0.
   """
 
   def __init__(self, root: str):
@@ -237,7 +239,7 @@ class FolderSource:
     path = self.root / self.files[index]
     try:
       with Image.open(path) as image:
-        pixels_HxWx3 = np.asarray(image.convert("RGB"))
+        pixels_HxWx3 = np.asarray(image_utils.to_8_bit(image, path).convert("RGB"))
     except _DECODE_ERRORS as error:
       raise ValueError(f"cannot read image file '{path}': {error}") from error
     return {"image": pixels_HxWx3, "label": 0}

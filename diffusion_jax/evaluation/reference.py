@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -144,41 +143,21 @@ def load_reference(path: str, *, load_images: bool = True) -> ReferenceStats:
     ValueError: not an .npz file, no `mu`/`sigma`, or arrays of the wrong shape;
       the message names the path and the key.
   """
-  return _from_npz(path, read_npz(path, "reference statistics file"), load_images)
-
-
-def read_npz(path: str, what: str) -> dict[str, np.ndarray]:
-  """The arrays of the .npz file `path` (local or gs://); errors name `what` and the path.
-
-  Raises:
-    FileNotFoundError: no file at `path`.
-    ValueError: not an .npz archive (a single .npy array, text, a truncated file).
-  """
-  if not files.is_file(path):
-    raise FileNotFoundError(f"No {what} at {path}.")
-  try:
-    return files.load_npz(path)
-  except TypeError as e:  # np.load read one array, which is no .npz archive
-    raise ValueError(f"{path} holds a single array (.npy), not an .npz {what}.") from e
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path} is not an .npz file: {type(e).__name__}: {e}") from e
-
-
-def _from_npz(path: str, npz: dict[str, np.ndarray], load_images: bool) -> ReferenceStats:
-  keys = set(npz)
+  npz = read_npz(path, "reference statistics file",
+                 [*_ARRAY_KEYS, "num_images", "source", *(["arr_0"] if load_images else [])])
   for key in ("mu", "sigma"):
-    if key not in keys:
-      raise ValueError(f"reference {path} has no {key!r} array (keys: {sorted(keys)}).")
-  arrays = {key: npz[key] for key in _ARRAY_KEYS if key in keys}
+    if key not in npz:
+      raise ValueError(f"reference {path} has no {key!r} array (arrays: {sorted(npz)}).")
+  arrays = {key: npz[key] for key in _ARRAY_KEYS if key in npz}
   for key in ("mu", "sigma", "mu_s", "sigma_s"):
     if key in arrays:
       arrays[key] = arrays[key].astype(np.float64)
-  images = npz["arr_0"] if load_images and "arr_0" in keys else None
-  num_images = int(npz["num_images"]) if "num_images" in keys else None
+  images = npz.get("arr_0")
+  num_images = int(npz["num_images"]) if "num_images" in npz else None
   if num_images is None and images is not None:
     num_images = images.shape[0]
   source = {}
-  if "source" in keys:
+  if "source" in npz:
     try:
       source = json.loads(str(npz["source"]))
     except json.JSONDecodeError as e:

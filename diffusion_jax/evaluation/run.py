@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import data, files, images, sampling
+from diffusion_jax import data, files, images, outputs, sampling
 from diffusion_jax.evaluation import features as feature_lib
 from diffusion_jax.evaluation import hosts, metrics, nll, reference, report as report_lib
 from diffusion_jax.evaluation.config import EvalConfig
@@ -53,25 +53,30 @@ class _PhaseTimer:
 
 
 def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = None,
-             reference_path: str | None = None) -> dict:
+             reference_path: str | None = None, trust_model_code: bool = False) -> dict:
   """Runs `config` on the run in `workdir` (or on `samples_path`); writes and returns the report.
 
   The report goes to WORKDIR/eval/<name>-step<N>/report.json (or
   <name>-<samples file name>/ for a samples file), with TensorBoard scalars and,
-  for a sweep over several samplers, fid_vs_nfe.png beside it.
+  for a sweep over several samplers, fid_vs_nfe.png beside it; a samples or
+  reference file inside that folder is refused. A model factory named in the
+  workdir's config.json is imported only with `trust_model_code`.
   """
   timer = _PhaseTimer()
   with timer("load"):
     samples = load_samples(samples_path) if samples_path else None
     nets = {name: feature_lib.LOADERS[name](config) for name in _networks(config)}
     given_reference = _given_reference(reference_path or config.reference_path, nets, config)
-    model, skipped = _load_model(config, workdir, need_samples=samples is None)
+    model, skipped = _load_model(config, workdir, need_samples=samples is None,
+                                 trust_model_code=trust_model_code)
     data_config = _data_config(config, model)
     _check_splits_readable(config, data_config, given_reference, model)
   if samples is not None:
     _check_samples_fit(samples, samples_path, nets, data_config)
   step_tag = f"step{model.step}" if samples is None else _file_tag(samples_path)
   out_dir = files.join(workdir, "eval", f"{config.name}-{step_tag}")
+  outputs.check_apart(out_dir, [samples_path, reference_path or config.reference_path],
+                      what="evaluation folder")
   if jax.process_index() == 0:
     files.makedirs(out_dir)
 
@@ -142,13 +147,13 @@ def _given_reference(path: str, nets: dict, config: EvalConfig):
   return stats
 
 
-def _load_model(config: EvalConfig, workdir: str, need_samples: bool):
+def _load_model(config: EvalConfig, workdir: str, need_samples: bool, trust_model_code: bool):
   """(the EMA model or None, skipped metrics): samples need it; so does NLL, if it can be had."""
   has_run = files.exists(files.join(workdir, checkpoint.CONFIG_FILE))
   if not need_samples and not has_run:
     return None, ({"nll": f"no training run in {workdir}"} if "nll" in config.metrics else {})
   step = None if config.checkpoint_step < 0 else config.checkpoint_step
-  return load_ema_for_sampling(workdir, step), {}
+  return load_ema_for_sampling(workdir, step, trust_model_code=trust_model_code), {}
 
 
 def _data_config(config: EvalConfig, model: EmaModel | None):

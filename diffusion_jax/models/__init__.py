@@ -17,8 +17,10 @@ from diffusion_jax.models.ronneberger import RonnebergerUNet, center_crop, valid
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.models.zoo import (
     MODEL_ZOO,
+    UntrustedModelCodeError,
     ZooEntry,
     abstract_init,
+    check_trusted,
     config_section,
     count_params,
     entry_shapes,
@@ -36,9 +38,11 @@ __all__ = [
     "RonnebergerUNet",
     "TimeEmbedding",
     "UNet",
+    "UntrustedModelCodeError",
     "Upsample",
     "ZooEntry",
     "abstract_init",
+    "check_trusted",
     "config_section",
     "center_crop",
     "count_params",

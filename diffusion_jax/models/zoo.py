@@ -5,6 +5,9 @@
     model = get_model(config.model)  # a mapping with `name` plus overrides
     model = get_model("my_package.nets:make_unet", width=64)  # your own module's factory
 
+A factory runs code, so a factory named in a config that someone else wrote
+(a workdir's config.json) is built only when the caller says it trusts it:
+`check_trusted` refuses it otherwise, before anything is imported.
 Parameter counts come from `jax.eval_shape`, so even the 300M-parameter
 entries are counted without allocating a single weight.
 """
@@ -167,6 +170,50 @@ MODEL_ZOO: dict[str, ZooEntry] = {
 }
 
 
+class UntrustedModelCodeError(ValueError):
+  """A config from a workdir names a model factory, and running its code was not allowed."""
+
+
+def is_factory(name: str) -> bool:
+  """Whether a model name is a factory, "package.module:factory", rather than a zoo entry."""
+  return ":" in name
+
+
+def check_trusted(model: Mapping[str, Any], trust_model_code: bool, source: str) -> None:
+  """Refuses a model section that names a factory unless `trust_model_code`.
+
+  Building such a model imports the factory's module and calls it: code from
+  whoever wrote `source` (e.g. a shared workdir's config.json). Zoo names and
+  this package's own module classes (`diffusion_jax.models.unet:UNet`, what
+  launch.convert's workdirs name) are always fine. Call it before `get_model`
+  on any config the user did not write.
+
+  Raises:
+    UntrustedModelCodeError: naming the factory, `source` and the flag that allows it.
+  """
+  name = str(model.get("name", ""))
+  if is_factory(name) and not trust_model_code and not _is_library_module_class(name):
+    raise UntrustedModelCodeError(
+        f"{source} names the model factory {name!r}; building the model would import and run"
+        " that code. Pass --trust_model_code (trust_model_code=True in Python) if you trust it.")
+
+
+def _is_library_module_class(spec: str) -> bool:
+  """Whether factory `spec` is a Flax module class of diffusion_jax.models (no foreign code).
+
+  Only modules of this package are imported to find out; constructing a
+  module class only stores its fields.
+  """
+  module_name, _, attribute = spec.partition(":")
+  if module_name != __package__ and not module_name.startswith(f"{__package__}."):
+    return False
+  try:
+    factory = getattr(importlib.import_module(module_name), attribute)
+  except (ImportError, AttributeError):
+    return False
+  return isinstance(factory, type) and issubclass(factory, nn.Module)
+
+
 def lookup(name: str) -> ZooEntry:
   """The zoo entry called `name`; a ValueError lists the known names."""
   if name not in MODEL_ZOO:
@@ -193,7 +240,7 @@ def get_model(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
   if not isinstance(spec, str):
     spec, overrides = _split_config(spec, overrides)
   overrides = {key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items()}
-  if ":" in spec:
+  if is_factory(spec):
     return _from_factory(spec, overrides)
   entry = lookup(spec)
   fields = {f.name for f in dataclasses.fields(entry.module)} - {"parent", "name"}
@@ -216,7 +263,7 @@ def config_section(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """
   values = dict(model)
   name = _split_config(values, {})[0]
-  if ":" in name:
+  if is_factory(name):
     return ml_collections.ConfigDict(values)
   entry = lookup(name)
   del values["name"]
@@ -233,6 +280,9 @@ def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
   except (ImportError, AttributeError) as e:
     raise ValueError(f"model {spec!r}: cannot import {attribute!r} from {module_name!r}:"
                      f" {e}") from e
+  if not callable(factory):
+    raise ValueError(f"model {spec!r}: {attribute!r} is a {type(factory).__name__}, not a"
+                     " callable returning a Flax module")
   try:
     model = factory(**kwargs)
   except TypeError as e:

@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffusion_jax import configlib, files
+from diffusion_jax import configlib, files, outputs
 from diffusion_jax import images as image_utils
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.sampling.guidance import classifier_free_guidance
@@ -26,6 +26,7 @@ from diffusion_jax.schedules import Schedule
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 GRID_IMAGES = 64
 GRID_MIN_SIZE = 32  # pixels: smaller samples are enlarged in grid.png
+_RESULT_FILES = ("samples.npz", "grid.png")  # written once every batch is drawn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,8 @@ def grid_labels(num_images: int, num_classes: int) -> np.ndarray:
 
 def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_samples: int,
                     batch_size: int, out_dir: str, *, key: jax.Array,
-                    settings: Mapping[str, Any] | None = None) -> np.ndarray:
+                    settings: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> np.ndarray:
   """Draws `num_samples` images into `out_dir`, batch by batch; reruns resume.
 
   Batch b is `sample_batch_fn(fold_in(key, b))` (float [batch_size, H, W, C] in
@@ -107,7 +109,9 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
   write is atomic, so an interrupted run keeps exactly its finished batches and
   a rerun draws only the rest, with the same keys: the result equals an
   uninterrupted run. `settings` (JSON-able, e.g. the sampler's flags) is saved
-  with batch_size and key, and a rerun with different ones is refused.
+  with batch_size and key, and a rerun with different ones is refused. A
+  folder without saved settings that already holds any of the files this
+  writes is refused unless `overwrite` (they are not this run's).
 
   Several processes (a `jax.distributed` job) call it together, with a
   `sample_batch_fn` jitted over the devices of all of them, the batch split
@@ -127,7 +131,7 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
   paths = [os.path.join(out_dir, f"batch_{b:06d}.npz") for b in range(num_batches)]
   todo = _batches_to_draw(out_dir, paths, {
       **(settings or {}), "batch_size": batch_size,
-      "key": np.asarray(jax.random.key_data(key)).tolist()})
+      "key": np.asarray(jax.random.key_data(key)).tolist()}, overwrite)
   drawn = {}
   for b in tqdm.tqdm(todo, total=num_batches, initial=num_batches - len(todo), desc="sampling",
                      unit="batch", disable=jax.process_index() > 0):
@@ -143,33 +147,33 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
       drawn[b] = _read_on_process_0(paths[b])
   samples = np.concatenate([drawn[b] for b in range(num_batches)])[:num_samples]
   if jax.process_index() == 0:
-    files.save_npz(os.path.join(out_dir, "samples.npz"), arr_0=samples)
-    image_utils.save_image_grid(samples[:GRID_IMAGES], os.path.join(out_dir, "grid.png"),
-                                min_size=GRID_MIN_SIZE)
+    samples_file, grid_file = (os.path.join(out_dir, name) for name in _RESULT_FILES)
+    files.save_npz(samples_file, arr_0=samples)
+    image_utils.save_image_grid(samples[:GRID_IMAGES], grid_file, min_size=GRID_MIN_SIZE)
   return samples
 
 
-def _batches_to_draw(out_dir: str, paths: list[str], settings: dict) -> list[int]:
+def _batches_to_draw(out_dir: str, paths: list[str], settings: dict,
+                     overwrite: bool) -> list[int]:
   """The indices of `paths` not yet written, as process 0 finds them after checking `settings`.
 
   Every process gets the same list, or the same refusal (a ValueError).
   """
-  verdict = np.zeros(len(paths) + 1, np.int32)  # [missing batch b] + [settings refused]
+  verdict = np.zeros(len(paths) + 1, np.int32)  # [missing batch b] + [folder refused]
   refusal = None
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     try:
-      _check_settings(os.path.join(out_dir, "settings.json"), settings)
+      resuming = _claim(out_dir, paths, settings, overwrite)
     except ValueError as error:
-      refusal = error
-    verdict[:-1] = [not os.path.exists(path) for path in paths]
+      refusal, resuming = error, False
+    verdict[:-1] = [not (resuming and os.path.exists(path)) for path in paths]
     verdict[-1] = refusal is not None
   verdict = multihost_utils.broadcast_one_to_all(verdict)
   if refusal:
     raise refusal
   if verdict[-1]:
-    raise ValueError(f"Process 0 refused {out_dir}: it holds the settings of another run (see"
-                     " process 0's error).")
+    raise ValueError(f"Process 0 refused {out_dir} (see process 0's error).")
   return [b for b in range(len(paths)) if verdict[b]]
 
 
@@ -182,17 +186,30 @@ def _read_on_process_0(path: str) -> np.ndarray:
                                               else np.zeros(shape, np.uint8))
 
 
-def _check_settings(path: str, settings: dict) -> None:
-  """Saves `settings` at `path`, or checks they equal the ones a previous run saved there."""
+def _claim(out_dir: str, batch_paths: list[str], settings: dict, overwrite: bool) -> bool:
+  """Whether `out_dir` holds this run's earlier batches; if not, claims it by saving `settings`.
+
+  settings.json, written before any batch, tells whose files the folder holds:
+  equal settings are this run's (resume); other settings, or none beside files
+  this run would write, are another's, refused unless `overwrite`.
+  """
+  path = os.path.join(out_dir, "settings.json")
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    if previous != json.loads(json.dumps(settings)):
-      raise ValueError(f"{path} holds the settings of another run: {previous}; this run has "
-                       f"{settings}. Use a new output directory or the same settings.")
-    return
+    if previous == json.loads(json.dumps(settings)):
+      return True
+    if not overwrite:
+      raise outputs.OutputConflictError(
+          f"{path} holds the settings of another run: {previous}; this run has "
+          f"{settings}. Use a new output directory, the same settings, or"
+          f" {outputs.OVERWRITE_FLAG}.")
+  else:
+    outputs.check_unclaimed([*batch_paths, *(os.path.join(out_dir, name)
+                                             for name in _RESULT_FILES)], overwrite=overwrite)
   with open(path, "w") as f:
     json.dump(settings, f, indent=2, sort_keys=True)
+  return False
 
 
 def _load_npz(path: str) -> np.ndarray:

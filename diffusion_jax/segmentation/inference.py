@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import parallel
+from diffusion_jax import outputs, parallel
 from diffusion_jax.segmentation import experiment, metrics, sources, tiling
-from diffusion_jax.train import checkpoint, inference
+from diffusion_jax.train import inference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +38,29 @@ class Segmenter:
     return [np.argmax(image_logits, -1).astype(np.int32) for image_logits in logits]
 
 
+class SegmentationJob(NamedTuple):
+  """One input image and the two files segmenting it writes."""
+
+  image: pathlib.Path
+  mask: pathlib.Path  # uint8 class indices at the image's size
+  panel: pathlib.Path  # image | prediction, side by side
+
+
 def load(workdir: str, step: int | None = None, tile_size: int | None = None,
-         batch_size: int = 8) -> Segmenter:
+         batch_size: int = 8, *, trust_model_code: bool = False) -> Segmenter:
   """The segmentation run in `workdir` at its latest checkpoint (or `step`).
 
   `tile_size` replaces the training tile (larger tiles waste less context);
-  `batch_size` is rounded up to a multiple of the device count.
+  `batch_size` is rounded up to a multiple of the device count. A model
+  factory named in the workdir's config.json is imported only with
+  `trust_model_code` (`train.inference.load_run_config`).
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint.
-    ValueError: the workdir holds a diffusion run, or the tile does not fit the network.
+    ValueError: the workdir holds a diffusion run, names an untrusted model
+      factory, or the tile does not fit the network.
   """
-  config = checkpoint.load_config(workdir)
+  config = inference.load_run_config(workdir, trust_model_code=trust_model_code)
   if config.get("task") != "segmentation":
     raise ValueError(f"{workdir} holds a diffusion run, not a segmentation run"
                      " (its config.json has no task 'segmentation').")
@@ -74,19 +86,61 @@ def input_files(path: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
   return root, files
 
 
-def segment_files(segmenter: Segmenter, path: str, output: str) -> list[pathlib.Path]:
-  """Segments an image file or a folder of them; returns the written masks.
+def output_paths(root: pathlib.Path, files: list[pathlib.Path],
+                 output: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+  """(mask, panel) paths under `output` for each of `files` (under `root`), none shared.
 
-  For each INPUT/NAME.ext writes OUTPUT/NAME.png (uint8 class indices, the
-  image's size) and OUTPUT/NAME_panel.png (image | prediction in colour).
-  Images are converted and resized as in training (data.num_channels,
-  data.resize); masks come back at the image's own size.
+  ROOT/DIR/NAME.ext gives OUTPUT/DIR/NAME.png and NAME_panel.png; files whose
+  paths would be shared (a.png and a.jpg) keep their suffix: a.jpg.png.
+
+  Raises:
+    outputs.OutputConflictError: two inputs still share an output path, naming both.
+  """
+  def paths(file: pathlib.Path, keep_suffix: bool) -> tuple[pathlib.Path, pathlib.Path]:
+    relative = file.relative_to(root)
+    base = pathlib.Path(output) / relative.parent / (relative.name if keep_suffix
+                                                     else relative.stem)
+    return base.with_name(f"{base.name}.png"), base.with_name(f"{base.name}_panel.png")
+
+  plain = [paths(file, keep_suffix=False) for file in files]
+  uses = collections.Counter(path for pair in plain for path in pair)
+  chosen = [paths(file, keep_suffix=True) if any(uses[path] > 1 for path in pair) else pair
+            for file, pair in zip(files, plain)]
+  writer: dict[pathlib.Path, pathlib.Path] = {}
+  for file, pair in zip(files, chosen):
+    for path in pair:
+      if path in writer:
+        raise outputs.OutputConflictError(f"input images '{writer[path]}' and '{file}' would both"
+                                          f" be written to '{path}': rename one of them")
+      writer[path] = file
+  return chosen
+
+
+def plan_outputs(path: str, output: str, *, overwrite: bool = False) -> list[SegmentationJob]:
+  """What segmenting an image file or a folder of them writes, checked before anything is.
+
+  Raises:
+    FileNotFoundError: no image at `path`.
+    outputs.OutputConflictError: OUTPUT is, lies inside or contains the input;
+      two inputs share an output; a file exists at an output path and not `overwrite`.
   """
   root, files = input_files(path)
+  outputs.check_apart(output, [path])
+  targets = output_paths(root, files, output)
+  outputs.check_unclaimed([target for pair in targets for target in pair], overwrite=overwrite)
+  return [SegmentationJob(file, mask, panel) for file, (mask, panel) in zip(files, targets)]
+
+
+def segment_files(segmenter: Segmenter, jobs: list[SegmentationJob]) -> list[pathlib.Path]:
+  """Segments each job's image (`plan_outputs`); returns the written masks.
+
+  Writes the mask (uint8 class indices at the image's size) and the panel
+  (image | prediction in colour). Images are converted and resized as in
+  training (data.num_channels, data.resize).
+  """
   data = segmenter.exp.data
-  written = []
-  for file in files:
-    pixels = sources.read_image(file)
+  for job in jobs:
+    pixels = sources.read_image(job.image)
     pixels = pixels[..., None] if pixels.ndim == 2 else pixels
     image, _ = sources.prepare_image(pixels, np.zeros(pixels.shape[:2], np.int32),
                                      data.num_channels, data.resize)
@@ -94,11 +148,9 @@ def segment_files(segmenter: Segmenter, path: str, output: str) -> list[pathlib.
     height, width = pixels.shape[:2]
     mask = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(
         (width, height), Image.Resampling.NEAREST))
-    target = pathlib.Path(output) / file.relative_to(root).with_suffix(".png")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask).save(target)
+    job.mask.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(job.mask)
     shown = metrics.to_rgb(np.round(image * 255).astype(np.uint8))
     picture = metrics.side_by_side([shown[None], metrics.colorize(labels)[None]])
-    Image.fromarray(picture).save(target.with_name(f"{target.stem}_panel.png"))
-    written.append(target)
-  return written
+    Image.fromarray(picture).save(job.panel)
+  return [job.mask for job in jobs]

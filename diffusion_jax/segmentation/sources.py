@@ -2,8 +2,9 @@
 
 A source is a sequence of records {"image": uint8 [H, W, C], "mask": int32
 [H, W] of class labels 0..num_classes-1}. Every record is checked as it is
-read: an image and mask of different sizes, or a label outside the classes,
-is a ValueError naming the file (or the dataset record).
+read: an image and mask of different sizes, a mask that is not one channel
+of class indices (RGB), or a label outside the classes, is a ValueError
+naming the file (or the dataset record).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffusion_jax import images as image_utils
 from diffusion_jax.segmentation import synthetic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+# Pillow modes of one channel of integers: bilevel, 8-bit gray, palette, 16- and 32-bit gray.
+_MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def check_pair(image: np.ndarray, mask: np.ndarray, num_classes: int, where: str) -> None:
@@ -46,6 +50,9 @@ class CheckedSource:
     image = np.asarray(image)
     image = image[..., None] if image.ndim == 2 else image
     mask = np.asarray(mask).astype(np.int32)
+    if mask.ndim == 3 and mask.shape[-1] != 1:
+      raise ValueError(f"{self._describe(index)}: the mask has {mask.shape[-1]} channels; masks"
+                       " must be one channel of class indices")
     mask = mask[..., 0] if mask.ndim == 3 else mask
     mask = mask - self.offset
     check_pair(image, mask, self.num_classes, self._describe(index))
@@ -115,16 +122,36 @@ def folder_pairs(root: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
 
 
 def read_image(path: pathlib.Path) -> np.ndarray:
-  """uint8 [H, W] or [H, W, 3] pixels of an image file; a ValueError names an unreadable one.
+  """uint8 [H, W] (gray) or [H, W, 3] pixels of an image file; a ValueError names an unreadable one.
 
-  Palette images keep their indices (masks are often saved so).
+  16-bit gray is scaled to 8 bits (`images.to_8_bit`); palette and other modes become RGB.
   """
+  with _open(path) as image:
+    image = image_utils.to_8_bit(image, path)
+    return np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
+
+
+def read_mask(path: pathlib.Path) -> np.ndarray:
+  """Class indices [H, W] of a mask file: gray (8 or 16 bits, values as they are) or palette.
+
+  Raises:
+    ValueError: naming the file, when it is unreadable or not one channel (RGB, gray + alpha):
+      colours are not class indices.
+  """
+  with _open(path) as image:
+    if image.mode not in _MASK_MODES:
+      raise ValueError(f"mask file '{path}' is {image.mode}; masks must be one channel of class"
+                       f" indices (a gray or palette image: mode {', '.join(_MASK_MODES)})")
+    return np.asarray(image)
+
+
+def _open(path: pathlib.Path) -> Image.Image:
+  """Image.open(path), with decoding errors as one ValueError naming the file."""
   try:
-    with Image.open(path) as image:
-      if image.mode not in ("L", "P", "RGB", "I", "I;16"):
-        image = image.convert("RGB")
-      return np.asarray(image)
-  except (OSError, SyntaxError, ValueError) as error:
+    image = Image.open(path)
+    image.load()
+    return image
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
     raise ValueError(f"cannot read image file '{path}': {error}") from error
 
 
@@ -134,7 +161,7 @@ def folder_source(root: str, num_classes: int) -> CheckedSource:
 
   def read(index):
     image_path, mask_path = pairs[index]
-    return read_image(image_path), read_image(mask_path)
+    return read_image(image_path), read_mask(mask_path)
 
   def describe(index):
     return f"image '{pairs[index][0]}' with mask '{pairs[index][1]}'"

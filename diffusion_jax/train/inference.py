@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 
-from diffusion_jax import parallel, sampling
+from diffusion_jax import models, parallel, sampling
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.train import checkpoint, experiment
@@ -39,29 +42,50 @@ def restore_ema(exp, workdir: str, step: int | None = None) -> tuple[Any, int]:
   Raises:
     FileNotFoundError: the workdir has no checkpoint.
   """
-  checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=1 << 30)
-  if checkpointer.latest_step() is None:
-    raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first.")
-  # Shapes only: the initial state is never materialised, just used as the restore target.
-  abstract = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
-  fields = {"ema_params": abstract.ema_params, "step": abstract.step}
-  replicated = parallel.replicated(parallel.make_mesh())
-  restored = checkpointer.restore_fields(
-      checkpoint.restore_target(fields, jax.tree.map(lambda _: replicated, fields)), step=step)
-  checkpointer.close()
+  # Closed on errors too: an open manager's threads fail noisily at exit.
+  with contextlib.closing(checkpoint.Checkpointer(workdir, every_steps=1,
+                                                  keep=1 << 30)) as checkpointer:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first.")
+    # Shapes only: the initial state is never materialised, just used as the restore target.
+    abstract = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
+    fields = {"ema_params": abstract.ema_params, "step": abstract.step}
+    replicated = parallel.replicated(parallel.make_mesh())
+    restored = checkpointer.restore_fields(
+        checkpoint.restore_target(fields, jax.tree.map(lambda _: replicated, fields)), step=step)
   return restored["ema_params"], int(restored["step"])
 
 
-def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
+def load_run_config(workdir: str, *, trust_model_code: bool = False) -> ml_collections.ConfigDict:
+  """The config.json of the run in `workdir`, to build its model from.
+
+  A workdir may come from anyone: a model factory ("package.module:factory")
+  that its config names is code, and is refused unless `trust_model_code`.
+
+  Raises:
+    FileNotFoundError: the workdir has no config.json.
+    models.UntrustedModelCodeError: it names a factory and trust_model_code is False.
+  """
+  config = checkpoint.load_config(workdir)
+  models.check_trusted(config.get("model", {}), trust_model_code,
+                       os.path.join(workdir, checkpoint.CONFIG_FILE))
+  return config
+
+
+def load_ema_for_sampling(workdir: str, step: int | None = None, *,
+                          trust_model_code: bool = False) -> EmaModel:
   """The EMA parameters of a run's latest checkpoint (or `step`), replicated over all devices.
 
-  Reads only the EMA parameters and the step, never the optimizer state.
+  Reads only the EMA parameters and the step, never the optimizer state. A
+  model factory named in the workdir's config.json is imported only with
+  `trust_model_code` (see `load_run_config`).
 
   Raises:
     FileNotFoundError: the workdir has no config.json or no checkpoint.
-    ValueError: the workdir holds another task's run (segmentation).
+    ValueError: the workdir holds another task's run (segmentation), or names
+      an untrusted model factory.
   """
-  config = checkpoint.load_config(workdir)
+  config = load_run_config(workdir, trust_model_code=trust_model_code)
   if config.get("task", "diffusion") != "diffusion":
     raise ValueError(f"{workdir} holds a {config.task} run, not a diffusion model to sample.")
   exp = experiment.build(config)
@@ -72,14 +96,15 @@ def load_ema_for_sampling(workdir: str, step: int | None = None) -> EmaModel:
 
 def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: int,
                  batch_size: int, out_dir: str, *, seed: int,
-                 settings: Mapping[str, Any] | None = None) -> np.ndarray:
+                 settings: Mapping[str, Any] | None = None, overwrite: bool = False) -> np.ndarray:
   """`sampling.sample_to_files` of `model`: resumable, every batch split over all devices.
 
   Batch b is drawn with fold_in(key(seed), b) on the devices of every process
   (call it from all of them), so one host or many give the same uint8
   [num_samples, H, W, C], returned on every process. batch_size must be a
   multiple of jax.device_count(). The saved settings are the checkpoint step,
-  `config`'s fields and `settings`.
+  `config`'s fields and `settings`; `overwrite` lets a new run replace files
+  that another left in `out_dir`.
   """
   mesh = parallel.make_mesh()
   if batch_size % mesh.size:
@@ -91,4 +116,5 @@ def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: i
   return sampling.sample_to_files(
       functools.partial(sample_batch, model.params), num_samples, batch_size, out_dir,
       key=jax.random.key(seed),
-      settings={**(settings or {}), "checkpoint_step": model.step, **dataclasses.asdict(config)})
+      settings={**(settings or {}), "checkpoint_step": model.step, **dataclasses.asdict(config)},
+      overwrite=overwrite)

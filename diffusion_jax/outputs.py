@@ -1,0 +1,73 @@
+"""Where a program may write: never onto its inputs, never over files that another run wrote.
+
+    outputs.check_apart(output_dir, [input_folder, weights_file])   # not equal, inside, around
+    outputs.check_unclaimed(paths_this_run_writes, overwrite=flag)  # nothing there yet
+
+Every launcher that writes into a folder the user names (sample, evaluate,
+segment, convert) checks it with these before writing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterable
+
+from diffusion_jax import files
+
+OVERWRITE_FLAG = "--overwrite"
+
+
+class OutputConflictError(ValueError):
+  """An output would overwrite or mix with an input, or replace a file this run did not write."""
+
+
+def _resolved(path: str | os.PathLike) -> pathlib.PurePath:
+  """`path` absolute, links resolved; a URL (gs://...) as written, without a trailing slash."""
+  if not files.is_local(path):
+    return pathlib.PurePosixPath(os.fspath(path).rstrip("/"))
+  return pathlib.Path(path).resolve()
+
+
+def check_apart(output_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                what: str = "output folder") -> None:
+  """Refuses an output folder equal to, inside or containing any of `inputs` (files or folders).
+
+  None or "" entries (an input that is not given) are skipped.
+
+  Raises:
+    OutputConflictError: naming the output folder, the input and how they overlap.
+  """
+  output = _resolved(output_dir)
+  for given in inputs:
+    if not given:
+      continue
+    source = _resolved(given)
+    if output == source:
+      relation = "is"
+    elif output.is_relative_to(source):
+      relation = "is inside"
+    elif source.is_relative_to(output):
+      relation = "contains"
+    else:
+      continue
+    raise OutputConflictError(f"{what} {os.fspath(output_dir)!r} {relation} the input"
+                              f" {os.fspath(given)!r}: pick a folder apart from the inputs")
+
+
+def check_unclaimed(paths: Iterable[str | os.PathLike], *, overwrite: bool) -> None:
+  """Refuses, unless `overwrite`, when any of `paths` (what this run would write) exists.
+
+  Call it before writing: a file there now was written by someone else.
+
+  Raises:
+    OutputConflictError: naming the first existing path and how many others exist.
+  """
+  if overwrite:
+    return
+  existing = [os.fspath(path) for path in paths if files.exists(path)]
+  if existing:
+    others = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+    raise OutputConflictError(f"{existing[0]!r}{others} already exists and this run did not"
+                              f" write it: pass {OVERWRITE_FLAG} to replace it, or pick another"
+                              " output folder")
