@@ -163,3 +163,16 @@ def load_reference(path: str, *, load_images: bool = True) -> ReferenceStats:
     except json.JSONDecodeError as e:
       raise ValueError(f"reference {path}: 'source' is not JSON: {e}") from e
   return ReferenceStats(**arrays, images=images, num_images=num_images, source=source, path=path)
+
+
+def read_npz(path: str, what: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
+  """The arrays of the .npz file `path` (local or gs://; those of `names`, or all).
+
+  Raises:
+    FileNotFoundError: no file at `path`, naming `what`.
+    ValueError: not an .npz archive (a single .npy array, text, a truncated
+      file, a header claiming more than is stored), naming the path.
+  """
+  if not files.is_file(path):
+    raise FileNotFoundError(f"No {what} at {path}.")
+  return files.load_npz(path, names)
