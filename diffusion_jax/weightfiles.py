@@ -47,6 +47,8 @@ import ml_dtypes  # Importing it registers bfloat16 with numpy: safetensors.nump
 import numpy as np
 import safetensors.numpy
 
+from diffusion_jax import files
+
 # Typed storage classes, as torch pickles them (`torch.FloatStorage`), and their element types.
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
@@ -76,7 +78,7 @@ class UnsafeWeightFileError(WeightFileError):
 def sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
   """Hex SHA-256 digest of a file, read in chunks of `chunk_bytes`."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with files.open_for_read(path) as f:
     while chunk := f.read(chunk_bytes):
       digest.update(chunk)
   return digest.hexdigest()
@@ -90,9 +92,9 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
     WeightFileError: the file is damaged, or neither of the three formats.
   """
   path = os.fspath(path)
-  with open(path, "rb") as f:
+  with files.open_for_read(path) as f:
     head = f.read(9)
-  size = os.path.getsize(path)
+  size = files.size(path)
   if head.startswith(b"PK"):
     reader, kind = _load_torch_zip, "torch zip file"
   elif len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
@@ -111,7 +113,9 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  return dict(safetensors.numpy.load_file(path))
+  if files.is_local(path):
+    return dict(safetensors.numpy.load_file(path))
+  return dict(safetensors.numpy.load(files.read_bytes(path)))
 
 
 # Stand-ins for what the admitted globals build. Frozen with slots, so that a
@@ -289,10 +293,12 @@ def _storage_from_bytes(data: bytes, dtype: np.dtype, big_endian: bool) -> np.nd
 
 
 def _load_torch_zip(path: str) -> dict[str, np.ndarray]:
-  if not zipfile.is_zipfile(path):
+  with files.open_for_read(path) as f:
+    is_zip = zipfile.is_zipfile(f)
+  if not is_zip:
     raise WeightFileError(f"{path}: starts like a zip file (a torch.save file) but has no"
                           " zip directory: truncated or damaged.")
-  with zipfile.ZipFile(path) as archive:
+  with files.open_for_read(path) as f, zipfile.ZipFile(f) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
       raise WeightFileError(f"{path}: a zip file but not a torch.save file: expected one"
@@ -318,7 +324,7 @@ def _load_torch_zip(path: str) -> dict[str, np.ndarray]:
 
 
 def _load_torch_legacy(path: str) -> dict[str, np.ndarray]:
-  with open(path, "rb") as f:
+  with files.open_for_read(path) as f:
     def next_pickle():
       return _RestrictedUnpickler(f, path).load()
 

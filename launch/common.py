@@ -1,12 +1,14 @@
-"""What the launchers share: running main() with one-line flag errors, and the start of main()."""
+"""What the launchers share: running main() with one-line flag and path errors, and its start."""
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 
 from absl import app, flags, logging
 
-from diffusion_jax import configlib, logs, parallel
+from diffusion_jax import configlib, files, logs, parallel
 
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "Directory of JAX's persistent compilation cache, which lets a"
@@ -15,8 +17,26 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 
 
 def run(main) -> None:
-  """app.run(main), where an unknown `--config.KEY` override is one line naming it, exit 1."""
-  app.run(main, flags_parser=_parse_flags)
+  """app.run(main), where an unknown `--config.KEY` override is one line naming it, exit 1.
+
+  So is a path that cannot be read or written (`files.PathError`: a missing
+  bucket, denied access, a read-only folder), as "launch.NAME: PATH: why".
+  """
+  app.run(_exiting_on_path_errors(main), flags_parser=_parse_flags)
+
+
+def _exiting_on_path_errors(main):
+  """`main`, ending the program with one line, exit 1, on a `files.PathError`."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except files.PathError as error:
+      program = os.path.splitext(os.path.basename(argv[0]))[0]
+      sys.exit(f"launch.{program}: {error}")
+
+  return wrapped
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

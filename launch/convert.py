@@ -19,10 +19,11 @@ See docs/model_zoo.md for each published family's command.
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from diffusion_jax import convert, logs
 from diffusion_jax.weightfiles import WeightFileError
+from launch import common
 
 _INPUT = flags.DEFINE_string("input", None, "A diffusers directory or a checkpoint file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The new workdir (must not hold a run).")
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

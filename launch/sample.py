@@ -20,12 +20,10 @@ fold_in(key(seed), b) whatever the number of hosts and devices: a given
 can be resumed on a different number of hosts.
 """
 
-import os
-
 import jax
 from absl import app, flags
 
-from diffusion_jax import parallel, sampling
+from diffusion_jax import files, parallel, sampling
 from diffusion_jax.train import inference
 from launch import common
 
@@ -55,9 +53,9 @@ def main(argv):
   name = (f"step{model.step}-{config.sampler}-{config.steps or 'all'}steps-eta{config.eta:g}"
           f"-w{config.guidance_scale:g}-seed{_SEED.value}")
   inference.draw_samples(model, config, _NUM_SAMPLES.value, _BATCH_SIZE.value,
-                         _OUTPUT.value or os.path.join(_WORKDIR.value, "samples", name),
-                         seed=_SEED.value, settings={"workdir": os.path.abspath(_WORKDIR.value)})
+                         _OUTPUT.value or files.join(_WORKDIR.value, "samples", name),
+                         seed=_SEED.value, settings={"workdir": _WORKDIR.value})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

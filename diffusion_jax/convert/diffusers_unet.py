@@ -16,12 +16,10 @@ and the pre-2023 query/key/value/proj_attn of the July-2022 hub uploads.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any
 
-from diffusion_jax import weightfiles
+from diffusion_jax import files, weightfiles
 from diffusion_jax.convert import mapping
 from diffusion_jax.convert.converted import (Converted, build_params, check_choice, resolutions,
                                              typed_flags)
@@ -76,7 +74,7 @@ def convert(path: str, preset: str | None = None, flags: dict | None = None) -> 
     raise ConvertError(f"{path}: a diffusers directory takes no preset (got {preset!r}): its"
                        " config.json says everything")
   flags = typed_flags(flags or {}, FLAG_TYPES, "diffusers")
-  model_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
+  model_dir = files.join(path, "unet") if files.is_dir(files.join(path, "unet")) else path
   config = read_unet_config(model_dir)
   weights = _weight_file(model_dir)
   state = StateDict(weightfiles.load(weights), weights)
@@ -91,11 +89,10 @@ def convert(path: str, preset: str | None = None, flags: dict | None = None) -> 
 
 def read_unet_config(model_dir: str) -> dict[str, Any]:
   """config.json with UNet2DModel's defaults filled in; unknown keys are an error naming them."""
-  path = os.path.join(model_dir, "config.json")
-  if not os.path.exists(path):
+  path = files.join(model_dir, "config.json")
+  if not files.exists(path):
     raise ConvertError(f"{model_dir}: no config.json (a diffusers model directory has one)")
-  with open(path) as f:
-    given = json.load(f)
+  given = files.read_json(path)
   if given.get("_class_name", "UNet2DModel") != "UNet2DModel":
     raise ConvertError(f"{path}: _class_name {given['_class_name']!r} is not supported;"
                        " supported: ['UNet2DModel']")
@@ -163,8 +160,8 @@ def _attending_levels(config: dict[str, Any], origin: str) -> list[int]:
 
 def _weight_file(model_dir: str) -> str:
   for name in WEIGHT_FILES:
-    if os.path.exists(os.path.join(model_dir, name)):
-      return os.path.join(model_dir, name)
+    if files.exists(files.join(model_dir, name)):
+      return files.join(model_dir, name)
   raise ConvertError(f"{model_dir}: none of {list(WEIGHT_FILES)}")
 
 
@@ -200,14 +197,11 @@ def _rules(levels: int, layers: int, state: StateDict) -> Rules:
 
 def read_scheduler(path: str, model_dir: str, learned: bool) -> dict[str, Any]:
   """DiffusionConfig fields from the scheduler config beside the model, else DDPM's defaults."""
-  candidates = [os.path.join(path, "scheduler_config.json"),
-                os.path.join(path, "scheduler", "scheduler_config.json"),
-                os.path.join(model_dir, "scheduler_config.json")]
-  found = next((c for c in candidates if os.path.exists(c)), None)
-  scheduler = {}
-  if found:
-    with open(found) as f:
-      scheduler = json.load(f)
+  candidates = [files.join(path, "scheduler_config.json"),
+                files.join(path, "scheduler", "scheduler_config.json"),
+                files.join(model_dir, "scheduler_config.json")]
+  found = next((c for c in candidates if files.exists(c)), None)
+  scheduler = files.read_json(found) if found else {}
   origin = found or path
   for key, allowed in _SCHEDULER_FIXED.items():
     check_choice(scheduler.get(key, allowed[0]), allowed, f"scheduler setting {key}", origin)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -123,7 +122,7 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
   every process.
   """
   num_batches = math.ceil(num_samples / batch_size)
-  paths = [os.path.join(out_dir, f"batch_{b:06d}.npz") for b in range(num_batches)]
+  paths = [files.join(out_dir, f"batch_{b:06d}.npz") for b in range(num_batches)]
   todo = _batches_to_draw(out_dir, paths, {
       **(settings or {}), "batch_size": batch_size,
       "key": np.asarray(jax.random.key_data(key)).tolist()})
@@ -142,8 +141,8 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
       drawn[b] = _read_on_process_0(paths[b])
   samples = np.concatenate([drawn[b] for b in range(num_batches)])[:num_samples]
   if jax.process_index() == 0:
-    files.save_npz(os.path.join(out_dir, "samples.npz"), arr_0=samples)
-    image_utils.save_image_grid(samples[:GRID_IMAGES], os.path.join(out_dir, "grid.png"),
+    files.save_npz(files.join(out_dir, "samples.npz"), arr_0=samples)
+    image_utils.save_image_grid(samples[:GRID_IMAGES], files.join(out_dir, "grid.png"),
                                 min_size=GRID_MIN_SIZE)
   return samples
 
@@ -156,12 +155,12 @@ def _batches_to_draw(out_dir: str, paths: list[str], settings: dict) -> list[int
   verdict = np.zeros(len(paths) + 1, np.int32)  # [missing batch b] + [settings refused]
   refusal = None
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
     try:
-      _check_settings(os.path.join(out_dir, "settings.json"), settings)
+      _check_settings(files.join(out_dir, "settings.json"), settings)
     except ValueError as error:
       refusal = error
-    verdict[:-1] = [not os.path.exists(path) for path in paths]
+    written = set(files.listdir(out_dir)) if files.is_dir(out_dir) else set()
+    verdict[:-1] = [files.path(path).name not in written for path in paths]
     verdict[-1] = refusal is not None
   verdict = multihost_utils.broadcast_one_to_all(verdict)
   if refusal:
@@ -174,7 +173,7 @@ def _batches_to_draw(out_dir: str, paths: list[str], settings: dict) -> list[int
 
 def _read_on_process_0(path: str) -> np.ndarray:
   """The uint8 [B, H, W, C] batch saved at `path`, read by process 0 and sent to every process."""
-  batch = _load_npz(path) if jax.process_index() == 0 else None
+  batch = files.load_npz(path)["arr_0"] if jax.process_index() == 0 else None
   shape = multihost_utils.broadcast_one_to_all(np.array(batch.shape if batch is not None
                                                         else (0, 0, 0, 0)))
   return multihost_utils.broadcast_one_to_all(batch if batch is not None
@@ -183,17 +182,10 @@ def _read_on_process_0(path: str) -> np.ndarray:
 
 def _check_settings(path: str, settings: dict) -> None:
   """Saves `settings` at `path`, or checks they equal the ones a previous run saved there."""
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  if files.exists(path):
+    previous = files.read_json(path)
     if previous != json.loads(json.dumps(settings)):
       raise ValueError(f"{path} holds the settings of another run: {previous}; this run has "
                        f"{settings}. Use a new output directory or the same settings.")
     return
-  with open(path, "w") as f:
-    json.dump(settings, f, indent=2, sort_keys=True)
-
-
-def _load_npz(path: str) -> np.ndarray:
-  with np.load(path) as data:
-    return data["arr_0"]
+  files.write_json(path, settings, indent=2, sort_keys=True)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
+import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import parallel
+from diffusion_jax import files, parallel
+from diffusion_jax import images as image_utils
 from diffusion_jax.segmentation import experiment, metrics, sources, tiling
 from diffusion_jax.train import checkpoint, inference
 
@@ -60,21 +61,19 @@ def load(workdir: str, step: int | None = None, tile_size: int | None = None,
   return Segmenter(exp, params, checkpoint_step, -(-batch_size // devices) * devices)
 
 
-def input_files(path: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
-  """(root, image files): one file, or every image under a folder (recursively, sorted)."""
-  root = pathlib.Path(path)
-  if root.is_file():
-    return root.parent, [root]
-  if not root.is_dir():
+def input_files(path: str) -> tuple[str, list[str]]:
+  """(root, image files relative to it): one file, or every image under a folder (sorted)."""
+  if files.is_file(path):
+    return files.join(files.path(path).parent), [files.path(path).name]
+  if not files.is_dir(path):
     raise FileNotFoundError(f"--input {path!r} is neither an image file nor a folder")
-  files = sorted(p for p in root.rglob("*")
-                 if p.suffix.lower() in sources.IMAGE_SUFFIXES and p.is_file())
-  if not files:
+  names = files.find_files(path, sources.IMAGE_SUFFIXES)
+  if not names:
     raise FileNotFoundError(f"folder {path!r} holds no image files {sources.IMAGE_SUFFIXES}")
-  return root, files
+  return path, names
 
 
-def segment_files(segmenter: Segmenter, path: str, output: str) -> list[pathlib.Path]:
+def segment_files(segmenter: Segmenter, path: str, output: str) -> list[str]:
   """Segments an image file or a folder of them; returns the written masks.
 
   For each INPUT/NAME.ext writes OUTPUT/NAME.png (uint8 class indices, the
@@ -82,11 +81,11 @@ def segment_files(segmenter: Segmenter, path: str, output: str) -> list[pathlib.
   Images are converted and resized as in training (data.num_channels,
   data.resize); masks come back at the image's own size.
   """
-  root, files = input_files(path)
+  root, names = input_files(path)
   data = segmenter.exp.data
   written = []
-  for file in files:
-    pixels = sources.read_image(file)
+  for name in names:
+    pixels = sources.read_image(files.join(root, name))
     pixels = pixels[..., None] if pixels.ndim == 2 else pixels
     image, _ = sources.prepare_image(pixels, np.zeros(pixels.shape[:2], np.int32),
                                      data.num_channels, data.resize)
@@ -94,11 +93,10 @@ def segment_files(segmenter: Segmenter, path: str, output: str) -> list[pathlib.
     height, width = pixels.shape[:2]
     mask = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(
         (width, height), Image.Resampling.NEAREST))
-    target = pathlib.Path(output) / file.relative_to(root).with_suffix(".png")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask).save(target)
+    stem = files.join(output, os.path.splitext(name)[0])
+    image_utils.save_png(mask, f"{stem}.png")
     shown = metrics.to_rgb(np.round(image * 255).astype(np.uint8))
     picture = metrics.side_by_side([shown[None], metrics.colorize(labels)[None]])
-    Image.fromarray(picture).save(target.with_name(f"{target.stem}_panel.png"))
-    written.append(target)
+    image_utils.save_png(picture, f"{stem}_panel.png")
+    written.append(f"{stem}.png")
   return written

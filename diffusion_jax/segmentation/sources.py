@@ -8,13 +8,14 @@ is a ValueError naming the file (or the dataset record).
 
 from __future__ import annotations
 
-import pathlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from diffusion_jax import files
 from diffusion_jax.segmentation import synthetic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -87,22 +88,21 @@ def tfds_source(name: str, split: str, image_key: str, mask_key: str, num_classe
   return CheckedSource(read, len(records), describe, num_classes, offset)
 
 
-def _files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+def _files(directory: str) -> dict[str, str]:
   """{relative path without suffix: path} of the image files under `directory`."""
-  return {str(path.relative_to(directory).with_suffix("")): path
-          for path in sorted(directory.rglob("*"))
-          if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()}
+  return {os.path.splitext(name)[0]: files.join(directory, name)
+          for name in files.find_files(directory, IMAGE_SUFFIXES)}
 
 
-def folder_pairs(root: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+def folder_pairs(root: str) -> list[tuple[str, str]]:
   """(image, mask) paths: ROOT/images/NAME.* with ROOT/masks/NAME.* (any image suffix each).
 
   Raises:
     FileNotFoundError: a missing folder, or an image without a mask (named).
   """
-  images_dir, masks_dir = pathlib.Path(root) / "images", pathlib.Path(root) / "masks"
+  images_dir, masks_dir = files.join(root, "images"), files.join(root, "masks")
   for directory in (images_dir, masks_dir):
-    if not directory.is_dir():
+    if not files.is_dir(directory):
       raise FileNotFoundError(f"segmentation folder '{root}' needs '{directory}' (image/mask"
                               " pairs: images/NAME.png with masks/NAME.png)")
   images, masks = _files(images_dir), _files(masks_dir)
@@ -114,13 +114,13 @@ def folder_pairs(root: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
   return [(images[key], masks[key]) for key in images]
 
 
-def read_image(path: pathlib.Path) -> np.ndarray:
+def read_image(path: str) -> np.ndarray:
   """uint8 [H, W] or [H, W, 3] pixels of an image file; a ValueError names an unreadable one.
 
   Palette images keep their indices (masks are often saved so).
   """
   try:
-    with Image.open(path) as image:
+    with files.open_for_read(path) as f, Image.open(f) as image:
       if image.mode not in ("L", "P", "RGB", "I", "I;16"):
         image = image.convert("RGB")
       return np.asarray(image)

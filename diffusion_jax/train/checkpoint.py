@@ -10,8 +10,6 @@ keep-last-K policy.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 import signal
 import threading
@@ -21,7 +19,6 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import files
@@ -41,10 +38,10 @@ class Checkpointer:
                delete_unfinished: bool = False):
     """`delete_unfinished`: delete the temporary directories of interrupted saves; only for the
     run that trains in `workdir`, as a reader would delete a live run's save in progress."""
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = files.join(workdir, "checkpoints")
     self.every_steps = every_steps
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        files.absolute(self.directory),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_saves,
             cleanup_tmp_directories=delete_unfinished))
@@ -123,7 +120,7 @@ class Checkpointer:
 
   def data_process_counts(self, step: int) -> set[int]:
     """The process counts whose data positions checkpoint `step` holds (grain's file names)."""
-    data_dir = epath.Path(self.directory) / str(step) / "data"
+    data_dir = files.path(self.directory) / str(step) / "data"
     if not data_dir.exists():
       return set()
     return {int(match[1]) for path in data_dir.iterdir()
@@ -152,7 +149,7 @@ class Checkpointer:
     except Exception as e:  # Orbax raises many types for damaged files; name the checkpoint.
       others = [s for s in self.all_steps() if s != step]
       raise CheckpointError(
-          f"Cannot restore checkpoint {os.path.join(self.directory, str(step))}:"
+          f"Cannot restore checkpoint {files.join(self.directory, str(step))}:"
           f" {type(e).__name__}: {e}. Other checkpoints here: {others}. Move the damaged one"
           " aside to resume from an earlier one; nothing was deleted.") from e
     logging.info("Restored checkpoint of step %d from %s.", step, self.directory)
@@ -185,31 +182,27 @@ def check_writable(workdir: str) -> None:
   Raises:
     OSError: naming the workdir and the reason.
   """
-  probe = epath.Path(workdir) / f".write_check_{jax.process_index()}"
+  probe = files.join(workdir, f".write_check_{jax.process_index()}")
   try:
-    probe.parent.mkdir(parents=True, exist_ok=True)
-    probe.write_text("")
-    probe.unlink()
+    files.write_text(probe, "")
+    files.remove(probe)
   except OSError as e:
-    raise OSError(f"Cannot write in workdir {workdir}: {e.strerror or e}. Checkpoints, config"
-                  " and metrics go there: pick a writable --workdir.") from e
+    raise files.PathError(f"Cannot write in workdir {workdir}: {e.strerror or e}. Checkpoints,"
+                          " config and metrics go there: pick a writable --workdir.") from e
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the run's config as JSON beside the checkpoints, atomically (process 0 only)."""
   if jax.process_index() == 0:
-    with files.atomic_path(os.path.join(workdir, CONFIG_FILE)) as temporary:
-      with open(temporary, "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    files.write_text(files.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = files.join(workdir, CONFIG_FILE)
+  if not files.exists(path):
     raise FileNotFoundError(f"No {CONFIG_FILE} in workdir {workdir!r}: is it a training run's?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(files.read_json(path))
 
 
 class PreemptionNotice:
