@@ -117,15 +117,19 @@ def absolute(p: PathLike) -> epath.Path:
 
 
 def exists(p: PathLike) -> bool:
-  return path(p).exists()
+  """Whether `p` exists; denied access raises (gcsfs answers it), never reads as "missing"."""
+  with naming_failures(p):
+    return path(p).exists()
 
 
 def is_file(p: PathLike) -> bool:
-  return path(p).is_file()
+  with naming_failures(p):
+    return path(p).is_file()
 
 
 def is_dir(p: PathLike) -> bool:
-  return path(p).is_dir()
+  with naming_failures(p):
+    return path(p).is_dir()
 
 
 def makedirs(p: PathLike) -> None:
@@ -151,10 +155,11 @@ def find_files(root: PathLike, suffixes: tuple[str, ...]) -> list[str]:
   not depend on the filesystem's listing order. One listing per folder (also
   on object stores, where epath's rglob is refused).
   """
-  found = []
+  found, top = [], None
   with naming_failures(root):
-    for directory, _, names in path(root).walk():
-      relative = directory.relative_to(path(root))
+    for directory, _, names in path(root).walk():  # top-down: the root comes first
+      top = top or directory  # fsspec's walk drops the "gs://": relate to its own spelling
+      relative = directory.relative_to(top)
       found.extend((relative / name).as_posix() for name in names
                    if os.path.splitext(name)[1].lower() in suffixes)
   return sorted(found)

@@ -201,7 +201,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with."""
   path = files.join(workdir, CONFIG_FILE)
   if not files.exists(path):
-    raise FileNotFoundError(f"No {CONFIG_FILE} in workdir {workdir!r}: is it a training run's?")
+    raise files.PathNotFoundError(f"No {CONFIG_FILE} in workdir {workdir!r}: is it a training"
+                                  " run's?")
   return ml_collections.ConfigDict(files.read_json(path))
 
 
