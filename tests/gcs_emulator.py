@@ -13,6 +13,7 @@ import contextlib
 import http.server
 import json
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -43,16 +44,19 @@ class GcsEmulator:
   def __init__(self):
     port = str(local_jobs.free_port())
     self.url = f"http://127.0.0.1:{port}"
+    # The server logs every request: to a file, as a full pipe would stall every request.
+    self._log = tempfile.TemporaryFile()  # pylint: disable=consider-using-with
     self._process = subprocess.Popen(  # pylint: disable=consider-using-with
         [str(_server._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",  # pylint: disable=protected-access
          "-port", port, "-backend", "memory"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=self._log)
     self._wait_until_ready()
 
   def _wait_until_ready(self) -> None:
     for _ in range(_READY_ATTEMPTS):
       if self._process.poll() is not None:
-        raise RuntimeError(f"fake-gcs-server exited: {self._process.stderr.read().decode()}")
+        self._log.seek(0)
+        raise RuntimeError(f"fake-gcs-server exited: {self._log.read().decode()[-2000:]}")
       try:
         urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=5).close()
         return
@@ -70,7 +74,7 @@ class GcsEmulator:
   def stop(self) -> None:
     self._process.kill()
     self._process.wait()
-    self._process.stderr.close()
+    self._log.close()
 
 
 class _Forbidden(http.server.BaseHTTPRequestHandler):

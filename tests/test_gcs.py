@@ -28,13 +28,6 @@ REPO = local_jobs.REPO
 CONFIG = f"--config={REPO}/configs/digits.py:smoke"
 SAMPLE_FLAGS = ["--num_samples=12", "--batch_size=8", "--steps=2", "--sampler=ddim"]
 
-# Orbax's checkpoint writes to the emulator never finish with gcsfs 2026.10.1 (a thread waits
-# in fsspec's sync() on a request the loop never completes; the same writes of a few KB pass
-# alone): until that is understood, the tests that save checkpoints on gs:// are skipped.
-_ORBAX_ON_EMULATOR_HANGS = pytest.mark.skip(
-    reason="Orbax saves to fake-gcs-server through gcsfs hang (see the comment above)")
-
-
 def _launch(cwd, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
   """`python ARGS` in `cwd` (the repository importable, the emulator's variables inherited)."""
   return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
@@ -66,7 +59,6 @@ def trained(gcs, tmp_path_factory):
   return cwd, logs
 
 
-@_ORBAX_ON_EMULATOR_HANGS
 def test_training_is_preempted_and_resumes_from_the_bucket_bit_identically(trained):
   cwd, logs = trained
   assert "Stop requested (SIGTERM): saved step 2 and stopping." in logs["stopped"]
@@ -81,7 +73,6 @@ def test_training_is_preempted_and_resumes_from_the_bucket_bit_identically(train
   assert os.listdir(cwd) == []
 
 
-@_ORBAX_ON_EMULATOR_HANGS
 def test_sampling_reads_and_writes_the_bucket_and_resumes(trained, tmp_path):
   """launch.sample from another directory: default output in the run; a rerun keeps finished
   batches (a marked one stays marked) and redraws deleted ones, equal to the first draw."""
@@ -105,7 +96,6 @@ def test_sampling_reads_and_writes_the_bucket_and_resumes(trained, tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-@_ORBAX_ON_EMULATOR_HANGS
 def test_convert_reads_its_input_from_the_bucket_and_writes_a_run_there(gcs, tmp_path):
   source = os.path.join(REPO, "tests", "data", "pytorch_diffusion_small.pt")
   files.write_bytes("gs://bucket/weights/model-790000.ckpt", open(source, "rb").read())
@@ -134,7 +124,6 @@ def test_folder_source_lists_and_decodes_images_in_the_bucket(gcs):
     np.testing.assert_array_equal(source[index]["image"], pictures[name])
 
 
-@_ORBAX_ON_EMULATOR_HANGS
 def test_two_process_training_on_the_bucket_equals_the_same_job_on_a_local_disk(gcs, tmp_path):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
