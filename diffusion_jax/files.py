@@ -12,9 +12,16 @@ through a temporary file beside the target that is flushed and renamed onto
 it; on an object store by uploading the finished bytes in one request (a GCS
 object upload is atomic), with no rename dance.
 
-For gs:// set `EPATH_USE_TF=false` (see docs/training.md): epath then uses
-fsspec's gcsfs, which honours `STORAGE_EMULATOR_HOST` and the usual Google
-credentials, rather than TensorFlow's GCS client.
+gs:// goes through fsspec's gcsfs, which honours the usual Google credentials
+(and `STORAGE_EMULATOR_HOST`), not through TensorFlow's GCS client: importing
+this module sets `EPATH_USE_TF=false` unless the environment says otherwise
+(see docs/training.md, "Running on GCS"). epath reads that variable when it
+first opens a gs:// path, so Orbax's checkpoints and TFDS follow it too.
+
+A read, write or listing that fails raises `PathError` (a `FileNotFoundError`
+or `PermissionError` where that is what happened), one line naming the path:
+a missing bucket or denied access reads "gs://b/run/config.json: ..." rather
+than an HTTP URL.
 """
 
 from __future__ import annotations
@@ -31,10 +38,62 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-from etils import epath
+
+# Before epath first meets a gs:// path: gcsfs, not TensorFlow's GCS client (see above).
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from etils import epath  # noqa: E402  (after EPATH_USE_TF)
 
 PathLike = str | os.PathLike
 _NPY_MAGIC = b"\x93NUMPY"  # how a .npy file starts
+
+
+class PathError(OSError):
+  """A file or folder under a user's path cannot be read, written or listed; names the path."""
+
+
+class PathNotFoundError(PathError, FileNotFoundError):
+  """The path, or the bucket holding it, does not exist."""
+
+
+class PathDeniedError(PathError, PermissionError):
+  """The credentials in use may not read or write the path."""
+
+
+@contextlib.contextmanager
+def naming_failures(p: PathLike) -> Iterator[None]:
+  """Re-raises an OSError of the filesystem or object store as one line naming `p`.
+
+  gcsfs reports a missing bucket as FileNotFoundError("b/BUCKET/o") and a
+  denied request as OSError("Forbidden: URL ..."): neither names the path the
+  user gave.
+  """
+  try:
+    yield
+  except PathError:
+    raise
+  except FileNotFoundError as e:
+    where = "" if is_local(p) else f" (or no bucket {_bucket(p)!r})"
+    raise PathNotFoundError(f"{os.fspath(p)}: no such file or directory{where}") from e
+  except OSError as e:
+    reason = e.strerror or _first_line(e)
+    if is_local(p):
+      error = PathDeniedError if isinstance(e, PermissionError) else PathError
+      raise error(f"{os.fspath(p)}: {reason}") from e
+    if reason.startswith("Forbidden"):
+      raise PathDeniedError(f"{os.fspath(p)}: access denied to the credentials in use"
+                            f" ({reason})") from e
+    raise PathError(f"{os.fspath(p)}: {reason}") from e
+
+
+def _bucket(p: PathLike) -> str:
+  """The bucket (host part) of a `scheme://bucket/...` path."""
+  return os.fspath(p).split("://", 1)[1].split("/", 1)[0]
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
 
 
 def path(p: PathLike) -> epath.Path:
@@ -52,34 +111,92 @@ def join(p: PathLike, *parts: str) -> str:
   return os.fspath(path(p).joinpath(*parts)) if parts else os.fspath(path(p))
 
 
+def absolute(p: PathLike) -> epath.Path:
+  """`p` resolved against the working directory if local, as given if remote.
+
+  Only for libraries that insist on absolute paths (Orbax); what the project
+  records or prints keeps the path as the user gave it.
+  """
+  return path(os.path.abspath(p) if is_local(p) else p)
+
+
 def exists(p: PathLike) -> bool:
-  return path(p).exists()
+  """Whether `p` exists; denied access raises (gcsfs answers it), never reads as "missing"."""
+  with naming_failures(p):
+    return path(p).exists()
 
 
 def is_file(p: PathLike) -> bool:
-  return path(p).is_file()
+  with naming_failures(p):
+    return path(p).is_file()
 
 
 def is_dir(p: PathLike) -> bool:
-  return path(p).is_dir()
+  with naming_failures(p):
+    return path(p).is_dir()
 
 
 def makedirs(p: PathLike) -> None:
-  """Creates directory `p` and its parents; nothing on object stores, whose folders are implicit."""
-  path(p).mkdir(parents=True, exist_ok=True)
+  """Creates directory `p` and its parents; nothing on object stores, whose folders are implicit.
+
+  (gcsfs's makedirs would create a missing bucket: a typo must fail, not make one.)
+  """
+  if is_local(p):
+    with naming_failures(p):
+      os.makedirs(p, exist_ok=True)
 
 
 def listdir(p: PathLike) -> list[str]:
   """The names in directory `p`, sorted."""
-  return sorted(child.name for child in path(p).iterdir())
+  with naming_failures(p):
+    return sorted(child.name for child in path(p).iterdir())
+
+
+def find_files(root: PathLike, suffixes: tuple[str, ...]) -> list[str]:
+  """The files under `root`, recursively, whose suffix (lower-cased) is in `suffixes`.
+
+  Paths relative to `root` with "/" separators, sorted, so that the order does
+  not depend on the filesystem's listing order. One listing per folder (also
+  on object stores, where epath's rglob is refused).
+  """
+  found, top = [], None
+  with naming_failures(root):
+    for directory, _, names in path(root).walk():  # top-down: the root comes first
+      top = top or directory  # fsspec's walk drops the "gs://": relate to its own spelling
+      relative = directory.relative_to(top)
+      found.extend((relative / name).as_posix() for name in names
+                   if os.path.splitext(name)[1].lower() in suffixes)
+  return sorted(found)
+
+
+@contextlib.contextmanager
+def open_for_read(p: PathLike) -> Iterator[io.BufferedIOBase]:
+  """`p` opened for binary reading, streamed (seekable): for Pillow, zip archives, large files."""
+  with naming_failures(p):
+    f = path(p).open("rb")
+  with f:
+    yield f
+
+
+def size(p: PathLike) -> int:
+  """The size of file `p` in bytes."""
+  with naming_failures(p):
+    return path(p).stat().length
+
+
+def remove(p: PathLike) -> None:
+  """Deletes file `p`, if it exists."""
+  with naming_failures(p):
+    path(p).unlink(missing_ok=True)
 
 
 def read_bytes(p: PathLike) -> bytes:
-  return path(p).read_bytes()
+  with naming_failures(p):
+    return path(p).read_bytes()
 
 
 def read_text(p: PathLike) -> str:
-  return path(p).read_text()
+  return read_bytes(p).decode()
 
 
 def read_json(p: PathLike) -> Any:
@@ -98,24 +215,27 @@ def atomic_path(p: PathLike) -> Iterator[str]:
   name = path(p).name
   suffix = os.path.splitext(name)[1]
   if is_local(p):
-    directory = os.path.dirname(os.path.abspath(p))
-    os.makedirs(directory, exist_ok=True)
+    directory = os.path.dirname(os.fspath(p)) or os.curdir
+    makedirs(directory)
     with _temporary_file(directory, name, suffix) as temporary:
       yield temporary
-      with open(temporary, "rb+") as f:
-        os.fsync(f.fileno())
-      os.replace(temporary, p)
+      with naming_failures(p):
+        with open(temporary, "rb+") as f:
+          os.fsync(f.fileno())
+        os.replace(temporary, p)
   else:
     with tempfile.TemporaryDirectory() as directory:
       with _temporary_file(directory, name, suffix) as temporary:
         yield temporary
-        path(p).write_bytes(open(temporary, "rb").read())  # pylint: disable=consider-using-with
+        with open(temporary, "rb") as f, naming_failures(p):
+          path(p).write_bytes(f.read())
 
 
 @contextlib.contextmanager
 def _temporary_file(directory: str, name: str, suffix: str) -> Iterator[str]:
   """An empty file `directory/.name.XXXX<suffix>`, readable as a normal new file, removed after."""
-  descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=directory)
+  with naming_failures(directory):
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=directory)
   os.close(descriptor)
   umask = os.umask(0)
   os.umask(umask)

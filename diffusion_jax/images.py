@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from diffusion_jax import files
 
 
 def to_uint8(images) -> np.ndarray:
@@ -44,15 +46,28 @@ def enlarge(images: np.ndarray, min_size: int) -> np.ndarray:
   return images.repeat(factor, axis=1).repeat(factor, axis=2)
 
 
-def save_image_grid(images: np.ndarray, path: str | os.PathLike, ncols: int | None = None,
+def encode_png(image: np.ndarray) -> bytes:
+  """The PNG file of one uint8 image, [H, W] or [H, W, C] with C in 1, 3, 4."""
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def save_png(image: np.ndarray, path: files.PathLike) -> None:
+  """Writes one uint8 image ([H, W] or [H, W, C]) as a PNG file at `path`, atomically."""
+  files.write_bytes(path, encode_png(image))
+
+
+def save_image_grid(images: np.ndarray, path: files.PathLike, ncols: int | None = None,
                     padding: int = 2, min_size: int = 0) -> None:
   """Writes uint8 [N, H, W, C] images as one PNG grid (see `make_image_grid`).
 
   Images smaller than `min_size` pixels are enlarged (nearest neighbour) so
   that small samples, such as 8x8 digits, can be seen.
   """
-  grid = make_image_grid(enlarge(np.asarray(images), min_size), ncols, padding)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  save_png(make_image_grid(enlarge(np.asarray(images), min_size), ncols, padding), path)
 
 
 # Pillow's modes of 16-bit gray pixels (TIFF and PNG; "I" is 32-bit, checked to hold 16).

@@ -75,6 +75,8 @@ import ml_dtypes  # Importing it registers bfloat16 with numpy: safetensors.nump
 import numpy as np
 import safetensors.numpy
 
+from diffusion_jax import files
+
 # Typed storage classes, as torch pickles them (`torch.FloatStorage`), and their element types.
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
@@ -132,7 +134,7 @@ def quote(value: Any) -> str:
 def sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
   """Hex SHA-256 digest of a file, read in chunks of `chunk_bytes`."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with files.open_for_read(path) as f:
     while chunk := f.read(chunk_bytes):
       digest.update(chunk)
   return digest.hexdigest()
@@ -148,9 +150,9 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
     WeightFileError: the file is damaged, beyond the bounds above, or in none of the formats.
   """
   path = os.fspath(path)
-  with open(path, "rb") as f:
+  with files.open_for_read(path) as f:
     head = f.read(9)
-  size = os.path.getsize(path)
+  size = files.size(path)
   if head.startswith(b"PK"):
     reader, kind = _load_torch_zip, "torch zip file"
   elif len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
@@ -169,12 +171,14 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _load_safetensors(path: str, size: int) -> dict[str, np.ndarray]:
-  with open(path, "rb") as f:
+  with files.open_for_read(path) as f:
     header_bytes = int.from_bytes(f.read(8), "little")
   if header_bytes > _MAX_SAFETENSORS_HEADER:
     raise WeightFileError(f"{path}: safetensors header of {header_bytes} bytes; at most"
                           f" {_MAX_SAFETENSORS_HEADER} are read.")
-  return dict(safetensors.numpy.load_file(path))
+  if files.is_local(path):
+    return dict(safetensors.numpy.load_file(path))
+  return dict(safetensors.numpy.load(files.read_bytes(path)))
 
 
 # Stand-ins for what the admitted globals build. The unpickler lets no opcode
@@ -518,10 +522,12 @@ def _zip_record(archive: zipfile.ZipFile, name: str, max_bytes: int, path: str) 
 
 
 def _load_torch_zip(path: str, file_size: int) -> dict[str, np.ndarray]:
-  if not zipfile.is_zipfile(path):
+  with files.open_for_read(path) as f:
+    is_zip = zipfile.is_zipfile(f)
+  if not is_zip:
     raise WeightFileError(f"{path}: starts like a zip file (a torch.save file) but has no"
                           " zip directory: truncated or damaged.")
-  with zipfile.ZipFile(path) as archive:
+  with files.open_for_read(path) as f, zipfile.ZipFile(f) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
       raise WeightFileError(f"{path}: a zip file but not a torch.save file: expected one"
@@ -560,7 +566,7 @@ class _FileEnd:
 
 
 def _load_torch_legacy(path: str, file_size: int) -> dict[str, np.ndarray]:
-  with open(path, "rb") as f:
+  with files.open_for_read(path) as f:
     reader = _FileEnd(f, file_size, path)
 
     def next_pickle():

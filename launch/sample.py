@@ -23,12 +23,10 @@ fold_in(key(seed), b) whatever the number of hosts and devices: a given
 can be resumed on a different number of hosts.
 """
 
-import os
-
 import jax
 from absl import app, flags
 
-from diffusion_jax import outputs, parallel, sampling
+from diffusion_jax import files, outputs, parallel, sampling
 from diffusion_jax.train import checkpoint, inference
 from launch import common
 
@@ -60,11 +58,11 @@ def main(argv):
                                           trust_model_code=_TRUST_MODEL_CODE.value)
   name = (f"step{model.step}-{config.sampler}-{config.steps or 'all'}steps-eta{config.eta:g}"
           f"-w{config.guidance_scale:g}-seed{_SEED.value}")
-  output = _OUTPUT.value or os.path.join(_WORKDIR.value, "samples", name)
-  outputs.check_apart(output, [os.path.join(_WORKDIR.value, checkpoint.CONFIG_FILE),
-                               os.path.join(_WORKDIR.value, "checkpoints")])
+  output = _OUTPUT.value or files.join(_WORKDIR.value, "samples", name)
+  outputs.check_apart(output, [files.join(_WORKDIR.value, checkpoint.CONFIG_FILE),
+                               files.join(_WORKDIR.value, "checkpoints")])
   inference.draw_samples(model, config, _NUM_SAMPLES.value, _BATCH_SIZE.value, output,
-                         seed=_SEED.value, settings={"workdir": os.path.abspath(_WORKDIR.value)},
+                         seed=_SEED.value, settings={"workdir": _WORKDIR.value},
                          overwrite=_OVERWRITE.value)
 
 

@@ -3,6 +3,7 @@
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -54,3 +55,21 @@ def pytest_collection_modifyitems(items):
     module = item.module.__name__.rpartition(".")[2]
     group = "multiprocess" if module in MULTIPROCESS_MODULES else module
     item.add_marker(pytest.mark.xdist_group(group))
+@pytest.fixture(scope="session")
+def gcs() -> Iterator:
+  """A local GCS emulator holding the empty bucket "bucket" (tests/gcs_emulator.py).
+
+  Its variables are set in this process for the session, so gs:// paths read
+  here and the launchers run as subprocesses reach it.
+  """
+  import gcs_emulator  # pylint: disable=g-import-not-at-top  (tests/; the session may not need it)
+
+  emulator = gcs_emulator.GcsEmulator()
+  try:
+    emulator.create_bucket("bucket")
+    with pytest.MonkeyPatch.context() as patch:
+      for name, value in gcs_emulator.environment(emulator.url).items():
+        patch.setenv(name, value)
+      yield emulator
+  finally:
+    emulator.stop()

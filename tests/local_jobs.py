@@ -31,14 +31,17 @@ def job_env(num_processes: int = 2, devices_per_process: int = 2) -> dict[str, s
 
 
 def run_job(args: list[str], num_processes: int = 2, devices_per_process: int = 2,
-            timeout: float = 600) -> list[str]:
+            timeout: float = 600, cwd: str = REPO,
+            extra_env: dict[str, str] | None = None) -> list[str]:
   """Runs `python ARGS` as every process of one job; asserts each exits 0; their stderr.
+
+  The processes run in `cwd` with `extra_env` added to `job_env`'s variables.
 
   Each process logs to its own file (a full pipe cannot stall one process while
   another waits for it in a collective), and every process still running when
   the job fails or times out is killed.
   """
-  env = job_env(num_processes, devices_per_process)
+  env = dict(job_env(num_processes, devices_per_process), **(extra_env or {}))
   with tempfile.TemporaryDirectory() as log_dir:
     log_paths = [os.path.join(log_dir, f"process_{i}.log") for i in range(num_processes)]
     workers = []
@@ -46,7 +49,7 @@ def run_job(args: list[str], num_processes: int = 2, devices_per_process: int = 
       for i, log_path in enumerate(log_paths):
         with open(log_path, "w") as log:
           workers.append(subprocess.Popen(
-              [sys.executable, *args], cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)),
+              [sys.executable, *args], cwd=cwd, env=dict(env, JAX_PROCESS_ID=str(i)),
               stdout=subprocess.DEVNULL, stderr=log, text=True))
       for worker in workers:
         worker.wait(timeout=timeout)

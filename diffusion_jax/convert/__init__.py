@@ -18,11 +18,10 @@ without torch and without running any code a pickle names).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
-from diffusion_jax import weightfiles
+from diffusion_jax import files, weightfiles
 from diffusion_jax.convert import diffusers_unet, openai_flags, openai_unet, pytorch_diffusion
 from diffusion_jax.convert.converted import Converted
 from diffusion_jax.convert.mapping import ConvertError, StateDict, quoted_keys
@@ -58,7 +57,7 @@ def convert(path: str, format: str | None = None, preset: str | None = None,
   """
   if format is not None and format not in FORMATS:
     raise ConvertError(f"unknown format {format!r}; known: {sorted(FORMATS)}")
-  if os.path.isdir(path):
+  if files.is_dir(path):
     if format not in (None, "diffusers"):
       raise ConvertError(f"{path} is a directory: only the diffusers format is one")
     return diffusers_unet.convert(path, preset, flags)
@@ -82,7 +81,7 @@ def _openai_format(path: str, format: str | None, preset: str | None) -> tuple[s
   if format not in (None, "improved_diffusion", "guided_diffusion"):
     raise ConvertError(f"{path} holds an openai UNetModel state dict, not {format}")
   if preset is None:
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = files.path(path).stem
     preset = stem if openai_flags.repo_of_preset(stem) else None
   repo = openai_flags.repo_of_preset(preset) if preset else None
   if format is None and repo is None:

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
-from diffusion_jax import weightfiles
+from diffusion_jax import files, weightfiles
 from diffusion_jax.convert import mapping
 from diffusion_jax.convert.converted import (MAX_BLOCKS, MAX_CHANNELS, MAX_CLASSES,
                                              MAX_IMAGE_CHANNELS, MAX_IMAGE_SIZE, MAX_TIMESTEPS,
@@ -85,7 +84,7 @@ def convert(path: str, preset: str | None = None, flags: dict | None = None) -> 
     raise ConvertError(f"{path}: a diffusers directory takes no preset (got {preset!r}): its"
                        " config.json says everything")
   flags = typed_flags(flags or {}, FLAG_TYPES, "diffusers")
-  model_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
+  model_dir = files.join(path, "unet") if files.is_dir(files.join(path, "unet")) else path
   config = read_unet_config(model_dir)
   weights = _weight_file(model_dir)
   state = StateDict(weightfiles.load(weights), weights)
@@ -100,8 +99,8 @@ def convert(path: str, preset: str | None = None, flags: dict | None = None) -> 
 
 def read_unet_config(model_dir: str) -> dict[str, Any]:
   """config.json with UNet2DModel's defaults filled in; unknown keys are an error naming them."""
-  path = os.path.join(model_dir, "config.json")
-  if not os.path.exists(path):
+  path = files.join(model_dir, "config.json")
+  if not files.exists(path):
     raise ConvertError(f"{model_dir}: no config.json (a diffusers model directory has one)")
   given = _read_json(path)
   if given.get("_class_name", "UNet2DModel") != "UNet2DModel":
@@ -116,12 +115,10 @@ def read_unet_config(model_dir: str) -> dict[str, Any]:
 
 def _read_json(path: str) -> dict[str, Any]:
   """A JSON object of at most _MAX_JSON_BYTES; a ConvertError names the file otherwise."""
-  if os.path.getsize(path) > _MAX_JSON_BYTES:
-    raise ConvertError(f"{path}: {os.path.getsize(path)} bytes; a diffusers config has at most"
-                       f" {_MAX_JSON_BYTES}")
+  if (size := files.size(path)) > _MAX_JSON_BYTES:
+    raise ConvertError(f"{path}: {size} bytes; a diffusers config has at most {_MAX_JSON_BYTES}")
   try:
-    with open(path, "rb") as f:
-      config = json.load(f)
+    config = json.loads(files.read_bytes(path))
   except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
     raise ConvertError(f"{path}: not JSON: {weightfiles.quote(str(e))}") from None
   if not isinstance(config, dict):
@@ -188,8 +185,8 @@ def _attending_levels(config: dict[str, Any], origin: str) -> list[int]:
 
 def _weight_file(model_dir: str) -> str:
   for name in WEIGHT_FILES:
-    if os.path.exists(os.path.join(model_dir, name)):
-      return os.path.join(model_dir, name)
+    if files.exists(files.join(model_dir, name)):
+      return files.join(model_dir, name)
   raise ConvertError(f"{model_dir}: none of {list(WEIGHT_FILES)}")
 
 
@@ -225,10 +222,10 @@ def _rules(levels: int, layers: int, state: StateDict) -> Rules:
 
 def read_scheduler(path: str, model_dir: str, learned: bool) -> dict[str, Any]:
   """DiffusionConfig fields from the scheduler config beside the model, else DDPM's defaults."""
-  candidates = [os.path.join(path, "scheduler_config.json"),
-                os.path.join(path, "scheduler", "scheduler_config.json"),
-                os.path.join(model_dir, "scheduler_config.json")]
-  found = next((c for c in candidates if os.path.exists(c)), None)
+  candidates = [files.join(path, "scheduler_config.json"),
+                files.join(path, "scheduler", "scheduler_config.json"),
+                files.join(model_dir, "scheduler_config.json")]
+  found = next((c for c in candidates if files.exists(c)), None)
   scheduler = _read_json(found) if found else {}
   origin = found or path
   check_bounds(scheduler, {"num_train_timesteps": (1, MAX_TIMESTEPS)}, origin)

@@ -9,9 +9,6 @@ convert.json beside them names the source file, its SHA-256 and its flags.
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 
@@ -36,7 +33,7 @@ def write_workdir(converted: Converted, workdir: str) -> dict:
   """
   outputs.check_apart(workdir, [converted.source["path"]], what="workdir")
   present = [name for name in (checkpoint.CONFIG_FILE, "checkpoints", RECORD_FILE)
-             if os.path.exists(os.path.join(workdir, name))]
+             if files.exists(files.join(workdir, name))]
   if present:
     raise FileExistsError(f"{workdir} already holds a run ({', '.join(present)}): pick a new"
                           " workdir for the converted checkpoint")
@@ -54,9 +51,7 @@ def write_workdir(converted: Converted, workdir: str) -> dict:
   checkpoint.save_config(config, workdir)
   record = {**converted.source, "sha256": weightfiles.sha256(converted.source["path"]),
             "step": converted.step, "image_shape": list(converted.image_shape)}
-  with files.atomic_path(os.path.join(workdir, RECORD_FILE)) as temporary:
-    with open(temporary, "w") as f:
-      json.dump(record, f, indent=2, default=str)
+  files.write_json(files.join(workdir, RECORD_FILE), record, indent=2, default=str)
   return record
 
 

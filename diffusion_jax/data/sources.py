@@ -10,7 +10,6 @@ grain shuffle globally, shard by process and resume from a recorded position.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from diffusion_jax import files
 from diffusion_jax import images as image_utils
 from diffusion_jax.data.config import DataConfig
 
@@ -207,7 +207,7 @@ def _first_line(error: BaseException) -> str:
 
 
 class FolderSource:
-  """The image files under a directory, found recursively, decoded by Pillow.
+  """The image files under a directory (local or gs://), found recursively, decoded by Pillow.
 
   Files are sorted by their path relative to the root, so that the index of
   each image (and hence shuffles, shards and resumed positions) does not
@@ -217,16 +217,12 @@ class FolderSource:
   """
 
   def __init__(self, root: str):
-    self.root = pathlib.Path(root)
-    if not self.root.exists():
+    self.root = root
+    if not files.exists(root):
       raise FileNotFoundError(f"data folder '{root}' does not exist")
-    if not self.root.is_dir():
+    if not files.is_dir(root):
       raise NotADirectoryError(f"data folder '{root}' is not a directory")
-    self.files = sorted(
-        path.relative_to(self.root)
-        for path in self.root.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-    )
+    self.files = files.find_files(root, IMAGE_SUFFIXES)
     if not self.files:
       raise ValueError(
           f"data folder '{root}' holds no image files {IMAGE_SUFFIXES}"
@@ -236,9 +232,9 @@ class FolderSource:
     return len(self.files)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray | int]:
-    path = self.root / self.files[index]
+    path = files.join(self.root, self.files[index])
     try:
-      with Image.open(path) as image:
+      with files.open_for_read(path) as f, Image.open(f) as image:
         pixels_HxWx3 = np.asarray(image_utils.to_8_bit(image, path).convert("RGB"))
     except _DECODE_ERRORS as error:
       raise ValueError(f"cannot read image file '{path}': {error}") from error

@@ -35,7 +35,7 @@ def write(report: dict, out_dir: str, step: int) -> None:
   for section in ("nll", "real_floor"):
     scalars.update({f"{section}/{k}": v for k, v in report.get(section, {}).items()
                     if isinstance(v, float)})
-  with summaries.ScalarWriter(out_dir) as writer:
+  with summaries.EventWriter(out_dir) as writer:
     writer.write_scalars(step, scalars)
   print(format_table(report))
   if len(report["runs"]) > 1:

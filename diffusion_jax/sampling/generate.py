@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -128,7 +127,7 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
   every process.
   """
   num_batches = math.ceil(num_samples / batch_size)
-  paths = [os.path.join(out_dir, f"batch_{b:06d}.npz") for b in range(num_batches)]
+  paths = [files.join(out_dir, f"batch_{b:06d}.npz") for b in range(num_batches)]
   todo = _batches_to_draw(out_dir, paths, {
       **(settings or {}), "batch_size": batch_size,
       "key": np.asarray(jax.random.key_data(key)).tolist()}, overwrite)
@@ -147,7 +146,7 @@ def sample_to_files(sample_batch_fn: Callable[[jax.Array], jax.Array], num_sampl
       drawn[b] = _read_on_process_0(paths[b])
   samples = np.concatenate([drawn[b] for b in range(num_batches)])[:num_samples]
   if jax.process_index() == 0:
-    samples_file, grid_file = (os.path.join(out_dir, name) for name in _RESULT_FILES)
+    samples_file, grid_file = (files.join(out_dir, name) for name in _RESULT_FILES)
     files.save_npz(samples_file, arr_0=samples)
     image_utils.save_image_grid(samples[:GRID_IMAGES], grid_file, min_size=GRID_MIN_SIZE)
   return samples
@@ -162,12 +161,12 @@ def _batches_to_draw(out_dir: str, paths: list[str], settings: dict,
   verdict = np.zeros(len(paths) + 1, np.int32)  # [missing batch b] + [folder refused]
   refusal = None
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
     try:
       resuming = _claim(out_dir, paths, settings, overwrite)
     except ValueError as error:
       refusal, resuming = error, False
-    verdict[:-1] = [not (resuming and os.path.exists(path)) for path in paths]
+    written = set(files.listdir(out_dir)) if resuming else set()
+    verdict[:-1] = [files.path(path).name not in written for path in paths]
     verdict[-1] = refusal is not None
   verdict = multihost_utils.broadcast_one_to_all(verdict)
   if refusal:
@@ -179,7 +178,7 @@ def _batches_to_draw(out_dir: str, paths: list[str], settings: dict,
 
 def _read_on_process_0(path: str) -> np.ndarray:
   """The uint8 [B, H, W, C] batch saved at `path`, read by process 0 and sent to every process."""
-  batch = _load_npz(path) if jax.process_index() == 0 else None
+  batch = files.load_npz(path)["arr_0"] if jax.process_index() == 0 else None
   shape = multihost_utils.broadcast_one_to_all(np.array(batch.shape if batch is not None
                                                         else (0, 0, 0, 0)))
   return multihost_utils.broadcast_one_to_all(batch if batch is not None
@@ -193,10 +192,9 @@ def _claim(out_dir: str, batch_paths: list[str], settings: dict, overwrite: bool
   equal settings are this run's (resume); other settings, or none beside files
   this run would write, are another's, refused unless `overwrite`.
   """
-  path = os.path.join(out_dir, "settings.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  path = files.join(out_dir, "settings.json")
+  if files.exists(path):
+    previous = files.read_json(path)
     if previous == json.loads(json.dumps(settings)):
       return True
     if not overwrite:
@@ -205,13 +203,7 @@ def _claim(out_dir: str, batch_paths: list[str], settings: dict, overwrite: bool
           f"{settings}. Use a new output directory, the same settings, or"
           f" {outputs.OVERWRITE_FLAG}.")
   else:
-    outputs.check_unclaimed([*batch_paths, *(os.path.join(out_dir, name)
+    outputs.check_unclaimed([*batch_paths, *(files.join(out_dir, name)
                                              for name in _RESULT_FILES)], overwrite=overwrite)
-  with open(path, "w") as f:
-    json.dump(settings, f, indent=2, sort_keys=True)
+  files.write_json(path, settings, indent=2, sort_keys=True)
   return False
-
-
-def _load_npz(path: str) -> np.ndarray:
-  with np.load(path) as data:
-    return data["arr_0"]

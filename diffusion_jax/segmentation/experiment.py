@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import flax.linen as nn
 import jax
@@ -17,9 +16,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from PIL import Image
 
-from diffusion_jax import configlib, models, parallel
+from diffusion_jax import configlib, files, models, parallel
+from diffusion_jax import images as image_utils
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.segmentation import augment, data, metrics, step, tiling, weights
 from diffusion_jax.train import optimizer
@@ -131,9 +130,8 @@ def make_evaluator(exp: SegmentationExperiment, mesh, workdir: str):
     if jax.process_index() == 0 and len({m.shape for m in masks[:shown]}) == 1:
       pixels = np.round((np.stack(images[:shown]) + 1) * 127.5).astype(np.uint8)
       picture = metrics.panel(pixels, np.stack(masks[:shown]), np.stack(predictions[:shown]))
-      path = os.path.join(workdir, "segmentation", f"step_{step_number:08d}.png")
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      Image.fromarray(picture).save(path)
+      path = files.join(workdir, "segmentation", f"step_{step_number:08d}.png")
+      image_utils.save_png(picture, path)
       writer.write_images(step_number, {"segmentation": picture[None]})
       logging.info("Wrote %s.", path)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import pathlib
+import posixpath
 from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import outputs, parallel
+from diffusion_jax import files, outputs, parallel
+from diffusion_jax import images as image_utils
 from diffusion_jax.segmentation import experiment, metrics, sources, tiling
 from diffusion_jax.train import inference
 
@@ -41,9 +42,9 @@ class Segmenter:
 class SegmentationJob(NamedTuple):
   """One input image and the two files segmenting it writes."""
 
-  image: pathlib.Path
-  mask: pathlib.Path  # uint8 class indices at the image's size
-  panel: pathlib.Path  # image | prediction, side by side
+  image: str
+  mask: str  # uint8 class indices at the image's size
+  panel: str  # image | prediction, side by side
 
 
 def load(workdir: str, step: int | None = None, tile_size: int | None = None,
@@ -72,47 +73,42 @@ def load(workdir: str, step: int | None = None, tile_size: int | None = None,
   return Segmenter(exp, params, checkpoint_step, -(-batch_size // devices) * devices)
 
 
-def input_files(path: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
-  """(root, image files): one file, or every image under a folder (recursively, sorted)."""
-  root = pathlib.Path(path)
-  if root.is_file():
-    return root.parent, [root]
-  if not root.is_dir():
+def input_files(path: str) -> tuple[str, list[str]]:
+  """(root, image files relative to it): one file, or every image under a folder (sorted)."""
+  if files.is_file(path):
+    return files.join(files.path(path).parent), [files.path(path).name]
+  if not files.is_dir(path):
     raise FileNotFoundError(f"--input {path!r} is neither an image file nor a folder")
-  files = sorted(p for p in root.rglob("*")
-                 if p.suffix.lower() in sources.IMAGE_SUFFIXES and p.is_file())
-  if not files:
+  names = files.find_files(path, sources.IMAGE_SUFFIXES)
+  if not names:
     raise FileNotFoundError(f"folder {path!r} holds no image files {sources.IMAGE_SUFFIXES}")
-  return root, files
+  return path, names
 
 
-def output_paths(root: pathlib.Path, files: list[pathlib.Path],
-                 output: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
-  """(mask, panel) paths under `output` for each of `files` (under `root`), none shared.
+def output_paths(names: list[str], output: str) -> list[tuple[str, str]]:
+  """(mask, panel) paths under `output` for each of `names` (relative paths), none shared.
 
-  ROOT/DIR/NAME.ext gives OUTPUT/DIR/NAME.png and NAME_panel.png; files whose
+  DIR/NAME.ext gives OUTPUT/DIR/NAME.png and NAME_panel.png; files whose
   paths would be shared (a.png and a.jpg) keep their suffix: a.jpg.png.
 
   Raises:
     outputs.OutputConflictError: two inputs still share an output path, naming both.
   """
-  def paths(file: pathlib.Path, keep_suffix: bool) -> tuple[pathlib.Path, pathlib.Path]:
-    relative = file.relative_to(root)
-    base = pathlib.Path(output) / relative.parent / (relative.name if keep_suffix
-                                                     else relative.stem)
-    return base.with_name(f"{base.name}.png"), base.with_name(f"{base.name}_panel.png")
+  def paths(name: str, keep_suffix: bool) -> tuple[str, str]:
+    base = name if keep_suffix else posixpath.splitext(name)[0]
+    return files.join(output, f"{base}.png"), files.join(output, f"{base}_panel.png")
 
-  plain = [paths(file, keep_suffix=False) for file in files]
+  plain = [paths(name, keep_suffix=False) for name in names]
   uses = collections.Counter(path for pair in plain for path in pair)
-  chosen = [paths(file, keep_suffix=True) if any(uses[path] > 1 for path in pair) else pair
-            for file, pair in zip(files, plain)]
-  writer: dict[pathlib.Path, pathlib.Path] = {}
-  for file, pair in zip(files, chosen):
+  chosen = [paths(name, keep_suffix=True) if any(uses[path] > 1 for path in pair) else pair
+            for name, pair in zip(names, plain)]
+  writer: dict[str, str] = {}
+  for name, pair in zip(names, chosen):
     for path in pair:
       if path in writer:
-        raise outputs.OutputConflictError(f"input images '{writer[path]}' and '{file}' would both"
+        raise outputs.OutputConflictError(f"input images '{writer[path]}' and '{name}' would both"
                                           f" be written to '{path}': rename one of them")
-      writer[path] = file
+      writer[path] = name
   return chosen
 
 
@@ -124,14 +120,15 @@ def plan_outputs(path: str, output: str, *, overwrite: bool = False) -> list[Seg
     outputs.OutputConflictError: OUTPUT is, lies inside or contains the input;
       two inputs share an output; a file exists at an output path and not `overwrite`.
   """
-  root, files = input_files(path)
+  root, names = input_files(path)
   outputs.check_apart(output, [path])
-  targets = output_paths(root, files, output)
+  targets = output_paths(names, output)
   outputs.check_unclaimed([target for pair in targets for target in pair], overwrite=overwrite)
-  return [SegmentationJob(file, mask, panel) for file, (mask, panel) in zip(files, targets)]
+  return [SegmentationJob(files.join(root, name), mask, panel)
+          for name, (mask, panel) in zip(names, targets)]
 
 
-def segment_files(segmenter: Segmenter, jobs: list[SegmentationJob]) -> list[pathlib.Path]:
+def segment_files(segmenter: Segmenter, jobs: list[SegmentationJob]) -> list[str]:
   """Segments each job's image (`plan_outputs`); returns the written masks.
 
   Writes the mask (uint8 class indices at the image's size) and the panel
@@ -148,9 +145,8 @@ def segment_files(segmenter: Segmenter, jobs: list[SegmentationJob]) -> list[pat
     height, width = pixels.shape[:2]
     mask = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(
         (width, height), Image.Resampling.NEAREST))
-    job.mask.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask).save(job.mask)
+    image_utils.save_png(mask, job.mask)
     shown = metrics.to_rgb(np.round(image * 255).astype(np.uint8))
     picture = metrics.side_by_side([shown[None], metrics.colorize(labels)[None]])
-    Image.fromarray(picture).save(job.panel)
+    image_utils.save_png(picture, job.panel)
   return [job.mask for job in jobs]

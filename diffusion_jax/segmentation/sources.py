@@ -9,13 +9,14 @@ naming the file (or the dataset record).
 
 from __future__ import annotations
 
-import pathlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from diffusion_jax import files
 from diffusion_jax import images as image_utils
 from diffusion_jax.segmentation import synthetic
 
@@ -94,22 +95,21 @@ def tfds_source(name: str, split: str, image_key: str, mask_key: str, num_classe
   return CheckedSource(read, len(records), describe, num_classes, offset)
 
 
-def _files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+def _files(directory: str) -> dict[str, str]:
   """{relative path without suffix: path} of the image files under `directory`."""
-  return {str(path.relative_to(directory).with_suffix("")): path
-          for path in sorted(directory.rglob("*"))
-          if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()}
+  return {os.path.splitext(name)[0]: files.join(directory, name)
+          for name in files.find_files(directory, IMAGE_SUFFIXES)}
 
 
-def folder_pairs(root: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+def folder_pairs(root: str) -> list[tuple[str, str]]:
   """(image, mask) paths: ROOT/images/NAME.* with ROOT/masks/NAME.* (any image suffix each).
 
   Raises:
     FileNotFoundError: a missing folder, or an image without a mask (named).
   """
-  images_dir, masks_dir = pathlib.Path(root) / "images", pathlib.Path(root) / "masks"
+  images_dir, masks_dir = files.join(root, "images"), files.join(root, "masks")
   for directory in (images_dir, masks_dir):
-    if not directory.is_dir():
+    if not files.is_dir(directory):
       raise FileNotFoundError(f"segmentation folder '{root}' needs '{directory}' (image/mask"
                               " pairs: images/NAME.png with masks/NAME.png)")
   images, masks = _files(images_dir), _files(masks_dir)
@@ -121,7 +121,7 @@ def folder_pairs(root: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
   return [(images[key], masks[key]) for key in images]
 
 
-def read_image(path: pathlib.Path) -> np.ndarray:
+def read_image(path: str) -> np.ndarray:
   """uint8 [H, W] (gray) or [H, W, 3] pixels of an image file; a ValueError names an unreadable one.
 
   16-bit gray is scaled to 8 bits (`images.to_8_bit`); palette and other modes become RGB.
@@ -131,7 +131,7 @@ def read_image(path: pathlib.Path) -> np.ndarray:
     return np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
 
 
-def read_mask(path: pathlib.Path) -> np.ndarray:
+def read_mask(path: str) -> np.ndarray:
   """Class indices [H, W] of a mask file: gray (8 or 16 bits, values as they are) or palette.
 
   Raises:
@@ -145,11 +145,12 @@ def read_mask(path: pathlib.Path) -> np.ndarray:
     return np.asarray(image)
 
 
-def _open(path: pathlib.Path) -> Image.Image:
+def _open(path: str) -> Image.Image:
   """Image.open(path), with decoding errors as one ValueError naming the file."""
   try:
-    image = Image.open(path)
-    image.load()
+    with files.open_for_read(path) as f:
+      image = Image.open(f)
+      image.load()
     return image
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
     raise ValueError(f"cannot read image file '{path}': {error}") from error

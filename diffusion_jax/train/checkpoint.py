@@ -17,8 +17,6 @@ the newest verified one, nor anything in `checkpoints/` this code did not write.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 import signal
 import threading
@@ -63,19 +61,19 @@ class Checkpointer:
     """`delete_unfinished`: delete the temporary directories of interrupted saves; only for the
     run that trains in `workdir`, as a reader would delete a live run's save in progress.
     `keep`: how many checkpoints a saving run keeps (`_delete_old_steps`)."""
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = files.join(workdir, "checkpoints")
     self.every_steps = every_steps
     self.keep = keep
     self._damaged: set[int] = set()  # steps found damaged: never restored, saved over or deleted
     self._saved_any = False  # only a Checkpointer that saved deletes old steps
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        files.absolute(self.directory),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None, create=True, enable_async_checkpointing=async_saves,
             cleanup_tmp_directories=delete_unfinished))
 
   def _step_path(self, step: int) -> epath.Path:
-    return epath.Path(self.directory) / str(step)
+    return files.path(self.directory) / str(step)
 
   def latest_step(self) -> int | None:
     """The newest finished checkpoint not found damaged, or None."""
@@ -250,7 +248,7 @@ class Checkpointer:
 
   def _report_strays(self) -> None:
     """Warns of step-named paths that are not directories: never read, written or deleted."""
-    for path in epath.Path(self.directory).iterdir():
+    for path in files.path(self.directory).iterdir():
       if path.name.isdigit() and not path.is_dir():
         logging.warning("%s is a file, not a checkpoint: left as it is.", path)
 
@@ -333,31 +331,28 @@ def check_writable(workdir: str) -> None:
   Raises:
     OSError: naming the workdir and the reason.
   """
-  probe = epath.Path(workdir) / f".write_check_{jax.process_index()}"
+  probe = files.join(workdir, f".write_check_{jax.process_index()}")
   try:
-    probe.parent.mkdir(parents=True, exist_ok=True)
-    probe.write_text("")
-    probe.unlink()
+    files.write_text(probe, "")
+    files.remove(probe)
   except OSError as e:
-    raise OSError(f"Cannot write in workdir {workdir}: {e.strerror or e}. Checkpoints, config"
-                  " and metrics go there: pick a writable --workdir.") from e
+    raise files.PathError(f"Cannot write in workdir {workdir}: {e.strerror or e}. Checkpoints,"
+                          " config and metrics go there: pick a writable --workdir.") from e
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the run's config as JSON beside the checkpoints, atomically (process 0 only)."""
   if jax.process_index() == 0:
-    with files.atomic_path(os.path.join(workdir, CONFIG_FILE)) as temporary:
-      with open(temporary, "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    files.write_text(files.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No {CONFIG_FILE} in workdir {workdir!r}: is it a training run's?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  path = files.join(workdir, CONFIG_FILE)
+  if not files.exists(path):
+    raise files.PathNotFoundError(f"No {CONFIG_FILE} in workdir {workdir!r}: is it a training"
+                                  " run's?")
+  return ml_collections.ConfigDict(files.read_json(path))
 
 
 class PreemptionNotice:

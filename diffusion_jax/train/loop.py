@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -15,7 +14,7 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
-from diffusion_jax import data, images, parallel, sampling
+from diffusion_jax import data, files, images, parallel, sampling, summaries
 from diffusion_jax.train import checkpoint, experiment, periodic_eval, run_config, tasks
 from diffusion_jax.train.step import TrainMetrics, TrainState, compute_metrics, merge_metrics
 
@@ -113,8 +112,7 @@ def write_samples(grid_sampler: GridSampler, state: TrainState, step: int, seed:
   samples = images.to_uint8(
       multihost_utils.process_allgather(sharded, tiled=True)[:grid_sampler.num_samples])
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+    path = files.join(workdir, "samples", f"step_{step:08d}.png")
     images.save_image_grid(samples, path, min_size=GRID_MIN_SIZE)
     writer.write_images(step, {"samples": images.make_image_grid(samples)[None]})
     logging.info("Wrote %d samples to %s.", len(samples), path)
@@ -137,6 +135,18 @@ def diffusion_hooks(exp: experiment.Experiment, mesh, workdir: str) -> list[Hook
     hooks.append(Hook("eval", exp.train.eval_every, lambda state, step, writer:
                       writer.write_scalars(step, evaluator(state.ema_params, step))))
   return hooks
+
+
+def make_writer(workdir: str) -> metric_writers.MetricWriter:
+  """Metrics to stdout on every process, and to TensorBoard in `workdir` from process 0.
+
+  The event files go through the path layer (`summaries.EventWriter`), not
+  TensorFlow's GCS client: see the trade-off of its flushes there.
+  """
+  writers = [metric_writers.LoggingWriter()]
+  if jax.process_index() == 0:
+    writers.append(summaries.EventWriter(workdir))
+  return metric_writers.MultiWriter(writers)
 
 
 def _finite(scalars: dict) -> dict:
@@ -184,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = checkpointer.restore(checkpoint.restore_target(state, shardings), data_iterator) or state
   initial_step = int(state.step)
   run_config.record_resume(config, workdir, config_changes, initial_step)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = make_writer(workdir)
   if initial_step == 0:
     parameter_overview.log_parameter_overview(state.params)
   logging.info("Training %s for %d steps from step %d on %d devices (%s).",
@@ -196,7 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = periodic_actions.ReportProgress(num_train_steps=exp.train.num_steps, writer=writer)
   accumulated = None
   stop_on_nonfinite = exp.train.on_nonfinite == "stop"
-  with checkpoint.PreemptionNotice(initial_step) as preemption, contextlib.closing(checkpointer):
+  with (checkpoint.PreemptionNotice(initial_step) as preemption, contextlib.closing(checkpointer),
+        contextlib.closing(writer)):
     for step in range(initial_step + 1, exp.train.num_steps + 1):
       batch = data.make_global_batch(next(data_iterator), batch_sharding)
       state, step_metrics = step_fn(state, batch)
@@ -221,5 +232,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if stop:
         logging.warning("Stop requested (SIGTERM): saved step %d and stopping.", step)
         break
-  writer.flush()
   return state

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 
-from diffusion_jax import configlib
+from diffusion_jax import configlib, files
 from diffusion_jax.data.config import DataConfig
 from diffusion_jax.models import zoo
 from diffusion_jax.train import checkpoint
@@ -153,7 +152,7 @@ def refusal_message(workdir: str, holds: str, refused: list[Change]) -> str:
   """One line naming every refused change and what to do instead."""
   return (f"Cannot resume {workdir}: the config changes fields that its checkpoint ({holds})"
           f" fixes: {', '.join(map(str, refused))}. Start a new workdir, or rerun with the"
-          f" values in {os.path.join(workdir, checkpoint.CONFIG_FILE)}; nothing was written.")
+          f" values in {files.join(workdir, checkpoint.CONFIG_FILE)}; nothing was written.")
 
 
 def history_entry(step: int, found: list[Change], time: datetime.datetime) -> dict[str, Any]:
@@ -180,11 +179,10 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str,
     ConfigChangeError: a field fixed by what the checkpoint holds changed
       (every one is named, old → new).
   """
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  if not os.path.exists(path):
+  path = files.join(workdir, checkpoint.CONFIG_FILE)
+  if not files.exists(path):
     return []
-  with open(path) as f:
-    saved = flatten(json.load(f))
+  saved = flatten(files.read_json(path))
   new = flatten(json.loads(config.to_json_best_effort()))
   found = changes(saved, new, default_values(new.get("model.name", saved.get("model.name"))))
   holds = what_checkpoint_holds(checkpointer)
@@ -201,5 +199,4 @@ def record_resume(config: ml_collections.ConfigDict, workdir: str, found: list[C
   checkpoint.save_config(config, workdir)
   if found:
     entry = history_entry(step, found, datetime.datetime.now(datetime.timezone.utc))
-    with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
-      f.write(json.dumps(entry) + "\n")
+    files.append_line(files.join(workdir, HISTORY_FILE), json.dumps(entry))

@@ -1,0 +1,156 @@
+"""gs:// workdirs end to end, against a local GCS emulator (tests/gcs_emulator.py).
+
+Every launcher runs as a subprocess in a fresh empty directory, as a user on a
+new VM would, with --workdir=gs://bucket/...; after each, that directory must
+still be empty: nothing may land in a local folder named "gs:".
+"""
+
+import io
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_jax import files, weightfiles
+from diffusion_jax.data import sources
+from diffusion_jax.train import inference
+
+import gcs_emulator  # tests/gcs_emulator.py
+import local_jobs  # tests/local_jobs.py
+
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
+REPO = local_jobs.REPO
+CONFIG = f"--config={REPO}/configs/digits.py:smoke"
+SAMPLE_FLAGS = ["--num_samples=12", "--batch_size=8", "--steps=2", "--sampler=ddim"]
+
+def _launch(cwd, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """`python ARGS` in `cwd` (the repository importable, the emulator's variables inherited)."""
+  return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, PYTHONPATH=REPO, **(env or {})))
+
+
+def _succeeded(result: subprocess.CompletedProcess) -> str:
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stderr
+
+
+def _ema(workdir: str) -> dict:
+  """The EMA parameters and step of `workdir`'s latest checkpoint, read here from the bucket."""
+  model = inference.load_ema_for_sampling(workdir)
+  return {"step": model.step, "ema_params": jax.device_get(model.params)}
+
+
+@pytest.fixture(scope="module")
+def trained(gcs, tmp_path_factory):
+  """gs://bucket/run: the smoke run stopped by SIGTERM after step 2, then resumed to step 4;
+  gs://bucket/unbroken: the same run without the stop. Each launcher ran in an empty directory."""
+  cwd = tmp_path_factory.mktemp("cwd")
+  logs = {"unbroken": _succeeded(_launch(cwd, "-m", "launch.train", CONFIG,
+                                         "--workdir=gs://bucket/unbroken")),
+          "stopped": _succeeded(_launch(cwd, f"{REPO}/tests/sigterm_at_step.py", "2",
+                                        "launch.train", CONFIG, "--workdir=gs://bucket/run")),
+          "resumed": _succeeded(_launch(cwd, "-m", "launch.train", CONFIG,
+                                        "--workdir=gs://bucket/run"))}
+  return cwd, logs
+
+
+def test_training_is_preempted_and_resumes_from_the_bucket_bit_identically(trained):
+  cwd, logs = trained
+  assert "Stop requested (SIGTERM): saved step 2 and stopping." in logs["stopped"]
+  assert "Restored checkpoint of step 2 from gs://bucket/run/checkpoints." in logs["resumed"]
+  assert "Wrote 4 samples to gs://bucket/run/samples/step_00000004.png." in logs["resumed"]
+  jax.tree.map(np.testing.assert_array_equal, _ema("gs://bucket/run"), _ema("gs://bucket/unbroken"))
+  run = files.listdir("gs://bucket/run")
+  assert {"config.json", "checkpoints", "samples"} <= set(run)
+  assert any(name.startswith("events.out.tfevents.") for name in run)  # TensorBoard, without TF
+  assert files.listdir("gs://bucket/run/checkpoints") == ["2", "4"]
+  assert files.read_json("gs://bucket/run/config.json")["train"]["num_steps"] == 4
+  assert os.listdir(cwd) == []
+
+
+def test_sampling_reads_and_writes_the_bucket_and_resumes(trained, tmp_path):
+  """launch.sample from another directory: default output in the run; a rerun keeps finished
+  batches (a marked one stays marked) and redraws deleted ones, equal to the first draw."""
+  output = "gs://bucket/run/samples/draw"
+  _succeeded(_launch(tmp_path, "-m", "launch.sample", "--workdir=gs://bucket/run",
+                     f"--output={output}", *SAMPLE_FLAGS))
+  first = files.load_npz(files.join(output, "samples.npz"))["arr_0"]
+  assert first.shape == (12, 8, 8, 1) and first.std() > 0
+  assert files.read_json(files.join(output, "settings.json"))["workdir"] == "gs://bucket/run"
+  assert Image.open(io.BytesIO(files.read_bytes(files.join(output, "grid.png")))).size[0] > 0
+
+  marked = np.full_like(files.load_npz(files.join(output, "batch_000000.npz"))["arr_0"], 7)
+  files.save_npz(files.join(output, "batch_000000.npz"), arr_0=marked)
+  files.remove(files.join(output, "batch_000001.npz"))
+  files.remove(files.join(output, "samples.npz"))
+  _succeeded(_launch(tmp_path, "-m", "launch.sample", "--workdir=gs://bucket/run",
+                     f"--output={output}", *SAMPLE_FLAGS))
+  resumed = files.load_npz(files.join(output, "samples.npz"))["arr_0"]
+  np.testing.assert_array_equal(resumed[:8], marked)  # kept, not redrawn
+  np.testing.assert_array_equal(resumed[8:], first[8:])  # redrawn with the same key
+  assert os.listdir(tmp_path) == []
+
+
+def test_convert_reads_its_input_from_the_bucket_and_writes_a_run_there(gcs, tmp_path):
+  source = os.path.join(REPO, "tests", "data", "pytorch_diffusion_small.pt")
+  files.write_bytes("gs://bucket/weights/model-790000.ckpt", open(source, "rb").read())
+  result = _succeeded(_launch(tmp_path, "-m", "launch.convert",
+                              "--input=gs://bucket/weights/model-790000.ckpt",
+                              "--workdir=gs://bucket/converted", "--", "--resolution", "16"))
+  record = files.read_json("gs://bucket/converted/convert.json")
+  assert record["sha256"] == weightfiles.sha256(source), result
+  assert record["path"] == "gs://bucket/weights/model-790000.ckpt"
+  assert _ema("gs://bucket/converted")["step"] == record["step"]
+  assert os.listdir(tmp_path) == []
+
+
+def test_folder_source_lists_and_decodes_images_in_the_bucket(gcs):
+  rng = np.random.default_rng(0)
+  pictures = {"b/two.png": rng.integers(0, 256, (5, 6, 3), np.uint8),
+              "a.png": rng.integers(0, 256, (4, 4, 3), np.uint8)}
+  for name, pixels in pictures.items():
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    files.write_bytes(f"gs://bucket/images/{name}", buffer.getvalue())
+  files.write_bytes("gs://bucket/images/notes.txt", b"not an image")
+  source = sources.make_source(sources.DataConfig(source="folder", path="gs://bucket/images"))
+  assert source.files == ["a.png", "b/two.png"]
+  for index, name in enumerate(source.files):
+    np.testing.assert_array_equal(source[index]["image"], pictures[name])
+
+
+def test_two_process_training_on_the_bucket_equals_the_same_job_on_a_local_disk(gcs, tmp_path):
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  env = dict(gcs_emulator.environment(gcs.url), PYTHONPATH=REPO)
+  for workdir in ("gs://bucket/two_processes", str(tmp_path / "local")):
+    local_jobs.run_job(["-m", "launch.train", CONFIG, f"--workdir={workdir}"],
+                       devices_per_process=4, cwd=str(cwd), extra_env=env)
+  jax.tree.map(np.testing.assert_array_equal, _ema("gs://bucket/two_processes"),
+               _ema(str(tmp_path / "local")))
+  assert os.listdir(cwd) == []
+
+
+@pytest.mark.parametrize("module", ["launch.train", "launch.sample"])
+def test_a_missing_bucket_is_one_line_naming_the_path(gcs, tmp_path, module):
+  flags = [CONFIG] if module == "launch.train" else []
+  result = _launch(tmp_path, "-m", module, *flags, "--workdir=gs://no-such-bucket/run")
+  last = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert last.startswith(f"{module}: ") and "gs://no-such-bucket/run" in last
+  assert os.listdir(tmp_path) == []
+
+
+def test_denied_access_is_one_line_naming_the_path(gcs, tmp_path):
+  with gcs_emulator.forbidding_server() as url:
+    result = _launch(tmp_path, "-m", "launch.sample", "--workdir=gs://bucket/run",
+                     env=gcs_emulator.environment(url))
+  last = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert last.startswith("launch.sample: gs://bucket/run/config.json: access denied"), last
+  assert os.listdir(tmp_path) == []
