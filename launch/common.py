@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import sys
 import zipfile
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from absl import app, flags, logging
 
 from diffusion_jax import configlib, logs, parallel
 from diffusion_jax.data import DatasetUnavailableError
+from diffusion_jax.train import checkpoint
 from diffusion_jax.train.checkpoint import CheckpointError
 
 VERBOSE_ENV = "DIFFUSION_JAX_VERBOSE"
@@ -33,8 +33,6 @@ MAX_MESSAGE_CHARS = 600  # a longer message is cut, so an error never floods the
 USER_ERRORS = (app.UsageError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile,
                CheckpointError, DatasetUnavailableError)
 
-# What TensorStore appends to its errors: the JSON spec of the array it failed to open.
-_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec(\[\d+\])?='.*?'\]")
 
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "Directory of JAX's persistent compilation cache, which lets a"
@@ -51,7 +49,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 def one_line(error: BaseException) -> str:
   """`error`'s message on one line, without TensorStore specs, at most MAX_MESSAGE_CHARS long."""
-  text = _TENSORSTORE_SPEC.sub("", " ".join(str(error).split())) or type(error).__name__
+  text = checkpoint.without_tensorstore_specs(" ".join(str(error).split())) or type(error).__name__
   if isinstance(error, KeyError):  # str(KeyError("x")) is "'x'": say what it is
     text = f"missing key {text}"
   if len(text) > MAX_MESSAGE_CHARS:

@@ -38,11 +38,11 @@ def _bad_inputs(root: pathlib.Path, run: str) -> dict[str, str]:
   config["model"] = {"name": "os:system", "command": f"touch {paths['marker']}"}
   (untrusted / "config.json").write_text(json.dumps(config))
   paths["untrusted"] = str(untrusted)
-  # The run with its latest checkpoint damaged (the manifest of its arrays cut short).
+  # The run with every checkpoint damaged (the manifests of their arrays cut short); with one
+  # left intact the run would fall back to it (tests/test_checkpoint_integrity.py).
   damaged = root / "damaged"
   shutil.copytree(run, damaged)
-  latest = max(int(step) for step in os.listdir(damaged / "checkpoints") if step.isdigit())
-  for manifest in (damaged / "checkpoints" / str(latest)).rglob("manifest.ocdbt"):
+  for manifest in (damaged / "checkpoints").rglob("manifest.ocdbt"):
     manifest.write_bytes(manifest.read_bytes()[:10])
   paths["damaged"] = str(damaged)
   # .npz files: truncated, a .npy under an .npz name, a header claiming 10^13 images.
@@ -178,7 +178,7 @@ def test_rejected_inputs_ran_no_code_and_changed_no_file(outcomes, bad_inputs):
 def test_verbose_shows_the_traceback(outcomes):
   outcome = outcomes[f"{VERBOSE_CASE[0]}:{VERBOSE_CASE[1]}"]
   assert outcome["status"] == 1 and outcome["traceback"]
-  assert "FileNotFoundError: No config.json" in outcome["stderr"]
+  assert "NotFoundError: No config.json" in outcome["stderr"]  # files.PathNotFoundError
 
 
 @pytest.mark.parametrize("message, expected", [

@@ -38,6 +38,15 @@ _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's file of one pr
 INTEGRITY_ITEM = "integrity"  # the checkpoint's item {"checksums": {array name: uint32}}
 
 
+# What TensorStore appends to its errors: the JSON spec of the array it failed to open.
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec(\[\d+\])?='.*?'\]")
+
+
+def without_tensorstore_specs(message: str) -> str:
+  """`message` without the array specs (kilobytes of JSON) that TensorStore appends."""
+  return _TENSORSTORE_SPEC.sub("", message)
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored."""
 
@@ -300,7 +309,7 @@ class Checkpointer:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types for damaged files; name the checkpoint.
       raise CheckpointError(f"Cannot restore checkpoint {self._step_path(step)}:"
-                            f" {type(e).__name__}: {e}.") from e
+                            f" {type(e).__name__}: {without_tensorstore_specs(str(e))}.") from e
 
   def wait(self):
     """Blocks until every asynchronous save has been written."""
