@@ -7,6 +7,8 @@ and Gaussian-mixture denoiser defined identically here.
 
 import functools
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +17,13 @@ import pytest
 import scipy.stats
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_jax import diffusion, edm, sampling, schedules
+from configs import cifar10_edm, digits
+from diffusion_jax import diffusion, edm, losses, models, sampling, schedules, train
 from diffusion_jax.diffusion import ModelSpec
+from diffusion_jax.models import zoo
 from diffusion_jax.sampling import denoisers, edm_sampler
+from diffusion_jax.train import inference
+from diffusion_jax.train.experiment import DiffusionConfig
 
 REFERENCES = os.path.join(os.path.dirname(__file__), "data", "edm", "references.npz")
 MIXTURE = dict(weights=(0.3, 0.7), means=(-0.6, 0.4), stds=(0.15, 0.25))  # as make_references.py
@@ -323,7 +329,6 @@ def test_training_sigmas_are_lognormal_and_quartered():
 
 
 def test_edm_settings_that_do_not_apply_are_named():
-  from diffusion_jax.train.experiment import DiffusionConfig  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="Unknown diffusion.parameterization 'karras'"):
     DiffusionConfig(parameterization="karras")
   with pytest.raises(ValueError, match="diffusion.loss='hybrid' does not apply with"
@@ -337,16 +342,12 @@ def test_edm_settings_that_do_not_apply_are_named():
     DiffusionConfig(parameterization="edm", sigma_data=-1.0)
   spec = DiffusionConfig(parameterization="edm", sigma_data=0.75).spec
   assert spec.edm == edm.Preconditioning(sigma_data=0.75)
-  from diffusion_jax import losses  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="EDM-preconditioned"):
     losses.nll_bpd(analytic_net, spec, COSINE, jnp.zeros((1, 2, 2, 1)), jax.random.key(0))
 
 
 def test_cifar10_edm_network_matches_ddpmpp_size():
   """configs/cifar10_edm.py's stand-in for EDM's DDPM++ (SongUNet at 008a4e5: 55,732,739)."""
-  from configs import cifar10_edm  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import models  # pylint: disable=import-outside-toplevel
-  from diffusion_jax.models import zoo  # pylint: disable=import-outside-toplevel
   config = cifar10_edm.get_config()
   _, variables = zoo.abstract_init(models.get_model(dict(config.model)), (32, 32, 3))
   count = zoo.count_params(variables["params"])
@@ -356,11 +357,6 @@ def test_cifar10_edm_network_matches_ddpmpp_size():
 def test_edm_run_trains_checkpoints_and_samples_with_every_sampler(tmp_path):
   """configs/digits.py:edm,smoke through the train step, EMA and checkpoint; launch.sample
   --sampler=edm_heun on it; the discrete samplers through the x_0 view."""
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  from configs import digits  # pylint: disable=import-outside-toplevel
-  from diffusion_jax import train  # pylint: disable=import-outside-toplevel
-  from diffusion_jax.train import inference  # pylint: disable=import-outside-toplevel
 
   workdir = str(tmp_path / "run")
   state = train.train_and_evaluate(digits.get_config("edm,smoke"), workdir)

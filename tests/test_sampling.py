@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from diffusion_jax import images, sampling, schedules
+from diffusion_jax import edm, images, sampling, schedules
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.sampling import generate
 
@@ -477,7 +477,6 @@ def test_batch_sampler_runs_edm_heun_on_discrete_and_edm_models():
       num_steps=4))(key)
   np.testing.assert_allclose(guided, expected, rtol=1e-5, atol=1e-5)
 
-  from diffusion_jax import edm  # pylint: disable=import-outside-toplevel
   edm_spec = ModelSpec(clip_x0=False, edm=edm.Preconditioning())
   net = lambda params, x_in, c_noise, y: params * jnp.tanh(x_in) + 0.0 * c_noise[:, None, None, None]
   for name in ("edm_heun", "ddim"):
