@@ -9,6 +9,8 @@ launcher reads each section back as a typed, frozen dataclass (`from_mapping`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -27,6 +29,49 @@ def from_mapping(cls: type[T], mapping: Any, section: str) -> T:
   values = dict(mapping)
   check_known(values, field_names(cls), section)
   return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The finite numbers a numeric setting accepts: from `low` to `high`, each end open or closed."""
+
+  low: float = -math.inf
+  high: float = math.inf
+  low_open: bool = False
+  high_open: bool = False
+
+  def __contains__(self, value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+      return False
+    above = value > self.low if self.low_open else value >= self.low
+    below = value < self.high if self.high_open else value <= self.high
+    return above and below
+
+  def __str__(self) -> str:
+    if self.high == math.inf:
+      return f"{'>' if self.low_open else '>='} {self.low:g}"
+    return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+            f"{')' if self.high_open else ']'}")
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+UNIT_INTERVAL = Range(0, 1)
+DECAY = Range(0, 1, high_open=True)  # a decay rate or probability below 1: [0, 1)
+
+
+def check_ranges(config: Any, section: str, ranges: Mapping[str, Range]) -> None:
+  """A ValueError naming `section.key` for the first field of `config` outside its range.
+
+  Each frozen config section calls it from `__post_init__` with its table of
+  ranges, so a NaN, an infinity or an impossible value stops the run before
+  it starts. A field set to None (an optional setting left unset) is skipped.
+  """
+  for key, allowed in ranges.items():
+    value = getattr(config, key)
+    if value is not None and value not in allowed:
+      raise ValueError(f"{section}.{key} must be a finite number {allowed}, got {value!r}.")
 
 
 def field_names(cls: type) -> list[str]:

@@ -53,9 +53,10 @@ def _flag_argument(argv: list[str], name: str) -> str | None:
 
 
 def define_multihost_flag() -> flags.FlagHolder:
-  """--multihost, for the launchers that run as one job over several hosts (train, sample).
+  """--multihost, for the launchers that run as one job over several hosts.
 
-  Its value goes to `parallel.maybe_initialize_distributed`.
+  launch.train, launch.sample and launch.evaluate; its value goes to
+  `parallel.maybe_initialize_distributed`.
   """
   return flags.DEFINE_bool(
       "multihost", False, "Join a multi-process run (TPU pod slice); Slurm and"

@@ -10,16 +10,21 @@ Writes WORKDIR/eval/<config name>-step<N>/report.json (every metric, the
 checkpoint step, sampler settings and NFE, weights SHA-256, wall time per
 phase), TensorBoard scalars beside it, a table on stdout, and for a sweep over
 several samplers fid_vs_nfe.png. Rerunning continues an interrupted
-evaluation. Runs on the devices of one host.
+evaluation.
+
+Several hosts run it as one job, like launch.train and launch.sample
+(--multihost on a TPU pod slice; Slurm tasks and JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID are detected): every batch of samples,
+features and NLL is split over the devices of all hosts, the statistics are
+merged exactly, and process 0 alone writes; the numbers equal one host's.
 """
 
 import sys
 
-import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from diffusion_jax import data, evaluation
+from diffusion_jax import data, evaluation, parallel
 from diffusion_jax.train.checkpoint import CheckpointError
 from diffusion_jax.weightfiles import WeightFileError
 from launch import common
@@ -31,13 +36,13 @@ _SAMPLES = flags.DEFINE_string("samples", None, "Evaluate this .npz ('arr_0': ui
                                " of sampling the run.")
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference statistics .npz (pytorch-fid's or"
                                  " the ADM evaluator's format) instead of the config's.")
+_MULTIHOST = common.define_multihost_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   common.start(argv)
-  if jax.process_count() > 1:
-    raise app.UsageError("launch.evaluate runs on the devices of one host.")
+  parallel.maybe_initialize_distributed(_MULTIHOST.value)
   try:
     config = evaluation.from_config_dict(_CONFIG.value)
     evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,

@@ -15,7 +15,10 @@ import sys
 
 import pytest
 
+from configs import digits, segmentation_cells
+from configs.eval import digits as eval_digits
 from diffusion_jax import configlib, models
+from diffusion_jax.evaluation import config as eval_config
 from diffusion_jax.data.config import DataConfig
 from diffusion_jax.evaluation.config import EvalConfig, NllConfig
 from diffusion_jax.segmentation import experiment as segmentation_experiment
@@ -164,3 +167,41 @@ def test_unknown_override_is_one_line(override, message, a_known_key):
   assert result.returncode == 1 and "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("FATAL")]
   assert len(errors) == 1 and message in errors[0] and a_known_key in errors[0]
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("optim", "lr", float("nan"), "a finite number > 0, got nan"),
+    ("optim", "lr", 0.0, "a finite number > 0, got 0.0"),
+    ("optim", "lr", float("inf"), "a finite number > 0, got inf"),
+    ("optim", "b2", 1.0, r"a finite number in \[0, 1\), got 1.0"),
+    ("train", "ema_decay", 1.0, r"a finite number in \[0, 1\), got 1.0"),
+    ("train", "ema_decay", float("nan"), r"a finite number in \[0, 1\), got nan"),
+    ("train", "num_steps", 0, "a finite number >= 1, got 0"),
+    ("train", "sample_guidance", float("nan"), "a finite number >= 0, got nan"),
+    ("diffusion", "min_snr_gamma", float("inf"), "a finite number > 0, got inf"),
+])
+def test_impossible_numeric_setting_is_named_when_the_config_is_completed(section, key, value,
+                                                                          expected):
+  config = digits.get_config("smoke")
+  config[section][key] = value
+  with pytest.raises(ValueError, match=f"^{section}.{key} must be {expected}.$"):
+    experiment.complete_config(config)
+
+
+@pytest.mark.parametrize("sampler,expected", [
+    ({"sampler": "ddim", "eta": 1.5}, r"sampler.eta must be a finite number in \[0, 1\], got 1.5"),
+    ({"guidance": float("nan")}, "sampler.guidance_scale must be a finite number >= 0, got nan"),
+    ({"steps": -2}, "sampler.steps must be a finite number >= 1, got -2"),
+])
+def test_impossible_sampler_setting_is_named_when_an_eval_config_is_completed(sampler, expected):
+  config = eval_digits.get_config()
+  config.samplers = (sampler,)
+  with pytest.raises(ValueError, match=expected):
+    eval_config.complete_config(config)
+
+
+def test_impossible_segmentation_setting_is_named_when_the_config_is_completed():
+  config = segmentation_cells.get_config()
+  config.augment.brightness = float("nan")
+  with pytest.raises(ValueError, match="augment.brightness must be a finite number >= 0, got nan"):
+    segmentation_experiment.complete_config(config)

@@ -211,19 +211,26 @@ def test_digits_splits_are_disjoint_and_cover_the_dataset():
     num_examples(_digits(split="validation"))
 
 
-@pytest.mark.parametrize("process_count", [1, 3])
-def test_eval_iterator_yields_every_example_once_over_all_processes(process_count):
-  """300 test digits in global batches of 48: padded, masked, equal batch counts per process."""
+@pytest.mark.parametrize("process_count, num_examples", [(1, 0), (3, 0), (3, 100)])
+def test_eval_iterator_yields_every_example_once_over_all_processes(process_count, num_examples):
+  """300 test digits (or the first 100) in global batches of 48: padded, masked, indexed."""
   images, labels = _digits_in_model_range("test")
+  expected = num_examples or 300
   per_process = []
   for index in range(process_count):
     options = grain.sharding.ShardOptions(index, process_count, drop_remainder=False)
-    per_process.append(list(make_eval_iterator(_digits(split="test"), 48, options)))
+    per_process.append(list(make_eval_iterator(_digits(split="test"), 48, options,
+                                               num_examples=num_examples)))
   assert len({len(batches) for batches in per_process}) == 1  # hosts stay in step
-  seen = np.concatenate([b["image"][b["mask"]] for batches in per_process for b in batches])
-  seen_labels = np.concatenate([b["label"][b["mask"]] for batches in per_process for b in batches])
-  np.testing.assert_allclose(seen, images, atol=1e-6)  # in order, none twice
-  np.testing.assert_array_equal(seen_labels, labels)
+  batches = [b for process_batches in per_process for b in process_batches]
+  seen = np.concatenate([b["image"][b["mask"]] for b in batches])
+  seen_labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+  np.testing.assert_allclose(seen, images[:expected], atol=1e-6)  # in order, none twice
+  np.testing.assert_array_equal(seen_labels, labels[:expected])
+  index = np.concatenate([b["index"] for b in batches])
+  np.testing.assert_array_equal(index[np.concatenate([b["mask"] for b in batches])],
+                                np.arange(expected))  # each example's position in the split
+  assert (index[~np.concatenate([b["mask"] for b in batches])] == -1).all()
   last = per_process[-1][-1]
   assert last["image"].shape == (48 // process_count, 8, 8, 1) and not last["mask"].all()
 

@@ -338,7 +338,7 @@ def test_edm_settings_that_do_not_apply_are_named():
     DiffusionConfig(parameterization="edm", var_type="learned")
   with pytest.raises(ValueError, match="diffusion.rescale_timesteps=True does not apply"):
     DiffusionConfig(parameterization="edm", rescale_timesteps=True)
-  with pytest.raises(ValueError, match="EDM sigma_data must be positive"):
+  with pytest.raises(ValueError, match=r"diffusion.sigma_data must be a finite number > 0, got -1.0"):
     DiffusionConfig(parameterization="edm", sigma_data=-1.0)
   spec = DiffusionConfig(parameterization="edm", sigma_data=0.75).spec
   assert spec.edm == edm.Preconditioning(sigma_data=0.75)

@@ -89,8 +89,9 @@ def test_nll_with_and_without_clipping(digits_smoke_run, tmp_path):
   results = {}
   for clip in (True, False):
     config = evaluation.NllConfig(num_examples=5, batch_size=8, clip_x0=clip)
-    results[clip] = nll.evaluate_nll(model, data.make_eval_iterator(data_config, 8), config,
-                                     str(tmp_path / f"clip{clip}"), key=jax.random.key(0))
+    batches = data.make_eval_iterator(data_config, 8, num_examples=config.num_examples)
+    results[clip] = nll.evaluate_nll(model, batches, config, str(tmp_path / f"clip{clip}"),
+                                     key=jax.random.key(0))
   for result in results.values():
     assert result["num_examples"] == 5 and np.isfinite(result["bpd"])
   # The untrained model's x_0 estimates leave [-1, 1]: clipping them changes the bound.

@@ -8,6 +8,7 @@ must equal an unbroken job's bit for bit.
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 import random
 import re
@@ -19,11 +20,12 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import digits
 from diffusion_jax import data, parallel, train
-from diffusion_jax.train import checkpoint, loop
+from diffusion_jax.train import checkpoint, loop, step
 
 import local_jobs  # tests/local_jobs.py
 
@@ -271,6 +273,21 @@ def test_a_non_finite_step_changes_nothing_but_the_step_counter():
   scalars = train.compute_metrics(step_metrics)
   assert scalars["skipped_steps"] == 1 and np.isnan(scalars["loss"])  # a mean over no step
   assert int(step_metrics["skipped_steps"].first) == 2
+
+
+def test_an_update_to_non_finite_parameters_is_skipped_though_loss_and_gradient_are_finite():
+  exp = train.build(_smoke())
+  mesh = parallel.make_mesh()
+  state, _ = loop.create_state(exp, mesh, seed=0)
+  fns = dataclasses.replace(exp.step_fns(), tx=optax.sgd(float("nan")))  # NaN updates
+  batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
+  before = jax.device_get(state)
+  after, step_metrics = jax.jit(functools.partial(step.train_step, fns=fns))(state, batch)
+  after = jax.device_get(after)
+  assert int(after.step) == 1
+  _assert_equal_states(after.replace(step=before.step), before)
+  scalars = train.compute_metrics(step_metrics)
+  assert scalars["skipped_steps"] == 1 and np.isnan(scalars["loss"])
 
 
 def test_on_nonfinite_skip_trains_on_and_counts_skipped_steps(tmp_path, monkeypatch):

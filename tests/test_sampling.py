@@ -452,8 +452,10 @@ def test_sampler_config_counts_network_calls_and_names_misplaced_options():
     sampling.SamplerConfig("ddim", order=3)
   with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
     sampling.SamplerConfig("dpm_solver", order=0)
-  with pytest.raises(ValueError, match="s_noise > 0"):
+  with pytest.raises(ValueError, match=r"sampler.s_noise must be a finite number > 0, got 0.0"):
     sampling.SamplerConfig("edm_heun", s_noise=0.0)
+  with pytest.raises(ValueError, match="sampler.s_tmax must be >= s_tmin=2.0, got 1.0"):
+    sampling.SamplerConfig("edm_heun", s_churn=1.0, s_tmin=2.0, s_tmax=1.0)
 
 
 def test_batch_sampler_runs_edm_heun_on_discrete_and_edm_models():

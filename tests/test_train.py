@@ -192,8 +192,8 @@ def test_unfinished_checkpoint_is_never_restored(tmp_path):
     ("diffusion", "loss", "l1", "diffusion.loss 'l1'"),
     ("diffusion", "schedule", "cosin", "diffusion.schedule 'cosin'"),
     ("diffusion", "loss_weighting", "snr", "diffusion.loss_weighting 'snr'"),
-    ("diffusion", "min_snr_gamma", 0.0, "diffusion.min_snr_gamma must be positive"),
-    ("train", "grad_accum_steps", 0, "train.grad_accum_steps must be positive"),
+    ("diffusion", "min_snr_gamma", 0.0, r"diffusion.min_snr_gamma must be a finite number > 0, got 0.0"),
+    ("train", "grad_accum_steps", 0, r"train.grad_accum_steps must be a finite number >= 1, got 0"),
     ("data", "source", "imagenet", "imagenet"),
     ("model", "name", "ddpm_cifar100", "ddpm_cifar10"),
     ("model", "chh", 4, "chh"),
@@ -203,6 +203,13 @@ def test_bad_config_values_are_named(section, key, value, message):
   config[section][key] = value
   with pytest.raises(ValueError, match=message):
     train.build(config)
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_named_before_any_write(tmp_path):
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=r"train.batch_size=12 must be a multiple of the 8 devices"):
+    train.train_and_evaluate(_tiny_digits(batch_size=12), str(workdir))
+  assert not workdir.exists()
 
 
 def test_variance_and_model_outputs_must_agree():
@@ -291,7 +298,8 @@ def test_label_dropout_defaults_to_the_model_and_is_refused_without_labels():
   with pytest.raises(ValueError, match="train.label_dropout=0 leaves untrained"):
     train.build(conditional)
   conditional.train.update(label_dropout=1.0)
-  with pytest.raises(ValueError, match="train.label_dropout must be in"):
+  with pytest.raises(ValueError,
+                     match=r"train.label_dropout must be a finite number in \[0, 1\), got 1.0"):
     train.build(conditional)
   with pytest.raises(ValueError, match="train.sample_guidance=1.0 needs a class-conditional"):
     train.build(_tiny_digits(sample_guidance=1.0))

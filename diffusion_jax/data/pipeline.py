@@ -192,6 +192,7 @@ def make_eval_iterator(
     config: DataConfig,
     global_batch_size: int,
     shard_options: grain.sharding.ShardOptions | None = None,
+    num_examples: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
   """A finite pass over every example of `config.split` exactly once, in order.
 
@@ -206,28 +207,33 @@ def make_eval_iterator(
     global_batch_size: examples per batch over all processes.
     shard_options: this process's share; by default
       `grain.sharding.ShardByJaxProcess(drop_remainder=False)`.
+    num_examples: read only the split's first `num_examples`; 0 = all.
 
   Yields:
     `{"image": float32 [B, S, S, C] in [-1, 1], "label": int32 [B],
-    "mask": bool [B]}` with B = global_batch_size / process count.
+    "mask": bool [B], "index": int32 [B]}` with B = global_batch_size /
+    process count; `index` is each example's position in the split (-1 for
+    padding), the same whatever the number of processes.
   """
   shard_options = shard_options or grain.sharding.ShardByJaxProcess(
       drop_remainder=False
   )
   batch_size = local_batch_size(global_batch_size, shard_options.shard_count)
   source = grain.MapDataset.source(make_source(config))
+  if num_examples:
+    source = source[:num_examples]
   # Every shard has at most ceil(len / count) examples: all processes agree.
   num_batches = math.ceil(
       math.ceil(len(source) / shard_options.shard_count) / batch_size
   )
-  records = shard(
-      source,
-      grain.sharding.ShardOptions(
-          shard_options.shard_index,
-          shard_options.shard_count,
-          drop_remainder=False,
-      ),
-  ).map(transforms.Preprocess(config.image_size, config.num_channels))
+  this_shard = grain.sharding.ShardOptions(
+      shard_options.shard_index, shard_options.shard_count, drop_remainder=False
+  )
+  positions = shard(grain.MapDataset.range(len(source)), this_shard)
+  first = positions[0] if len(positions) else len(source)
+  records = shard(source, this_shard).map(
+      transforms.Preprocess(config.image_size, config.num_channels)
+  )
   batches = iter(
       records.batch(batch_size, drop_remainder=False).to_iter_dataset(
           grain.ReadOptions(
@@ -238,11 +244,12 @@ def make_eval_iterator(
   )
   shape = (batch_size, config.image_size, config.image_size,
            config.num_channels)
-  for _ in range(num_batches):
+  for b in range(num_batches):
     batch = next(batches, None)
+    mask = np.arange(batch_size) < (0 if batch is None else len(batch["image"]))
+    index = first + b * batch_size + np.arange(batch_size, dtype=np.int32)
     yield transforms.to_model_range(_pad_batch(batch, shape)) | {
-        "mask": np.arange(batch_size) < (0 if batch is None else
-                                         len(batch["image"]))
+        "mask": mask, "index": np.where(mask, index, -1).astype(np.int32)
     }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import ml_collections
 
-from diffusion_jax import configlib, sampling
+from diffusion_jax import configlib, files, sampling
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.data.config import DataConfig
 
@@ -32,9 +32,8 @@ class NllConfig:
   clip_x0: bool = True  # clip predicted x_0 in the bound, as Improved DDPM's image_nll.py does
 
   def __post_init__(self):
-    if self.num_examples < 0 or self.batch_size <= 0:
-      raise ValueError(f"nll.num_examples must be >= 0 and nll.batch_size > 0, got "
-                       f"{self.num_examples} and {self.batch_size}.")
+    configlib.check_ranges(self, "nll", {"num_examples": configlib.NON_NEGATIVE,
+                                         "batch_size": configlib.AT_LEAST_ONE})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,9 +68,9 @@ class EvalConfig:
       raise ValueError(f"Unknown eval metric(s) {unknown}; known: {list(METRICS)}.")
     if self.resize not in RESIZE_MODES:
       raise ValueError(f"Unknown resize {self.resize!r}; known: {list(RESIZE_MODES)}.")
-    for key in ("num_samples", "batch_size", "is_splits", "pr_k", "feature_batch_size"):
-      if getattr(self, key) <= 0:
-        raise ValueError(f"eval {key} must be positive, got {getattr(self, key)}.")
+    configlib.check_ranges(self, "eval", dict.fromkeys(
+        ("num_samples", "batch_size", "is_splits", "pr_k", "feature_batch_size"),
+        configlib.AT_LEAST_ONE))
     if self.num_samples % self.is_splits and ("is" in self.metrics or
                                               "is_digits" in self.metrics):
       raise ValueError(f"num_samples={self.num_samples} must split into is_splits="
@@ -95,7 +94,7 @@ class EvalConfig:
           " pt_inception-2015-12-05-6726825d.pth, published at https://github.com/mseitzer/"
           "pytorch-fid/releases (fid_weights-0.0.1) and by torch-fidelity; or evaluate the"
           " other metrics alone (e.g. --config.metrics=nll).")
-    if not os.path.isfile(path):
+    if not files.is_file(path):
       raise FileNotFoundError(f"Inception weights file {path!r} does not exist.")
     return path
 
@@ -112,6 +111,7 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   complete = configlib.section(EvalConfig, values, name="eval")
   complete.samplers = tuple(dict(sampler) for sampler in samplers)
   complete.data = configlib.section(DataConfig, data, name="data")
+  from_config_dict(complete)  # checks every value, as the launcher does after the overrides
   return complete
 
 

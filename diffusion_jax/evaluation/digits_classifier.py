@@ -10,7 +10,8 @@ and with held-out real digits; they are not FID or IS and are never named so.
 
 from __future__ import annotations
 
-import os
+import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -19,8 +20,10 @@ import numpy as np
 import optax
 from absl import logging
 from flax import serialization
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import files
+from diffusion_jax import files, parallel
 
 FEATURE_DIM = 64
 NUM_CLASSES = 10
@@ -41,11 +44,16 @@ class DigitsClassifier(nn.Module):
     return {"pool": features, "logits": nn.Dense(NUM_CLASSES)(features)}
 
 
+def init_params(seed: int = 0):
+  """Untrained parameters: what `load_or_train` reads into, or a placeholder to receive them."""
+  return DigitsClassifier().init(jax.random.key(seed), np.zeros((1, 8, 8, 1), np.uint8))["params"]
+
+
 def train(images_uint8: np.ndarray, labels: np.ndarray, seed: int = 0):
   """Trains the classifier with Adam on uint8 [N, 8, 8, 1] digits and their labels; -> params."""
   model = DigitsClassifier()
   images_uint8, labels = jnp.asarray(images_uint8), jnp.asarray(labels, jnp.int32)
-  params = model.init(jax.random.key(seed), images_uint8[:1])["params"]
+  params = init_params(seed)
   tx = optax.adam(2e-3)
 
   def loss_fn(params, x, y):
@@ -71,26 +79,38 @@ def load_or_train(cache_dir: str | None = None, seed: int = 0):
   """
   from diffusion_jax.data import sources  # pylint: disable=g-import-not-at-top  (imports TF)
 
-  path = os.path.join(cache_dir or files.default_cache_dir(),
-                      f"digits_classifier-v{_VERSION}-seed{seed}.msgpack")
-  train_set = sources.digits_source("train")
-  template = DigitsClassifier().init(jax.random.key(0), train_set.images[:1])["params"]
-  if os.path.exists(path):
+  path = files.join(cache_dir or files.default_cache_dir(),
+                    f"digits_classifier-v{_VERSION}-seed{seed}.msgpack")
+  if files.exists(path):
     try:
-      with open(path, "rb") as f:
-        return serialization.from_bytes(template, f.read())
+      return serialization.from_bytes(init_params(), files.read_bytes(path))
     except (ValueError, KeyError) as error:
       logging.warning("Retraining the digits classifier: cannot read %s (%s).", path, error)
   logging.info("Training the digits classifier (%d steps) into %s.", _TRAIN_STEPS, path)
+  train_set = sources.digits_source("train")
   params = train(train_set.images, train_set.labels, seed)
-  with files.atomic_path(path) as temporary, open(temporary, "wb") as f:
-    f.write(serialization.to_bytes(params))
+  files.write_bytes(path, serialization.to_bytes(params))
   return params
 
 
-@jax.jit
-def _apply(params, images_uint8):
+def _classify(params, images_uint8):
   return DigitsClassifier().apply({"params": params}, images_uint8)
+
+
+_apply = jax.jit(_classify)
+
+
+def sharded_features_fn(params, mesh) -> Callable[[jax.Array], dict]:
+  """`features(uint8 [B, 8, 8, 1]) -> {"pool", "logits"}` on batches sharded over `mesh`.
+
+  As `inception.sharded_features_fn`: the batch may span the devices of
+  several processes; `params` are the same on every process.
+  """
+  batch = parallel.batch_sharding(mesh)
+  classify = jax.jit(_classify, in_shardings=(parallel.replicated(mesh), batch),
+                     out_shardings=batch)
+  return functools.partial(
+      classify, multihost_utils.host_local_array_to_global_array(params, mesh, P()))
 
 
 def digits_features(params, images_uint8: np.ndarray,

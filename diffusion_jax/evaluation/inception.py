@@ -38,7 +38,7 @@ matrices [out, in], one per axis, built as the two libraries compute their taps.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import flax.linen as nn
@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import parallel, weightfiles
 
@@ -395,6 +397,20 @@ def _compiled(mesh, resize: ResizeMode):
   return preprocess_fn, network_fn
 
 
+def sharded_features_fn(variables, resize: ResizeMode, mesh) -> Callable[[jax.Array], dict]:
+  """`features(uint8 [B, H, W, C]) -> {"pool", "logits", "spatial"}` on batches sharded over `mesh`.
+
+  The batch (a `jax.Array` split over the mesh's "data" axis, B a multiple of
+  its size) may span the devices of several processes, each holding its rows;
+  the features come back sharded the same way. `variables` are the same on
+  every process and replicated onto the mesh here.
+  """
+  check_resize(resize)
+  preprocess_fn, network_fn = _compiled(mesh, resize)
+  variables = multihost_utils.host_local_array_to_global_array(variables, mesh, P())
+  return lambda images: network_fn(variables, preprocess_fn(images))
+
+
 def inception_features(variables, images_NxHxWxC: np.ndarray, resize: ResizeMode = "tf", *,
                        batch_size: int = 128, mesh=None) -> dict[str, np.ndarray]:
   """Inception features of many uint8 images, in batches over the mesh's "data" axis.
@@ -421,15 +437,14 @@ def inception_features(variables, images_NxHxWxC: np.ndarray, resize: ResizeMode
   if count == 0:
     raise ValueError("inception_features got no images (N = 0).")
   mesh = parallel.make_mesh() if mesh is None else mesh
-  preprocess_fn, network_fn = _compiled(mesh, resize)
+  features_fn = sharded_features_fn(variables, resize, mesh)
   devices = mesh.shape[parallel.DATA_AXIS]
   step = min(_round_up(batch_size, devices), _round_up(count, devices))
-  variables = jax.device_put(variables, parallel.replicated(mesh))
   outputs, pending = [], None
   for start in range(0, count, step):
     batch = np.asarray(images_NxHxWxC[start:start + step])
     batch = np.pad(batch, [(0, step - len(batch))] + [(0, 0)] * 3)
-    features = network_fn(variables, preprocess_fn(jax.device_put(batch, parallel.batch_sharding(mesh))))
+    features = features_fn(jax.device_put(batch, parallel.batch_sharding(mesh)))
     if pending is not None:  # fetch the previous batch while this one runs
       outputs.append(jax.device_get(pending))
     pending = features

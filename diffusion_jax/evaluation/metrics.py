@@ -41,6 +41,13 @@ class GaussianAccumulator:
     self.mean = np.zeros([dim], np.float64)
     self.scatter = np.zeros([dim, dim], np.float64)
 
+  @classmethod
+  def from_moments(cls, count: int, mean: np.ndarray, scatter: np.ndarray) -> GaussianAccumulator:
+    """The accumulator of `count` features with this mean [D] and centred scatter matrix [D, D]."""
+    accumulator = cls(len(mean))
+    accumulator._combine(count, np.asarray(mean, np.float64), np.asarray(scatter, np.float64))
+    return accumulator
+
   def update(self, features) -> GaussianAccumulator:
     """Adds a batch of features [B, D] (NumPy or JAX, any float dtype); returns self."""
     features = np.asarray(features, np.float64)

@@ -2,13 +2,14 @@
 
 The full variational bound (Ho et al. 2020 eq. 5) of every example,
 `losses.nll_bpd`: one compiled loop over all T steps per batch, the batch
-split over the devices of every host. The per-example parts of each finished
-batch are saved, so an interrupted evaluation continues where it stopped.
+split over the devices of every process. Example i draws its noise from
+fold_in(key, i), i its position in the split, so its bound does not depend on
+the batch size or on how many processes share the split. Process 0 saves the
+per-example parts of each finished batch, so an interrupted evaluation
+continues where it stopped.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffusion_jax import files, losses, parallel
+from diffusion_jax import data, files, losses, parallel
+from diffusion_jax.evaluation import hosts
 from diffusion_jax.evaluation.config import NllConfig
 from diffusion_jax.train.inference import EmaModel
 
@@ -24,64 +26,89 @@ PARTS = ("bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
 
 
 def make_nll_fn(model: EmaModel, clip_x0: bool):
-  """A pure `(params, images [B, H, W, C], labels [B], key) -> {part: [B]}` of the bound's parts.
+  """A pure `(params, images [B, H, W, C], labels [B], index [B], key) -> {part: [B]}`.
 
-  bpd = prior (L_T) + decoder (L_0) + terms (the sum of L_1 .. L_{T-1}), in bits/dim.
+  The bound's parts in bits/dim: bpd = prior (L_T) + decoder (L_0) + terms
+  (the sum of L_1 .. L_{T-1}); example b's noise comes from fold_in(key, index[b]).
   """
-  def nll_fn(params, images, labels, key):
-    y = None if model.num_classes is None else labels
+  def example_nll(params, image, label, key):
+    y = None if model.num_classes is None else label[None]
     model_fn = lambda x_t, t: model.apply_fn(params, x_t, t, y)
-    result = losses.nll_bpd(model_fn, model.spec, model.schedule, images, key, clip_x0=clip_x0)
-    return dict(zip(PARTS, (result.total_bpd, result.prior_bpd, result.vb[:, 0],
-                            jnp.sum(result.vb[:, 1:], axis=1))))
+    result = losses.nll_bpd(model_fn, model.spec, model.schedule, image[None], key,
+                            clip_x0=clip_x0)
+    parts = (result.total_bpd, result.prior_bpd, result.vb[:, 0], jnp.sum(result.vb[:, 1:], axis=1))
+    return dict(zip(PARTS, (part[0] for part in parts)))
+
+  def nll_fn(params, images, labels, index, key):
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
+    return jax.vmap(example_nll, (None, 0, 0, 0))(params, images, labels, keys)
 
   return nll_fn
 
 
 def evaluate_nll(model: EmaModel, batches, config: NllConfig, out_dir: str, *,
                  key: jax.Array, num_batches: int | None = None) -> dict:
-  """Mean NLL parts (bits/dim) over the masked examples of `batches`; resumes from `out_dir`.
+  """Mean NLL parts (bits/dim) over the examples of `batches`; resumes from `out_dir`.
+
+  Call it on every process together.
 
   Args:
     model: the EMA parameters and what they need; params replicated over all devices.
-    batches: an iterator of this process's `{"image", "label", "mask"}` batches
-      (`data.make_eval_iterator`), the same number on every process.
-    config: the NLL settings; `num_examples` > 0 keeps each process's first
-      num_examples / process count examples.
-    out_dir: where each finished batch's per-example parts are saved; name it
-      after every setting that changes them, so that a rerun resumes only its own.
-    key: batch b draws its noise with fold_in(key, b).
+    batches: this process's `{"image", "label", "mask", "index"}` batches
+      (`data.make_eval_iterator`, which also takes `config.num_examples`), the
+      same number on every process.
+    config: the NLL settings (clip_x0).
+    out_dir: where process 0 saves each finished batch's per-example parts
+      with their indices; name it after every setting that changes them. A
+      rerun reuses a saved batch that holds exactly the examples its batch
+      now has (a run on another number of processes recomputes the rest).
+    key: example i draws its noise with fold_in(key, i).
     num_batches: the iterator's length, for the progress bar.
 
   Returns:
     {"bpd", "prior_bpd", "decoder_bpd", "terms_bpd": mean over examples,
-    "num_examples", "clip_x0"}.
+    "num_examples", "clip_x0"}; the same on every process.
   """
   mesh = parallel.make_mesh()
   batch_sharding = parallel.batch_sharding(mesh)
   nll_fn = jax.jit(make_nll_fn(model, config.clip_x0), out_shardings=batch_sharding,
                    compiler_options=parallel.compiler_options(mesh))
-  limit = -(-config.num_examples // jax.process_count()) if config.num_examples else np.inf
-  os.makedirs(out_dir, exist_ok=True)
-  parts, seen = [], 0
-  for b, batch in enumerate(tqdm.tqdm(batches, total=num_batches, desc="nll", unit="batch")):
-    if seen >= limit:  # every process stops at the same batch: equal local sizes and limits
-      break
-    mask = batch["mask"] & (seen + np.arange(len(batch["mask"])) < limit)
-    seen += len(mask)
-    path = os.path.join(out_dir, f"batch_{b:06d}.npz")
-    if not os.path.exists(path):
-      inputs = [jax.make_array_from_process_local_data(batch_sharding, batch[k])
-                for k in ("image", "label")]
+  if jax.process_index() == 0:
+    files.makedirs(out_dir)
+  results = []
+  for b, batch in enumerate(tqdm.tqdm(batches, total=num_batches, desc="nll", unit="batch",
+                                      disable=jax.process_index() > 0)):
+    inputs = data.make_global_batch(
+        {"image": batch["image"], "label": batch["label"],
+         "index": np.where(batch["mask"], batch["index"], -1).astype(np.int32)}, batch_sharding)
+    index = multihost_utils.process_allgather(inputs["index"], tiled=True)
+    path = files.join(out_dir, f"batch_{b:06d}.npz")
+    if _saved_on_process_0(path, index):
+      result = files.load_npz(path)
+    else:
       result = multihost_utils.process_allgather(
-          nll_fn(model.params, *inputs, jax.random.fold_in(key, b)), tiled=True)
-      mask_all = multihost_utils.process_allgather(mask, tiled=True)
+          nll_fn(model.params, inputs["image"], inputs["label"], inputs["index"], key),
+          tiled=True)
+      result["index"] = index
       if jax.process_index() == 0:
-        files.save_npz(path, **result, mask=mask_all)
-      multihost_utils.sync_global_devices(f"nll batch {b}")
-    with np.load(path) as saved:
-      parts.append({k: saved[k][saved["mask"]] for k in PARTS})
-  means = {k: float(np.mean(np.concatenate([p[k] for p in parts]))) for k in PARTS}
-  return {**means, "num_examples": int(sum(len(p["bpd"]) for p in parts)),
-          "clip_x0": config.clip_x0}
+        files.save_npz(path, **result)
+    results.append(result)
+  return _mean_parts(results) | {"clip_x0": config.clip_x0}
 
+
+def _saved_on_process_0(path: str, index: np.ndarray) -> bool:
+  """Whether process 0 finds at `path` a finished batch of exactly the examples `index`."""
+  saved = False
+  if jax.process_index() == 0 and files.exists(path):
+    saved = np.array_equal(files.load_npz(path).get("index"), index)
+  return hosts.process_0_says(saved)
+
+
+def _mean_parts(results: list[dict[str, np.ndarray]]) -> dict:
+  """The mean of each part over the examples of every batch (index >= 0), summed in index order."""
+  index = np.concatenate([r["index"] for r in results])
+  examples = index >= 0
+  order = np.argsort(index[examples])
+  means = {k: float(np.mean(np.concatenate([r[k] for r in results])[examples][order]))
+           for k in PARTS}
+  return {**means, "num_examples": len(order)}

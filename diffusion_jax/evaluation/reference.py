@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -118,7 +117,7 @@ def check_dimension(stats: ReferenceStats, dim: int, spatial_dim: int | None = N
 
 
 def save_reference(path: str, stats: ReferenceStats) -> None:
-  """Writes `stats` to `path` (.npz) atomically: a temporary file, then os.replace.
+  """Writes `stats` to `path` (.npz, local or gs://) atomically (`files.save_npz`).
 
   An interrupted save leaves any earlier file at `path` as it was. In a
   multi-host run, call it from one process only.
@@ -136,8 +135,8 @@ def load_reference(path: str, *, load_images: bool = True) -> ReferenceStats:
   """Reads reference statistics saved by `save_reference`, pytorch-fid or the ADM evaluator.
 
   Args:
-    path: an .npz file.
-    load_images: whether to read an ADM reference batch's `arr_0` images into
+    path: an .npz file (local or gs://).
+    load_images: whether to keep an ADM reference batch's `arr_0` images in
       `images` (they can take GBs; the FID statistics do not need them).
 
   Raises:
@@ -145,20 +144,28 @@ def load_reference(path: str, *, load_images: bool = True) -> ReferenceStats:
     ValueError: not an .npz file, no `mu`/`sigma`, or arrays of the wrong shape;
       the message names the path and the key.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No reference statistics file at {path}.")
+  return _from_npz(path, read_npz(path, "reference statistics file"), load_images)
+
+
+def read_npz(path: str, what: str) -> dict[str, np.ndarray]:
+  """The arrays of the .npz file `path` (local or gs://); errors name `what` and the path.
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    ValueError: not an .npz archive (a single .npy array, text, a truncated file).
+  """
+  if not files.is_file(path):
+    raise FileNotFoundError(f"No {what} at {path}.")
   try:
-    npz = np.load(path, allow_pickle=False)
+    return files.load_npz(path)
+  except TypeError as e:  # np.load read one array, which is no .npz archive
+    raise ValueError(f"{path} holds a single array (.npy), not an .npz {what}.") from e
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path} is not an .npz file: {type(e).__name__}: {e}") from e
-  if not isinstance(npz, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path} holds a single array (.npy), not an .npz of statistics.")
-  with npz:
-    return _from_npz(path, npz, load_images)
 
 
-def _from_npz(path: str, npz, load_images: bool) -> ReferenceStats:
-  keys = set(npz.files)
+def _from_npz(path: str, npz: dict[str, np.ndarray], load_images: bool) -> ReferenceStats:
+  keys = set(npz)
   for key in ("mu", "sigma"):
     if key not in keys:
       raise ValueError(f"reference {path} has no {key!r} array (keys: {sorted(keys)}).")

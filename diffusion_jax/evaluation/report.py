@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -34,9 +33,7 @@ def write(report: dict, out_dir: str, step: int) -> None:
   """Writes report.json (atomically), TensorBoard scalars at `step`, the table, and the figure."""
   if jax.process_index() != 0:
     return
-  with files.atomic_path(os.path.join(out_dir, "report.json")) as temporary:
-    with open(temporary, "w") as f:
-      json.dump(report, f, indent=2, sort_keys=True)
+  files.write_json(files.join(out_dir, "report.json"), report, indent=2, sort_keys=True)
   scalars = {f"{run_name(run)}/{k}": v for run in report["runs"] for k, v in scores(run).items()}
   for section in ("nll", "real_floor"):
     scalars.update({f"{section}/{k}": v for k, v in report.get(section, {}).items()
@@ -45,7 +42,7 @@ def write(report: dict, out_dir: str, step: int) -> None:
     writer.write_scalars(step, scalars)
   print(format_table(report))
   if len(report["runs"]) > 1:
-    plot_fid_vs_nfe(report["runs"], os.path.join(out_dir, "fid_vs_nfe.png"))
+    plot_fid_vs_nfe(report["runs"], files.join(out_dir, "fid_vs_nfe.png"))
 
 
 def format_table(report: dict) -> str:

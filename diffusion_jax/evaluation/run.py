@@ -6,6 +6,13 @@ Everything that can be wrong with the inputs (weights, reference file,
 samples file, checkpoint, data) is checked before anything is written. The
 long phases resume: sample batches, NLL batches and reference statistics are
 saved as they finish, and a rerun of the same evaluation reuses them.
+
+Several processes (a `jax.distributed` job, as `launch.evaluate` starts on a
+pod) call `evaluate` together: every batch of samples, features and NLL is
+split over the devices of all of them, the statistics are merged exactly
+(`features.summarize`), and process 0 alone writes files; every process
+returns the same report. Files are read and written through `files`, so
+WORKDIR may be gs://.
 """
 
 from __future__ import annotations
@@ -17,14 +24,13 @@ import os
 import re
 import time
 
-import grain
 import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import data, images, sampling
+from diffusion_jax import data, files, images, sampling
 from diffusion_jax.evaluation import features as feature_lib
-from diffusion_jax.evaluation import metrics, nll, reference, report as report_lib
+from diffusion_jax.evaluation import hosts, metrics, nll, reference, report as report_lib
 from diffusion_jax.evaluation.config import EvalConfig
 from diffusion_jax.train import checkpoint
 from diffusion_jax.train.inference import EmaModel, draw_samples, load_ema_for_sampling
@@ -65,8 +71,9 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
   if samples is not None:
     _check_samples_fit(samples, samples_path, nets, data_config)
   step_tag = f"step{model.step}" if samples is None else _file_tag(samples_path)
-  out_dir = os.path.join(workdir, "eval", f"{config.name}-{step_tag}")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = files.join(workdir, "eval", f"{config.name}-{step_tag}")
+  if jax.process_index() == 0:
+    files.makedirs(out_dir)
 
   with timer("reference"):
     references = {name: given_reference if given_reference and name == "inception"
@@ -81,7 +88,7 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
     runs.append({**_describe(sampler, model, samples_path), "num_samples": len(run_samples),
                  **scores})
   report = {
-      "config": config.name, "workdir": os.path.abspath(workdir),
+      "config": config.name, "workdir": workdir,
       "checkpoint_step": None if model is None else model.step,
       "runs": runs, "skipped": skipped,
       "feature_networks": {name: net.info for name, net in nets.items()},
@@ -104,15 +111,10 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
 
 def load_samples(path: str) -> np.ndarray:
   """The `arr_0` of a samples .npz (the ADM evaluator's format): uint8 [N, H, W, 1 or 3]."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"Samples file {path!r} does not exist.")
-  try:
-    with np.load(path) as npz:
-      if "arr_0" not in npz.files:
-        raise ValueError(f"Samples file {path} has no 'arr_0' array; it has {npz.files}.")
-      samples = npz["arr_0"]
-  except (OSError, ValueError) as error:  # not an npz, truncated, pickled objects
-    raise ValueError(f"Cannot read samples file {path}: {error}") from error
+  arrays = reference.read_npz(path, "samples file")
+  if "arr_0" not in arrays:
+    raise ValueError(f"Samples file {path} has no 'arr_0' array; it has {sorted(arrays)}.")
+  samples = arrays["arr_0"]
   if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] not in (1, 3):
     raise ValueError(f"Samples file {path}: 'arr_0' must be uint8 [N, H, W, 1 or 3] images,"
                      f" got {samples.dtype} {samples.shape}.")
@@ -142,7 +144,7 @@ def _given_reference(path: str, nets: dict, config: EvalConfig):
 
 def _load_model(config: EvalConfig, workdir: str, need_samples: bool):
   """(the EMA model or None, skipped metrics): samples need it; so does NLL, if it can be had."""
-  has_run = os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE))
+  has_run = files.exists(files.join(workdir, checkpoint.CONFIG_FILE))
   if not need_samples and not has_run:
     return None, ({"nll": f"no training run in {workdir}"} if "nll" in config.metrics else {})
   step = None if config.checkpoint_step < 0 else config.checkpoint_step
@@ -188,33 +190,42 @@ def _file_tag(path: str) -> str:
 # ----------------------------------------------------------------------------- reference
 
 
-def _split_batches(data_config, split: str, batch_size: int):
-  """(uint8 batches of every example of `split` once, their count): the eval iterator, unmasked."""
+def _split_batches(data_config, split: str, global_batch_size: int):
+  """This process's share of every example of `split` once: uint8 batches for `summarize`."""
   split_config = dataclasses.replace(data_config, split=split)
-  whole_split = grain.sharding.ShardOptions(0, 1, drop_remainder=False)
-  batches = data.make_eval_iterator(split_config, batch_size, whole_split)
-  return (images.to_uint8(b["image"][b["mask"]]) for b in batches), data.num_examples(split_config)
+  for batch in data.make_eval_iterator(split_config, global_batch_size):
+    yield {"image": images.to_uint8(batch["image"]), "mask": batch["mask"],
+           "index": batch["index"]}
+
+
+def _summarize_split(net, data_config, split: str, **kwargs) -> feature_lib.FeatureSummary:
+  """`feature_lib.summarize` of every example of `split`, its batch split over all processes."""
+  total = data.num_examples(dataclasses.replace(data_config, split=split))
+  return feature_lib.summarize(
+      net, _split_batches(data_config, split, net.global_batch_size(total)), total=total,
+      **kwargs)
 
 
 def reference_statistics(net, config: EvalConfig, data_config,
                          workdir: str) -> reference.ReferenceStats:
   """The reference split's statistics under `net`: cached in WORKDIR/eval/, else computed.
 
-  Every process reads the whole split (the statistics are computed on the host).
+  Call it on every process: each computes the features of its share of the
+  split, and process 0 writes the cache file; when process 0 finds the file,
+  every process reads it (the workdir is shared, e.g. a bucket).
   """
   tag = _file_tag(f"{data_config.source}-{data_config.name}-{data_config.image_size}px"
                   f"x{data_config.num_channels}-{config.reference_split}")
   if net.name == "inception":
     tag += f"-{config.resize}-{net.info['sha256'][:12]}"
-  path = os.path.join(workdir, "eval", f"reference-{net.name}-{tag}.npz")
+  path = files.join(workdir, "eval", f"reference-{net.name}-{tag}.npz")
   keep_pool = "precision_recall" in config.metrics and net.name == "inception"
-  if os.path.exists(path):
+  if hosts.process_0_says(jax.process_index() == 0 and files.exists(path)):
     stats = reference.load_reference(path)
     if stats.features is not None or not keep_pool:
       return stats
-  batches, total = _split_batches(data_config, config.reference_split, config.feature_batch_size)
-  summary = feature_lib.summarize(net, batches, keep_pool=keep_pool, total=total,
-                                  desc=f"reference {config.reference_split}")
+  summary = _summarize_split(net, data_config, config.reference_split, keep_pool=keep_pool,
+                             desc=f"reference {config.reference_split}")
   stats = reference.ReferenceStats.from_accumulators(
       summary.pool, summary.spatial,
       features=None if summary.pool_features is None else summary.pool_features[:config.num_samples],
@@ -239,13 +250,13 @@ def _draw(model: EmaModel, sampler: sampling.SamplerConfig, config: EvalConfig,
   batch_size = -(-config.batch_size // jax.device_count()) * jax.device_count()
   name = f"samples-{sampler.label}-seed{config.seed}"
   return draw_samples(model, sampler, config.num_samples, batch_size,
-                      os.path.join(out_dir, name), seed=config.seed)
+                      files.join(out_dir, name), seed=config.seed)
 
 
 def _describe(sampler, model: EmaModel | None, samples_path: str | None) -> dict:
   """The sampler's settings and its NFE (network evaluations per image; x2 under guidance)."""
   if sampler is None:
-    return {"samples_file": os.path.abspath(samples_path)}
+    return {"samples_file": samples_path}
   num_timesteps = model.schedule.num_timesteps
   return {"sampler": sampler.sampler, "steps": sampler.num_steps(num_timesteps), "eta": sampler.eta,
           "guidance": sampler.guidance_scale, "options": sampler.options,
@@ -253,15 +264,24 @@ def _describe(sampler, model: EmaModel | None, samples_path: str | None) -> dict
 
 
 def score_samples(samples: np.ndarray, nets: dict, references: dict, config: EvalConfig) -> dict:
-  """Every sample metric of `config` on uint8 samples [N, H, W, C]."""
+  """Every sample metric of `config` on uint8 samples [N, H, W, C], held by every process.
+
+  Call it on every process: each computes the features of its share.
+  """
   scores = {}
   for name, net in nets.items():
     summary = feature_lib.summarize(
-        net, feature_lib.chunks(samples, 10 * config.feature_batch_size),
-        keep_pool="precision_recall" in config.metrics and name == "inception",
-        total=len(samples), desc=f"{net.name} features")
+        net, feature_lib.local_batches(samples, net.global_batch_size(len(samples))),
+        **_kept(config, name), total=len(samples), desc=f"{net.name} features")
     scores.update(_metrics_of(summary, references[name], net, config))
   return scores
+
+
+def _kept(config: EvalConfig, network: str) -> dict[str, bool]:
+  """What `summarize` must keep of an image set for the metrics of `config` that use `network`."""
+  kinds = {kind for metric in config.sample_metrics
+           for net, kind in [feature_lib.METRIC_KINDS[metric]] if net == network}
+  return {"keep_logits": "is" in kinds, "keep_pool": "pr" in kinds}
 
 
 def _metrics_of(summary: feature_lib.FeatureSummary, ref: reference.ReferenceStats, net,
@@ -290,8 +310,8 @@ def _pr_reference_features(ref: reference.ReferenceStats, net, config: EvalConfi
   """The reference's pool features; computed from its images (an ADM reference batch)."""
   if ref.features is not None:
     return ref.features
-  return feature_lib.summarize(net, feature_lib.chunks(ref.images, config.feature_batch_size),
-                               keep_pool=True, total=len(ref.images),
+  batches = feature_lib.local_batches(ref.images, net.global_batch_size(len(ref.images)))
+  return feature_lib.summarize(net, batches, keep_pool=True, total=len(ref.images),
                                desc="reference images").pool_features
 
 
@@ -302,10 +322,8 @@ def _real_floor(nets: dict, references: dict, config: EvalConfig, data_config) -
   """The sample metrics of the NLL split's real images: how close real held-out data gets."""
   floor = {"split": config.nll.split}
   for name, net in nets.items():
-    batches, total = _split_batches(data_config, config.nll.split, config.feature_batch_size)
-    summary = feature_lib.summarize(net, batches, keep_pool=name == "inception"
-                                    and "precision_recall" in config.metrics,
-                                    total=total, desc=f"real {config.nll.split}")
+    summary = _summarize_split(net, data_config, config.nll.split, **_kept(config, name),
+                               desc=f"real {config.nll.split}")
     floor.update(_metrics_of(summary, references[name], net, config), num_images=summary.count)
   return floor
 
@@ -320,9 +338,11 @@ def _nll(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> dict
   batch_size = nll_config.batch_size
   name = (f"nll-{_file_tag(nll_config.split)}-n{nll_config.num_examples}-b{batch_size}"
           f"-clip{int(nll_config.clip_x0)}-seed{config.seed}")
-  result = nll.evaluate_nll(model, data.make_eval_iterator(split_config, batch_size), nll_config,
-                            os.path.join(out_dir, name), key=jax.random.key(config.seed),
-                            num_batches=-(-total // batch_size))
+  batches = data.make_eval_iterator(split_config, batch_size,
+                                    num_examples=nll_config.num_examples)
+  result = nll.evaluate_nll(model, batches, nll_config, files.join(out_dir, name),
+                            key=jax.random.key(config.seed),
+                            num_batches=-(-total // (batch_size * jax.process_count())))
   return {"split": nll_config.split, **result}
 
 

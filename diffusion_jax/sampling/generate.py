@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffusion_jax import files
+from diffusion_jax import configlib, files
 from diffusion_jax import images as image_utils
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.sampling import denoisers, edm_sampler
@@ -37,7 +37,7 @@ class SamplerConfig:
   # Model calls over [0, T-1]; None = all T (see make_batch_sampler). For "edm_heun": EDM's N
   # noise levels (2N - 1 calls); None = 18.
   steps: int | None = None
-  eta: float = 0.0  # DDIM's noise scale, 0 = deterministic; "ddim" only
+  eta: float = 0.0  # DDIM's noise scale in [0, 1], 0 = deterministic; "ddim" only
   guidance_scale: float = 0.0  # classifier-free guidance w; 0 = none
   order: int = 2  # DPM-Solver++'s multistep order, 1-3; "dpm_solver" only
   # EDM Algorithm 2's stochasticity (Karras et al. 2022, Table 5); "edm_heun" only. 0 = the
@@ -49,6 +49,12 @@ class SamplerConfig:
 
   def __post_init__(self):
     get_sampler(self.sampler)
+    configlib.check_ranges(self, "sampler", {"steps": configlib.AT_LEAST_ONE,
+                                             "eta": configlib.UNIT_INTERVAL,
+                                             "guidance_scale": configlib.NON_NEGATIVE,
+                                             "s_churn": configlib.NON_NEGATIVE,
+                                             "s_tmin": configlib.NON_NEGATIVE,
+                                             "s_noise": configlib.POSITIVE})
     if self.eta and self.sampler != "ddim":
       raise ValueError(f"eta={self.eta} applies to sampler 'ddim' only, not {self.sampler!r}.")
     if self.order != 2 and self.sampler != "dpm_solver":
@@ -59,11 +65,8 @@ class SamplerConfig:
     if self.sampler != "edm_heun" and self._churn_settings():
       raise ValueError(f"{', '.join(self._churn_settings())} apply to sampler 'edm_heun' only,"
                        f" not {self.sampler!r}.")
-    if self.s_churn < 0 or self.s_noise <= 0:
-      raise ValueError(f"s_churn must be >= 0 and s_noise > 0, got {self.s_churn} and"
-                       f" {self.s_noise}.")
-    if self.guidance_scale < 0:
-      raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}.")
+    if not self.s_tmax >= self.s_tmin:  # s_tmax may be inf: not a finite Range
+      raise ValueError(f"sampler.s_tmax must be >= s_tmin={self.s_tmin}, got {self.s_tmax}.")
 
   def _churn_settings(self) -> list[str]:
     """The EDM churn fields set away from their defaults, as 'name=value'."""

@@ -17,6 +17,8 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from diffusion_jax import configlib
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AugmentConfig:
@@ -30,13 +32,10 @@ class AugmentConfig:
   contrast: float = 0.2  # ... and scaled about 0.5 by U(1 - c, 1 + c)
 
   def __post_init__(self):
-    if self.elastic_sigma < 0:
-      raise ValueError(f"augment.elastic_sigma must be >= 0, got {self.elastic_sigma}.")
-    if self.elastic_grid < 2:
-      raise ValueError(f"augment.elastic_grid must be >= 2 nodes, got {self.elastic_grid}.")
-    for key in ("max_rotation", "brightness", "contrast"):
-      if getattr(self, key) < 0:
-        raise ValueError(f"augment.{key} must be >= 0, got {getattr(self, key)}.")
+    configlib.check_ranges(self, "augment", {
+        "elastic_grid": configlib.Range(2),
+        **dict.fromkeys(("elastic_sigma", "max_rotation", "brightness", "contrast"),
+                        configlib.NON_NEGATIVE)})
 
 
 def elastic_displacement(rng: np.random.Generator, size: int, sigma: float,

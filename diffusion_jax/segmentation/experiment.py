@@ -168,6 +168,7 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   complete.model = models.config_section(config.model)
   for name, cls in SECTION_CLASSES.items():
     complete[name] = configlib.section(cls, config.get(name), name=name)
+    from_mapping(cls, complete[name], name)  # checks its values; `build` again after overrides
   return complete
 
 

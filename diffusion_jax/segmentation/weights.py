@@ -17,6 +17,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from diffusion_jax import configlib
+
 # The border term is computed within this many sigmas of each object; farther
 # away it is below w_0 * exp(-MARGIN_SIGMAS^2 / 2) = w_0 * 1.5e-8 and taken as 0.
 MARGIN_SIGMAS = 6.0
@@ -32,10 +34,8 @@ class WeightMapConfig:
   background_class: int = 0  # objects are the connected components of the other classes
 
   def __post_init__(self):
-    if self.w0 < 0:
-      raise ValueError(f"weight_map.w0 must be >= 0, got {self.w0}.")
-    if self.sigma <= 0:
-      raise ValueError(f"weight_map.sigma must be positive, got {self.sigma}.")
+    configlib.check_ranges(self, "weight_map", {"w0": configlib.NON_NEGATIVE,
+                                                "sigma": configlib.POSITIVE})
 
 
 def class_balance(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -3,8 +3,15 @@
 Saves are atomic (Orbax writes to `<step>.orbax-checkpoint-tmp` and renames it
 when complete), so a save interrupted by kill -9 or a full disk is never
 restored: the steps listed skip temporary directories, and the next training
-run in the workdir deletes them. A finished checkpoint is never deleted here except by the
-keep-last-K policy.
+run in the workdir deletes them.
+
+Each checkpoint also holds the checksum of every array it saved (its
+`integrity` item), and a state with a non-finite value is never saved. A
+restore recomputes the checksums; a checkpoint that fails to restore or to
+verify is reported with a warning, left in place, and the one before it is
+restored instead. The keep-last-K rotation counts and deletes only finished
+checkpoints with checksums that were not found damaged, so it never deletes
+the newest verified one, nor anything in `checkpoints/` this code did not write.
 """
 
 from __future__ import annotations
@@ -19,19 +26,33 @@ import threading
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import files
+from diffusion_jax.train import checksums
 
 CONFIG_FILE = "config.json"
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's file of one process's position
+INTEGRITY_ITEM = "integrity"  # the checkpoint's item {"checksums": {array name: uint32}}
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint restored, but an array differs from what was saved, or is not finite."""
+
+
+def _agreed(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 class Checkpointer:
@@ -40,20 +61,29 @@ class Checkpointer:
   def __init__(self, workdir: str, *, every_steps: int, keep: int, async_saves: bool = True,
                delete_unfinished: bool = False):
     """`delete_unfinished`: delete the temporary directories of interrupted saves; only for the
-    run that trains in `workdir`, as a reader would delete a live run's save in progress."""
+    run that trains in `workdir`, as a reader would delete a live run's save in progress.
+    `keep`: how many checkpoints a saving run keeps (`_delete_old_steps`)."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.every_steps = every_steps
+    self.keep = keep
+    self._damaged: set[int] = set()  # steps found damaged: never restored, saved over or deleted
+    self._saved_any = False  # only a Checkpointer that saved deletes old steps
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_saves,
+            max_to_keep=None, create=True, enable_async_checkpointing=async_saves,
             cleanup_tmp_directories=delete_unfinished))
 
+  def _step_path(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
+
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The newest finished checkpoint not found damaged, or None."""
+    return max(self.all_steps(), default=None)
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    """The finished checkpoints not found damaged, oldest first."""
+    return sorted(set(self._manager.all_steps()) - self._damaged)
 
   def is_due(self, step: int) -> bool:
     """Whether `step` is a multiple of every_steps: when `save` saves without `force`."""
@@ -64,17 +94,57 @@ class Checkpointer:
     """Saves if `step` is a multiple of every_steps (or `force`); returns whether it did.
 
     A None iterator saves the state alone (a converted checkpoint has no data
-    position; training from it starts its data from the beginning). The save
-    runs in the background; an earlier one that failed (a full disk) raises
-    CheckpointError here or in `wait`.
+    position; training from it starts its data from the beginning). The
+    checksum of every array is saved with it. The save runs in the
+    background; an earlier one that failed (a full disk) raises
+    CheckpointError here or in `wait`. Once the earlier saves are finished,
+    the checkpoints beyond the newest `keep` are deleted (`_delete_old_steps`).
+
+    Raises:
+      FloatingPointError: `state` holds a non-finite value (named); nothing is saved.
     """
-    if not (force or self.is_due(step)) or step in self._manager.all_steps():
+    if not (force or self.is_due(step)) or self._is_taken(step):
       return False
-    items = {"state": ocp.args.StandardSave(state)}
+    saved_checksums, non_finite = checksums.array_summaries(state)
+    if non_finite:
+      raise FloatingPointError(
+          f"Not saving checkpoint {self._step_path(step)}: the state's {non_finite[0]} holds"
+          f" non-finite values ({len(non_finite)} array(s) do); the latest checkpoint is step"
+          f" {self.latest_step()}.")
+    items = {"state": ocp.args.StandardSave(state),
+             INTEGRITY_ITEM: ocp.args.JsonSave({"checksums": saved_checksums})}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.wait()
+    self._delete_old_steps()
+    self._saved_any = True
     with self._naming_save_failures():
       return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def _is_taken(self, step: int) -> bool:
+    """Whether something is at `step`'s path: this run's checkpoint, or (with a warning) another."""
+    path = self._step_path(step)
+    if not path.exists():
+      return False
+    if step not in self.all_steps():
+      what = "a damaged checkpoint" if step in self._damaged else "not a checkpoint"
+      logging.warning("Not saving step %d: %s is in the way (%s) and is left as it is; move it"
+                      " aside to save this step.", step, path, what)
+    return True
+
+  def _delete_old_steps(self) -> None:
+    """Deletes the finished checkpoints beyond the newest `keep` that hold checksums.
+
+    Called with no save in flight, so the newest finished checkpoint is
+    verified or saved by this run, and is kept. Steps found damaged, steps
+    without checksums and anything else in the directory are left alone.
+    """
+    ours = [step for step in self.all_steps()
+            if (self._step_path(step) / INTEGRITY_ITEM).exists()]
+    for step in ours[:-self.keep]:
+      self._manager.delete(step)
+      logging.info("Deleted checkpoint %s (train.keep_checkpoints=%d).", self._step_path(step),
+                   self.keep)
 
   @contextlib.contextmanager
   def _naming_save_failures(self):
@@ -89,41 +159,57 @@ class Checkpointer:
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """Restores the state onto the shardings of `abstract_state`, and the iterator in place.
 
-    The state is read onto any mesh, whatever the devices that saved it. The
-    data position is per process: resumed exactly by the same number of
-    processes; with another number, the iterator starts a fresh order seeded
-    by the step instead, with a warning.
+    The state is read onto any mesh, whatever the devices that saved it, and
+    checked against its saved checksums. With `step` None, a checkpoint that
+    fails to restore or to verify is reported with a warning and left in
+    place, and the one before it is restored. The data position is per
+    process: resumed exactly by the same number of processes; with another
+    number, or none saved, the iterator starts a fresh order seeded by the
+    step instead, with a warning naming the missing file.
 
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set.
       data_iterator: a `data.TrainIterator`, advanced in place to where the
-        checkpoint left it (left as it is when the checkpoint saved none);
-        None restores the state alone (for sampling and evaluation).
-      step: which checkpoint; the latest when None.
+        checkpoint left it; None restores the state alone (for sampling and
+        evaluation).
+      step: which checkpoint; None: the newest that restores and verifies.
 
     Returns:
       The restored state, or None when the directory holds no checkpoint.
+
+    Raises:
+      CheckpointError: `step` (or, with None, every checkpoint) is damaged.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
+    def items(step):
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
+      if data_iterator is not None and self._data_file(step).exists():
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      return items
+
+    found = self._restore_verified(items, step)
+    if found is None:
       return None
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    saved_counts = self.data_process_counts(step) if data_iterator is not None else set()
-    if jax.process_count() in saved_counts:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    state = self._restore(step, items).state
-    if saved_counts and jax.process_count() not in saved_counts:
-      logging.warning(
-          "Checkpoint %d holds the data position of %s process(es) and this run has %d: that"
-          " position cannot be resumed, so training goes on with a fresh data order seeded by"
-          " step %d (the examples already seen are not taken into account).", step,
-          " or ".join(map(str, sorted(saved_counts))), jax.process_count(), step)
-      data_iterator.restart_order(step)
-    return state
+    step, restored = found
+    if data_iterator is not None and not self._data_file(step).exists():
+      self._restart_data_order(step, data_iterator)
+    return restored.state
+
+  def _data_file(self, step: int) -> epath.Path:
+    """Where checkpoint `step` holds this process's data position (grain's file name)."""
+    return (self._step_path(step) / "data" /
+            f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+
+  def _restart_data_order(self, step: int, data_iterator) -> None:
+    saved = " or ".join(map(str, sorted(self.data_process_counts(step)))) or "no"
+    logging.warning(
+        "Checkpoint %d has no data position %s (it holds that of %s process(es)): training goes"
+        " on with a fresh data order seeded by step %d (the examples already seen are not taken"
+        " into account).", step, self._data_file(step), saved, step)
+    data_iterator.restart_order(step)
 
   def data_process_counts(self, step: int) -> set[int]:
     """The process counts whose data positions checkpoint `step` holds (grain's file names)."""
-    data_dir = epath.Path(self.directory) / str(step) / "data"
+    data_dir = self._step_path(step) / "data"
     if not data_dir.exists():
       return set()
     return {int(match[1]) for path in data_dir.iterdir()
@@ -135,28 +221,88 @@ class Checkpointer:
     What sampling and evaluation need, without reading the optimizer state
     (Adam's moments are twice the parameters). `abstract_fields` maps field
     names of the TrainState to pytrees of jax.ShapeDtypeStruct with shardings.
-    Returns the restored dict, or None when there is no checkpoint.
+    Verified and chosen as in `restore`. Returns the restored dict, or None
+    when there is no checkpoint.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
     restore = ocp.args.PyTreeRestore(
         item=abstract_fields, partial_restore=True,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_fields))
-    return self._restore(step, {"state": restore}).state
+    found = self._restore_verified(lambda _: {"state": restore}, step)
+    return None if found is None else found[1].state
+
+  def _restore_verified(self, make_items, step: int | None):
+    """-> (step, restored items) of `step`, else of the newest checkpoint that restores and
+    verifies; None when there is none. `make_items(step)`: the Orbax restore args."""
+    if step is not None:
+      return step, self._restore_and_verify(step, make_items(step))
+    self._report_strays()
+    failures = []
+    for candidate in reversed(self.all_steps()):
+      try:
+        return candidate, self._restore_and_verify(candidate, make_items(candidate))
+      except CheckpointError as error:
+        self._damaged.add(candidate)
+        failures.append(str(error))
+        logging.warning("%s It is left in place; trying the checkpoint before it.", error)
+    if failures:
+      raise CheckpointError(f"No checkpoint in {self.directory} restores: {' '.join(failures)}")
+    return None
+
+  def _report_strays(self) -> None:
+    """Warns of step-named paths that are not directories: never read, written or deleted."""
+    for path in epath.Path(self.directory).iterdir():
+      if path.name.isdigit() and not path.is_dir():
+        logging.warning("%s is a file, not a checkpoint: left as it is.", path)
+
+  def _restore_and_verify(self, step: int, items: dict):
+    """Restores `items` of `step` and checks the state against its saved checksums.
+
+    Every process reaches the same verdict: one that fails fails all.
+
+    Raises:
+      CheckpointError: naming the checkpoint and why (DamagedCheckpointError:
+        the first array that differs from what was saved, or is not finite).
+    """
+    has_checksums = (self._step_path(step) / INTEGRITY_ITEM).exists()
+    if has_checksums:
+      items = {**items, INTEGRITY_ITEM: ocp.args.JsonRestore()}
+    error, restored = None, None
+    try:
+      restored = self._restore(step, items)
+      saved = restored[INTEGRITY_ITEM]["checksums"] if has_checksums else None
+      self._verify(step, restored.state, saved)
+    except CheckpointError as e:
+      error = e
+    if not _agreed(error is None):
+      raise error or CheckpointError(
+          f"Checkpoint {self._step_path(step)} failed to restore on another process.")
+    if not has_checksums:
+      logging.warning("Checkpoint %s holds no checksums (saved by an older version): restored"
+                      " unverified.", self._step_path(step))
+    logging.info("Restored checkpoint of step %d from %s.", step, self.directory)
+    return restored
+
+  def _verify(self, step: int, tree, saved: dict[str, int] | None) -> None:
+    """Raises DamagedCheckpointError if an array of `tree` is not finite or not as `saved`."""
+    found, non_finite = checksums.array_summaries(tree)
+    damaged = [name for name, checksum in found.items()
+               if saved is not None and saved.get(name) != checksum]
+    if damaged:
+      raise DamagedCheckpointError(
+          f"Checkpoint {self._step_path(step)} is damaged: array {damaged[0]} differs from what"
+          f" was saved ({len(damaged)} array(s) do).")
+    if non_finite:
+      raise DamagedCheckpointError(
+          f"Checkpoint {self._step_path(step)} holds non-finite values in {non_finite[0]}"
+          f" ({len(non_finite)} array(s) do).")
 
   def _restore(self, step: int, items: dict):
     """The manager's restore of `items` at `step`; any failure names the checkpoint."""
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types for damaged files; name the checkpoint.
-      others = [s for s in self.all_steps() if s != step]
-      raise CheckpointError(
-          f"Cannot restore checkpoint {os.path.join(self.directory, str(step))}:"
-          f" {type(e).__name__}: {e}. Other checkpoints here: {others}. Move the damaged one"
-          " aside to resume from an earlier one; nothing was deleted.") from e
-    logging.info("Restored checkpoint of step %d from %s.", step, self.directory)
-    return restored
+      raise CheckpointError(f"Cannot restore checkpoint {self._step_path(step)}:"
+                            f" {type(e).__name__}: {e}.") from e
 
   def wait(self):
     """Blocks until every asynchronous save has been written."""
@@ -164,9 +310,11 @@ class Checkpointer:
       self._manager.wait_until_finished()
 
   def close(self):
-    """Waits for the saves in flight, then closes the manager."""
+    """Waits for the saves in flight, deletes the checkpoints past `keep`, closes the manager."""
     try:
       self.wait()
+      if self._saved_any:
+        self._delete_old_steps()
     finally:
       self._manager.close()
 

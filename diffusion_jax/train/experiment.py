@@ -52,6 +52,11 @@ class DiffusionConfig:
   p_std: float = 1.2
 
   def __post_init__(self):
+    configlib.check_ranges(self, "diffusion", {"num_timesteps": configlib.AT_LEAST_ONE,
+                                               "min_snr_gamma": configlib.POSITIVE,
+                                               "sigma_data": configlib.POSITIVE,
+                                               "p_mean": configlib.Range(),
+                                               "p_std": configlib.POSITIVE})
     loss = parse_enum(losses.LossType, self.loss, "diffusion.loss")
     if self.parameterization not in PARAMETERIZATIONS:
       raise ValueError(f"Unknown diffusion.parameterization {self.parameterization!r}; known:"
@@ -65,8 +70,6 @@ class DiffusionConfig:
     if self.loss_weighting == "min_snr" and loss is losses.LossType.VLB:
       raise ValueError("diffusion.loss_weighting 'min_snr' weights the MSE, which diffusion.loss"
                        " 'vlb' does not use.")
-    if self.min_snr_gamma <= 0:
-      raise ValueError(f"diffusion.min_snr_gamma must be positive, got {self.min_snr_gamma}.")
     for key, known in (("schedule", schedules.BETA_SCHEDULES),
                        ("timestep_sampler", losses.TIMESTEP_SAMPLERS)):
       if getattr(self, key) not in known:
@@ -111,6 +114,13 @@ class DiffusionConfig:
 
 DEFAULT_LABEL_DROPOUT = 0.1  # p_uncond; Ho & Salimans 2022 find 0.1 or 0.2 best
 
+TRAIN_RANGES = {  # TrainConfig's numeric fields and the values each accepts
+    **dict.fromkeys(("batch_size", "num_steps", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "num_samples", "sample_steps", "model_parallelism",
+                     "eval_num_samples", "grad_accum_steps"), configlib.AT_LEAST_ONE),
+    "eval_every": configlib.NON_NEGATIVE, "ema_decay": configlib.DECAY,
+    "label_dropout": configlib.DECAY, "sample_guidance": configlib.NON_NEGATIVE}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -141,27 +151,15 @@ class TrainConfig:
   on_nonfinite: str = "stop"
 
   def __post_init__(self):
-    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "num_samples", "sample_steps", "model_parallelism", "eval_num_samples",
-                 "grad_accum_steps"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}.")
-    if self.eval_every < 0:
-      raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}.")
+    configlib.check_ranges(self, "train", TRAIN_RANGES)
     if self.eval_metric not in ("fid", "fd_digits"):
       raise ValueError(f"Unknown train.eval_metric {self.eval_metric!r}; known: ['fid',"
                        " 'fd_digits'].")
     if self.sampler not in sampling.SAMPLERS:
       raise ValueError(f"Unknown train.sampler {self.sampler!r}; known: {sorted(sampling.SAMPLERS)}.")
-    if not 0.0 <= self.ema_decay < 1.0:
-      raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}.")
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(f"train.grad_accum_steps={self.grad_accum_steps} does not divide"
                        f" train.batch_size={self.batch_size}.")
-    if self.label_dropout is not None and not 0.0 <= self.label_dropout < 1.0:
-      raise ValueError(f"train.label_dropout must be in [0, 1), got {self.label_dropout}.")
-    if self.sample_guidance < 0:
-      raise ValueError(f"train.sample_guidance must be >= 0, got {self.sample_guidance}.")
     if self.on_nonfinite not in NONFINITE_ACTIONS:
       raise ValueError(f"Unknown train.on_nonfinite {self.on_nonfinite!r}; known:"
                        f" {list(NONFINITE_ACTIONS)}.")
@@ -276,7 +274,8 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   Each section holds all fields of its dataclass (`DataConfig`, the zoo entry's
   module, `DiffusionConfig`, `OptimConfig`, `TrainConfig`), so the command line
   can override any of them on any config. Config files end with it; it is
-  idempotent, and a key no section knows is a ValueError naming it.
+  idempotent, and a key no section knows, or a value out of its section's
+  range (NaN, lr <= 0, ...), is a ValueError naming it.
   """
   configlib.check_known(config, SECTIONS, "config")
   if "model" not in config:
@@ -288,6 +287,7 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   for name, cls in (("diffusion", DiffusionConfig), ("optim", optimizer.OptimConfig),
                     ("train", TrainConfig)):
     complete[name] = configlib.section(cls, config.get(name), name=name)
+    from_mapping(cls, complete[name], name)  # checks its values; `build` again after overrides
   return complete
 
 

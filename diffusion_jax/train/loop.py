@@ -52,6 +52,14 @@ def compile_train_step(exp, state_shardings, mesh, compiler_options: dict[str, s
       compiler_options=compiler_options)
 
 
+def check_batch_fits(batch_size: int, mesh) -> None:
+  """The global batch must split evenly over the mesh's data axis; else a ValueError naming it."""
+  devices = mesh.shape[parallel.DATA_AXIS]
+  if batch_size % devices:
+    raise ValueError(f"train.batch_size={batch_size} must be a multiple of the {devices} devices"
+                     " of the mesh's data axis (all devices / train.model_parallelism).")
+
+
 def create_state(exp, mesh, seed: int):
   """-> (the initial state, created directly in its shardings, and those shardings)."""
   rng = jax.random.PRNGKey(seed)
@@ -147,7 +155,7 @@ def _raise_if_skipped(accumulated: TrainMetrics | None, latest_checkpoint: int |
   skipped = jax.device_get(accumulated["skipped_steps"])
   if skipped.count:
     raise FloatingPointError(
-        f"Non-finite loss or gradient at step {int(skipped.first)} ({int(skipped.count)} such"
+        f"Non-finite loss, gradient or update at step {int(skipped.first)} ({int(skipped.count)} such"
         f" step(s) since the last log); stopping (train.on_nonfinite='stop'). The latest"
         f" checkpoint, step {latest_checkpoint}, is from before it; train.on_nonfinite='skip'"
         " skips such steps instead.")
@@ -164,12 +172,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model from config.model: name a factory there ("package.module:factory") to
   make that possible.
   """
-  checkpoint.check_writable(workdir)
   exp = tasks.build(config, model)
+  mesh = parallel.make_mesh(exp.train.model_parallelism)
+  check_batch_fits(exp.train.batch_size, mesh)
+  checkpoint.check_writable(workdir)
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=exp.train.checkpoint_every,
                                          keep=exp.train.keep_checkpoints, delete_unfinished=True)
   config_changes = run_config.check_resume(config, workdir, checkpointer)  # before any write
-  mesh = parallel.make_mesh(exp.train.model_parallelism)
   data_iterator = exp.make_train_iterator()
   state, shardings = create_state(exp, mesh, config.seed)
   state = checkpointer.restore(checkpoint.restore_target(state, shardings), data_iterator) or state

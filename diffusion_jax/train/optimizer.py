@@ -7,10 +7,16 @@ from typing import Any
 
 import optax
 
+from diffusion_jax import configlib
 from diffusion_jax.configlib import from_mapping
 
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+RANGES = {  # OptimConfig's numeric fields and the values each accepts
+    "lr": configlib.POSITIVE, "warmup_steps": configlib.NON_NEGATIVE,
+    "decay_steps": configlib.NON_NEGATIVE, "b1": configlib.DECAY, "b2": configlib.DECAY,
+    "eps": configlib.NON_NEGATIVE, "weight_decay": configlib.NON_NEGATIVE,
+    "momentum": configlib.DECAY, "grad_clip": configlib.NON_NEGATIVE}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,6 +36,7 @@ class OptimConfig:
   grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
 
   def __post_init__(self):
+    configlib.check_ranges(self, "optim", RANGES)
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"Unknown optim.optimizer {self.optimizer!r}; known: {OPTIMIZERS}.")
     if self.schedule not in SCHEDULES:

@@ -39,7 +39,7 @@ NO_STEP = jnp.iinfo(jnp.int32).max  # SkippedSteps.first when no step was skippe
 
 @flax.struct.dataclass
 class SkippedSteps(metrics.Metric):
-  """Steps whose update was skipped for a non-finite loss or gradient: how many, and the first.
+  """Steps skipped for a non-finite loss, gradient or update (`keep_finite_update`): count, first.
 
   compute() gives the count; `first` is the first skipped step's number (the
   step the update would have made, as the loop counts them), NO_STEP if none.
@@ -55,15 +55,28 @@ class SkippedSteps(metrics.Metric):
     return self.count
 
 
+def _all_finite(tree) -> jax.Array:
+  """bool []: whether every floating-point value in `tree` is finite (one fused reduction)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def keep_finite_update(state: TrainState, updated: TrainState, finite: jax.Array
                        ) -> tuple[TrainState, SkippedSteps]:
-  """`updated` if the step was `finite`, else `state` unchanged; the counter advances either way.
+  """`updated` if the step was finite, else `state` unchanged; the counter advances either way.
+
+  A step is finite when `finite` (the task's check of its loss and gradient)
+  holds and the updated parameters and EMA are finite too: a NaN or infinite
+  learning rate, or an update that overflows, never reaches the state. One
+  `lax.cond` on that scalar picks the whole state, on the device.
 
   Every task's train step ends with it, so the loop's train.on_nonfinite
   holds for all of them. Returns the new state and the step's skipped_steps
-  metric.
+  metric; `skipped.count == 0` is the step's finiteness, for the task's means.
   """
-  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  finite = finite & _all_finite((updated.params, updated.ema_params))
+  kept = jax.lax.cond(finite, lambda: updated, lambda: state)
   skipped = SkippedSteps(count=jnp.where(finite, 0, 1).astype(jnp.int32),
                          first=jnp.where(finite, NO_STEP, state.step + 1).astype(jnp.int32))
   return kept.replace(step=state.step + 1), skipped
@@ -194,8 +207,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
   accumulated over fns.grad_accum_steps microbatches, and the timestep sampler
   sees every example's loss.
 
-  A step with a non-finite loss or gradient changes nothing but the step
-  counter: params, EMA, optimizer and timestep-sampler states keep their
+  A step with a non-finite loss, gradient, or updated parameters or EMA
+  changes nothing but the step counter: params, EMA, optimizer and timestep-sampler states keep their
   values, and the metrics count it in skipped_steps instead of the means. The
   next step draws new noise (its key folds in the new counter) on the next
   batch. The loop decides whether the run goes on (train.on_nonfinite).
@@ -218,5 +231,5 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
   new_state, skipped = keep_finite_update(state, state.replace(
       params=params, ema_params=ema_params, opt_state=opt_state,
       sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss)), finite)
-  return new_state, dict(_metrics(fns, terms, t, grad_norm, state.step, finite),
+  return new_state, dict(_metrics(fns, terms, t, grad_norm, state.step, skipped.count == 0),
                          skipped_steps=skipped)

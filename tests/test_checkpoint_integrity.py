@@ -1,0 +1,156 @@
+"""Checkpoints detect damage, never hold non-finite values, and never lose the last good one."""
+
+import hashlib
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import digits
+from diffusion_jax import parallel, train
+from diffusion_jax.data import pipeline
+from diffusion_jax.train import checkpoint, checksums
+
+
+def _config(num_steps: int):
+  """digits:smoke, a checkpoint every 2 steps, the newest 2 kept."""
+  config = digits.get_config("smoke")
+  config.train.update(num_steps=num_steps, checkpoint_every=2, keep_checkpoints=2)
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> str:
+  """A workdir trained for 4 steps: checkpoints 2 and 4. Tests work on copies of it."""
+  workdir = str(tmp_path_factory.mktemp("integrity") / "run")
+  train.train_and_evaluate(_config(4), workdir)
+  return workdir
+
+
+@pytest.fixture
+def workdir(trained, tmp_path) -> str:
+  copy = str(tmp_path / "run")
+  shutil.copytree(trained, copy)
+  return copy
+
+
+def _entries(workdir) -> list[str]:
+  return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def _digest(path) -> str:
+  """SHA-256 of a file, or of every file under a directory."""
+  paths = ([os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+           if os.path.isdir(path) else [path])
+  digest = hashlib.sha256()
+  for file in sorted(paths):
+    with open(file, "rb") as f:
+      digest.update(f.read())
+  return digest.hexdigest()
+
+
+def _flip_one_byte(step_dir) -> None:
+  """Flips one bit in the middle of the largest array data file of the checkpoint."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+           for name in names if os.path.basename(root) == "d"]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.seek(os.path.getsize(largest) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x10]))
+
+
+def _warnings(caplog) -> str:
+  return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_a_flipped_byte_falls_back_to_the_step_before_which_rotation_keeps(workdir, caplog):
+  step_4 = os.path.join(workdir, "checkpoints", "4")
+  _flip_one_byte(step_4)
+  damaged = _digest(step_4)
+  with caplog.at_level(logging.INFO):
+    state = train.train_and_evaluate(_config(8), workdir)
+  assert int(state.step) == 8
+  warnings = _warnings(caplog)
+  assert f"Checkpoint {step_4} is damaged: array " in warnings
+  assert "Restored checkpoint of step 2 " in caplog.text
+  assert f"Not saving step 4: {step_4} is in the way (a damaged checkpoint)" in warnings
+  # Resumed from 2: saved 6 and 8, then kept the newest 2 verified ones; 4 is as it was.
+  assert _entries(workdir) == ["4", "6", "8"] and _digest(step_4) == damaged
+
+
+def test_a_file_and_an_unrestorable_step_are_reported_and_left_in_place(workdir, caplog):
+  checkpoints = os.path.join(workdir, "checkpoints")
+  with open(os.path.join(checkpoints, "6"), "w") as f:
+    f.write("not a checkpoint")
+  os.makedirs(os.path.join(checkpoints, "8", "state"))
+  with open(os.path.join(checkpoints, "8", "state", "notes.txt"), "w") as f:
+    f.write("someone else's")
+  foreign = {step: _digest(os.path.join(checkpoints, step)) for step in ("6", "8")}
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(_config(10), workdir)
+  warnings = _warnings(caplog)
+  assert f"{checkpoints}/6 is a file, not a checkpoint: left as it is." in warnings
+  assert f"Cannot restore checkpoint {checkpoints}/8: " in warnings
+  assert "Restored checkpoint of step 4 " in caplog.text
+  for step, what in (("6", "not a checkpoint"), ("8", "a damaged checkpoint")):
+    assert f"Not saving step {step}: {checkpoints}/{step} is in the way ({what})" in warnings
+  assert _entries(workdir) == ["10", "4", "6", "8"]
+  assert {step: _digest(os.path.join(checkpoints, step)) for step in foreign} == foreign
+
+
+def test_when_no_checkpoint_restores_the_run_stops_and_deletes_nothing(workdir):
+  for step in ("2", "4"):
+    _flip_one_byte(os.path.join(workdir, "checkpoints", step))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"No checkpoint in .*checkpoints restores: .*/4 is damaged.*/2 is dam"):
+    train.train_and_evaluate(_config(6), workdir)
+  assert _entries(workdir) == ["2", "4"]
+
+
+def test_a_checkpoint_without_its_data_position_restarts_the_order_with_a_warning(
+    workdir, caplog, monkeypatch):
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4", "data"))
+  restarts = []
+  monkeypatch.setattr(pipeline.TrainIterator, "restart_order",
+                      lambda iterator, step: restarts.append(step))
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(_config(5), workdir)
+  missing = os.path.join(workdir, "checkpoints", "4", "data", "process_0-of-1.json")
+  assert f"Checkpoint 4 has no data position {missing}" in _warnings(caplog)
+  assert restarts == [4]
+
+
+def test_a_state_with_a_non_finite_value_is_never_saved(tmp_path):
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2)
+  state = {"params": {"w": jnp.array([1.0, jnp.nan])}, "step": jnp.array(1)}
+  with pytest.raises(FloatingPointError, match=r"checkpoints/1: the state's params/w holds"
+                                               r" non-finite values"):
+    checkpointer.save(1, state, None, force=True)
+  checkpointer.close()
+  assert _entries(tmp_path) == []
+
+
+def test_checksums_see_any_one_changed_value_on_any_sharding():
+  values = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+  sharded = jax.device_put(values, NamedSharding(parallel.make_mesh(), P("data")))
+  found, non_finite = checksums.array_summaries({"a": sharded, "b": jnp.array(True)})
+  assert found["a"] == checksums.array_summaries({"a": values})[0]["a"]
+  assert not non_finite
+  changed = set()
+  for i in np.ndindex(values.shape):
+    for new in (np.nextafter(values[i], np.inf), -values[i] - 1):
+      altered = values.copy()
+      altered[i] = new
+      changed.add(checksums.array_summaries({"a": altered})[0]["a"])
+  assert found["a"] not in changed
+  swapped = values.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places
+  assert checksums.array_summaries({"a": swapped})[0]["a"] != found["a"]
