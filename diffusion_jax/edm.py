@@ -29,7 +29,7 @@ NetFn = Callable[[jax.Array, jax.Array], jax.Array]
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # EDM sec. 3 / Table 1: the sampler's defaults
 
 
-def _per_example(sigma: jax.Array, ndim: int) -> jax.Array:
+def per_example(sigma: jax.Array, ndim: int) -> jax.Array:
   """sigma [B] shaped [B, 1, ..., 1] to broadcast against rank-`ndim` images."""
   return jnp.reshape(sigma, sigma.shape + (1,) * (ndim - sigma.ndim))
 
@@ -71,7 +71,7 @@ class Preconditioning:
   def denoise(self, net_fn: NetFn, x: jax.Array, sigma: jax.Array) -> jax.Array:
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (eq. 7) for x [B, ...], sigma [B]."""
     c = self.coefficients(sigma)
-    scale = lambda c_i: _per_example(c_i, x.ndim)
+    scale = lambda c_i: per_example(c_i, x.ndim)
     return scale(c.c_skip) * x + scale(c.c_out) * net_fn(scale(c.c_in) * x, c.c_noise)
 
   def loss_weight(self, sigma: jax.Array) -> jax.Array:
@@ -102,8 +102,8 @@ class LogNormalSigmas:
     normal = jax.random.normal(key, (batch_size,), jnp.float32)
     return self.precond.sigma_from_normal(normal), jnp.ones((batch_size,), jnp.float32)
 
-  def update(self, state, sigma, losses_):
-    del sigma, losses_
+  def update(self, state, sigma, loss):
+    del sigma, loss
     return state
 
   def quarter(self, sigma: jax.Array) -> jax.Array:
@@ -122,7 +122,7 @@ def training_losses(net_fn: NetFn, precond: Preconditioning, y: jax.Array, sigma
   constant factor H W C, which Adam's updates do not see. `mse` is the
   unweighted mean squared error of D; `vb` is 0 (no variational bound).
   """
-  x = y + _per_example(sigma, y.ndim) * noise
+  x = y + per_example(sigma, y.ndim) * noise
   mse = losses.mean_flat(jnp.square(precond.denoise(net_fn, x, sigma) - y))
   return losses.LossTerms(precond.loss_weight(sigma) * mse, mse, jnp.zeros_like(mse))
 

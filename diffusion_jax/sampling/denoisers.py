@@ -46,10 +46,6 @@ class Denoiser:
   round_sigma: Callable[[jax.Array], jax.Array] = _identity
 
 
-def _per_example(sigma: jax.Array, ndim: int) -> jax.Array:
-  return sigma.reshape(sigma.shape + (1,) * (ndim - sigma.ndim))
-
-
 def _clipped(d: jax.Array, clip: bool) -> jax.Array:
   return jnp.clip(d, -1.0, 1.0) if clip else d
 
@@ -81,7 +77,7 @@ def from_discrete(model_fn: ModelFn, spec: ModelSpec,
 
   def denoise(x, sigma):
     index = nearest_index(sigmas, sigma)
-    sigma = _per_example(sigma, x.ndim)
+    sigma = edm.per_example(sigma, x.ndim)
     x_t = x * jax.lax.rsqrt(1.0 + jnp.square(sigma))
     mean_output, _ = diffusion.split_output(spec, model_fn(x_t, steps.timesteps[index]))
     eps = diffusion.predict_eps(spec, steps.schedule, mean_output, x_t, index)
@@ -114,7 +110,7 @@ def from_vp(model_fn: ModelFn, spec: ModelSpec, *, beta_d: float = 19.9, beta_mi
 
   def denoise(x, sigma):
     c_noise = (num_timesteps - 1) * edm.vp_sigma_inv(sigma, **vp)
-    sigma = _per_example(sigma, x.ndim)
+    sigma = edm.per_example(sigma, x.ndim)
     eps, _ = diffusion.split_output(
         spec, model_fn(x * jax.lax.rsqrt(1.0 + jnp.square(sigma)), c_noise))
     return _clipped(x - sigma * eps, spec.clip_x0)
@@ -135,7 +131,7 @@ def as_discrete_model(denoiser: Denoiser, spec: ModelSpec,
   sigmas = discrete_sigmas(schedule)
 
   def model_fn(x_t, t):
-    x = x_t * _per_example(schedule.sqrt_recip_alphas_cumprod[t], x_t.ndim)
+    x = x_t * edm.per_example(schedule.sqrt_recip_alphas_cumprod[t], x_t.ndim)
     return denoiser.denoise(x, sigmas[t])
 
   return model_fn, dataclasses.replace(spec, mean_type=diffusion.MeanType.X0, edm=None)
