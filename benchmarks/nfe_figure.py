@@ -63,7 +63,7 @@ def main(argv):
   if len(labels) != len(reports):
     raise app.UsageError(f"--labels has {len(labels)} names for {len(reports)} reports.")
   metric = _metric(reports[0])
-  figure, axes = pyplot.subplots(figsize=(7, 4.5))
+  figure, axes = pyplot.subplots(figsize=(7, 4))
   every_curve = {}
   for report, label, style in zip(reports, labels, STYLES * len(reports)):
     for index, (name, points) in enumerate(sorted(_curves(report, metric).items())):
@@ -75,9 +75,8 @@ def main(argv):
       axes.axhline(floor, color="grey", linestyle=style, linewidth=0.8, label=f"{label}: real data")
   axes.set(xscale="log", yscale="log", xlabel="NFE (network evaluations per image)",
            ylabel=metric)
-  axes.legend(fontsize=6, ncol=2)
-  figure.tight_layout()
-  figure.savefig(_OUTPUT.value, dpi=120)
+  axes.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+  figure.savefig(_OUTPUT.value, dpi=120, bbox_inches="tight")
   print(_table(every_curve))
   print(f"wrote {_OUTPUT.value}")
 
