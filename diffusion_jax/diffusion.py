@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax.schedules import Schedule
+
+if TYPE_CHECKING:
+  from diffusion_jax.edm import Preconditioning
 
 
 class MeanType(str, enum.Enum):
@@ -40,12 +43,16 @@ class VarType(str, enum.Enum):
 class ModelSpec:
   """How to read a model output: mean and variance parameterisation, x_0 clipping.
 
-  Hashable, so it can be a static argument of a jitted function.
+  Hashable, so it can be a static argument of a jitted function. With `edm`
+  set the network is EDM-preconditioned (Karras et al. 2022, eq. 7): it is
+  called with (c_in x, c_noise) and outputs F, mean_type and var_type do not
+  apply, and the discrete-time functions here must not read its output.
   """
 
   mean_type: MeanType = MeanType.EPSILON
   var_type: VarType = VarType.FIXED_SMALL
   clip_x0: bool = True  # clip the predicted x_0 to [-1, 1] when sampling
+  edm: Preconditioning | None = None  # EDM's preconditioning, or None: a discrete-time model
 
   def __post_init__(self):
     object.__setattr__(self, "mean_type", parse_enum(MeanType, self.mean_type, "mean_type"))
@@ -148,6 +155,13 @@ def predict_x0(spec: ModelSpec, schedule: Schedule, mean_output, x_t, t):
   if spec.mean_type is MeanType.X0:
     return mean_output
   return x0_from_v(schedule, x_t, t, mean_output)
+
+
+def predict_eps(spec: ModelSpec, schedule: Schedule, mean_output, x_t, t):
+  """The model's eps estimate from its mean output: itself, or from its (unclipped) x_0."""
+  if spec.mean_type is MeanType.EPSILON:
+    return mean_output
+  return eps_from_x0(schedule, x_t, t, predict_x0(spec, schedule, mean_output, x_t, t))
 
 
 # ----------------------------------------------------------------------------- reverse

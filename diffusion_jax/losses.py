@@ -143,6 +143,7 @@ def training_losses(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, loss
   `min_snr_weights` (the returned `mse` stays unweighted, for logging).
   """
   loss_type = diffusion.parse_enum(LossType, loss_type, "loss_type")
+  _check_discrete_time(spec, "training_losses")
   _check_loss_fits(loss_type, spec)
   if min_snr_gamma is not None and loss_type is LossType.VLB:
     raise ValueError("min-SNR weighting weights the MSE, which loss 'vlb' does not use.")
@@ -162,6 +163,12 @@ def training_losses(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, loss
     return LossTerms(weighted_mse + HYBRID_LAMBDA * num_timesteps * vb, mse, vb)
   vb = vb_term_bits(spec, schedule, output, x_start, x_t, t)
   return LossTerms(num_timesteps * vb, mse, vb)
+
+
+def _check_discrete_time(spec: ModelSpec, name: str):
+  if spec.edm is not None:
+    raise ValueError(f"{name} reads a discrete-time model's output; this model is"
+                     " EDM-preconditioned (use edm.training_losses; it has no DDPM bound).")
 
 
 def _check_loss_fits(loss_type: LossType, spec: ModelSpec):
@@ -194,6 +201,10 @@ class UniformSampler:
   def update(self, state, t, losses):
     del t, losses
     return state
+
+  def quarter(self, t: jax.Array) -> jax.Array:
+    """int32 [B]: the quarter of [0, T) each timestep t [B] lies in (0..3), for the metrics."""
+    return t * 4 // self.num_timesteps
 
 
 class LossHistory(NamedTuple):
@@ -233,6 +244,8 @@ class LossAwareSampler:
     p = self.probabilities(state)
     t = jax.random.choice(key, self.num_timesteps, (batch_size,), p=p)
     return t.astype(jnp.int32), 1.0 / (self.num_timesteps * p[t])
+
+  quarter = UniformSampler.quarter
 
   def update(self, state: LossHistory, t, losses) -> LossHistory:
     """Pushes each example's loss into its timestep's history, oldest dropped, in batch order."""
@@ -281,6 +294,7 @@ def nll_bpd(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, x_start, key
       `clip_denoised=True`): the bound of the clipped sampler. False (the
       default) gives the bound of the model's own p(x_{t-1} | x_t).
   """
+  _check_discrete_time(spec, "nll_bpd")
   batch = x_start.shape[0]
 
   def step(carry, t_and_key):

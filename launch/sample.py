@@ -3,6 +3,7 @@
     python -m launch.sample --workdir=workdirs/digits --num_samples=50000 --sampler=ddim --steps=50
     python -m launch.sample --workdir=workdirs/imagenet64 --sampler=dpm_solver --steps=20 \
         --guidance=1.5 --output=/tmp/samples
+    python -m launch.sample --workdir=workdirs/digits --sampler=edm_heun --steps=18  # 35 calls
 
 Writes OUTPUT/batch_*.npz as batches finish, then OUTPUT/samples.npz ('arr_0':
 uint8 NHWC, what FID tools read) and OUTPUT/grid.png; OUTPUT defaults to
@@ -33,8 +34,14 @@ from launch import common
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoints.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50_000, "Images to draw.")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", sorted(sampling.SAMPLERS), "The sampler.")
-_STEPS = flags.DEFINE_integer("steps", 50, "Model calls per image; 0 = all T training steps.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Model calls per image; 0 = all T training steps"
+                              " (edm_heun: EDM's N noise levels, 2N - 1 calls; 0 = 18).")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM's noise scale, 0 = deterministic (ddim only).")
+_ORDER = flags.DEFINE_integer("order", 2, "DPM-Solver++'s multistep order, 1-3 (dpm_solver only).")
+_S_CHURN = flags.DEFINE_float("s_churn", 0.0, "EDM's S_churn, 0 = deterministic (edm_heun only).")
+_S_TMIN = flags.DEFINE_float("s_tmin", 0.0, "EDM's S_tmin: churn for sigma >= it (edm_heun only).")
+_S_TMAX = flags.DEFINE_float("s_tmax", float("inf"), "EDM's S_tmax (edm_heun only).")
+_S_NOISE = flags.DEFINE_float("s_noise", 1.0, "EDM's S_noise (edm_heun only).")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance scale w; 0 = none.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per batch, over all devices.")
 _SEED = flags.DEFINE_integer("seed", 0, "Batch b is drawn with fold_in(key(seed), b).")
@@ -52,12 +59,12 @@ def main(argv):
   if _BATCH_SIZE.value % jax.device_count():
     raise app.UsageError(f"--batch_size={_BATCH_SIZE.value} must be a multiple of the"
                          f" {jax.device_count()} devices.")
-  config = sampling.SamplerConfig(_SAMPLER.value, _STEPS.value or None, _ETA.value,
-                                  _GUIDANCE.value)
+  config = sampling.SamplerConfig(
+      _SAMPLER.value, _STEPS.value or None, _ETA.value, _GUIDANCE.value, order=_ORDER.value,
+      s_churn=_S_CHURN.value, s_tmin=_S_TMIN.value, s_tmax=_S_TMAX.value, s_noise=_S_NOISE.value)
   model = inference.load_ema_for_sampling(_WORKDIR.value, _STEP.value,
                                           trust_model_code=_TRUST_MODEL_CODE.value)
-  name = (f"step{model.step}-{config.sampler}-{config.steps or 'all'}steps-eta{config.eta:g}"
-          f"-w{config.guidance_scale:g}-seed{_SEED.value}")
+  name = f"step{model.step}-{config.label}-seed{_SEED.value}"
   output = _OUTPUT.value or files.join(_WORKDIR.value, "samples", name)
   outputs.check_apart(output, [files.join(_WORKDIR.value, checkpoint.CONFIG_FILE),
                                files.join(_WORKDIR.value, "checkpoints")])

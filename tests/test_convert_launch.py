@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from diffusion_jax import convert, weightfiles
+from diffusion_jax import convert, images, sampling, weightfiles
 from diffusion_jax.train.inference import load_ema_for_sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,3 +70,27 @@ def test_load_is_the_workdirs_ema_model_with_rescaled_timesteps(tmp_path):
     out = model.apply_fn(model.params, arrays["x"], arrays["t"], None)
     assert np.abs(np.asarray(out) - arrays["out"]).max() < 1e-4
 
+
+
+def test_converted_improved_diffusion_samples_with_the_edm_sampler(tmp_path):
+  """A learned-sigma, rescaled-timestep T=4000 improved-diffusion model through the discrete
+  adapter: launch.sample --sampler=edm_heun equals edm_sample of its denoiser."""
+  path = os.path.join(DATA, "iddpm_small.pt")
+  flags = dict(image_size=32, num_heads=2, diffusion_steps=4000, learn_sigma=True)
+  convert.write_workdir(convert.convert(path, "improved_diffusion", **flags), str(tmp_path / "w"))
+  output = tmp_path / "samples"
+  result = _run("launch.sample", f"--workdir={tmp_path / 'w'}", "--num_samples=8",
+                "--batch_size=8", "--sampler=edm_heun", "--steps=3", f"--output={output}",
+                "--compilation_cache=")
+  assert result.returncode == 0, result.stderr[-3000:]
+  samples = np.load(output / "samples.npz")["arr_0"]
+  assert samples.shape == (8, 32, 32, 3) and samples.std() > 0
+
+  model = load_ema_for_sampling(str(tmp_path / "w"))
+  assert model.spec.learns_variance and model.schedule.num_timesteps == 4000
+  denoiser = sampling.denoisers.from_discrete(
+      lambda x, t: model.apply_fn(model.params, x, t, None), model.spec, model.schedule)
+  _, key = jax.random.split(jax.random.fold_in(jax.random.key(0), 0))  # batch 0, as drawn
+  direct = jax.jit(lambda key: sampling.edm_sample(denoiser, key, (8, 32, 32, 3), num_steps=3))(
+      key)
+  assert np.abs(images.to_uint8(direct).astype(int) - samples).max() <= 1

@@ -100,11 +100,17 @@ def test_nll_with_and_without_clipping(digits_smoke_run, tmp_path):
 
 
 def test_sweep_writes_fd_vs_nfe_figure(digits_smoke_run):
+  """NFE is the true number of network calls: EDM's Heun makes 2N - 1 for N steps; settings
+  that differ only in their churn are separate runs (own samples, own line)."""
   config = _config(name="sweep", samplers=[dict(sampler="ddim", steps=2),
-                                           dict(sampler="ddim", steps=4)],
+                                           dict(sampler="ddim", steps=4),
+                                           dict(sampler="edm_heun", steps=2),
+                                           dict(sampler="edm_heun", steps=2, s_churn=1.0)],
                    metrics=("fd_digits",), real_floor=False)
   report = evaluation.evaluate(config, digits_smoke_run)
-  assert [r["nfe"] for r in report["runs"]] == [2, 4]
+  assert [r["nfe"] for r in report["runs"]] == [2, 4, 3, 3]
+  assert [r["options"] for r in report["runs"]] == ["", "", "", "s_churn=1"]
+  assert report["runs"][2]["fd_digits"] != report["runs"][3]["fd_digits"]
   assert os.path.exists(os.path.join(digits_smoke_run, "eval", "sweep-step4", "fid_vs_nfe.png"))
 
 
@@ -251,7 +257,7 @@ def test_reference_of_wrong_dimension_is_refused(tmp_path, random_inception_weig
 @pytest.mark.parametrize("name, variant", [
     ("digits", ""), ("digits", "smoke"), ("digits", "sweep"), ("cifar10_ddpm", None),
     ("cifar10_iddpm", ""), ("cifar10_iddpm", "sweep"), ("celebahq256_ddpm", None),
-    ("imagenet64_iddpm", None)])
+    ("imagenet64_iddpm", None), ("digits", "edm"), ("digits", "nfe"), ("cifar10_edm", None)])
 def test_every_eval_config_is_valid(name, variant):
   module = importlib.import_module(f"configs.eval.{name}")
   config = evaluation.from_config_dict(

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from diffusion_jax import images, sampling, schedules
+from diffusion_jax import edm, images, sampling, schedules
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.sampling import generate
 
@@ -86,6 +86,11 @@ MOMENT_CASES = {
     "ddim_eta1": (sampling.ddim_sample, SCHEDULE, "fixed_small", {"eta": 1.0}),
     "dpm_solver_20": (sampling.dpm_solver_sample, sampling.logsnr_respaced(SCHEDULE, 20),
                       "fixed_small", {}),
+    "dpm_solver_3m_20": (sampling.dpm_solver_sample, sampling.logsnr_respaced(SCHEDULE, 20),
+                         "fixed_small", {"order": 3}),
+    # EDM's Heun through the discrete adapter: its bias at 18 steps is ~11% of the variance
+    # on this narrow Gaussian (as EDM's own sampler: tests/test_edm.py), ~1% at 60.
+    "edm_heun_60": (sampling.edm_heun_sample, SCHEDULE, "fixed_small", {"num_steps": 60}),
 }
 
 
@@ -187,6 +192,55 @@ def test_dpm_solver_final_denoise_is_the_x0_prediction_at_the_smallest_timestep(
   x = sample(sampling.dpm_solver_sample, DPM_STEPS, LARGE, x_T=x_T, denoise_to_zero=False)
   denoised = sample(sampling.dpm_solver_sample, DPM_STEPS, LARGE, x_T=x_T)
   np.testing.assert_allclose(posterior_mean_x0(x, ALPHAS_CUMPROD[0]), denoised, atol=1e-5)
+
+
+def diffusers_dpm_solver(timesteps, order, final_sigmas_type, x_T):
+  """diffusers' DPMSolverMultistepScheduler (dpmsolver++, midpoint, lower_order_final on) on the
+  Gaussian eps-model, stepping through `timesteps` (descending) from x_T."""
+  torch, diffusers = pytest.importorskip("torch"), pytest.importorskip("diffusers")
+  scheduler = diffusers.DPMSolverMultistepScheduler(
+      num_train_timesteps=T, beta_schedule="linear", solver_order=order,
+      algorithm_type="dpmsolver++", final_sigmas_type=final_sigmas_type)
+  scheduler.set_timesteps(timesteps=list(timesteps))
+  x = torch.from_numpy(x_T)
+  for t in scheduler.timesteps:
+    eps = gaussian_eps_model(jnp.asarray(x.numpy()), jnp.full((x.shape[0],), int(t)))
+    x = scheduler.step(torch.from_numpy(np.array(eps)), t, x).prev_sample
+  return x.numpy()
+
+
+@pytest.mark.parametrize("order, num_steps, final_sigmas_type", [
+    (2, 8, "sigma_min"), (3, 8, "sigma_min"), (3, 20, "sigma_min"), (2, 20, "zero"),
+    (3, 25, "zero")])
+def test_dpm_solver_equals_diffusers_step_for_step(order, num_steps, final_sigmas_type):
+  """DPM-Solver++(2M/3M) on our log-SNR grid equals diffusers' scheduler stepping the same grid.
+
+  "sigma_min" ends on the smallest timestep: our K - 1 steps without the
+  denoising step, lower_order_final active below 15 steps. "zero" ends on
+  sigma = 0: our denoise_to_zero (diffusers lowers its second-to-last step
+  there instead, so below 15 steps the two differ by design).
+  """
+  x_T = normal(3, SMALL)
+  to_zero = final_sigmas_type == "zero"
+  steps = sampling.logsnr_respaced(SCHEDULE, num_steps + (0 if to_zero else 1))
+  grid = np.asarray(steps.timesteps)[::-1]
+  theirs = diffusers_dpm_solver(grid if to_zero else grid[:-1], order, final_sigmas_type, x_T)
+  ours = sample(sampling.dpm_solver_sample, steps, SMALL, x_T=x_T, order=order,
+                denoise_to_zero=to_zero)
+  np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-5)
+
+
+def test_solver_orders_warm_up_and_lower_the_final_steps():
+  """Index i steps from grid point i + 1 to i; index 0 is the step to lambda = inf."""
+  orders = lambda *args: sampling.samplers.solver_orders(*args).tolist()
+  assert orders(6, 0, 3, True) == [1, 1, 2, 3, 2, 1]  # 5 solver steps + the denoising step
+  assert orders(6, 0, 3, False) == [1, 3, 3, 3, 2, 1]
+  assert orders(6, 1, 2, True) == [0, 1, 2, 2, 2, 1]  # no denoising step: index 0 unused
+  assert orders(16, 0, 2, True) == orders(16, 0, 2, False)  # 15 solver steps: unchanged
+  assert orders(15, 0, 2, True) != orders(15, 0, 2, False)
+  with pytest.raises(ValueError, match="order must be 1, 2 or 3, got 4"):
+    sampling.dpm_solver_sample(gaussian_eps_model, SPEC, DPM_STEPS, jax.random.key(0), SMALL,
+                               order=4)
 
 
 def test_logsnr_respaced_is_uniform_in_lambda_and_distinct():
@@ -382,3 +436,61 @@ def test_batch_sampler_with_labels_and_guidance():
     sampling.SamplerConfig("dpm_solver", eta=1.0)
   with pytest.raises(ValueError, match="Unknown sampler"):
     sampling.SamplerConfig("euler")
+
+
+def test_sampler_config_counts_network_calls_and_names_misplaced_options():
+  assert sampling.SamplerConfig("edm_heun", steps=18).nfe(T) == 35  # 2N - 1: no correction at 0
+  assert sampling.SamplerConfig("edm_heun").nfe(T) == 35  # EDM's default N = 18
+  assert sampling.SamplerConfig("edm_heun", steps=5, guidance_scale=1.0).nfe(T) == 18
+  assert sampling.SamplerConfig("dpm_solver", steps=20, order=3).nfe(T) == 20
+  assert sampling.SamplerConfig("ddim").nfe(T) == T
+  assert sampling.SamplerConfig("edm_heun", steps=18, s_churn=40).label == (
+      "edm_heun-18steps-eta0-w0-s_churn40")
+  with pytest.raises(ValueError, match="s_churn=1 apply to sampler 'edm_heun' only, not 'ddim'"):
+    sampling.SamplerConfig("ddim", s_churn=1.0)
+  with pytest.raises(ValueError, match="order=3 applies to sampler 'dpm_solver' only, not 'ddim'"):
+    sampling.SamplerConfig("ddim", order=3)
+  with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
+    sampling.SamplerConfig("dpm_solver", order=0)
+  with pytest.raises(ValueError, match=r"sampler.s_noise must be a finite number > 0, got 0.0"):
+    sampling.SamplerConfig("edm_heun", s_noise=0.0)
+  with pytest.raises(ValueError, match="sampler.s_tmax must be >= s_tmin=2.0, got 1.0"):
+    sampling.SamplerConfig("edm_heun", s_churn=1.0, s_tmin=2.0, s_tmax=1.0)
+
+
+def test_batch_sampler_runs_edm_heun_on_discrete_and_edm_models():
+  """edm_heun through make_batch_sampler: guided discrete models via the VP adapter, and
+  EDM-preconditioned networks both natively and as x_0-models of the other samplers."""
+  calls = []
+  conditional = toy_conditional_model(calls, learned_variance=False)
+  w, null, labels = 2.0, 10, np.array([0, 3, 7, 9])
+  spec = ModelSpec(clip_x0=False)
+  config = sampling.SamplerConfig("edm_heun", steps=4, guidance_scale=w)
+  guided = jit(sampling.make_batch_sampler(config, lambda p, x, t, y: conditional(x, t, y), spec,
+                                           SCHEDULE, (2, 2, 1), 4, num_classes=10,
+                                           labels=labels))({}, jax.random.key(0))
+  assert calls == [8, 8]  # the Euler and Heun call sites, each one batched call of 2B
+  shift = 0.1 * (labels + w * (labels - null))[:, None, None, None]
+  closed_form = lambda x, t: 0.5 * x + t[:, None, None, None] / T + shift
+  label_key, key = jax.random.split(jax.random.key(0))
+  del label_key
+  expected = jit(lambda key: sampling.edm_sample(
+      sampling.denoisers.from_discrete(closed_form, spec, SCHEDULE), key, (4, 2, 2, 1),
+      num_steps=4))(key)
+  np.testing.assert_allclose(guided, expected, rtol=1e-5, atol=1e-5)
+
+  edm_spec = ModelSpec(clip_x0=False, edm=edm.Preconditioning())
+  net = lambda params, x_in, c_noise, y: params * jnp.tanh(x_in) + 0.0 * c_noise[:, None, None, None]
+  for name in ("edm_heun", "ddim"):
+    draw = jit(sampling.make_batch_sampler(sampling.SamplerConfig(name, steps=5), net, edm_spec,
+                                           SCHEDULE, (2, 2, 1), 4))
+    x = draw(1.0, jax.random.key(2))
+    denoiser = sampling.denoisers.from_edm(lambda x_in, c: net(1.0, x_in, c, None), edm_spec)
+    _, key = jax.random.split(jax.random.key(2))
+    if name == "edm_heun":
+      direct = sampling.edm_sample(denoiser, key, (4, 2, 2, 1), num_steps=5)
+    else:
+      model_fn, x0_spec = sampling.denoisers.as_discrete_model(denoiser, edm_spec, SCHEDULE)
+      direct = sampling.ddim_sample(model_fn, x0_spec, sampling.respaced(SCHEDULE, 5), key,
+                                    (4, 2, 2, 1))
+    np.testing.assert_allclose(x, direct, rtol=1e-5, atol=1e-6)

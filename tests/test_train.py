@@ -12,13 +12,14 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import PartitionSpec as P
 
-from configs import (celebahq256_ddpm, cifar10_cond, cifar10_ddpm, cifar10_iddpm, digits,
-                     imagenet64_iddpm)
+from configs import (celebahq256_ddpm, cifar10_cond, cifar10_ddpm, cifar10_edm, cifar10_iddpm,
+                     digits, imagenet64_iddpm)
 from diffusion_jax import data, parallel, sampling, train
 from diffusion_jax.train import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_CONFIGS = [cifar10_ddpm, celebahq256_ddpm, cifar10_iddpm, imagenet64_iddpm, cifar10_cond]
+PAPER_CONFIGS = [cifar10_ddpm, celebahq256_ddpm, cifar10_iddpm, imagenet64_iddpm, cifar10_cond,
+                 cifar10_edm]
 
 
 def _tiny_digits(**train_overrides):
@@ -67,6 +68,12 @@ def test_paper_configs_keep_the_papers_settings():
   assert iddpm.optim.grad_clip == imagenet64_iddpm.get_config().optim.grad_clip == 0.0
   celebahq = celebahq256_ddpm.get_config()
   assert (celebahq.optim.lr, celebahq.diffusion.var_type) == (2e-5, "fixed_small")  # run_celebahq
+  karras = cifar10_edm.get_config()  # EDM's train.py --arch=ddpmpp --precond=edm, CIFAR-10
+  assert (karras.diffusion.parameterization, karras.diffusion.sigma_data, karras.diffusion.p_mean,
+          karras.diffusion.p_std) == ("edm", 0.5, -1.2, 1.2)
+  assert (karras.train.batch_size, karras.optim.lr, karras.model.dropout,
+          karras.train.sampler, karras.train.sample_steps) == (512, 1e-3, 0.13, "edm_heun", 18)
+  assert 0.5 ** (512 / 500_000) == pytest.approx(karras.train.ema_decay, abs=1e-5)  # half-life
 
 
 def test_cifar10_config_reads_tfds():

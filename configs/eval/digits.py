@@ -10,11 +10,30 @@ classifier trained here in seconds and cached: comparable between digits
 runs, not with any published FID or IS. The same numbers for the 300 held-out
 real digits (`real_floor`) show how close real data gets; the NLL in bits/dim
 is the full bound on those held-out digits (test split).
+
+`:edm` evaluates a configs/digits.py:edm run (no NLL: EDM has no DDPM bound);
+`:nfe` is docs/sampling.md's table: fd_digits against NFE for DDIM,
+DPM-Solver++ (orders 2 and 3) and EDM's Heun (deterministic and with churn),
+on either kind of run:
+
+    python -m launch.evaluate --config=configs/eval/digits.py:nfe --workdir=workdirs/digits
 """
 
 import ml_collections
 
 from diffusion_jax.evaluation.config import complete_config
+
+
+# (sampler settings) at about 5, 10, 20 and 50 network calls; EDM's Heun makes 2N - 1 calls.
+# The churn is mild (Algorithm 2's gamma = 5 / N, on sigma in [0.05, 50]): EDM's ImageNet
+# setting, S_churn = 40, is tuned for 256 steps.
+EDM_CHURN = dict(s_churn=5.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
+NFE_SWEEP = (
+    *(dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver") for n in (5, 10, 20, 50)),
+    *(dict(sampler="dpm_solver", steps=n, order=3) for n in (5, 10, 20, 50)),
+    *(dict(sampler="edm_heun", steps=n, **churn) for churn in ({}, EDM_CHURN)
+      for n in (3, 5, 10, 25)),  # 5, 9, 19, 49 calls
+)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -42,7 +61,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   elif variant == "sweep":  # FID-vs-NFE figure on the digits
     config.samplers = tuple(dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver")
                             for n in (5, 10, 20, 50))
+  elif variant in ("edm", "nfe"):  # runs of configs/digits.py:edm have no DDPM bound: no NLL
+    config.metrics = ("fd_digits", "is_digits")
+    config.samplers = (dict(sampler="edm_heun", steps=18),)  # 35 network calls
+    if variant == "nfe":  # docs/sampling.md's table: every sampler at about 5 to 50 NFE
+      config.samplers = NFE_SWEEP
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of configs/eval/digits.py; known: 'smoke',"
-                     " 'sweep'.")
+                     " 'sweep', 'edm', 'nfe'.")
   return complete_config(config)  # every other field at its default

@@ -9,7 +9,8 @@ import jax
 from diffusion_jax import files, summaries
 
 # Per-run keys that are settings, not scores.
-_SETTINGS = ("sampler", "steps", "eta", "guidance", "nfe", "num_samples", "samples_file")
+_SETTINGS = ("sampler", "steps", "eta", "guidance", "options", "nfe", "num_samples",
+             "samples_file")
 
 
 def run_name(run: dict) -> str:
@@ -17,6 +18,8 @@ def run_name(run: dict) -> str:
   if "sampler" not in run:
     return os.path.basename(run["samples_file"])
   name = f"{run['sampler']}-{run['steps']}steps"
+  if run.get("options"):
+    name += "-" + run["options"].replace(" ", "-")
   if run["eta"]:
     name += f"-eta{run['eta']:g}"
   return name + (f"-w{run['guidance']:g}" if run["guidance"] else "")
@@ -69,7 +72,7 @@ def _row(cells) -> str:
 
 
 def plot_fid_vs_nfe(runs: list[dict], path: str) -> None:
-  """The first Fréchet distance of each run against its NFE, one line per sampler."""
+  """The first Fréchet distance of each run against its NFE, one line per sampler and options."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
@@ -78,9 +81,10 @@ def plot_fid_vs_nfe(runs: list[dict], path: str) -> None:
   if metric is None:
     return
   figure, axes = pyplot.subplots(figsize=(5, 3.5))
-  for sampler in sorted({run["sampler"] for run in runs}):
-    points = sorted((run["nfe"], run[metric]) for run in runs if run["sampler"] == sampler)
-    axes.plot(*zip(*points), marker="o", label=sampler)
+  line = lambda run: " ".join(filter(None, (run["sampler"], run.get("options"))))
+  for name in sorted({line(run) for run in runs}):
+    points = sorted((run["nfe"], run[metric]) for run in runs if line(run) == name)
+    axes.plot(*zip(*points), marker="o", label=name)
   axes.set(xscale="log", xlabel="NFE (network evaluations per image)", ylabel=metric)
   axes.legend()
   figure.tight_layout()

@@ -253,8 +253,7 @@ def _draw(model: EmaModel, sampler: sampling.SamplerConfig, config: EvalConfig,
           out_dir: str) -> np.ndarray:
   """config.num_samples images from one sampler setting, through the resumable sample_to_files."""
   batch_size = -(-config.batch_size // jax.device_count()) * jax.device_count()
-  name = (f"samples-{sampler.sampler}-{sampler.steps or 'all'}steps-eta{sampler.eta:g}"
-          f"-w{sampler.guidance_scale:g}-seed{config.seed}")
+  name = f"samples-{sampler.label}-seed{config.seed}"
   return draw_samples(model, sampler, config.num_samples, batch_size,
                       files.join(out_dir, name), seed=config.seed)
 
@@ -263,10 +262,10 @@ def _describe(sampler, model: EmaModel | None, samples_path: str | None) -> dict
   """The sampler's settings and its NFE (network evaluations per image; x2 under guidance)."""
   if sampler is None:
     return {"samples_file": samples_path}
-  steps = sampler.steps or model.schedule.num_timesteps
-  return {"sampler": sampler.sampler, "steps": steps, "eta": sampler.eta,
-          "guidance": sampler.guidance_scale,
-          "nfe": steps * (2 if sampler.guidance_scale else 1)}
+  num_timesteps = model.schedule.num_timesteps
+  return {"sampler": sampler.sampler, "steps": sampler.num_steps(num_timesteps), "eta": sampler.eta,
+          "guidance": sampler.guidance_scale, "options": sampler.options,
+          "nfe": sampler.nfe(num_timesteps)}
 
 
 def score_samples(samples: np.ndarray, nets: dict, references: dict, config: EvalConfig) -> dict:

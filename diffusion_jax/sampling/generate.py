@@ -16,6 +16,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import configlib, files, outputs
 from diffusion_jax import images as image_utils
 from diffusion_jax.diffusion import ModelSpec
+from diffusion_jax.sampling import denoisers, edm_sampler
 from diffusion_jax.sampling.guidance import classifier_free_guidance
 from diffusion_jax.sampling.loop import logsnr_respaced, respaced
 from diffusion_jax.sampling.samplers import get_sampler
@@ -32,18 +33,69 @@ _RESULT_FILES = ("samples.npz", "grid.png")  # written once every batch is drawn
 class SamplerConfig:
   """Which sampler to run and how."""
 
-  sampler: str = "ddim"  # "ddpm", "ddim" or "dpm_solver"
-  steps: int | None = None  # model calls over [0, T-1]; None = all T (see make_batch_sampler)
+  sampler: str = "ddim"  # "ddpm", "ddim", "dpm_solver" or "edm_heun"
+  # Model calls over [0, T-1]; None = all T (see make_batch_sampler). For "edm_heun": EDM's N
+  # noise levels (2N - 1 calls); None = 18.
+  steps: int | None = None
   eta: float = 0.0  # DDIM's noise scale in [0, 1], 0 = deterministic; "ddim" only
   guidance_scale: float = 0.0  # classifier-free guidance w; 0 = none
+  order: int = 2  # DPM-Solver++'s multistep order, 1-3; "dpm_solver" only
+  # EDM Algorithm 2's stochasticity (Karras et al. 2022, Table 5); "edm_heun" only. 0 = the
+  # deterministic Heun sampler.
+  s_churn: float = 0.0
+  s_tmin: float = 0.0
+  s_tmax: float = float("inf")
+  s_noise: float = 1.0
 
   def __post_init__(self):
     get_sampler(self.sampler)
     configlib.check_ranges(self, "sampler", {"steps": configlib.AT_LEAST_ONE,
                                              "eta": configlib.UNIT_INTERVAL,
-                                             "guidance_scale": configlib.NON_NEGATIVE})
+                                             "guidance_scale": configlib.NON_NEGATIVE,
+                                             "s_churn": configlib.NON_NEGATIVE,
+                                             "s_tmin": configlib.NON_NEGATIVE,
+                                             "s_noise": configlib.POSITIVE})
     if self.eta and self.sampler != "ddim":
       raise ValueError(f"eta={self.eta} applies to sampler 'ddim' only, not {self.sampler!r}.")
+    if self.order != 2 and self.sampler != "dpm_solver":
+      raise ValueError(f"order={self.order} applies to sampler 'dpm_solver' only, not"
+                       f" {self.sampler!r}.")
+    if self.order not in (1, 2, 3):
+      raise ValueError(f"order must be 1, 2 or 3 (DPM-Solver++), got {self.order}.")
+    if self.sampler != "edm_heun" and self._churn_settings():
+      raise ValueError(f"{', '.join(self._churn_settings())} apply to sampler 'edm_heun' only,"
+                       f" not {self.sampler!r}.")
+    if not self.s_tmax >= self.s_tmin:  # s_tmax may be inf: not a finite Range
+      raise ValueError(f"sampler.s_tmax must be >= s_tmin={self.s_tmin}, got {self.s_tmax}.")
+
+  def _churn_settings(self) -> list[str]:
+    """The EDM churn fields set away from their defaults, as 'name=value'."""
+    defaults = SamplerConfig.__dataclass_fields__
+    return [f"{name}={getattr(self, name):g}" for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")
+            if getattr(self, name) != defaults[name].default]
+
+  @property
+  def options(self) -> str:
+    """The sampler-specific settings away from their defaults, e.g. 's_churn=40' or 'order=3'."""
+    return " ".join(self._churn_settings() + ([f"order={self.order}"] if self.order != 2 else []))
+
+  def num_steps(self, num_timesteps: int) -> int:
+    """The steps the sampler takes: `steps`, or its default (T; EDM's 18 for "edm_heun")."""
+    return self.steps or (edm_sampler.DEFAULT_STEPS if self.sampler == "edm_heun"
+                          else num_timesteps)
+
+  def nfe(self, num_timesteps: int) -> int:
+    """Network evaluations per image (NFE): the steps, 2N - 1 for "edm_heun", x2 with guidance."""
+    steps = self.num_steps(num_timesteps)
+    calls = edm_sampler.network_calls(steps) if self.sampler == "edm_heun" else steps
+    return calls * (2 if self.guidance_scale else 1)
+
+  @property
+  def label(self) -> str:
+    """A file name for these settings, e.g. 'ddim-50steps-eta0-w0' (and any non-default option)."""
+    extra = "".join(f"-{option.replace('=', '')}" for option in self.options.split())
+    return (f"{self.sampler}-{self.steps or 'all'}steps-eta{self.eta:g}"
+            f"-w{self.guidance_scale:g}{extra}")
 
 
 def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec,
@@ -51,8 +103,12 @@ def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec
                        num_classes: int | None = None, labels=None):
   """A pure `sample_batch(params, key) -> float32 [batch_size, H, W, C]` in [-1, 1].
 
-  `config.steps` are spaced uniformly in time for "ddpm" and "ddim", and in
-  log-SNR for "dpm_solver" (`logsnr_respaced`), each sampler's best choice.
+  `config.steps` are spaced uniformly in time for "ddpm" and "ddim", in
+  log-SNR for "dpm_solver" (`logsnr_respaced`), each sampler's best choice, and
+  by EDM's eq. 5 in sigma for "edm_heun" (rounded to the timesteps of
+  `schedule` for a discrete-time model: `denoisers.from_discrete`). An
+  EDM-preconditioned model (spec.edm) runs "edm_heun" on its own sigma, and the
+  others as the x_0-model `denoisers.as_discrete_model` on `schedule`.
   A class-conditional model (num_classes set) gets `labels` (int [batch_size],
   e.g. `grid_labels`), or uniformly drawn ones when None, guided with label
   num_classes as the null class when guidance_scale > 0.
@@ -62,13 +118,7 @@ def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec
   if labels is not None and (num_classes is None or np.shape(labels) != (batch_size,)):
     raise ValueError(f"labels must be int [batch_size={batch_size}] for a class-conditional"
                      f" model, got shape {np.shape(labels)} with num_classes={num_classes}.")
-  sampler = get_sampler(config.sampler)
-  options = {"eta": config.eta} if config.sampler == "ddim" else {}
-  if config.sampler == "dpm_solver" and config.steps:
-    steps = logsnr_respaced(schedule, config.steps)
-  else:
-    steps = respaced(schedule, config.steps)
-  shape = (batch_size, *image_shape)
+  draw = _sampler_call(config, spec, schedule, (batch_size, *image_shape))
 
   def sample_batch(params, key):
     label_key, key = jax.random.split(key)
@@ -82,9 +132,35 @@ def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec
         conditional = lambda x, t, y: apply_fn(params, x, t, y)
         model_fn = classifier_free_guidance(conditional, spec, classes, config.guidance_scale,
                                             null_label=num_classes)
-    return sampler(model_fn, spec, steps, key, shape, **options)
+    return draw(model_fn, key)
 
   return sample_batch
+
+
+def _sampler_call(config: SamplerConfig, spec: ModelSpec, schedule: Schedule, shape):
+  """`draw(model_fn, key) -> images`: the configured sampler on model_fn (the network's calls)."""
+  if config.sampler == "edm_heun":
+    churn = dict(s_churn=config.s_churn, s_tmin=config.s_tmin, s_tmax=config.s_tmax,
+                 s_noise=config.s_noise)
+    as_denoiser = ((lambda model_fn: denoisers.from_edm(model_fn, spec)) if spec.edm
+                   else (lambda model_fn: denoisers.from_discrete(model_fn, spec, schedule)))
+    return lambda model_fn, key: edm_sampler.edm_sample(
+        as_denoiser(model_fn), key, shape, num_steps=config.num_steps(schedule.num_timesteps),
+        **churn)
+  sampler = get_sampler(config.sampler)
+  options = {"ddim": {"eta": config.eta}, "dpm_solver": {"order": config.order}}.get(
+      config.sampler, {})
+  steps = (logsnr_respaced(schedule, config.steps) if config.sampler == "dpm_solver" and config.steps
+           else respaced(schedule, config.steps))
+  if not spec.edm:
+    return lambda model_fn, key: sampler(model_fn, spec, steps, key, shape, **options)
+
+  def draw_edm_network(model_fn, key):
+    x0_fn, x0_spec = denoisers.as_discrete_model(denoisers.from_edm(model_fn, spec), spec,
+                                                 schedule)
+    return sampler(x0_fn, x0_spec, steps, key, shape, **options)
+
+  return draw_edm_network
 
 
 def grid_labels(num_images: int, num_classes: int) -> np.ndarray:

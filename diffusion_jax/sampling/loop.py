@@ -128,7 +128,8 @@ def run_steps(step: Callable, x: jax.Array, indices: jax.Array, key: jax.Array |
   """Scans `step(x, i, key_i, state) -> (x, pred_x0, state)` over `indices` [n].
 
   key_i = fold_in(key, i) (None when key is None), so a step's noise depends
-  only on its index, not on which other steps run.
+  only on its index, not on which other steps run. `steps` gives the recorded
+  timesteps; a sampler over continuous sigma (EDM's) passes None and records none.
 
   Returns:
     the final x, or (x, Trajectory) when trajectory_every > 0.

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion_jax import configlib, losses, models, sampling, schedules
+from diffusion_jax import configlib, edm, losses, models, sampling, schedules
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.data.config import DataConfig
 from diffusion_jax.diffusion import ModelSpec, parse_enum
@@ -25,6 +25,7 @@ from diffusion_jax.train.step import StepFns, TrainState, train_step
 
 
 LOSS_WEIGHTINGS = ("none", "min_snr")
+PARAMETERIZATIONS = ("ddpm", "edm")
 NONFINITE_ACTIONS = ("stop", "skip")  # train.on_nonfinite
 
 
@@ -42,12 +43,27 @@ class DiffusionConfig:
   rescale_timesteps: bool = False  # feed the network t * 1000 / T (Improved DDPM's code)
   loss_weighting: str = "none"  # "none", or "min_snr": Hang et al. 2023 (docs/training.md)
   min_snr_gamma: float = 5.0  # gamma of "min_snr", the paper's choice
+  # "ddpm": the network reads discrete timesteps t (mean_type, var_type, loss above); "edm":
+  # Karras et al. 2022's preconditioning and loss (docs/training.md), the network fed
+  # c_noise = ln(sigma) / 4; schedule and num_timesteps then only set the DDIM/DPM-Solver grid.
+  parameterization: str = "ddpm"
+  sigma_data: float = 0.5  # "edm": the data's standard deviation (EDM Table 1)
+  p_mean: float = -1.2  # "edm": training ln(sigma) ~ N(p_mean, p_std^2) (EDM Table 1)
+  p_std: float = 1.2
 
   def __post_init__(self):
     configlib.check_ranges(self, "diffusion", {"num_timesteps": configlib.AT_LEAST_ONE,
-                                               "min_snr_gamma": configlib.POSITIVE})
+                                               "min_snr_gamma": configlib.POSITIVE,
+                                               "sigma_data": configlib.POSITIVE,
+                                               "p_mean": configlib.Range(),
+                                               "p_std": configlib.POSITIVE})
     loss = parse_enum(losses.LossType, self.loss, "diffusion.loss")
-    self.spec  # checks mean_type and var_type
+    if self.parameterization not in PARAMETERIZATIONS:
+      raise ValueError(f"Unknown diffusion.parameterization {self.parameterization!r}; known:"
+                       f" {list(PARAMETERIZATIONS)}.")
+    self.spec  # checks mean_type and var_type, and the EDM settings
+    if self.parameterization == "edm":
+      self._check_edm_fits()
     if self.loss_weighting not in LOSS_WEIGHTINGS:
       raise ValueError(f"Unknown diffusion.loss_weighting {self.loss_weighting!r}; known:"
                        f" {list(LOSS_WEIGHTINGS)}.")
@@ -59,9 +75,25 @@ class DiffusionConfig:
       if getattr(self, key) not in known:
         raise ValueError(f"Unknown diffusion.{key} {getattr(self, key)!r}; known: {sorted(known)}.")
 
+  def _check_edm_fits(self) -> None:
+    """The DDPM settings EDM's loss and preconditioning replace must stay at their defaults."""
+    replaced = {"mean_type": "epsilon", "loss": "simple", "timestep_sampler": "uniform",
+                "loss_weighting": "none", "rescale_timesteps": False}
+    for key, default in replaced.items():
+      if getattr(self, key) != default:
+        raise ValueError(f"diffusion.{key}={getattr(self, key)!r} does not apply with"
+                         f" diffusion.parameterization='edm' (EDM's network outputs F of its eq. 7"
+                         f" and trains with its own loss); leave it at {default!r}.")
+    if self.spec.learns_variance:
+      raise ValueError(f"diffusion.var_type={self.var_type!r}: an EDM network predicts no"
+                       " variance; use 'fixed_small' or 'fixed_large' (the DDPM sampler's).")
+
   @property
   def spec(self) -> ModelSpec:
-    return ModelSpec(self.mean_type, self.var_type, self.clip_x0)
+    precond = None
+    if self.parameterization == "edm":
+      precond = edm.Preconditioning(self.sigma_data, self.p_mean, self.p_std)
+    return ModelSpec(self.mean_type, self.var_type, self.clip_x0, edm=precond)
 
   @property
   def snr_gamma(self) -> float | None:
@@ -193,13 +225,19 @@ class Experiment:
         apply=self.model_apply, tx=tx, lr_schedule=lr_schedule, spec=self.spec,
         schedule=self.schedule,
         loss_type=losses.LossType(self.diffusion.loss),
-        timestep_sampler=losses.get_timestep_sampler(self.diffusion.timestep_sampler,
-                                                     self.diffusion.num_timesteps),
+        timestep_sampler=self._noise_level_sampler(),
         ema_decay=self.train.ema_decay,
         num_classes=self.num_classes,
         label_dropout=self.train.p_uncond(self.num_classes is not None),
         min_snr_gamma=self.diffusion.snr_gamma,
         grad_accum_steps=self.train.grad_accum_steps)
+
+  def _noise_level_sampler(self):
+    """Draws the training timesteps t [B] (DDPM) or noise levels sigma [B] (EDM)."""
+    if self.spec.edm:
+      return edm.LogNormalSigmas(self.spec.edm)
+    return losses.get_timestep_sampler(self.diffusion.timestep_sampler,
+                                       self.diffusion.num_timesteps)
 
   def train_step_fn(self):
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from clu import metrics
 
-from diffusion_jax import losses
+from diffusion_jax import edm, losses
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.schedules import Schedule
 
@@ -106,7 +106,9 @@ class StepFns:
   spec: ModelSpec
   schedule: Schedule
   loss_type: losses.LossType
-  timestep_sampler: Any  # losses.UniformSampler | losses.LossAwareSampler
+  # losses.UniformSampler | losses.LossAwareSampler (timesteps t), or edm.LogNormalSigmas
+  # (noise levels sigma, when spec.edm is set).
+  timestep_sampler: Any
   ema_decay: float
   # Labels 0..num_classes-1, and num_classes the null label of classifier-free guidance;
   # None: an unconditional model.
@@ -123,7 +125,7 @@ def _average(values, mask) -> metrics.Average:
 
 
 def _metrics(fns: StepFns, terms: losses.LossTerms, t, grad_norm, step, finite) -> TrainMetrics:
-  quarter = t * 4 // fns.schedule.num_timesteps  # [B] in 0..3
+  quarter = fns.timestep_sampler.quarter(t)  # [B] in 0..3
   per_quarter = {f"loss_q{q}": _average(terms.loss, (quarter == q) & finite) for q in range(4)}
   return dict(
       loss=_average(terms.loss, finite), mse=_average(terms.mse, finite),
@@ -162,8 +164,11 @@ def _grads(params, examples, dropout_key, fns: StepFns):
   def loss_fn(params):
     def model_fn(x_t, t):
       return fns.apply(params, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
-    terms = losses.training_losses(model_fn, fns.spec, fns.schedule, fns.loss_type,
-                                   x_start, t, noise, min_snr_gamma=fns.min_snr_gamma)
+    if fns.spec.edm:  # t holds the noise levels sigma
+      terms = edm.training_losses(model_fn, fns.spec.edm, x_start, t, noise)
+    else:
+      terms = losses.training_losses(model_fn, fns.spec, fns.schedule, fns.loss_type,
+                                     x_start, t, noise, min_snr_gamma=fns.min_snr_gamma)
     return jnp.mean(terms.loss * weights), terms
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
