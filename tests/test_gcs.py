@@ -22,7 +22,7 @@ from tensorboard.util import tensor_util
 
 from diffusion_jax import files, weightfiles
 from diffusion_jax.data import sources
-from diffusion_jax.train import inference
+from diffusion_jax.train import checkpoint, inference
 
 import evaluation_numbers  # tests/evaluation_numbers.py
 import gcs_emulator  # tests/gcs_emulator.py
@@ -160,8 +160,9 @@ def test_two_process_evaluation_on_the_bucket_reports_the_numbers_of_one(evaluat
 
 def test_evaluation_reads_samples_reference_and_inception_weights_from_the_bucket(
     evaluations, random_inception_weights, tmp_path):
-  """The first evaluation's samples scored again from the bucket: the same fd_digits (against the
-  reference statistics it cached there), and a FID with Inception weights and reference from gs://."""
+  """The first evaluation's samples scored again from the bucket: the same fd_digits (against
+  the reference statistics it cached there), and a FID with Inception weights and reference
+  statistics read from gs://."""
   _, runs = evaluations
   first, _ = runs[1]
   out_dir = "gs://bucket/run/eval/digits-step4"
@@ -217,6 +218,15 @@ def test_folder_source_lists_and_decodes_images_in_the_bucket(gcs):
   assert source.files == ["a.png", "b/two.png"]
   for index, name in enumerate(source.files):
     np.testing.assert_array_equal(source[index]["image"], pictures[name])
+
+
+def test_a_new_run_in_the_bucket_has_no_checkpoint_to_restore(gcs):
+  """An object store has no empty folders: before the first save, checkpoints/ does not exist."""
+  checkpointer = checkpoint.Checkpointer("gs://bucket/new_run", every_steps=1, keep=1)
+  try:
+    assert checkpointer.restore_fields({}) is None
+  finally:
+    checkpointer.close()
 
 
 @pytest.mark.parametrize("module", ["launch.train", "launch.sample"])
