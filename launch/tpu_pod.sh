@@ -32,7 +32,8 @@
 # metadata, but a worker whose environment sets JAX_COORDINATOR_ADDRESS,
 # JAX_NUM_PROCESSES and JAX_PROCESS_ID uses those instead
 # (parallel.maybe_initialize_distributed). tests/test_cluster_launchers.py runs
-# this script with a gcloud stand-in whose workers are local processes.
+# this script with a gcloud stand-in whose workers are local processes, training
+# into a gs:// workdir served by a local GCS emulator.
 set -euo pipefail
 if [[ $# -lt 4 ]]; then
   echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [FLAGS...]" >&2

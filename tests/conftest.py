@@ -36,6 +36,18 @@ def digits_smoke_run(tmp_path_factory) -> str:
   return workdir
 
 
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory) -> str:
+  """A .pth of the FID Inception's keys with random weights (not the published file)."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import peers  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in peers.random_inception_state_dict().items()},
+             path)
+  return str(path)
+
+
 # Modules whose tests start several JAX processes joined by gloo: with `--dist loadgroup`
 # they share one xdist group, so no two such jobs compete for the cores at once (gloo
 # gives up after 30 s in a collective when a peer is starved).
@@ -55,6 +67,8 @@ def pytest_collection_modifyitems(items):
     module = item.module.__name__.rpartition(".")[2]
     group = "multiprocess" if module in MULTIPROCESS_MODULES else module
     item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def gcs() -> Iterator:
   """A local GCS emulator holding the empty bucket "bucket" (tests/gcs_emulator.py).

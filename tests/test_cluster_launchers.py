@@ -9,7 +9,9 @@ What the stand-ins cannot rehearse:
   and rank from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
   (set by the gcloud stand-in; parallel.maybe_initialize_distributed prefers
   them to --multihost's TPU detection), and computes on CPU devices.
-- GCS: the workdir is a local directory every process sees, not a gs:// bucket.
+- GCS itself: the pod's workdir is a bucket of a local GCS emulator
+  (tests/gcs_emulator.py), which has no IAM, latency or quotas; the Slurm
+  job's is a local directory every task sees, as a cluster's shared filesystem.
 - The network: the pod workers do not create a venv and pip install from PyPI
   (DIFFUSION_JAX_SETUP activates this test's venv instead, as a VM image with
   the environment installed would); the default setup is checked as text.
@@ -36,7 +38,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import parallel
+from diffusion_jax import files, parallel
 from diffusion_jax.train import checkpoint, experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +91,7 @@ def _records(path) -> list[dict]:
 
 def _saved_by_both_processes(workdir: str, step: int) -> bool:
   """Whether checkpoint `step` holds the data-iterator state of both processes."""
-  saved = os.listdir(os.path.join(workdir, "checkpoints", str(step), "data"))
+  saved = files.listdir(files.join(workdir, "checkpoints", str(step), "data"))
   return {"process_0-of-2.json", "process_1-of-2.json"} <= set(saved)
 
 
@@ -97,14 +99,15 @@ def _saved_by_both_processes(workdir: str, step: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def pod_run(tmp_path_factory) -> dict:
+def pod_run(gcs, tmp_path_factory) -> dict:
   """A 2-worker launch/tpu_pod.sh run of the smoke config (4 steps) through the gcloud stand-in.
 
-  Its workdir and a flag's value hold spaces and quotes. The flag is the
-  compilation cache's directory, which launch.train logs (the cache is off).
+  Its workdir is in the GCS emulator's bucket (the workers inherit its
+  variables); the workdir and a flag's value hold spaces and quotes. The flag
+  is the compilation cache's directory, which launch.train logs (the cache is off).
   """
   root = tmp_path_factory.mktemp("pod")
-  workdir = str(root / "pod runs" / "it's \"smoke\"")
+  workdir = "gs://bucket/pod runs/it's \"smoke\""
   cache = root / "xla cache, 'quoted'"
   gcloud_log, output = str(root / "gcloud.jsonl"), str(root / "launch.log")
   env = _cluster_env(GCLOUD_STANDIN_LOG=gcloud_log, GCLOUD_STANDIN_ROOT=str(root / "tpus"),
@@ -134,12 +137,22 @@ def test_tpu_pod_trains_on_two_workers_with_flags_intact(pod_run):
   for i, log in enumerate(pod_run["worker_logs"]):  # the values arrived intact on both workers
     assert f"Process {i} of 2, 2 local / 4 global devices" in log
     assert f"Compilation cache: {pod_run['cache']}." in log
-  assert _saved_by_both_processes(pod_run["workdir"], 4)
+  assert _saved_by_both_processes(pod_run["workdir"], 4)  # in the bucket
+  assert "config.json" in files.listdir(pod_run["workdir"])
   with open(os.path.join(REPO, "launch", "train.py"), "rb") as f:
     train_py = f.read()
-  for worker in pod_run["workers"]:  # each worker ran the tree shipped to it
+  for worker in pod_run["workers"]:  # each worker ran the tree shipped to it...
     assert (worker / "diffusion_jax" / "launch" / "train.py").read_bytes() == train_py
     assert (worker / "diffusion_jax" / "diffusion_jax" / "__pycache__").is_dir()
+    # ...and wrote nothing into it, its working directory: no local folder named "gs:".
+    assert _files_besides_bytecode(worker / "diffusion_jax") == set(_shipped_files(worker))
+
+
+def _files_besides_bytecode(root) -> set[str]:
+  """The files under `root`, relative to it, less Python's __pycache__ folders."""
+  return {os.path.relpath(os.path.join(folder, name), root)
+          for folder, dirs, names in os.walk(root) if "__pycache__" not in folder.split(os.sep)
+          for name in names}
 
 
 def test_a_partial_coordinator_override_is_named(monkeypatch):
@@ -293,6 +306,7 @@ def test_slurm_preempted_job_saves_and_its_requeue_ends_as_an_unbroken_run(pod_r
   second_log = tmp_path / "slurm-requeued.out"
   assert _finish(_run(command, env, second_log)) == 0, _read(second_log)[-5000:]
   assert _read(second_log).count(f"Training UNet for 4 steps from step {stopped}") == 2
+  # The pod's unbroken run of the same job, in the bucket: gs:// and a local disk end alike.
   requeued, unbroken = _final_parameters(workdir), _final_parameters(pod_run["workdir"])
   assert int(requeued["step"]) == int(unbroken["step"]) == 4
   jax.tree.map(np.testing.assert_array_equal, requeued, unbroken)

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import peers
 from configs.eval import digits as digits_eval
 from diffusion_jax import evaluation
 from diffusion_jax.data import sources
@@ -203,16 +202,6 @@ def test_bad_samples_file_is_named(tmp_path, array, message):
     evaluation.evaluate(_config(), str(tmp_path), samples_path=str(path))
   assert str(path) in str(error.value)
   _assert_nothing_written(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory) -> str:
-  """A .pth of the FID Inception's keys with random weights (not the published file)."""
-  torch = pytest.importorskip("torch")
-  path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-  torch.save({k: torch.from_numpy(v) for k, v in peers.random_inception_state_dict().items()},
-             path)
-  return str(path)
 
 
 def test_inception_metrics_of_a_samples_file(tmp_path, random_inception_weights):

@@ -2,22 +2,7 @@
 
 The multi-process run is launch.evaluate as 2 processes x 2 fake CPU devices
 (gloo collectives); the reference is the same launcher as 1 process x 4
-devices. The processes exchange float64 statistics bit for bit (tested alone
-below), but the features are float32, and XLA:CPU may round a device's share
-differently when 4 devices share one process than when 2 do (measured: some
-reference features differ in their last bits). What each number may differ by:
-- the reference split's mean and covariance: STATS_TOLERANCE of their largest
-  entry (float32 round-off of the features; measured 5e-16 in one run, 2e-8 in
-  another: the 2-process features are not always the same bits);
-- the Fréchet distances: FD_TOLERANCE. The digits classifier's 64 ReLU
-  features have dead units and the 20 samples span 19 dimensions, so the
-  covariances are singular; the distance takes square roots of their near-zero
-  eigenvalues, which turns round-off e into ~sqrt(e) (measured up to 1.9e-5 on
-  the samples, 3.3e-7 on the real floor);
-- the Inception Score's formula and the NLL: REL_TOLERANCE (float32 logits
-  and bounds of the same images and examples; measured: identical bits).
-A layout bug (an image counted twice or not at all, the logits out of order, an
-example with another example's noise) moves these numbers by ~1e-3 or more.
+devices. tests/evaluation_numbers.py says what each number may differ by, and why.
 """
 
 import functools
@@ -38,10 +23,8 @@ from diffusion_jax.evaluation.config import NllConfig
 from diffusion_jax.train.inference import load_ema_for_sampling
 
 import local_jobs  # tests/local_jobs.py
+from evaluation_numbers import REL_TOLERANCE, STATS_TOLERANCE, assert_same_numbers
 
-REL_TOLERANCE = 1e-6
-FD_TOLERANCE = 1e-4
-STATS_TOLERANCE = 1e-6
 # NLL on the first 12 test digits in global batches of 8: on 1 process batch 0 holds
 # examples 0..7; on 2 processes it holds 0..3 and 6..9 (each process reads 6).
 EVAL_FLAGS = ["--config=configs/eval/digits.py:smoke", "--config.nll.num_examples=12"]
@@ -75,14 +58,8 @@ def reports(digits_smoke_run, tmp_path_factory):
 def test_two_processes_report_the_numbers_of_one(reports):
   (one, _, _), (two, _, logs) = reports[1], reports[2]
   assert "Process 1 of 2, 2 local / 4 global devices" in logs[1]
-  for where in ("samples", "real_floor"):
-    ones, twos = ((r["runs"][0] if where == "samples" else r[where]) for r in (one, two))
-    assert twos["fd_digits"] == pytest.approx(ones["fd_digits"], rel=FD_TOLERANCE), where
-    for metric in ("is_digits", "is_digits_std"):
-      assert twos[metric] == pytest.approx(ones[metric], rel=REL_TOLERANCE), (where, metric)
-  for part in ("bpd", "prior_bpd", "decoder_bpd", "terms_bpd"):
-    assert two["nll"][part] == pytest.approx(one["nll"][part], rel=REL_TOLERANCE), part
-  assert two["nll"]["num_examples"] == one["nll"]["num_examples"] == 12
+  assert_same_numbers(two, one)
+  assert two["nll"]["num_examples"] == 12
   assert two["runs"][0]["num_samples"] == 20 and two["real_floor"]["num_images"] == 300
   for name, reference in two["references"].items():
     assert reference["num_images"] == one["references"][name]["num_images"] == 1497

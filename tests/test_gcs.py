@@ -2,23 +2,29 @@
 
 Every launcher runs as a subprocess in a fresh empty directory, as a user on a
 new VM would, with --workdir=gs://bucket/...; after each, that directory must
-still be empty: nothing may land in a local folder named "gs:".
+still be empty: nothing may land in a local folder named "gs:". A 2-process
+training on the bucket (launch/tpu_pod.sh) equals the same job on a local disk
+(launch/slurm.sbatch): tests/test_cluster_launchers.py.
 """
 
 import io
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing import plugin_event_accumulator
+from tensorboard.util import tensor_util
 
 from diffusion_jax import files, weightfiles
 from diffusion_jax.data import sources
-from diffusion_jax.train import inference
+from diffusion_jax.train import checkpoint, inference
 
+import evaluation_numbers  # tests/evaluation_numbers.py
 import gcs_emulator  # tests/gcs_emulator.py
 import local_jobs  # tests/local_jobs.py
 
@@ -27,6 +33,7 @@ pytestmark = pytest.mark.xdist_group("multiprocess")
 REPO = local_jobs.REPO
 CONFIG = f"--config={REPO}/configs/digits.py:smoke"
 SAMPLE_FLAGS = ["--num_samples=12", "--batch_size=8", "--steps=2", "--sampler=ddim"]
+EVAL_CONFIG = f"--config={REPO}/configs/eval/digits.py:smoke"
 
 def _launch(cwd, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
   """`python ARGS` in `cwd` (the repository importable, the emulator's variables inherited)."""
@@ -96,6 +103,95 @@ def test_sampling_reads_and_writes_the_bucket_and_resumes(trained, tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.fixture(scope="module")
+def evaluations(trained, tmp_path_factory):
+  """(the directory they ran in, {process count: (report, logs)}): launch.evaluate of the
+  smoke eval config as 1 process x 4 devices on gs://bucket/run, and as 2 x 2 on
+  gs://bucket/unbroken, which holds the same parameters (the first test asserts it)."""
+  cwd = tmp_path_factory.mktemp("evaluate_cwd")
+  runs = {}
+  for processes, workdir in ((1, "gs://bucket/run"), (2, "gs://bucket/unbroken")):
+    logs = local_jobs.run_job(["-m", "launch.evaluate", EVAL_CONFIG, f"--workdir={workdir}"],
+                              processes, 4 // processes, cwd=str(cwd),
+                              extra_env={"PYTHONPATH": REPO})
+    runs[processes] = files.read_json(f"{workdir}/eval/digits-step4/report.json"), logs
+  return cwd, runs
+
+
+def _scalars(folder: str) -> dict[str, float]:
+  """The TensorBoard scalars of the event files in `folder` (local or gs://), by tag."""
+  with tempfile.TemporaryDirectory() as local:
+    for name in files.listdir(folder):
+      if name.startswith("events.out.tfevents."):
+        files.write_bytes(os.path.join(local, name), files.read_bytes(files.join(folder, name)))
+    run = plugin_event_accumulator.EventAccumulator(local).Reload()
+    return {tag: float(tensor_util.make_ndarray(event.tensor_proto))
+            for tag in run.PluginTagToContent("scalars") for event in run.Tensors(tag)}
+
+
+def test_evaluation_writes_its_report_caches_and_scalars_to_the_bucket(evaluations):
+  cwd, runs = evaluations
+  report, _ = runs[1]
+  out_dir = "gs://bucket/run/eval/digits-step4"
+  assert report["workdir"] == "gs://bucket/run"  # as given, not resolved against the cwd
+  reference = report["references"]["digits_classifier"]["path"]
+  assert reference.startswith("gs://bucket/run/eval/reference-digits_classifier-")
+  assert files.load_npz(reference)["mu"].shape == (64,)
+  written = files.listdir(out_dir)
+  (nll_dir,) = [name for name in written if name.startswith("nll-")]
+  assert files.listdir(files.join(out_dir, nll_dir)) == ["batch_000000.npz"]  # 8 examples
+  (samples_dir,) = [name for name in written if name.startswith("samples-")]
+  assert files.load_npz(files.join(out_dir, samples_dir, "samples.npz"))["arr_0"].shape == (
+      20, 8, 8, 1)
+  scalars = _scalars(out_dir)
+  assert scalars["nll/bpd"] == pytest.approx(report["nll"]["bpd"], rel=1e-6)  # float32
+  assert scalars["real_floor/fd_digits"] == pytest.approx(report["real_floor"]["fd_digits"],
+                                                          rel=1e-6)
+  assert os.listdir(cwd) == []
+
+
+def test_two_process_evaluation_on_the_bucket_reports_the_numbers_of_one(evaluations):
+  _, runs = evaluations
+  (one, _), (two, logs) = runs[1], runs[2]
+  assert "Process 1 of 2, 2 local / 4 global devices" in logs[1]
+  assert two["workdir"] == "gs://bucket/unbroken"
+  evaluation_numbers.assert_same_numbers(two, one)
+
+
+def test_evaluation_reads_samples_reference_and_inception_weights_from_the_bucket(
+    evaluations, random_inception_weights, tmp_path):
+  """The first evaluation's samples scored again from the bucket: the same fd_digits (against
+  the reference statistics it cached there), and a FID with Inception weights and reference
+  statistics read from gs://."""
+  _, runs = evaluations
+  first, _ = runs[1]
+  out_dir = "gs://bucket/run/eval/digits-step4"
+  (samples_dir,) = [name for name in files.listdir(out_dir) if name.startswith("samples-")]
+  samples = files.join(out_dir, samples_dir, "samples.npz")
+  weights, reference = "gs://bucket/inputs/inception.pth", "gs://bucket/inputs/reference.npz"
+  with open(random_inception_weights, "rb") as f:
+    files.write_bytes(weights, f.read())
+  files.save_npz(reference, mu=np.zeros(2048), sigma=np.eye(2048))
+  _succeeded(_launch(tmp_path, "-m", "launch.evaluate", EVAL_CONFIG, "--workdir=gs://bucket/run",
+                     f"--samples={samples}", f"--reference={reference}",
+                     "--config.metrics=fd_digits,fid", "--config.real_floor=False",
+                     f"--config.inception_weights={weights}",
+                     "--config.inception_sha256_prefix="))
+  report = files.read_json("gs://bucket/run/eval/digits-samples/report.json")
+  (scores,) = report["runs"]
+  assert scores["samples_file"] == samples and scores["num_samples"] == 20
+  assert scores["fd_digits"] == pytest.approx(first["runs"][0]["fd_digits"],
+                                              rel=evaluation_numbers.FD_TOLERANCE)
+  assert report["references"]["digits_classifier"]["path"] == (
+      first["references"]["digits_classifier"]["path"])  # the cache, read from the bucket
+  assert report["references"]["inception"]["path"] == reference
+  inception = report["feature_networks"]["inception"]
+  assert inception["weights"] == weights
+  assert inception["sha256"] == weightfiles.sha256(random_inception_weights)
+  assert np.isfinite(scores["fid"]) and scores["fid"] > 0
+  assert os.listdir(tmp_path) == []
+
+
 def test_convert_reads_its_input_from_the_bucket_and_writes_a_run_there(gcs, tmp_path):
   source = os.path.join(REPO, "tests", "data", "pytorch_diffusion_small.pt")
   files.write_bytes("gs://bucket/weights/model-790000.ckpt", open(source, "rb").read())
@@ -124,16 +220,13 @@ def test_folder_source_lists_and_decodes_images_in_the_bucket(gcs):
     np.testing.assert_array_equal(source[index]["image"], pictures[name])
 
 
-def test_two_process_training_on_the_bucket_equals_the_same_job_on_a_local_disk(gcs, tmp_path):
-  cwd = tmp_path / "cwd"
-  cwd.mkdir()
-  env = dict(gcs_emulator.environment(gcs.url), PYTHONPATH=REPO)
-  for workdir in ("gs://bucket/two_processes", str(tmp_path / "local")):
-    local_jobs.run_job(["-m", "launch.train", CONFIG, f"--workdir={workdir}"],
-                       devices_per_process=4, cwd=str(cwd), extra_env=env)
-  jax.tree.map(np.testing.assert_array_equal, _ema("gs://bucket/two_processes"),
-               _ema(str(tmp_path / "local")))
-  assert os.listdir(cwd) == []
+def test_a_new_run_in_the_bucket_has_no_checkpoint_to_restore(gcs):
+  """An object store has no empty folders: before the first save, checkpoints/ does not exist."""
+  checkpointer = checkpoint.Checkpointer("gs://bucket/new_run", every_steps=1, keep=1)
+  try:
+    assert checkpointer.restore_fields({}) is None
+  finally:
+    checkpointer.close()
 
 
 @pytest.mark.parametrize("module", ["launch.train", "launch.sample"])

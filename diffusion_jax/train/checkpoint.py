@@ -257,6 +257,8 @@ class Checkpointer:
 
   def _report_strays(self) -> None:
     """Warns of step-named paths that are not directories: never read, written or deleted."""
+    if not files.exists(self.directory):  # an object store has no empty folder before a save
+      return
     for path in files.path(self.directory).iterdir():
       if path.name.isdigit() and not path.is_dir():
         logging.warning("%s is a file, not a checkpoint: left as it is.", path)
