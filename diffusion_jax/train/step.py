@@ -68,15 +68,17 @@ def keep_finite_update(state: TrainState, updated: TrainState, finite: jax.Array
 
   A step is finite when `finite` (the task's check of its loss and gradient)
   holds and the updated parameters and EMA are finite too: a NaN or infinite
-  learning rate, or an update that overflows, never reaches the state. One
-  `lax.cond` on that scalar picks the whole state, on the device.
+  learning rate, or an update that overflows, never reaches the state. The
+  choice is a select on the device; not a `lax.cond`, whose branches over
+  sharded operands hold collectives that XLA's CPU runtime ran on only some
+  devices (a deadlock of the 8-device gradient-accumulation step).
 
   Every task's train step ends with it, so the loop's train.on_nonfinite
   holds for all of them. Returns the new state and the step's skipped_steps
   metric; `skipped.count == 0` is the step's finiteness, for the task's means.
   """
   finite = finite & _all_finite((updated.params, updated.ema_params))
-  kept = jax.lax.cond(finite, lambda: updated, lambda: state)
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
   skipped = SkippedSteps(count=jnp.where(finite, 0, 1).astype(jnp.int32),
                          first=jnp.where(finite, NO_STEP, state.step + 1).astype(jnp.int32))
   return kept.replace(step=state.step + 1), skipped
