@@ -56,10 +56,18 @@ class SkippedSteps(metrics.Metric):
 
 
 def _all_finite(tree) -> jax.Array:
-  """bool []: whether every floating-point value in `tree` is finite (one fused reduction)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  """bool []: whether every floating-point value in `tree` is finite.
+
+  x * 0 is 0 for a finite x and NaN for an infinite or NaN one, so the sum of
+  every leaf's sum of x * 0 is 0 exactly when all are finite, and no sum can
+  overflow. The sqrt that closes the chain of per-leaf sums is an identity
+  here (sqrt(0) = 0, sqrt(NaN) = NaN) that XLA never duplicates: without it
+  fusion copies the whole scalar chain, one add per leaf, into each of the
+  per-leaf selects that read the result, and the digits train step compiled
+  ten times slower on CPU (110 s instead of 12 s).
+  """
+  sums = [jnp.sum(x * 0) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.sqrt(sum(sums, jnp.float32(0))) == 0
 
 
 def keep_finite_update(state: TrainState, updated: TrainState, finite: jax.Array
