@@ -59,8 +59,9 @@ def trained(gcs, tmp_path_factory):
   cwd = tmp_path_factory.mktemp("cwd")
   logs = {"unbroken": _succeeded(_launch(cwd, "-m", "launch.train", CONFIG,
                                          "--workdir=gs://bucket/unbroken")),
-          "stopped": _succeeded(_launch(cwd, f"{REPO}/tests/sigterm_at_step.py", "2",
-                                        "launch.train", CONFIG, "--workdir=gs://bucket/run")),
+          "stopped": _succeeded(_launch(cwd, f"{REPO}/tests/hooked_launch.py", "launch.train",
+                                        CONFIG, "--workdir=gs://bucket/run",
+                                        env={"TEST_SIGTERM_AFTER_STEP": "2"})),
           "resumed": _succeeded(_launch(cwd, "-m", "launch.train", CONFIG,
                                         "--workdir=gs://bucket/run"))}
   return cwd, logs

@@ -11,6 +11,8 @@ and with held-out real digits; they are not FID or IS and are never named so.
 from __future__ import annotations
 
 import functools
+import hashlib
+import pathlib
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -27,7 +29,9 @@ from diffusion_jax import files, parallel
 
 FEATURE_DIM = 64
 NUM_CLASSES = 10
-_VERSION = 2  # bump when the network or its training changes: old caches are ignored
+# The cache is keyed on this file's code: a change to the network or its training
+# retrains it rather than serving weights trained by older code.
+_CODE_VERSION = hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()[:12]
 _TRAIN_STEPS = 300
 _BATCH_SIZE = 128
 
@@ -80,7 +84,7 @@ def load_or_train(cache_dir: str | None = None, seed: int = 0):
   from diffusion_jax.data import sources  # pylint: disable=g-import-not-at-top  (imports TF)
 
   path = files.join(cache_dir or files.default_cache_dir(),
-                    f"digits_classifier-v{_VERSION}-seed{seed}.msgpack")
+                    f"digits_classifier-{_CODE_VERSION}-seed{seed}.msgpack")
   if files.exists(path):
     try:
       return serialization.from_bytes(init_params(), files.read_bytes(path))
