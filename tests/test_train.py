@@ -1,5 +1,6 @@
 """Training: configs compile and run, the loss falls, sharding and resume are exact, errors are clear."""
 
+import functools
 import logging
 import os
 import signal
@@ -7,14 +8,17 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import PartitionSpec as P
 
 from configs import (celebahq256_ddpm, cifar10_cond, cifar10_ddpm, cifar10_edm, cifar10_iddpm,
                      digits, imagenet64_iddpm)
-from diffusion_jax import data, parallel, sampling, train
+from diffusion_jax import data, losses, parallel, sampling, schedules, train
+from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.train import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +97,28 @@ def test_loss_goes_down_on_digits():
   _, history = _run_steps(exp, parallel.make_mesh(), [next(iterator) for _ in range(150)])
   first, last = np.mean(history[:20]), np.mean(history[-20:])
   assert last < 0.5 * first, (first, last)
+
+
+def test_ema_is_decay_times_the_old_ema_plus_the_rest_times_the_new_parameters():
+  """train_step's EMA on a one-weight-per-channel model: ema' = d ema + (1 - d) params'."""
+  decay, T = 0.9, 10
+  tx = optax.sgd(0.5)
+  fns = train.StepFns(apply=lambda params, x_t, t, y, **_: params["w"] * x_t, tx=tx,
+                      lr_schedule=optax.constant_schedule(0.5), spec=ModelSpec("epsilon"),
+                      schedule=schedules.get_schedule("cosine", T),
+                      loss_type=losses.LossType.SIMPLE,
+                      timestep_sampler=losses.UniformSampler(T), ema_decay=decay)
+  params = {"w": jnp.array([0.5, -1.0, 2.0])}
+  ema = np.array([1.0, 3.0, -2.0])  # far from the parameters, so the two weights differ
+  state = train.TrainState(step=jnp.array(0, jnp.int32), params=params,
+                           ema_params={"w": jnp.asarray(ema, jnp.float32)},
+                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0), sampler_state=())
+  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 2, 2, 3), minval=-1.0),
+           "label": jnp.zeros(4, jnp.int32)}
+  new, _ = jax.jit(functools.partial(train.train_step, fns=fns))(state, batch)
+  before, after = np.asarray(params["w"]), np.asarray(new.params["w"])
+  assert np.all(np.abs(after - before) > 0.01), (before, after)  # the step moved each weight
+  np.testing.assert_allclose(new.ema_params["w"], decay * ema + (1 - decay) * after, rtol=1e-6)
 
 
 def test_sharded_step_equals_one_device():
