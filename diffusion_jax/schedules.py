@@ -107,7 +107,10 @@ def quadratic_betas(num_timesteps: int) -> np.ndarray:
 
 
 def sigmoid_betas(num_timesteps: int) -> np.ndarray:
-  """Ho et al.'s "sigmoid" schedule: sigmoid(linspace(-6, 6)) mapped onto [1e-4, 0.02]."""
+  """DDIM's "sigmoid" schedule (Song et al. 2021's code): sigmoid(linspace(-6, 6)) on [1e-4, 0.02].
+
+  Not Ho et al.'s: their code's schedules are linear, quad, warmup, const and jsd.
+  """
   sigmoid = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)))
   return sigmoid * (0.02 - 1e-4) + 1e-4
 

@@ -39,9 +39,10 @@ def converted_output(converted, x, t, y=None) -> np.ndarray:
   return np.asarray(unet.UNet(**converted.model).apply({"params": converted.params}, x, t_model, y))
 
 
-def iddpm_small_flags(flags: dict) -> dict:
-  """improved-diffusion flags of iddpm_small (its npz records UNetModel's arguments)."""
-  return dict(image_size=flags["model_channels"], num_heads=flags["num_heads"],
+def iddpm_small_flags(arrays: dict, flags: dict) -> dict:
+  """improved-diffusion flags of iddpm_small (its npz records UNetModel's arguments, which hold
+  no image size: the reference ran on its inputs x [B, 32, 32, 3])."""
+  return dict(image_size=arrays["x"].shape[1], num_heads=flags["num_heads"],
               diffusion_steps=flags["diffusion_steps"],
               rescale_timesteps=flags["rescale_timesteps"], learn_sigma=True)
 
@@ -49,7 +50,7 @@ def iddpm_small_flags(flags: dict) -> dict:
 def test_improved_diffusion_parity():
   arrays, flags = reference("iddpm_small")
   converted = convert.convert(os.path.join(DATA, "iddpm_small.pt"), format="improved_diffusion",
-                              **iddpm_small_flags(flags))
+                              **iddpm_small_flags(arrays, flags))
   assert converted.diffusion["rescale_timesteps"] and converted.diffusion["num_timesteps"] == 4000
   np.testing.assert_allclose(
       DiffusionConfig(**converted.diffusion).network_timesteps(jnp.asarray(arrays["t"])),

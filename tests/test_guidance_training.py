@@ -9,6 +9,7 @@ guided samples those of the exact guided model (Ho & Salimans 2022).
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,7 @@ import optax
 from diffusion_jax import losses, sampling, schedules, train
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.models import layers
+from diffusion_jax.train.step import drop_labels
 
 T = 1000
 SCHEDULE = schedules.get_schedule("linear", T)
@@ -121,6 +123,20 @@ def guided_sampler(guidance_scale: float):
 def toward_class(samples):
   """Mean signed pixel value in the direction of each sample's class: [NUM_CLASSES]."""
   return np.asarray([-samples[:256].mean(), samples[256:].mean()])
+
+
+def test_label_dropout_drops_p_uncond_of_the_labels_to_the_null_label_only():
+  n, p_uncond = 100_000, 0.1
+  labels = np.asarray(jax.random.randint(jax.random.key(0), (n,), 0, NUM_CLASSES))
+  dropped = np.asarray(drop_labels(jnp.asarray(labels), jax.random.key(1), p_uncond, NULL))
+  is_null = dropped == NULL
+  np.testing.assert_array_equal(dropped[~is_null], labels[~is_null])  # the rest are kept
+  # The count of dropped labels is Binomial(n, p): within 5 standard deviations (~95) of n p.
+  assert abs(is_null.sum() - n * p_uncond) < 5 * math.sqrt(n * p_uncond * (1 - p_uncond)), (
+      is_null.sum())
+  for p, expected in ((0.0, labels), (1.0, np.full(n, NULL))):
+    np.testing.assert_array_equal(drop_labels(jnp.asarray(labels), jax.random.key(1), p, NULL),
+                                  expected, err_msg=f"p_uncond={p}")
 
 
 def test_label_dropout_trains_the_null_label_as_the_unconditional_denoiser():

@@ -15,6 +15,39 @@ def test_linear_is_ho_et_al():
   np.testing.assert_allclose(np.diff(np.asarray(s.betas, np.float64)), 0.0199 / 999, rtol=1e-3)
 
 
+def _evenly(low: float, high: float, T: int) -> np.ndarray:
+  """T values from low to high, both ends included, in equal steps."""
+  return low + (high - low) * np.arange(T) / (T - 1)
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+# The betas each schedule's docstring promises, written out here. linear: improved-diffusion's
+# get_named_beta_schedule, Ho et al.'s [1e-4, 0.02] scaled by 1000/T; quadratic: Ho et al.'s
+# "quad", sqrt(beta) in equal steps, unscaled; sigmoid: DDIM's (ermongroup/ddim), unscaled.
+EXPECTED_BETAS = {
+    "linear": lambda T: _evenly(1000 / T * 1e-4, 1000 / T * 0.02, T),
+    "quadratic": lambda T: _evenly(math.sqrt(1e-4), math.sqrt(0.02), T) ** 2,
+    "sigmoid": lambda T: 1e-4 + (0.02 - 1e-4) * _sigmoid(_evenly(-6.0, 6.0, T)),
+}
+
+
+@pytest.mark.parametrize("T", [1000, 100])
+@pytest.mark.parametrize("name", sorted(EXPECTED_BETAS))
+def test_betas_are_the_closed_form(name, T):
+  betas = np.asarray(schedules.get_schedule(name, T).betas, np.float64)
+  np.testing.assert_allclose(betas, EXPECTED_BETAS[name](T), rtol=1e-6)
+
+
+def test_betas_span_the_papers_range():
+  linear = np.asarray(schedules.get_schedule("linear", 4000).betas, np.float64)
+  np.testing.assert_allclose(linear[[0, -1]], [2.5e-5, 0.005], rtol=1e-6)  # 1000/T = 1/4
+  quadratic = np.asarray(schedules.get_schedule("quadratic", 1000).betas, np.float64)
+  np.testing.assert_allclose(quadratic[[0, -1]], [1e-4, 0.02], rtol=1e-6)
+
+
 def test_cosine_alpha_bar_is_the_papers_formula():
   T, s_off = 1000, 0.008
   f = lambda t: math.cos((t / T + s_off) / (1 + s_off) * math.pi / 2) ** 2

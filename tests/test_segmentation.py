@@ -20,6 +20,7 @@ from diffusion_jax.segmentation import augment, metrics, sources, synthetic, til
 from diffusion_jax.segmentation import data as seg_data
 from diffusion_jax.segmentation import experiment as seg_experiment
 from diffusion_jax.segmentation import inference as seg_inference
+from diffusion_jax.segmentation import step as seg_step
 from diffusion_jax.train import optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +79,33 @@ def test_windowed_distances_equal_whole_image_distance_transforms():
   close = every[1] <= 30.0
   np.testing.assert_allclose(near_d2[close], every[1][close], rtol=1e-6)
   np.testing.assert_allclose(near_d1, every[0], rtol=1e-6)
+
+
+# ---- loss (eq. 1) -------------------------------------------------------------------------------
+
+
+def _minus_log_softmax(logits, labels):
+  """-log p_l(x)(x), the pixel-wise softmax written out: [..., K], int [...] -> [...]."""
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  return -np.take_along_axis(log_p, labels[..., None], -1)[..., 0]
+
+
+def test_weighted_cross_entropy_is_the_mean_over_pixels_of_weighted_log_loss():
+  # Two pixels by hand: p = (1/4, 3/4); label 1 weighted 2 costs 2 ln(4/3), label 0 costs ln 4.
+  two_pixels = seg_step.weighted_cross_entropy(
+      jnp.array([[[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]]]), jnp.array([[[1, 0]]]),
+      jnp.array([[[2.0, 1.0]]]))
+  np.testing.assert_allclose(two_pixels, (2 * math.log(4 / 3) + math.log(4)) / 2, rtol=1e-6)
+  rng = np.random.default_rng(0)
+  logits = 3.0 * rng.normal(size=(2, 3, 4, 3))  # [B, H, W, K]
+  labels = rng.integers(0, 3, size=(2, 3, 4))
+  pixel_weights = rng.uniform(0.5, 5.0, size=(2, 3, 4))
+  loss = seg_step.weighted_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
+                                         jnp.asarray(pixel_weights, jnp.float32))
+  # Divided by the 24 pixels, not by the sum of the weights: w scales each pixel's loss.
+  expected = np.sum(pixel_weights * _minus_log_softmax(logits, labels)) / labels.size
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
 # ---- synthetic cells -----------------------------------------------------------------------------
