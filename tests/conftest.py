@@ -1,5 +1,7 @@
 """Test-wide setup: 8 fake CPU devices, compilation and model caches, the repository on sys.path."""
 
+import contextlib
+import fcntl
 import os
 import sys
 import tempfile
@@ -49,11 +51,17 @@ def random_inception_weights(tmp_path_factory) -> str:
 
 
 # Modules whose tests start several JAX processes joined by gloo: with `--dist loadgroup`
-# they share one xdist group, so no two such jobs compete for the cores at once (gloo
-# gives up after 30 s in a collective when a peer is starved).
+# they share one xdist group, so no two such jobs run at once; and each of their tests has
+# the machine to itself (`_machine`): gloo gives up after 30 s when one process of a job
+# reaches its first collective that much later than another, as it does when a test on
+# the other xdist worker starves one process of CPU while it compiles.
 MULTIPROCESS_MODULES = frozenset({
     "test_cluster_launchers", "test_elastic", "test_evaluate_hosts", "test_gcs", "test_launch",
     "test_resilience", "test_sample_hosts"})
+
+
+def _module(item) -> str:
+  return item.module.__name__.rpartition(".")[2]
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -64,9 +72,39 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if item.get_closest_marker("xdist_group"):
       continue
-    module = item.module.__name__.rpartition(".")[2]
-    group = "multiprocess" if module in MULTIPROCESS_MODULES else module
+    group = "multiprocess" if _module(item) in MULTIPROCESS_MODULES else _module(item)
     item.add_marker(pytest.mark.xdist_group(group))
+
+
+@contextlib.contextmanager
+def _machine(exclusive: bool) -> Iterator[None]:
+  """Holds this test run's machine lock, shared or exclusive, across xdist workers.
+
+  A readers-writer lock from two flock(2) files: a test that wants the machine
+  alone first closes the turnstile, so no new test starts beside it, then waits
+  for the test running beside it to end. Without xdist it costs two flock calls.
+  """
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+  paths = [os.path.join(tempfile.gettempdir(), f"diffusion_jax_tests_{run}.{name}.lock")
+           for name in ("turnstile", "machine")]
+  with open(paths[0], "a") as turnstile, open(paths[1], "a") as machine:
+    fcntl.flock(turnstile, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    if not exclusive:
+      fcntl.flock(turnstile, fcntl.LOCK_UN)  # passed through: a waiting exclusive test goes next
+    fcntl.flock(machine, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
+      yield
+    finally:
+      fcntl.flock(machine, fcntl.LOCK_UN)
+      fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """Runs each test (setup, call, teardown) under the machine lock: exclusive for the
+  multi-process modules, shared for the rest."""
+  with _machine(exclusive=_module(item) in MULTIPROCESS_MODULES):
+    return (yield)
 
 
 @pytest.fixture(scope="session")
