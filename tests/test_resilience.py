@@ -6,6 +6,7 @@ must equal an unbroken job's bit for bit.
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import os
@@ -305,20 +306,36 @@ def test_on_nonfinite_stop_names_the_step_and_saves_nothing_after_it(tmp_path, m
   assert _finished_steps(tmp_path) == [2, 4] and not _unfinished(tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["read_only", "under_a_file"])
-def test_unwritable_workdir_is_one_clear_error_before_training(tmp_path, kind):
-  if kind == "read_only":
-    if os.geteuid() == 0:
-      pytest.skip("root writes in a read-only directory; the 'under_a_file' case holds for root")
-    workdir = tmp_path / "run"
-    workdir.mkdir(mode=0o555)
-  else:
-    (tmp_path / "file").write_text("")
-    workdir = tmp_path / "file" / "run"
+def _without_root_file_access() -> None:
+  """Drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the capability bounding set, so the
+  program this process execs next obeys file permissions even as root (prctl(2))."""
+  libc = ctypes.CDLL(None, use_errno=True)
+  pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+  for capability in (cap_dac_override, cap_dac_read_search):
+    if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
+      raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_read_only_workdir_is_one_clear_error_before_training(tmp_path):
+  """Run as a launcher that obeys file permissions: CI runs as root, which writes anywhere."""
+  workdir = tmp_path / "run"
+  workdir.mkdir(mode=0o555)
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.train", "--config=configs/digits.py:smoke",
+       f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+      preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+  assert result.returncode != 0
+  [error] = [line for line in result.stderr.splitlines() if "Cannot write in workdir" in line]
+  assert error.startswith(f"launch.train: Cannot write in workdir {workdir}: "), error
+  assert "Permission denied" in error
+  assert not os.listdir(workdir)
+
+
+def test_a_workdir_under_a_file_is_one_clear_error_before_training(tmp_path):
+  (tmp_path / "file").write_text("")
+  workdir = tmp_path / "file" / "run"
   with pytest.raises(OSError, match=f"Cannot write in workdir {re.escape(str(workdir))}: "):
     train.train_and_evaluate(_smoke(), str(workdir))
-  if kind == "read_only":
-    assert not os.listdir(workdir)
 
 
 @contextlib.contextmanager
