@@ -1,7 +1,8 @@
 """improved-/guided-diffusion and pytorch_diffusion checkpoints against the original code's outputs.
 
 tests/data/*.npz hold what the original PyTorch code computed on random weights
-(see tests/data/README.md); the converted model must reproduce it within 1e-4.
+(see tests/data/README.md; tests/data/make_references.py remakes them); the
+converted model must reproduce it within 1e-4.
 """
 
 import json
@@ -62,6 +63,18 @@ def test_improved_diffusion_parity():
   assert converted.model["scale_shift_norm"] and converted.model["learn_sigma"]
 
 
+# What each reference is there to exercise (tests/data/make_references.py builds them).
+FEATURES = {
+    "guided_updown_cond": dict(ch_mult=(1, 1, 2), attn_resolutions=(8, 4), num_head_channels=16,
+                               scale_shift_norm=True, resblock_updown=True, num_classes=10,
+                               learn_sigma=True),
+    "guided_heads_plain": dict(num_res_blocks=2, attn_resolutions=(8,), num_heads=4,
+                               num_head_channels=None, scale_shift_norm=False,
+                               resblock_updown=False, learn_sigma=False),
+    "pytorch_diffusion_small": dict(ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)),
+}
+
+
 @pytest.mark.parametrize("name, fmt", [("guided_updown_cond", "guided_diffusion"),
                                        ("guided_heads_plain", "guided_diffusion"),
                                        ("pytorch_diffusion_small", None)])
@@ -69,6 +82,7 @@ def test_guided_diffusion_and_pytorch_diffusion_parity(name, fmt):
   arrays, flags = reference(name)
   flags.pop("repo", None)
   converted = convert.convert(os.path.join(DATA, f"{name}.pt"), format=fmt, **flags)
+  assert {k: converted.model[k] for k in FEATURES[name]} == FEATURES[name]
   error = np.abs(converted_output(converted, arrays["x"], arrays["t"], arrays.get("y"))
                  - arrays["out"]).max()
   print(f"{name}: max abs error {error:.2e}")
