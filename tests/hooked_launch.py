@@ -52,5 +52,6 @@ if __name__ == "__main__":
     _signal_after(int(os.environ["TEST_SIGTERM_AFTER_STEP"]))
   if os.environ.get("TEST_PAUSE_IN_SAVE") == "1":
     _pause_in_first_save()
+  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # launch/, configs/
   sys.argv = sys.argv[1:]
   runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
