@@ -21,6 +21,7 @@ from configs import (celebahq256_ddpm, cifar10_cond, cifar10_ddpm, cifar10_edm, 
 from diffusion_jax import data, losses, parallel, sampling, schedules, train
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.train import checkpoint, loop
+from diffusion_jax.train.step import keep_finite_update
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIGS = [cifar10_ddpm, celebahq256_ddpm, cifar10_iddpm, imagenet64_iddpm, cifar10_cond,
@@ -441,3 +442,22 @@ def test_min_snr_weighting_reaches_the_train_step():
   config.model.learn_sigma = True
   with pytest.raises(ValueError, match="which diffusion.loss 'vlb' does not use"):
     train.build(config)
+
+
+def _guarded_update_lines(num_leaves: int) -> int:
+  """Lines of the compiled `keep_finite_update` on a state of `num_leaves` parameter arrays."""
+  params = {f"w{i}": jnp.ones((4, 3)) for i in range(num_leaves)}
+  state = train.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=(),
+                           rng=jax.random.PRNGKey(0), sampler_state=())
+  guarded = jax.jit(lambda old, new: keep_finite_update(old, new, jnp.bool_(True)))
+  return guarded.lower(state, state).compile().as_text().count("\n")
+
+
+def test_the_finiteness_guard_compiles_linear_in_the_number_of_arrays():
+  """Its check of every array is computed once, not copied into each array's select.
+
+  XLA:CPU's fusion had copied a per-array chain of checks into every select: a
+  program quadratic in the arrays (3.6x the lines for 2x the arrays), and a
+  digits train step that compiled in 110 s instead of 12 s.
+  """
+  assert _guarded_update_lines(100) < 2.5 * _guarded_update_lines(50)
