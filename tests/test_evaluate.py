@@ -13,7 +13,10 @@ import pytest
 from configs.eval import digits as digits_eval
 from diffusion_jax import evaluation
 from diffusion_jax.data import sources
-from diffusion_jax.evaluation import digits_classifier, nll
+from diffusion_jax.evaluation import digits_classifier, inception, nll
+
+from evaluation_numbers import (  # tests/evaluation_numbers.py
+    assert_scores_are, digits_scores, frechet_distance, inception_score, precision_recall)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,12 +44,22 @@ def smoke_report(digits_smoke_run):
 
 
 def test_report_holds_every_metric_the_config_names(smoke_report):
+  """fd_digits and is_digits of the saved samples and of the real floor are the formulas on
+  their classifier features (tests/evaluation_numbers.py); the NLL adds up; the table is shown."""
   report, out_dir, stdout = smoke_report
   assert report["checkpoint_step"] == 4
   (run_report,) = report["runs"]
   assert run_report | {"sampler": "ddim", "steps": 3, "nfe": 3, "num_samples": 20} == run_report
-  for key in ("fd_digits", "is_digits", "is_digits_std"):
-    assert np.isfinite(run_report[key]) and np.isfinite(report["real_floor"][key])
+  config = _config()
+  (samples_dir,) = [d for d in os.listdir(out_dir) if d.startswith("samples-")]
+  with np.load(os.path.join(out_dir, samples_dir, "samples.npz")) as saved:
+    samples = saved["arr_0"]
+  assert samples.shape == (20, 8, 8, 1)
+  train_digits = sources.digits_source(config.reference_split).images
+  real = sources.digits_source(config.nll.split).images
+  assert_scores_are(
+      ("samples", run_report, digits_scores(samples, train_digits, config.is_splits)),
+      ("real_floor", report["real_floor"], digits_scores(real, train_digits, config.is_splits)))
   # 4 training steps make noise: far from the held-out digits, which score near 10 classes.
   assert run_report["fd_digits"] > 5 * report["real_floor"]["fd_digits"]
   assert report["real_floor"]["is_digits"] > 8 > run_report["is_digits"]
@@ -114,14 +127,18 @@ def test_sweep_writes_fd_vs_nfe_figure(digits_smoke_run):
 
 
 def test_samples_file_is_evaluated_instead_of_the_run(tmp_path):
-  """Real held-out digits as a 'samples file': scored as well as the real floor, no run needed."""
+  """Real held-out digits as a 'samples file': scored as the formulas say, the same as the real
+  floor, no run needed."""
   samples = sources.digits_source("test").images
   path = tmp_path / "real.npz"
   np.savez(path, arr_0=samples)
   config = _config(metrics=("fd_digits", "is_digits", "nll"), real_floor=True)
   report = evaluation.evaluate(config, str(tmp_path / "no_run"), samples_path=str(path))
   (scores,) = report["runs"]
-  assert scores["fd_digits"] == pytest.approx(report["real_floor"]["fd_digits"], rel=1e-6)
+  expected = digits_scores(samples, sources.digits_source(config.reference_split).images,
+                           config.is_splits)
+  assert_scores_are(("samples file", scores, expected),
+                    ("real_floor", report["real_floor"], expected))
   assert report["skipped"] == {"nll": f"no training run in {tmp_path / 'no_run'}"}
   assert os.path.exists(tmp_path / "no_run" / "eval" / "digits-real" / "report.json")
 
@@ -205,23 +222,38 @@ def test_bad_samples_file_is_named(tmp_path, array, message):
 
 
 def test_inception_metrics_of_a_samples_file(tmp_path, random_inception_weights):
-  """FID, IS, sFID and precision/recall of 20 images against an ADM-style reference file."""
+  """FID, IS, sFID and precision/recall of 20 images against an ADM-style reference file,
+  each equal to its formula on the images' features.
+
+  The samples are noise whose contrast ramps from 0.7 to 1: some lie among the
+  reference's noise images, some apart, so precision and recall (0.6 and 5/12)
+  are neither 0 nor 1 and change with k (k=2: 0.4, 0.25; k=5: 0.65, 0.5); no point
+  lies within 0.9% of a radius of a ball's surface, far beyond float32 round-off.
+  """
   rng = np.random.default_rng(0)
-  samples = tmp_path / "samples.npz"
-  np.savez(samples, arr_0=rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8))
+  noise = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+  contrast = np.linspace(0.7, 1, 20)[:, None, None, None]
+  samples = np.round(127.5 + (noise - 127.5) * contrast).astype(np.uint8)
+  samples_path = tmp_path / "samples.npz"
+  np.savez(samples_path, arr_0=samples)
+  ref_images = rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
   ref = tmp_path / "ref.npz"
   np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023),
-           sigma_s=np.eye(2023), arr_0=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+           sigma_s=np.eye(2023), arr_0=ref_images)
   config = _config(metrics=("fid", "is", "sfid", "precision_recall"),
                    inception_weights=random_inception_weights, inception_sha256_prefix="",
                    feature_batch_size=16)  # one compiled batch shape for samples and reference
-  report = evaluation.evaluate(config, str(tmp_path), samples_path=str(samples),
+  report = evaluation.evaluate(config, str(tmp_path), samples_path=str(samples_path),
                                reference_path=str(ref))
   (scores,) = report["runs"]
-  for key in ("fid", "is", "is_std", "sfid", "precision", "recall"):
-    assert np.isfinite(scores[key]), key
-  assert scores["fid"] > 0 and scores["sfid"] > 0 and 1 <= scores["is"] <= 1008
-  assert 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
+  variables = inception.load_inception(random_inception_weights)
+  features = inception.inception_features(variables, samples, batch_size=16)
+  ref_pool = inception.inception_features(variables, ref_images, batch_size=16)["pool"]
+  expected = {"fid": frechet_distance(features["pool"], np.zeros(2048), np.eye(2048)),
+              "sfid": frechet_distance(features["spatial"], np.zeros(2023), np.eye(2023))}
+  expected["is"], expected["is_std"] = inception_score(features["logits"], config.is_splits)
+  expected["precision"], expected["recall"] = precision_recall(ref_pool, features["pool"])
+  assert_scores_are(("samples file", scores, expected))
   info = report["feature_networks"]["inception"]
   assert info["sha256"] == hashlib.sha256(open(random_inception_weights, "rb").read()).hexdigest()
   assert info["published_weights"] is False and info["resize"] == "tf"
