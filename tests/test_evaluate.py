@@ -242,7 +242,8 @@ def test_inception_metrics_of_a_samples_file(tmp_path, random_inception_weights)
            sigma_s=np.eye(2023), arr_0=ref_images)
   config = _config(metrics=("fid", "is", "sfid", "precision_recall"),
                    inception_weights=random_inception_weights, inception_sha256_prefix="",
-                   feature_batch_size=16)  # one compiled batch shape for samples and reference
+                   feature_batch_size=16,  # one compiled batch shape for samples and reference
+                   real_floor=False)  # the real floor's path is the digits tests' (90 s here)
   report = evaluation.evaluate(config, str(tmp_path), samples_path=str(samples_path),
                                reference_path=str(ref))
   (scores,) = report["runs"]
