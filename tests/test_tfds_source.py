@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -60,7 +61,11 @@ def test_manual_download_names_what_and_where(tmp_path):
       f"Then run `tfds build celeb_a_hq/256 --file_format=array_record --data_dir={tmp_path}`.")
 
 
-def test_unreachable_names_the_first_server_that_does_not_answer(refused_proxy):
+def test_unreachable_names_the_first_server_that_does_not_answer(refused_proxy, monkeypatch):
+  # urlopen's shared opener as an earlier download in this process left it: built before
+  # the proxy was set (CI's failure: the probe then asked DNS, not the environment's proxy).
+  monkeypatch.setattr(urllib.request, "_opener",
+                      urllib.request.build_opener(urllib.request.ProxyHandler({})))
   url = "https://example.com/data.tar.gz"
   reason = sources._unreachable([url, "https://example.com/other.tar.gz"])
   assert reason.startswith(f"{url}: ") and "refused" in reason

@@ -167,10 +167,12 @@ def _check_can_prepare(builder, name: str) -> None:
 def _unreachable(urls: Iterable[str]) -> str | None:
   """'URL: reason' for the first server among `urls` that does not answer; None if all do.
 
-  One HEAD request per host, through the proxies the environment names, so
+  One HEAD request per host, through the proxies the environment names now
+  (`urllib.request.urlopen`'s shared opener keeps those of its first use), so
   that an offline machine fails at once instead of after TFDS's minutes of
   download retries.
   """
+  opener = urllib.request.build_opener()
   probed = set()
   for url in urls:
     host = urllib.parse.urlsplit(url).netloc
@@ -178,8 +180,7 @@ def _unreachable(urls: Iterable[str]) -> str | None:
       continue
     probed.add(host)
     try:
-      urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
-                             timeout=_PROBE_TIMEOUT_S).close()
+      opener.open(urllib.request.Request(url, method="HEAD"), timeout=_PROBE_TIMEOUT_S).close()
     except urllib.error.HTTPError:
       pass  # the server answered; TFDS's download reports what it said
     except OSError as error:  # URLError (no such host, refused), timeouts
