@@ -14,7 +14,6 @@ import os
 
 import jax
 import numpy as np
-import pytest
 from flax import traverse_util
 
 from configs import digits

@@ -28,6 +28,7 @@ from diffusion_jax import data, parallel, train
 from diffusion_jax.train import checkpoint, loop, step
 
 import local_jobs  # tests/local_jobs.py
+import saved_runs  # tests/saved_runs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,19 +96,6 @@ def _job_config():
   config = digits.get_config("smoke")
   config.train.update(num_steps=NUM_STEPS, log_every=1, checkpoint_every=4)
   return config
-
-
-def _saved_states(workdir, config, steps=(None,)) -> list:
-  """The checkpoints' full TrainStates (params, EMA, Adam, rng, step) at `steps` (None: the
-  latest) as numpy arrays."""
-  exp = train.build(config)
-  mesh = parallel.make_mesh()
-  state, shardings = loop.create_state(exp, mesh, config.seed)
-  checkpointer = checkpoint.Checkpointer(str(workdir), every_steps=1, keep=100)
-  target = checkpoint.restore_target(state, shardings)
-  restored = [jax.device_get(checkpointer.restore(target, step=step)) for step in steps]
-  checkpointer.close()
-  return restored
 
 
 def _assert_equal_states(a, b):
@@ -217,7 +205,7 @@ def test_interrupted_job_ends_equal_to_an_unbroken_one(interrupted_job, unbroken
   workdir, stages = interrupted_job
   assert stages["final"].finished[-1] == NUM_STEPS
   config = _job_config()
-  _assert_equal_states(*_saved_states(workdir, config), *_saved_states(unbroken_job, config))
+  _assert_equal_states(*saved_runs.saved_states(workdir, config), *saved_runs.saved_states(unbroken_job, config))
 
 
 # In-process runs: non-finite steps, unwritable workdirs, a save that fails.
@@ -290,7 +278,7 @@ def test_on_nonfinite_skip_trains_on_and_counts_skipped_steps(tmp_path, monkeypa
   assert [scalars["skipped_steps"] for scalars in logged] == [1, 0]
   assert all(np.isfinite(scalars["loss"]) for scalars in logged)  # the means leave step 2 out
   monkeypatch.undo()
-  step_1, step_2 = _saved_states(tmp_path, config, steps=(1, 2))
+  step_1, step_2 = saved_runs.saved_states(tmp_path, config, steps=(1, 2))
   _assert_equal_states(step_2.replace(step=step_1.step), step_1)
 
 
@@ -349,13 +337,12 @@ def _file_size_limit(max_bytes: int):
     signal.signal(signal.SIGXFSZ, previous)
 
 
-def test_a_failing_save_is_named_and_never_restored(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(_smoke(num_steps=2), workdir)
+def test_a_failing_save_is_named_and_never_restored(tmp_path, digits_smoke_run):
+  workdir = saved_runs.copy_run(digits_smoke_run, tmp_path / "run")  # steps 2 and 4 saved
   with _file_size_limit(1 << 17), pytest.raises(
-      checkpoint.CheckpointError, match=f"Saving a checkpoint in {tmp_path}/checkpoints failed"):
-    train.train_and_evaluate(_smoke(num_steps=4), workdir)  # its data files: 100-340 kB each
-  assert _finished_steps(tmp_path) == [2] and _unfinished(tmp_path) == ["4.orbax-checkpoint-tmp"]
-  state = train.train_and_evaluate(_smoke(num_steps=4), workdir)
-  assert int(state.step) == 4
-  assert _finished_steps(tmp_path) == [2, 4] and not _unfinished(tmp_path)
+      checkpoint.CheckpointError, match=f"Saving a checkpoint in {workdir}/checkpoints failed"):
+    train.train_and_evaluate(_smoke(num_steps=6), str(workdir))  # its data files: 100-340 kB
+  assert _finished_steps(workdir) == [2, 4] and _unfinished(workdir) == ["6.orbax-checkpoint-tmp"]
+  state = train.train_and_evaluate(_smoke(num_steps=6), str(workdir))
+  assert int(state.step) == 6
+  assert _finished_steps(workdir) == [4, 6] and not _unfinished(workdir)

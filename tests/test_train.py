@@ -23,6 +23,8 @@ from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.train import checkpoint, loop
 from diffusion_jax.train.step import keep_finite_update
 
+import saved_runs  # tests/saved_runs.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIGS = [cifar10_ddpm, celebahq256_ddpm, cifar10_iddpm, imagenet64_iddpm, cifar10_cond,
                  cifar10_edm]
@@ -42,13 +44,20 @@ def _assert_trees_equal(a, b, **tol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
 
 
-def _run_steps(exp, mesh, batches, seed=0):
+def _train_steps(exp, mesh, batches, seed=0):
+  """Yields (state, scalar metrics) after each of `batches`, trained from a fresh state."""
   state, shardings = loop.create_state(exp, mesh, seed)
   step = loop.compile_train_step(exp, shardings, mesh)
-  history = []
   for batch in batches:
     state, step_metrics = step(state, data.make_global_batch(batch, parallel.batch_sharding(mesh)))
-    history.append(float(train.compute_metrics(step_metrics)["loss"]))
+    yield state, train.compute_metrics(step_metrics)
+
+
+def _run_steps(exp, mesh, batches, seed=0):
+  """(the state after `batches`, each step's loss)."""
+  history = []
+  for state, scalars in _train_steps(exp, mesh, batches, seed):
+    history.append(float(scalars["loss"]))
   return state, history
 
 
@@ -164,13 +173,9 @@ def _full_rate_run(mesh_name: str) -> _Run:
           "data_parallel": parallel.make_mesh,
           "fsdp": lambda: parallel.make_mesh(model_parallelism=4)}[mesh_name]()
   exp = train.build(_full_rate_digits())
-  state, shardings = loop.create_state(exp, mesh, 0)
-  initial_params = _params(state)
-  step = loop.compile_train_step(exp, shardings, mesh)
+  initial_params = _params(loop.create_state(exp, mesh, 0)[0])
   history, gradient = [], None
-  for batch in _full_rate_batches():
-    state, step_metrics = step(state, data.make_global_batch(batch, parallel.batch_sharding(mesh)))
-    scalars = train.compute_metrics(step_metrics)
+  for state, scalars in _train_steps(exp, mesh, _full_rate_batches()):
     history.append((scalars["loss"], scalars["grad_norm"]))
     if gradient is None:
       gradient = _gradient_from_adam(state.opt_state, float(scalars["grad_norm"]), exp.optim)
@@ -222,20 +227,23 @@ def test_fsdp_mesh_shards_large_parameters():
           < 0.5 * _bytes_on_one_device(data_parallel.opt_state))  # and of Adam's moments
 
 
-def test_resume_equals_an_unbroken_run(tmp_path):
-  straight = train.train_and_evaluate(_tiny_digits(num_steps=4), str(tmp_path / "straight"))
-  train.train_and_evaluate(_tiny_digits(num_steps=2), str(tmp_path / "resumed"))
-  resumed = train.train_and_evaluate(_tiny_digits(num_steps=4), str(tmp_path / "resumed"))
+def _unbroken(digits_smoke_run) -> train.TrainState:
+  """The state after the 4 steps of digits:smoke (`_tiny_digits()`), run without a break."""
+  [state] = saved_runs.saved_states(digits_smoke_run, _tiny_digits())
+  return state
+
+
+def test_resume_equals_an_unbroken_run(tmp_path, digits_smoke_run):
+  train.train_and_evaluate(_tiny_digits(num_steps=2), str(tmp_path))
+  resumed = train.train_and_evaluate(_tiny_digits(), str(tmp_path))
   assert int(resumed.step) == 4
-  _assert_trees_equal(_params(straight), _params(resumed), rtol=0, atol=0)
-  _assert_trees_equal(jax.device_get(straight.ema_params), jax.device_get(resumed.ema_params),
-                      rtol=0, atol=0)
-  assert os.path.exists(tmp_path / "resumed" / "samples" / "step_00000004.png")
+  unbroken = _unbroken(digits_smoke_run)
+  _assert_trees_equal(unbroken.params, _params(resumed), rtol=0, atol=0)
+  _assert_trees_equal(unbroken.ema_params, jax.device_get(resumed.ema_params), rtol=0, atol=0)
+  assert os.path.exists(tmp_path / "samples" / "step_00000004.png")
 
 
-def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch):
-  straight = train.train_and_evaluate(_tiny_digits(num_steps=5, checkpoint_every=100),
-                                      str(tmp_path / "straight"))
+def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch, digits_smoke_run):
   calls = []
   make_global_batch = data.make_global_batch
 
@@ -246,18 +254,17 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch):
     return make_global_batch(batch, sharding)
 
   monkeypatch.setattr(data, "make_global_batch", preempt_at_third_batch)
-  workdir = str(tmp_path / "preempted")
-  stopped = train.train_and_evaluate(_tiny_digits(num_steps=5, checkpoint_every=100), workdir)
+  workdir = str(tmp_path)
+  stopped = train.train_and_evaluate(_tiny_digits(), workdir)  # checkpoints every 2 steps
   assert int(stopped.step) == 3
   assert checkpoint.Checkpointer(workdir, every_steps=100, keep=2).latest_step() == 3
   monkeypatch.undo()
-  resumed = train.train_and_evaluate(_tiny_digits(num_steps=5, checkpoint_every=100), workdir)
-  _assert_trees_equal(_params(straight), _params(resumed), rtol=0, atol=0)
+  resumed = train.train_and_evaluate(_tiny_digits(), workdir)
+  _assert_trees_equal(_unbroken(digits_smoke_run).params, _params(resumed), rtol=0, atol=0)
 
 
-def test_corrupted_checkpoint_is_named_and_kept(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(_tiny_digits(num_steps=2), workdir)
+def test_corrupted_checkpoint_is_named_and_kept(tmp_path, digits_smoke_run):
+  workdir = str(saved_runs.copy_run(digits_smoke_run, tmp_path / "run", keep_steps={2}))
   step_dir = os.path.join(workdir, "checkpoints", "2")
   for root, _, files in os.walk(os.path.join(step_dir, "state")):
     for name in files:
@@ -268,11 +275,10 @@ def test_corrupted_checkpoint_is_named_and_kept(tmp_path):
   assert os.path.isdir(step_dir)
 
 
-def test_unfinished_checkpoint_is_never_restored(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(_tiny_digits(num_steps=2), workdir)
-  os.makedirs(os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-123", "state"))
-  assert checkpoint.Checkpointer(workdir, every_steps=2, keep=2).latest_step() == 2
+def test_unfinished_checkpoint_is_never_restored(tmp_path, digits_smoke_run):
+  workdir = str(saved_runs.copy_run(digits_smoke_run, tmp_path / "run"))
+  os.makedirs(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp-123", "state"))
+  assert checkpoint.Checkpointer(workdir, every_steps=2, keep=2).latest_step() == 4
 
 
 @pytest.mark.parametrize("section,key,value,message", [
