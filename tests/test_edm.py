@@ -18,12 +18,12 @@ import scipy.stats
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cifar10_edm, digits
-from diffusion_jax import diffusion, edm, losses, models, sampling, schedules, train
+from diffusion_jax import diffusion, edm, losses, models, process, sampling, schedules, train
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.models import zoo
 from diffusion_jax.sampling import denoisers, edm_sampler
 from diffusion_jax.train import inference
-from diffusion_jax.train.experiment import DiffusionConfig
+from diffusion_jax.config.diffusion import DiffusionConfig
 
 REFERENCES = os.path.join(os.path.dirname(__file__), "data", "edm", "references.npz")
 MIXTURE = dict(weights=(0.3, 0.7), means=(-0.6, 0.4), stds=(0.15, 0.25))  # as make_references.py
@@ -340,7 +340,7 @@ def test_edm_settings_that_do_not_apply_are_named():
     DiffusionConfig(parameterization="edm", rescale_timesteps=True)
   with pytest.raises(ValueError, match=r"diffusion.sigma_data must be a finite number > 0, got -1.0"):
     DiffusionConfig(parameterization="edm", sigma_data=-1.0)
-  spec = DiffusionConfig(parameterization="edm", sigma_data=0.75).spec
+  spec = process.model_spec(DiffusionConfig(parameterization="edm", sigma_data=0.75))
   assert spec.edm == edm.Preconditioning(sigma_data=0.75)
   with pytest.raises(ValueError, match="EDM-preconditioned"):
     losses.nll_bpd(analytic_net, spec, COSINE, jnp.zeros((1, 2, 2, 1)), jax.random.key(0))

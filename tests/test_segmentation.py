@@ -15,6 +15,8 @@ from scipy import ndimage
 
 from configs import segmentation_cells, segmentation_pets
 from diffusion_jax import parallel, train
+from diffusion_jax.config.optim import OptimConfig
+from diffusion_jax.config.segmentation import AugmentConfig, WeightMapConfig
 from diffusion_jax.models import RonnebergerUNet
 from diffusion_jax.segmentation import augment, metrics, sources, synthetic, tiling, weights
 from diffusion_jax.segmentation import data as seg_data
@@ -45,7 +47,7 @@ def _two_touching_objects():
 
 def test_weight_map_equals_the_formula_at_chosen_pixels():
   mask = _two_touching_objects()
-  w = weights.weight_map(mask, 2, weights.WeightMapConfig(w0=10.0, sigma=5.0))
+  w = weights.weight_map(mask, 2, WeightMapConfig(w0=10.0, sigma=5.0))
   # w_c: 84 object pixels, 106 background pixels; each class gets half the total weight.
   w_object, w_background = 190 / (2 * 84), 190 / (2 * 106)
   border = lambda d1, d2: 10.0 * math.exp(-(d1 + d2) ** 2 / 50.0)
@@ -60,11 +62,11 @@ def test_weight_map_equals_the_formula_at_chosen_pixels():
 
 def test_weight_map_without_border_term_or_balance():
   mask = _two_touching_objects()
-  plain = weights.weight_map(mask, 2, weights.WeightMapConfig(w0=0.0, balance_classes=False))
+  plain = weights.weight_map(mask, 2, WeightMapConfig(w0=0.0, balance_classes=False))
   np.testing.assert_array_equal(plain, np.ones(mask.shape, np.float32))
   one_object = np.zeros((10, 10), np.int32)
   one_object[3:6, 3:6] = 1  # a single object has no second-nearest: no border term
-  w = weights.weight_map(one_object, 2, weights.WeightMapConfig())
+  w = weights.weight_map(one_object, 2, WeightMapConfig())
   np.testing.assert_allclose(w, weights.class_balance(one_object, 2))
 
 
@@ -136,7 +138,7 @@ def _smooth_image(size=96, seed=0):
 def test_elastic_warp_keeps_image_and_mask_aligned():
   image = _smooth_image()
   mask = (image > np.median(image)).astype(np.int32)  # the image's own thresholded values
-  config = augment.AugmentConfig(brightness=0.0, contrast=0.0)
+  config = AugmentConfig(brightness=0.0, contrast=0.0)
   rng = np.random.default_rng(1)
   tile_image, tile_mask, tile_weights = augment.random_tile(
       rng, image[..., None], mask, mask.astype(np.float32), tile=80, output=40, config=config)
@@ -404,7 +406,7 @@ def test_full_variant_is_the_papers_network_and_optimizer():
 
 
 def test_sgd_momentum_accumulates_as_the_closed_form():
-  tx, _ = optimizer.make_optimizer(optimizer.OptimConfig(
+  tx, _ = optimizer.make_optimizer(OptimConfig(
       optimizer="sgd", lr=0.1, momentum=0.99, warmup_steps=0, grad_clip=0.0))
   params = {"w": jnp.zeros(())}
   state = tx.init(params)

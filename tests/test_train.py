@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from configs import (celebahq256_ddpm, cifar10_cond, cifar10_ddpm, cifar10_edm, cifar10_iddpm,
                      digits, imagenet64_iddpm)
 from diffusion_jax import data, losses, parallel, sampling, schedules, train
+from diffusion_jax.config.optim import OptimConfig
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.train import checkpoint, loop
 from diffusion_jax.train.step import keep_finite_update
@@ -145,7 +146,7 @@ def _full_rate_batches() -> tuple:
   return tuple(next(iterator) for _ in range(3))
 
 
-def _gradient_from_adam(opt_state, grad_norm: float, optim: train.OptimConfig) -> dict:
+def _gradient_from_adam(opt_state, grad_norm: float, optim: OptimConfig) -> dict:
   """The raw gradient of an Adam run's first step, read back from Adam's first moment.
 
   Adam's step is near lr * sign(g) and clipping rescales g: both hide the

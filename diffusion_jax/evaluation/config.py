@@ -10,7 +10,7 @@ import ml_collections
 
 from diffusion_jax import configlib, files, sampling
 from diffusion_jax.configlib import from_mapping
-from diffusion_jax.data.config import DataConfig
+from diffusion_jax.config.data import DataConfig
 
 # Metrics on the Inception network's features (Heusel et al. 2017; Salimans et al. 2016;
 # Nash et al. 2021; Kynkäänniemi et al. 2019).

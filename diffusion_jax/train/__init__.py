@@ -3,14 +3,14 @@
     state = train.train_and_evaluate(config, workdir)   # resumes from workdir's latest checkpoint
 """
 
-from diffusion_jax.train.experiment import DiffusionConfig, Experiment, TrainConfig, build
-from diffusion_jax.train.optimizer import OptimConfig, make_optimizer
+from diffusion_jax.train.experiment import Experiment, build
+from diffusion_jax.train.optimizer import make_optimizer
 from diffusion_jax.train.run_config import ConfigChangeError
 from diffusion_jax.train.step import (StepFns, TrainMetrics, TrainState, compute_metrics,
                                       merge_metrics, train_step)
 
 __all__ = [
-    "ConfigChangeError", "DiffusionConfig", "Experiment", "OptimConfig", "StepFns", "TrainConfig",
+    "ConfigChangeError", "Experiment", "StepFns",
     "TrainMetrics", "TrainState", "build", "compute_metrics", "merge_metrics", "make_optimizer", "train_and_evaluate", "train_step",
 ]
 

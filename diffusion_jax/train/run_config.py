@@ -35,11 +35,8 @@ import jax
 import ml_collections
 
 from diffusion_jax import configlib, files
-from diffusion_jax.data.config import DataConfig
-from diffusion_jax.models import zoo
+from diffusion_jax.config import diffusion, models, segmentation
 from diffusion_jax.train import checkpoint
-from diffusion_jax.train.experiment import DiffusionConfig, TrainConfig
-from diffusion_jax.train.optimizer import OptimConfig
 
 HISTORY_FILE = "config_history.jsonl"
 
@@ -70,9 +67,9 @@ FIXED_WHEN = {
     "no checkpoint": (),
 }
 
-# The sections whose defaults are a dataclass's (the model's come from the zoo).
-SECTION_DATACLASSES = {"diffusion": DiffusionConfig, "train": TrainConfig, "optim": OptimConfig,
-                       "data": DataConfig}
+# Each task's sections whose defaults are a dataclass's (the model's come from the zoo).
+SECTION_DATACLASSES = {"diffusion": diffusion.SECTION_CLASSES,
+                       "segmentation": segmentation.SECTION_CLASSES}
 
 UNSET = "(unset)"  # the value of a field present in one config only, without a known default
 
@@ -116,15 +113,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def default_values(model_name: str | None) -> dict[str, Any]:
+def default_values(model_name: str | None, task: str = "diffusion") -> dict[str, Any]:
   """Each field's default by dotted key, as config.json holds it (a dtype by its name).
 
-  The sections' dataclasses' defaults, and the zoo entry's for model `model_name`
-  (a factory, "package.module:factory", has no known defaults).
+  The defaults of `task`'s sections' dataclasses, and the zoo entry's for model
+  `model_name` (a factory, "package.module:factory", has no known defaults).
   """
-  sections = {name: configlib.section(cls, name=name) for name, cls in SECTION_DATACLASSES.items()}
-  if model_name in zoo.MODEL_ZOO:
-    sections["model"] = zoo.config_section({"name": model_name})
+  sections = {name: configlib.section(cls, name=name)
+              for name, cls in SECTION_DATACLASSES[task].items()}
+  if model_name in models.ZOO_SETTINGS:
+    sections["model"] = models.model_section({"name": model_name})
   return flatten(json.loads(ml_collections.ConfigDict(sections).to_json_best_effort()))
 
 
@@ -184,7 +182,9 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str,
     return []
   saved = flatten(files.read_json(path))
   new = flatten(json.loads(config.to_json_best_effort()))
-  found = changes(saved, new, default_values(new.get("model.name", saved.get("model.name"))))
+  defaults = default_values(new.get("model.name", saved.get("model.name")),
+                            config.get("task", "diffusion"))
+  found = changes(saved, new, defaults)
   holds = what_checkpoint_holds(checkpointer)
   if refused := refused_changes(found, holds):
     raise ConfigChangeError(refusal_message(workdir, holds, refused))
