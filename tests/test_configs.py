@@ -1,7 +1,7 @@
 """Every shipped config holds every field its sections know, and the command line can set any.
 
 Configs are built from the sections' dataclasses (`config.diffusion.complete_config`,
-`evaluation.config.complete_config`), so a field no config file mentions is still
+`config.evaluation.complete_config`), so a field no config file mentions is still
 a key that `--config.SECTION.FIELD=...` overrides.
 """
 
@@ -18,12 +18,13 @@ import pytest
 from configs import digits, segmentation_cells
 from configs.eval import digits as eval_digits
 from diffusion_jax import configlib, models
-from diffusion_jax.evaluation import config as eval_config
-from diffusion_jax.evaluation.config import EvalConfig, NllConfig
 from diffusion_jax.config import diffusion as diffusion_config
+from diffusion_jax.config import evaluation as eval_config
 from diffusion_jax.config import models as model_settings
+from diffusion_jax.config import sampler as sampler_config
 from diffusion_jax.config import segmentation as segmentation_config
 from diffusion_jax.config.data import DataConfig
+from diffusion_jax.config.evaluation import EvalConfig, NllConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py")
@@ -215,5 +216,6 @@ def test_the_names_a_config_accepts_are_the_names_of_the_registries_that_build_t
   assert diffusion_config.VAR_TYPES == tuple(v.value for v in diffusion.VarType)
   assert diffusion_config.LOSSES == tuple(loss.value for loss in losses.LossType)
   assert set(diffusion_config.TIMESTEP_SAMPLERS) == set(losses.TIMESTEP_SAMPLERS)
-  assert set(diffusion_config.SAMPLERS) == set(sampling.SAMPLERS)
+  assert set(sampler_config.SAMPLERS) == set(sampling.SAMPLERS)
+  assert sampler_config.EDM_DEFAULT_STEPS == 18  # EDM's CIFAR-10 setting (Karras et al. 2022)
   assert list(model_settings.ZOO_SETTINGS) == list(models.MODEL_ZOO)

@@ -8,13 +8,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 from scipy import ndimage
 
 from configs import segmentation_cells, segmentation_pets
-from diffusion_jax import parallel, train
+from diffusion_jax import parallel
 from diffusion_jax.config.optim import OptimConfig
 from diffusion_jax.config.segmentation import AugmentConfig, WeightMapConfig
 from diffusion_jax.models import RonnebergerUNet
@@ -23,7 +24,8 @@ from diffusion_jax.segmentation import data as seg_data
 from diffusion_jax.segmentation import experiment as seg_experiment
 from diffusion_jax.segmentation import inference as seg_inference
 from diffusion_jax.segmentation import step as seg_step
-from diffusion_jax.train import optimizer
+from diffusion_jax.train import loop, optimizer
+from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CPU_OPTIONS = parallel.compiler_options(parallel.make_mesh())  # XLA:CPU compiles RNG faster
@@ -108,6 +110,29 @@ def test_weighted_cross_entropy_is_the_mean_over_pixels_of_weighted_log_loss():
   # Divided by the 24 pixels, not by the sum of the weights: w scales each pixel's loss.
   expected = np.sum(pixel_weights * _minus_log_softmax(logits, labels)) / labels.size
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+
+def test_a_skipped_step_leaves_the_other_steps_in_the_logged_means():
+  """One non-finite step counts in skipped_steps only; the window's means are the other steps'."""
+  model = RonnebergerUNet(num_classes=2, features=2, depth=1, padding="SAME")
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  fns = seg_step.SegmentationStepFns(apply=lambda p, x: model.apply({"params": p}, x),
+                                     tx=optax.sgd(0.1), lr_schedule=lambda step: 0.1,
+                                     ema_decay=0.0)
+  state = TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
+                     opt_state=fns.tx.init(params), rng=jax.random.key(0), sampler_state=())
+  batch = {"image": jnp.ones((2, 8, 8, 1)), "mask": jnp.zeros((2, 8, 8), jnp.int32),
+           "weights": jnp.ones((2, 8, 8))}
+  state, good = seg_step.train_step(state, batch, fns)
+  skipped_state, bad = seg_step.train_step(state, {**batch, "weights": batch["weights"] * jnp.nan},
+                                           fns)
+  assert int(skipped_state.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, skipped_state.params, state.params)
+  logged = compute_metrics(merge_metrics(good, bad))
+  assert logged["skipped_steps"] == 1
+  np.testing.assert_allclose(logged["loss"], compute_metrics(good)["loss"])
+  assert all(np.isfinite(value) for value in logged.values())
 
 
 # ---- synthetic cells -----------------------------------------------------------------------------
@@ -312,7 +337,7 @@ def border_runs(tmp_path_factory) -> dict[float, str]:
   workdirs = {}
   for w0 in (10.0, 0.0):
     workdirs[w0] = str(tmp_path_factory.mktemp(f"cells_w0_{w0:g}"))
-    train.train_and_evaluate(_short_run(w0), workdirs[w0])
+    loop.train_and_evaluate(_short_run(w0), workdirs[w0])
   return workdirs
 
 
@@ -384,11 +409,11 @@ def test_launch_segment_errors_are_one_line(tmp_path):
 
 def test_resume_equals_an_unbroken_run(tmp_path):
   config = segmentation_cells.get_config("smoke")  # 4 steps, checkpoints every 2
-  unbroken = train.train_and_evaluate(config, str(tmp_path / "unbroken"))
+  unbroken = loop.train_and_evaluate(config, str(tmp_path / "unbroken"))
   config.train.num_steps = 2
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   config.train.num_steps = 4
-  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(unbroken.params),
                jax.device_get(resumed.params))
 
@@ -423,7 +448,7 @@ def test_bad_tile_size_and_task_are_named():
   config = segmentation_cells.get_config("smoke")
   config.task = "detection"
   with pytest.raises(ValueError, match="Unknown config.task 'detection'"):
-    train.train_and_evaluate(config, "/nonexistent")
+    loop.train_and_evaluate(config, "/nonexistent")
 
 
 def _pet_records(mask_size=(40, 50)):

@@ -17,6 +17,7 @@ from diffusion_jax import configlib
 from diffusion_jax.config import models
 from diffusion_jax.config.data import DataConfig
 from diffusion_jax.config.optim import OptimConfig
+from diffusion_jax.config.sampler import SAMPLERS
 from diffusion_jax.config.train import TrainConfig
 
 BETA_SCHEDULES = ("cosine", "linear", "quadratic", "sigmoid")  # schedules.BETA_SCHEDULES
@@ -24,7 +25,6 @@ MEAN_TYPES = ("epsilon", "x0", "v")  # diffusion.MeanType
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")  # diffusion.VarType
 LOSSES = ("simple", "hybrid", "vlb")  # losses.LossType
 TIMESTEP_SAMPLERS = ("loss_aware", "uniform")  # losses.TIMESTEP_SAMPLERS
-SAMPLERS = ("ddim", "ddpm", "dpm_solver", "edm_heun")  # sampling.SAMPLERS
 LOSS_WEIGHTINGS = ("none", "min_snr")
 PARAMETERIZATIONS = ("ddpm", "edm")
 EVAL_METRICS = ("fid", "fd_digits")  # train.eval_metric

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from diffusion_jax import files, parallel, weightfiles
 from diffusion_jax.evaluation import digits_classifier, hosts, inception, metrics
-from diffusion_jax.evaluation.config import EvalConfig
+from diffusion_jax.config.evaluation import EvalConfig
 
 # Metric -> (the network it runs on, the formula): fd = Fréchet distance of pool
 # features, sfd = of spatial features, is = Inception Score, pr = precision/recall.

@@ -31,9 +31,9 @@ from absl import logging
 from diffusion_jax import data, files, images, outputs, sampling
 from diffusion_jax.evaluation import features as feature_lib
 from diffusion_jax.evaluation import hosts, metrics, nll, reference, report as report_lib
-from diffusion_jax.evaluation.config import EvalConfig
-from diffusion_jax.train import checkpoint
-from diffusion_jax.train.inference import EmaModel, draw_samples, load_ema_for_sampling
+from diffusion_jax.config.evaluation import EvalConfig
+from diffusion_jax import checkpoint
+from diffusion_jax.runs import EmaModel, draw_samples, load_ema_for_sampling
 
 # Below this many images a 2048-dim covariance is singular (Heusel et al. use 50,000).
 MIN_FID_IMAGES = 2048

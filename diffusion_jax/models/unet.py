@@ -21,7 +21,6 @@ from diffusion_jax.models.layers import (
     GroupNorm,
     ResBlock,
     TimeEmbedding,
-    TimeEmbeddingKind,
     Upsample,
 )
 

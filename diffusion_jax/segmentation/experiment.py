@@ -1,13 +1,16 @@
-"""A segmentation run made concrete: the U-Net, its tiles, data, weight map, optimizer, loop.
+"""The segmentation task: the U-Net, its tiles, data, weight map and optimizer made concrete.
 
-The training loop (`train/loop.py`) runs it as it runs a diffusion experiment:
-`init_state`, `train_step_fn`, `make_train_iterator`, `periodic_hooks`.
+The training loop (`train/loop.py`) runs it as it runs a diffusion experiment,
+through the `train.task.Task` interface: `init_state`, `train_step_fn`,
+`make_train_iterator`, `periodic_hooks`, `resume_rules`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -26,7 +29,8 @@ from diffusion_jax.config.train import TrainConfig
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.segmentation import data, metrics, step, tiling
 from diffusion_jax.train import optimizer
-from diffusion_jax.train.loop import Hook
+from diffusion_jax.train.run_config import FIXED_BY_RUN
+from diffusion_jax.train.task import Hook
 from diffusion_jax.train.step import TrainState
 
 PANEL_IMAGES = 4  # held-out images in each image | truth | prediction PNG
@@ -45,6 +49,11 @@ class SegmentationExperiment:
   optim: OptimConfig
   train: TrainConfig
   tiles: data.TileShape
+
+  resume_rules: ClassVar[Mapping[str, str]] = {  # this task's rows of run_config's rules
+      "weight_map": FIXED_BY_RUN,  # what the loss weighs, as the data: what the run trains on
+      "augment": FIXED_BY_RUN,
+  }
 
   @property
   def num_classes(self) -> int:
@@ -126,7 +135,7 @@ def make_evaluator(exp: SegmentationExperiment, mesh, workdir: str):
     writer.write_scalars(step_number, metrics.summary(confusion))
     shown = min(PANEL_IMAGES, len(images))
     if jax.process_index() == 0 and len({m.shape for m in masks[:shown]}) == 1:
-      pixels = np.round((np.stack(images[:shown]) + 1) * 127.5).astype(np.uint8)
+      pixels = image_utils.to_uint8(np.stack(images[:shown]))
       picture = metrics.panel(pixels, np.stack(masks[:shown]), np.stack(predictions[:shown]))
       path = files.join(workdir, "segmentation", f"step_{step_number:08d}.png")
       image_utils.save_png(picture, path)

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion_jax import configlib, edm, losses, models, process, schedules
+from diffusion_jax import configlib, data, edm, losses, models, process, runs, schedules
 from diffusion_jax.config.data import DataConfig
 from diffusion_jax.config.diffusion import SECTIONS, DiffusionConfig, DiffusionTrainConfig
 from diffusion_jax.config.optim import OptimConfig
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.diffusion import ModelSpec
-from diffusion_jax.train import optimizer
+from diffusion_jax.train import optimizer, sample_grids
+from diffusion_jax.train.run_config import FIXED_BY_CHECKPOINT, FIXED_BY_RUN
 from diffusion_jax.train.step import StepFns, TrainState, train_step
+from diffusion_jax.train.task import Hook
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,11 @@ class Experiment:
   train: DiffusionTrainConfig
   data: DataConfig
   image_shape: tuple[int, int, int]  # (H, W, C)
+
+  resume_rules: ClassVar[Mapping[str, str]] = {  # this task's rows of run_config's rules
+      "diffusion": FIXED_BY_CHECKPOINT,  # the process the network reverses, its loss and sampler
+      "train.label_dropout": FIXED_BY_RUN,  # how often the null label is trained
+  }
 
   @property
   def spec(self) -> ModelSpec:
@@ -87,21 +96,17 @@ class Experiment:
 
   def make_train_iterator(self):
     """The input pipeline's endless, checkpointable iterator of training batches."""
-    from diffusion_jax import data  # the input pipeline pulls in TF; import it only when training
-
     return data.make_train_iterator(self.data, self.train.batch_size)
 
-  def periodic_hooks(self, mesh, workdir: str):
-    """The loop's periodic actions for this run (`loop.diffusion_hooks`)."""
-    from diffusion_jax.train import loop  # the loop imports this module
-
-    return loop.diffusion_hooks(self, mesh, workdir)
+  def periodic_hooks(self, mesh, workdir: str) -> list[Hook]:
+    """Sample grids every train.sample_every steps, their quality every eval_every."""
+    return sample_grids.periodic_hooks(self, mesh, workdir)
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """A fresh TrainState; jit it with out_shardings to create it sharded."""
     fns = self.step_fns()
     init_key, state_key = jax.random.split(rng)
-    params = self.model.init(init_key, *_example_inputs(self.model, self.image_shape))["params"]
+    params = self.model.init(init_key, *runs.example_inputs(self.model, self.image_shape))["params"]
     return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
                       opt_state=fns.tx.init(params), rng=state_key,
                       sampler_state=fns.timestep_sampler.init())
@@ -115,7 +120,7 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> 
   configlib.check_known(config, SECTIONS, "config")
   diffusion_config = from_mapping(DiffusionConfig, config.diffusion, "diffusion")
   data_config = DataConfig.from_mapping(config.data)
-  image_shape = (data_config.image_size, data_config.image_size, data_config.num_channels)
+  image_shape = runs.image_shape(data_config)
   spec = process.model_spec(diffusion_config)
   model = models.get_model(dict(config.model)) if model is None else model
   _check_model_output(model, spec, image_shape)
@@ -128,16 +133,9 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> 
       data=data_config, image_shape=image_shape)
 
 
-def _example_inputs(model: nn.Module, image_shape):
-  """(x [1, H, W, C], t [1], y [1] or None): the inputs `model.init` traces with."""
-  conditional = getattr(model, "num_classes", None) is not None
-  return (jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32),
-          jnp.zeros((1,), jnp.int32) if conditional else None)
-
-
 def _check_model_output(model: nn.Module, spec: ModelSpec, image_shape) -> None:
   """The model must output the channels the parameterisation reads, at the data's size."""
-  args = _example_inputs(model, image_shape)
+  args = runs.example_inputs(model, image_shape)
   try:
     out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), *args)[0])
   except Exception as e:

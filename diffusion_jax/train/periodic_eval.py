@@ -11,7 +11,7 @@ but comparable-across-steps, curve; report final numbers with launch.evaluate.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import numpy as np
@@ -19,8 +19,11 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import images, parallel, sampling
 from diffusion_jax.evaluation import features, run
-from diffusion_jax.evaluation.config import EvalConfig
-from diffusion_jax.train.experiment import Experiment
+from diffusion_jax.config.evaluation import EvalConfig
+
+if TYPE_CHECKING:
+  from diffusion_jax.train.experiment import Experiment
+
 
 def make_evaluator(exp: Experiment, mesh, workdir: str) -> Callable[[object, int], dict]:
   """`evaluate(ema_params, step) -> {"eval/<metric>": value}`; loads the network and reference now.

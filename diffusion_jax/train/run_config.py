@@ -2,7 +2,8 @@
 
 A workdir holds one run, and its config.json says what that run trains.
 Rerunning training on the workdir with another config compares the two field
-by field before anything is written. Each field follows a rule (RESUME_RULES):
+by field before anything is written. Each field follows a rule (RESUME_RULES, with
+the rows of the run's task: its `resume_rules`):
 
 - FIXED_BY_CHECKPOINT: how the checkpoint's arrays are read and what they mean
   (the model, the diffusion process, the optimizer's type);
@@ -34,21 +35,20 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from diffusion_jax import configlib, files
+from diffusion_jax import checkpoint, configlib, files
 from diffusion_jax.config import diffusion, models, segmentation
-from diffusion_jax.train import checkpoint
 
 HISTORY_FILE = "config_history.jsonl"
 
 FIXED_BY_CHECKPOINT = "fixed by the checkpoint"
 FIXED_BY_RUN = "fixed by the run"
 MAY_CHANGE = "may change"
+# The rules of the sections every task has; each task adds its own rows (`Task.resume_rules`).
 # A dotted key follows its longest listed prefix ("model.remat" before "model"); an unlisted
 # section is fixed by the checkpoint.
 RESUME_RULES: dict[str, str] = {
     "model": FIXED_BY_CHECKPOINT,  # the network and its parameter tree, its compute dtype too
     "model.remat": MAY_CHANGE,  # recomputes activations: less memory, the same numbers
-    "diffusion": FIXED_BY_CHECKPOINT,  # the process the network reverses, its loss and sampler
     "optim": MAY_CHANGE,  # the schedule and its constants: a deliberate change, recorded
     "optim.optimizer": FIXED_BY_CHECKPOINT,  # Adam and AdamW keep differently structured states
     "seed": FIXED_BY_RUN,  # the initial parameters, the data order and every step's noise
@@ -57,7 +57,6 @@ RESUME_RULES: dict[str, str] = {
     "train": MAY_CHANGE,  # how long, how often to log / sample / checkpoint / evaluate, layout
     "train.batch_size": FIXED_BY_RUN,  # the batches, and so the saved data position
     "train.ema_decay": FIXED_BY_RUN,  # what the EMA parameters average
-    "train.label_dropout": FIXED_BY_RUN,  # how often the null label is trained
 }
 
 # What a workdir's latest checkpoint holds -> the rules whose fields it fixes.
@@ -93,12 +92,12 @@ def _show(value: Any) -> str:
   return value if value is UNSET else json.dumps(value)
 
 
-def rule(key: str) -> str:
-  """The rule of a dotted key: that of its longest prefix in RESUME_RULES."""
+def rule(key: str, rules: Mapping[str, str] = RESUME_RULES) -> str:
+  """The rule of a dotted key: that of its longest prefix in `rules`."""
   parts = key.split(".")
   for end in range(len(parts), 0, -1):
-    if (prefix := ".".join(parts[:end])) in RESUME_RULES:
-      return RESUME_RULES[prefix]
+    if (prefix := ".".join(parts[:end])) in rules:
+      return rules[prefix]
   return FIXED_BY_CHECKPOINT
 
 
@@ -141,9 +140,10 @@ def changes(saved: Mapping[str, Any], new: Mapping[str, Any],
   return found
 
 
-def refused_changes(found: list[Change], holds: str) -> list[Change]:
+def refused_changes(found: list[Change], holds: str,
+                    rules: Mapping[str, str] = RESUME_RULES) -> list[Change]:
   """The changes of fields fixed when the checkpoint holds `holds` (a key of FIXED_WHEN)."""
-  return [change for change in found if rule(change.key) in FIXED_WHEN[holds]]
+  return [change for change in found if rule(change.key, rules) in FIXED_WHEN[holds]]
 
 
 def refusal_message(workdir: str, holds: str, refused: list[Change]) -> str:
@@ -168,10 +168,12 @@ def what_checkpoint_holds(checkpointer: checkpoint.Checkpointer) -> str:
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str,
-                 checkpointer: checkpoint.Checkpointer) -> list[Change]:
+                 checkpointer: checkpoint.Checkpointer,
+                 task_rules: Mapping[str, str]) -> list[Change]:
   """The changes from `workdir`'s saved config to `config`; reads, never writes.
 
-  Returns [] for a new workdir.
+  Returns [] for a new workdir. `task_rules` are the run's task's rows of the
+  rules (`Task.resume_rules`), over RESUME_RULES.
 
   Raises:
     ConfigChangeError: a field fixed by what the checkpoint holds changed
@@ -186,7 +188,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str,
                             config.get("task", "diffusion"))
   found = changes(saved, new, defaults)
   holds = what_checkpoint_holds(checkpointer)
-  if refused := refused_changes(found, holds):
+  if refused := refused_changes(found, holds, {**RESUME_RULES, **task_rules}):
     raise ConfigChangeError(refusal_message(workdir, holds, refused))
   return found
 
