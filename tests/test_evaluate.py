@@ -12,8 +12,9 @@ import pytest
 
 from configs.eval import digits as digits_eval
 from diffusion_jax import evaluation
+from diffusion_jax.config.evaluation import METRIC_NETWORKS
 from diffusion_jax.data import sources
-from diffusion_jax.evaluation import digits_classifier, inception, nll
+from diffusion_jax.evaluation import digits_classifier, features, inception, nll, scores
 
 from evaluation_numbers import (  # tests/evaluation_numbers.py
     assert_scores_are, digits_scores, frechet_distance, inception_score, precision_recall)
@@ -335,3 +336,8 @@ def test_periodic_fid_without_weights_fails_before_training(tmp_path, monkeypatc
   with pytest.raises(FileNotFoundError, match="DIFFUSION_JAX_INCEPTION_WEIGHTS"):
     loop.train_and_evaluate(_digits_smoke_with_eval(eval_metric="fid"), str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints" / "2")
+
+
+def test_the_metric_registry_and_the_names_configs_accept_agree():
+  assert list(scores.METRICS) == list(METRIC_NETWORKS)
+  assert set(METRIC_NETWORKS.values()) == set(features.LOADERS)

@@ -13,12 +13,16 @@ from diffusion_jax.config.data import DataConfig
 from diffusion_jax.config.sampler import SamplerConfig
 from diffusion_jax.configlib import from_mapping
 
-# Metrics on the Inception network's features (Heusel et al. 2017; Salimans et al. 2016;
-# Nash et al. 2021; Kynkäänniemi et al. 2019).
-INCEPTION_METRICS = ("fid", "is", "sfid", "precision_recall")
-# The same formulas on the digits classifier's features; never called FID or IS.
-DIGITS_METRICS = ("fd_digits", "is_digits")
-METRICS = (*INCEPTION_METRICS, *DIGITS_METRICS, "nll")
+# Each sample metric (evaluation/scores.py computes it) -> the feature network it runs on: the
+# Inception network's (Heusel et al. 2017; Salimans et al. 2016; Nash et al. 2021;
+# Kynkäänniemi et al. 2019), or the same formulas on the digits classifier's, never called
+# FID or IS.
+METRIC_NETWORKS = {
+    "fid": "inception", "is": "inception", "sfid": "inception", "precision_recall": "inception",
+    "fd_digits": "digits_classifier", "is_digits": "digits_classifier",
+}
+INCEPTION_METRICS = tuple(m for m, network in METRIC_NETWORKS.items() if network == "inception")
+METRICS = (*METRIC_NETWORKS, "nll")
 RESIZE_MODES = ("tf", "pytorch-fid")
 WEIGHTS_ENV = "DIFFUSION_JAX_INCEPTION_WEIGHTS"
 

@@ -108,11 +108,14 @@ class SegmentationExperiment:
 
   def periodic_hooks(self, mesh, workdir: str) -> list[Hook]:
     """The loop's periodic action: the held-out evaluation with its PNG, every train.eval_every."""
-    return [Hook("eval", self.train.eval_every, make_evaluator(self, mesh, workdir))]
+    return [Hook("eval", self.train.eval_every, make_eval_hook_run(self, mesh, workdir))]
 
 
-def make_evaluator(exp: SegmentationExperiment, mesh, workdir: str):
-  """`evaluate(state, step, writer)`: IoU of the EMA parameters on the held-out images.
+def make_eval_hook_run(exp: SegmentationExperiment, mesh, workdir: str):
+  """The eval Hook's `run(state, step, writer)`: IoU of the EMA parameters on held-out images.
+
+  (Diffusion's `periodic_eval.make_evaluator` returns scores instead, which its
+  hook writes.)
 
   Each whole image is predicted by overlap-tile inference; the scalars
   (`metrics.summary`) go to the writer, and a PNG of image | truth |
