@@ -20,7 +20,7 @@ sampled with EDM's Heun sampler (18 levels, 35 network calls) in its grids
 
 import ml_collections
 
-from diffusion_jax.train import experiment
+from diffusion_jax.config import diffusion
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -103,4 +103,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2,
                         sample_every=0, num_samples=4, sample_steps=5 if "edm" not in parts else 3,
                         eval_every=0)
-  return experiment.complete_config(config)  # every other field at its default
+  return diffusion.complete_config(config)  # every other field at its default

@@ -7,14 +7,14 @@ import shutil
 
 import jax
 
-from diffusion_jax import parallel, train
-from diffusion_jax.train import checkpoint, loop
+from diffusion_jax import checkpoint, parallel
+from diffusion_jax.train import loop, tasks
 
 
 def saved_states(workdir, config, steps=(None,)) -> list:
   """The full TrainStates (params, EMA, Adam, rng, step) a run of `config` saved in `workdir`
   at `steps` (None: the latest), as numpy arrays."""
-  exp = train.build(config)
+  exp = tasks.build(config)
   mesh = parallel.make_mesh()
   state, shardings = loop.create_state(exp, mesh, config.seed)
   checkpointer = checkpoint.Checkpointer(str(workdir), every_steps=1, keep=100)

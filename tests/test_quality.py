@@ -17,9 +17,10 @@ import numpy as np
 from flax import traverse_util
 
 from configs import digits
-from diffusion_jax import diffusion, images, sampling, train
+from diffusion_jax import diffusion, images, sampling
 from diffusion_jax.data import sources
 from diffusion_jax.evaluation import digits_classifier, metrics
+from diffusion_jax.train import tasks
 
 PARAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "quality",
                       "digits_ema.npz")
@@ -41,7 +42,7 @@ def quality_config():
 
 @functools.cache
 def _ema_model():
-  exp = train.build(quality_config())
+  exp = tasks.build(quality_config())
   with np.load(PARAMS) as saved:
     params = traverse_util.unflatten_dict({key: saved[key] for key in saved.files}, sep="/")
   return exp, params

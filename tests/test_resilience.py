@@ -24,8 +24,9 @@ import optax
 import pytest
 
 from configs import digits
-from diffusion_jax import data, parallel, train
-from diffusion_jax.train import checkpoint, loop, step
+from diffusion_jax import checkpoint, data, parallel
+from diffusion_jax.train import loop, step, tasks
+from diffusion_jax.train.step import compute_metrics
 
 import local_jobs  # tests/local_jobs.py
 import saved_runs  # tests/saved_runs.py
@@ -233,7 +234,7 @@ def _poison_steps(monkeypatch, steps):
 
 
 def test_a_non_finite_step_changes_nothing_but_the_step_counter():
-  exp = train.build(_smoke())
+  exp = tasks.build(_smoke())
   mesh = parallel.make_mesh()
   state, shardings = loop.create_state(exp, mesh, seed=0)
   step_fn = loop.compile_train_step(exp, shardings, mesh)
@@ -245,13 +246,13 @@ def test_a_non_finite_step_changes_nothing_but_the_step_counter():
   after = jax.device_get(after)
   assert int(before.step) == 1 and int(after.step) == 2
   _assert_equal_states(after.replace(step=before.step), before)
-  scalars = train.compute_metrics(step_metrics)
+  scalars = compute_metrics(step_metrics)
   assert scalars["skipped_steps"] == 1 and np.isnan(scalars["loss"])  # a mean over no step
   assert int(step_metrics["skipped_steps"].first) == 2
 
 
 def test_an_update_to_non_finite_parameters_is_skipped_though_loss_and_gradient_are_finite():
-  exp = train.build(_smoke())
+  exp = tasks.build(_smoke())
   mesh = parallel.make_mesh()
   state, _ = loop.create_state(exp, mesh, seed=0)
   fns = dataclasses.replace(exp.step_fns(), tx=optax.sgd(float("nan")))  # NaN updates
@@ -261,7 +262,7 @@ def test_an_update_to_non_finite_parameters_is_skipped_though_loss_and_gradient_
   after = jax.device_get(after)
   assert int(after.step) == 1
   _assert_equal_states(after.replace(step=before.step), before)
-  scalars = train.compute_metrics(step_metrics)
+  scalars = compute_metrics(step_metrics)
   assert scalars["skipped_steps"] == 1 and np.isnan(scalars["loss"])
 
 
@@ -273,7 +274,7 @@ def test_on_nonfinite_skip_trains_on_and_counts_skipped_steps(tmp_path, monkeypa
   _poison_steps(monkeypatch, {2})
   config = _smoke(num_steps=4, log_every=2, checkpoint_every=1, keep_checkpoints=4,
                   on_nonfinite="skip")
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = loop.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 4
   assert [scalars["skipped_steps"] for scalars in logged] == [1, 0]
   assert all(np.isfinite(scalars["loss"]) for scalars in logged)  # the means leave step 2 out
@@ -287,7 +288,7 @@ def test_on_nonfinite_stop_names_the_step_and_saves_nothing_after_it(tmp_path, m
                                                                       log_every):
   _poison_steps(monkeypatch, {5})
   with pytest.raises(FloatingPointError, match=r"at step 5 .* latest checkpoint, step 4,"):
-    train.train_and_evaluate(_smoke(num_steps=8, log_every=log_every, checkpoint_every=2),
+    loop.train_and_evaluate(_smoke(num_steps=8, log_every=log_every, checkpoint_every=2),
                              str(tmp_path))
   assert _finished_steps(tmp_path) == [2, 4] and not _unfinished(tmp_path)
 
@@ -321,7 +322,7 @@ def test_a_workdir_under_a_file_is_one_clear_error_before_training(tmp_path):
   (tmp_path / "file").write_text("")
   workdir = tmp_path / "file" / "run"
   with pytest.raises(OSError, match=f"Cannot write in workdir {re.escape(str(workdir))}: "):
-    train.train_and_evaluate(_smoke(), str(workdir))
+    loop.train_and_evaluate(_smoke(), str(workdir))
 
 
 @contextlib.contextmanager
@@ -341,8 +342,8 @@ def test_a_failing_save_is_named_and_never_restored(tmp_path, digits_smoke_run):
   workdir = saved_runs.copy_run(digits_smoke_run, tmp_path / "run")  # steps 2 and 4 saved
   with _file_size_limit(1 << 17), pytest.raises(
       checkpoint.CheckpointError, match=f"Saving a checkpoint in {workdir}/checkpoints failed"):
-    train.train_and_evaluate(_smoke(num_steps=6), str(workdir))  # its data files: 100-340 kB
+    loop.train_and_evaluate(_smoke(num_steps=6), str(workdir))  # its data files: 100-340 kB
   assert _finished_steps(workdir) == [2, 4] and _unfinished(workdir) == ["6.orbax-checkpoint-tmp"]
-  state = train.train_and_evaluate(_smoke(num_steps=6), str(workdir))
+  state = loop.train_and_evaluate(_smoke(num_steps=6), str(workdir))
   assert int(state.step) == 6
   assert _finished_steps(workdir) == [4, 6] and not _unfinished(workdir)

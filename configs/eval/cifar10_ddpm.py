@@ -13,7 +13,7 @@ of the 50,000 training images, IS with 10 splits on TF's Inception graph (our
 
 import ml_collections
 
-from diffusion_jax.evaluation.config import complete_config
+from diffusion_jax.config.evaluation import complete_config
 
 
 def get_config() -> ml_collections.ConfigDict:

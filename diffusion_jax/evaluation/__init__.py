@@ -6,7 +6,7 @@
     report = evaluation.evaluate(evaluation.from_config_dict(cfg), workdir)  # a whole protocol
 """
 
-from diffusion_jax.evaluation.config import EvalConfig, NllConfig, from_config_dict
+from diffusion_jax.config.evaluation import EvalConfig, NllConfig, from_config_dict
 from diffusion_jax.evaluation.inception import (apply_inception, inception_features,
                                                 load_inception, params_from_state_dict)
 from diffusion_jax.evaluation.metrics import (GaussianAccumulator, frechet_distance,

@@ -21,8 +21,8 @@ from flax import traverse_util
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from diffusion_jax import parallel, train  # noqa: E402
-from diffusion_jax.train import checkpoint, loop  # noqa: E402
+from diffusion_jax import checkpoint, parallel  # noqa: E402
+from diffusion_jax.train import loop, tasks  # noqa: E402
 from test_quality import quality_config  # noqa: E402
 
 OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_ema.npz")
@@ -31,8 +31,8 @@ OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_ema.np
 def main():
   config = quality_config()
   with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(config, workdir)
-    exp = train.build(config)
+    loop.train_and_evaluate(config, workdir)
+    exp = tasks.build(config)
     state, shardings = loop.create_state(exp, parallel.make_mesh(), config.seed)
     checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=2)
     restored = jax.device_get(checkpointer.restore(checkpoint.restore_target(state, shardings)))
