@@ -3,7 +3,8 @@
 Saves are atomic (Orbax writes to `<step>.orbax-checkpoint-tmp` and renames it
 when complete), so a save interrupted by kill -9 or a full disk is never
 restored: the steps listed skip temporary directories, and the next training
-run in the workdir deletes them.
+run in the workdir deletes them. A save counts as done only once storage lists
+it as finished: a write that fails without Orbax raising is still reported.
 
 Each checkpoint also holds the checksum of every array it saved (its
 `integrity` item), and a state with a non-finite value is never saved. A
@@ -17,9 +18,11 @@ the newest verified one, nor anything in `checkpoints/` this code did not write.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import signal
 import threading
+import time
 
 import grain
 import jax
@@ -75,14 +78,25 @@ class Checkpointer:
     self.keep = keep
     self._damaged: set[int] = set()  # steps found damaged: never restored, saved over or deleted
     self._saved_any = False  # only a Checkpointer that saved deletes old steps
+    self._unconfirmed: set[int] = set()  # saves started, not yet seen finished in storage
+    if delete_unfinished:
+      self._delete_unfinished_saves()
     self._manager = ocp.CheckpointManager(
         files.absolute(self.directory),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=True, enable_async_checkpointing=async_saves,
-            cleanup_tmp_directories=delete_unfinished))
+            max_to_keep=None, create=True, enable_async_checkpointing=async_saves))
 
   def _step_path(self, step: int) -> epath.Path:
     return files.path(self.directory) / str(step)
+
+  def _delete_unfinished_saves(self) -> None:
+    """Deletes the temporary directories of interrupted saves (process 0 deletes, once)."""
+    if jax.process_index() != 0 or not files.exists(self.directory):
+      return
+    for unfinished in ocp.path.step.all_temporary_paths(files.absolute(self.directory)):
+      path = unfinished.get()  # local: `<step>.orbax-checkpoint-tmp*`; gs://: no commit file
+      _remove_tree_of_a_settling_write(path)
+      logging.info("Deleted the unfinished save %s (an interrupted or failed save).", path)
 
   def latest_step(self) -> int | None:
     """The newest finished checkpoint not found damaged, or None."""
@@ -125,6 +139,7 @@ class Checkpointer:
     self.wait()
     self._delete_old_steps()
     self._saved_any = True
+    self._unconfirmed.add(step)
     with self._naming_save_failures():
       return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -314,9 +329,31 @@ class Checkpointer:
                             f" {type(e).__name__}: {without_tensorstore_specs(str(e))}.") from e
 
   def wait(self):
-    """Blocks until every asynchronous save has been written."""
+    """Blocks until every asynchronous save has been written, and checks that each finished.
+
+    Orbax can drop a failed write without raising (seen with a full disk), so
+    a save is done only once storage lists it as finished. With several
+    processes this is a collective: process 0, which commits, looks; the
+    others wait for its verdict, and then all list the same finished steps.
+
+    Raises:
+      CheckpointError: a save failed (named), or did not finish.
+    """
     with self._naming_save_failures():
       self._manager.wait_until_finished()
+    if not self._unconfirmed:
+      return
+    unconfirmed, self._unconfirmed = sorted(self._unconfirmed), set()
+    if not _agreed(jax.process_index() != 0 or self._listed_in_storage(unconfirmed)):
+      raise CheckpointError(
+          f"Saving checkpoint(s) {unconfirmed} in {self.directory} did not finish, though no"
+          f" error was raised (a full disk?). Finished checkpoints: {self.all_steps()}; an"
+          " unfinished one is never restored.")
+
+  def _listed_in_storage(self, steps: list[int]) -> bool:
+    """Whether storage lists every one of `steps` as a finished checkpoint (re-read)."""
+    self._manager.reload()
+    return set(steps) <= set(self._manager.all_steps())
 
   def close(self):
     """Waits for the saves in flight, deletes the checkpoints past `keep`, closes the manager."""
@@ -326,6 +363,28 @@ class Checkpointer:
         self._delete_old_steps()
     finally:
       self._manager.close()
+
+
+def _remove_tree_of_a_settling_write(path: epath.Path, attempts: int = 40,
+                                     pause_s: float = 0.25) -> None:
+  """Deletes `path`, retrying while writes into it are still landing.
+
+  A save that failed in this process (a full disk) leaves TensorStore writes
+  in flight for a moment; a deletion that meets one fails ("Directory not
+  empty"). They end on their own, so the deletion is retried for ~10 s.
+
+  Raises:
+    CheckpointError: naming `path`, when it still cannot be deleted.
+  """
+  for attempt in itertools.count(1):
+    try:
+      path.rmtree(missing_ok=True)
+      return
+    except OSError as e:
+      if attempt == attempts:
+        raise CheckpointError(f"Cannot delete the unfinished save {path}: {e}. Delete it by"
+                              " hand and start again.") from e
+      time.sleep(pause_s)
 
 
 def restore_target(state, shardings):

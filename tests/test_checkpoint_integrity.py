@@ -4,6 +4,9 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +139,52 @@ def test_a_state_with_a_non_finite_value_is_never_saved(tmp_path):
     checkpointer.save(1, state, None, force=True)
   checkpointer.close()
   assert _entries(tmp_path) == []
+
+
+def _small_state(step: int) -> dict:
+  return {"params": {"w": jnp.arange(4.0) * step}, "step": jnp.array(step)}
+
+
+# Adds files to a directory as fast as it can until the directory is gone (or 3 s passed), in
+# another process, as the TensorStore writes of a failed save go on landing for a moment after it.
+_WRITER = """
+import os, sys, time
+directory, deadline = sys.argv[1], time.monotonic() + 3
+try:
+  for i in range(10**9):
+    if time.monotonic() > deadline: break
+    with open(os.path.join(directory, f"chunk{i}"), "wb") as f: f.write(b"x")
+except FileNotFoundError:
+  pass
+"""
+
+
+def test_an_unfinished_save_still_being_written_is_deleted_once_its_writes_end(tmp_path):
+  unfinished = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp"
+  data_dir = unfinished / "state" / "ocdbt.process_0" / "d"
+  data_dir.mkdir(parents=True)
+  with subprocess.Popen([sys.executable, "-c", _WRITER, str(data_dir)]) as writer:
+    while writer.poll() is None and len(os.listdir(data_dir)) < 100:  # delete amid the writes
+      time.sleep(0.01)
+    checkpointer = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2,
+                                           delete_unfinished=True)
+  assert not unfinished.exists()
+  checkpointer.save(6, _small_state(6), None, force=True)
+  checkpointer.close()
+  assert _entries(tmp_path) == ["6"]
+
+
+def test_a_save_that_is_dropped_without_an_error_is_reported(tmp_path, monkeypatch):
+  checkpointer = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2)
+  checkpointer.save(1, _small_state(1), None, force=True)
+  monkeypatch.setattr(checkpointer._manager, "save", lambda step, **_: True)  # writes nothing
+  checkpointer.save(2, _small_state(2), None, force=True)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"Saving checkpoint\(s\) \[2\] in {tmp_path}/checkpoints did not"
+                           r" finish, though no error was raised .* Finished checkpoints: \[1\]"):
+    checkpointer.wait()
+  checkpointer.close()
+  assert _entries(tmp_path) == ["1"]
 
 
 def test_checksums_see_any_one_changed_value_on_any_sharding():
