@@ -199,6 +199,20 @@ def test_the_batch_takes_its_hardest_examples_steps_on_every_device(mixture, ref
 # ----------------------------------------------------------------------------- solver, data
 
 
+@pytest.mark.parametrize("config", [ode.SolverConfig(), ode.SolverConfig(method="fixed", steps=30)])
+def test_solver_on_a_known_solution(config):
+  """dy/dt = cos(t) y on [0.5, 3]: y = y0 exp(sin t - sin 0.5), a pytree of two leaves."""
+  fn = lambda t, y: jax.tree.map(lambda leaf: jnp.cos(t) * leaf, y)
+  y0 = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+  solution = jax.jit(lambda y: ode.solve(fn, y, 0.5, 3.0, config))(y0)
+  factor = math.exp(math.sin(3.0) - math.sin(0.5))
+  np.testing.assert_allclose(solution.y["a"], factor * np.array([1.0, -2.0]), rtol=2e-5)
+  np.testing.assert_allclose(solution.y["b"], factor * 0.5, rtol=2e-5)
+  assert float(solution.t) == 3.0 and bool(solution.finished)
+  steps = int(solution.accepted) + int(solution.rejected)
+  assert int(solution.nfe) == 6 * steps + (1 if config.method == "fixed" else 2)
+
+
 def test_fixed_steps_approach_the_adaptive_solution(mixture, refs):
   x = jnp.asarray(refs["x"], jnp.float32)
   fixed = odl.log_likelihood(mixture, SDE, x, jax.random.key(0), divergence=EXACT,
