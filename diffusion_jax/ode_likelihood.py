@@ -8,10 +8,11 @@ is also transported by the ODE
 and along its solution the density obeys the instantaneous change of
 variables d log p_t(x_t) / dt = -div f~(x_t, t) (Chen et al. 2018), so
 
-    log p_eps(x) = log p_1(x_1) + int_eps^1 div f~(x_t, t) dt,
+    log p_eps(x) = log p_T(x_T) + int_eps^T div f~(x_t, t) dt,
 
-x_t the solution from x_eps = x. Solved forward in t as one ODE in (x, delta):
-delta(1) is the integral, and p_1 is taken to be N(0, I). With the model's
+x_t the solution from x_eps = x, T = 1 (or 1 - 1/T for the cosine schedule).
+Solved forward in t as one ODE in (x, delta): delta(T) is the integral, and
+p_T is taken to be N(0, I). With the model's
 score in place of the true one, this is the exact density of the model's
 continuous normalising flow. The divergence is the trace of the Jacobian of
 f~: exactly (D forward-mode products, small D), or Hutchinson-Skilling's
@@ -23,7 +24,8 @@ does for its DDPM models (`likelihood.py`: `get_score_fn(continuous=True)`):
 linear betas of T steps from beta_min / T to beta_max / T are the VP SDE with
 beta(t) = beta_min + t (beta_max - beta_min) (Song et al. eq. 33), the network
 is called at the timestep t (T - 1), a float, and its output is read with the
-SDE's own alpha(t), sigma(t): score = -eps_hat / sigma(t). The bits/dim of
+SDE's own alpha(t), sigma(t): score = -eps_hat / sigma(t). The cosine schedule
+(which score_sde never had) is its own VP SDE, `CosineVPSDE`. The bits/dim of
 images on the 256-level grid follow from a dequantisation (`dequantize`).
 """
 
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import configlib, diffusion, ode
+from diffusion_jax import configlib, diffusion, ode, schedules
 from diffusion_jax.diffusion import MeanType, ModelSpec
 from diffusion_jax.schedules import Schedule
 
@@ -52,20 +54,8 @@ DEQUANTISATIONS = ("uniform", "centered", "none")
 # ----------------------------------------------------------------------------- the SDE
 
 
-@dataclasses.dataclass(frozen=True)
-class VPSDE:
-  """Song et al. 2021's VP SDE, beta(t) = beta_min + t (beta_max - beta_min) on [t_min, 1]."""
-
-  beta_min: float = 0.1
-  beta_max: float = 20.0
-  t_min: float = 1e-5  # score_sde integrates from eps = 1e-5 "for numerical stability"
-
-  def beta(self, t):
-    return self.beta_min + t * (self.beta_max - self.beta_min)
-
-  def log_alpha(self, t):
-    """log alpha(t), alpha(t)^2 = abar(t) = exp(-int_0^t beta): x_t = alpha x_0 + sigma eps."""
-    return -0.25 * jnp.square(t) * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+class _VP:
+  """What every VP SDE here shares: x_t = alpha(t) x_0 + sigma(t) eps, alpha^2 + sigma^2 = 1."""
 
   def alpha_sigma(self, t):
     """(alpha(t), sigma(t) = sqrt(1 - alpha^2)), sigma by expm1: exact near t = 0 in float32."""
@@ -73,36 +63,100 @@ class VPSDE:
     return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
 
 
-def vp_sde_of(schedule: Schedule, t_min: float = 1e-5) -> VPSDE:
-  """The VP SDE whose discretisation is `schedule`: linear betas only (score_sde's mapping).
+@dataclasses.dataclass(frozen=True)
+class VPSDE(_VP):
+  """Song et al. 2021's VP SDE, beta(t) = beta_min + t (beta_max - beta_min), on [t_min, 1].
 
-  betas_i = beta_min / T + i / (T - 1) (beta_max - beta_min) / T, so beta_min
-  = T betas_0 and beta_max = T betas_{T-1} (0.1 and 20 for DDPM's schedule at
-  any T). Other schedules are refused: the cosine schedule's continuous
-  alpha_bar(t) reaches 0 at t = 1, where beta(t) is infinite, and the
-  discrete one clips its last betas at 0.999, so no VP SDE on [0, 1] has it
-  as its discretisation without a choice of where to stop that score_sde
-  never made; its likelihood would be of another model than the one sampled.
+  The discretisation of DDPM's linear schedule at T steps; its network is
+  called at timestep t (T - 1), score_sde's `labels = t * 999` at T = 1000.
+  """
+
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  t_min: float = 1e-5  # score_sde integrates from eps = 1e-5 "for numerical stability"
+  num_timesteps: int = 1000
+  t_max: float = 1.0
+
+  def beta(self, t):
+    return self.beta_min + t * (self.beta_max - self.beta_min)
+
+  def log_alpha(self, t):
+    """log alpha(t), alpha(t)^2 = abar(t) = exp(-int_0^t beta)."""
+    return -0.25 * jnp.square(t) * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+  def timestep(self, t):
+    return t * (self.num_timesteps - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineVPSDE(_VP):
+  """The VP SDE of Nichol & Dhariwal's cosine schedule (eq. 17), on [t_min, 1 - 1/T].
+
+  abar(t) = f(t) / f(0), f(t) = cos^2(theta(t)), theta = (t + s) / (1 + s) pi/2,
+  beta(t) = -d log abar / dt = pi / (1 + s) tan(theta). The discrete schedule
+  is abar_i = abar((i + 1) / T): the network is called at timestep t T - 1
+  (clipped at 0), exactly its training noise level at every timestep. abar
+  reaches 0 at t = 1, where beta is infinite (the discrete schedule clips its
+  last beta at 0.999 instead), so the ODE ends at t = 1 - 1/T, timestep T - 2,
+  the last unclipped one: abar = 2.4e-6 at T = 1000, where p_t is N(0, I)
+  closer than the linear SDE's p_1 (abar(1) = 4.3e-5).
+  """
+
+  s: float = 0.008
+  t_min: float = 1e-5
+  num_timesteps: int = 1000
+
+  @property
+  def t_max(self) -> float:
+    return 1.0 - 1.0 / self.num_timesteps
+
+  def _theta(self, t):
+    return (t + self.s) / (1.0 + self.s) * (math.pi / 2)
+
+  def beta(self, t):
+    return math.pi / (1.0 + self.s) * jnp.tan(self._theta(t))
+
+  def log_alpha(self, t):
+    """log cos(theta0 + d) / cos(theta0) = log1p(-2 sin^2(d/2) - tan(theta0) sin d), d = theta - theta0.
+
+    Not log cos(theta) - log cos(theta0): float32 rounds cos near 1 by 6e-8,
+    which is 30% of sigma^2 at t = 1e-5.
+    """
+    d = t / (1.0 + self.s) * (math.pi / 2)
+    return jnp.log1p(-2.0 * jnp.square(jnp.sin(d / 2)) - math.tan(self._theta(0.0)) * jnp.sin(d))
+
+  def timestep(self, t):
+    return jnp.maximum(t * self.num_timesteps - 1.0, 0.0)
+
+
+def vp_sde_of(schedule: Schedule, t_min: float = 1e-5) -> VPSDE | CosineVPSDE:
+  """The VP SDE whose discretisation is `schedule`: linear or cosine betas of T steps.
+
+  Linear: betas_i = beta_min / T + i / (T - 1) (beta_max - beta_min) / T, so
+  beta_min = T betas_0 and beta_max = T betas_{T-1} (0.1 and 20 for DDPM's
+  schedule at any T): score_sde's mapping. Cosine: `CosineVPSDE`. Others
+  (quadratic, sigmoid, respaced, foreign) are refused by name.
   """
   betas = np.asarray(schedule.betas, np.float64)
   T = betas.size
-  linear = np.linspace(betas[0], betas[-1], T)
-  if T < 2 or not np.allclose(betas, linear, rtol=1e-5, atol=0.0):
-    raise ValueError("nll_ode maps a linear beta schedule to the VP SDE (as score_sde does);"
-                     " this schedule's betas are not linear in t (cosine, quadratic, sigmoid"
-                     " or respaced), and no continuous VP SDE on [0, 1] discretises to them.")
-  return VPSDE(beta_min=float(betas[0] * T), beta_max=float(betas[-1] * T), t_min=t_min)
+  if T >= 2 and np.allclose(betas, np.linspace(betas[0], betas[-1], T), rtol=1e-5, atol=0.0):
+    return VPSDE(beta_min=float(betas[0] * T), beta_max=float(betas[-1] * T), t_min=t_min,
+                 num_timesteps=T)
+  if T >= 2 and np.allclose(betas, schedules.cosine_betas(T), rtol=1e-4, atol=1e-7):
+    return CosineVPSDE(t_min=t_min, num_timesteps=T)
+  raise ValueError("nll_ode maps a linear beta schedule (as score_sde does) or the cosine one to"
+                   " a VP SDE; this schedule's betas are neither (quadratic, sigmoid, respaced or"
+                   " foreign), and no VP SDE is defined for them here.")
 
 
 def per_example(values: jax.Array, ndim: int) -> jax.Array:
   return jnp.reshape(values, values.shape + (1,) * (ndim - values.ndim))
 
 
-def score_from_model(model_fn: ModelFn, spec: ModelSpec, sde: VPSDE,
-                     num_timesteps: int) -> ScoreFn:
+def score_from_model(model_fn: ModelFn, spec: ModelSpec, sde: VPSDE | CosineVPSDE) -> ScoreFn:
   """score(x, t) of a network of the project, as score_sde reads its DDPM models.
 
-  The network is called at timesteps t (T - 1) (floats; `rescale_timesteps`
+  The network is called at timesteps `sde.timestep(t)` (floats; `rescale_timesteps`
   and the like are `model_fn`'s business, as for the samplers) and its mean
   output read with alpha(t), sigma(t) of `sde`: eps_hat is the output (eps),
   (x - alpha x0_hat) / sigma (x0), or sigma x + alpha v_hat (v); score =
@@ -116,7 +170,7 @@ def score_from_model(model_fn: ModelFn, spec: ModelSpec, sde: VPSDE,
     if spec.edm is not None:
       denoised = spec.edm.denoise(model_fn, x / alpha, sigma_t / alpha_t)
       return (alpha * denoised - x) / jnp.square(sigma)
-    output, _ = diffusion.split_output(spec, model_fn(x, t * (num_timesteps - 1)))
+    output, _ = diffusion.split_output(spec, model_fn(x, sde.timestep(t)))
     if spec.mean_type is MeanType.EPSILON:
       eps = output
     elif spec.mean_type is MeanType.X0:
@@ -128,7 +182,7 @@ def score_from_model(model_fn: ModelFn, spec: ModelSpec, sde: VPSDE,
   return score
 
 
-def probability_flow(score_fn: ScoreFn, sde: VPSDE):
+def probability_flow(score_fn: ScoreFn, sde: VPSDE | CosineVPSDE):
   """f~(x, t) = -1/2 beta(t) (x + score(x, t)) for x [B, ...] and a scalar t."""
   def drift(x, t):
     t = jnp.full(x.shape[:1], t, jnp.float32)
@@ -201,7 +255,7 @@ class Likelihood(NamedTuple):
   solution: ode.Solution  # counters: nfe (each one network call and its divergence), steps
 
 
-def log_likelihood(score_fn: ScoreFn, sde: VPSDE, x: jax.Array, key: jax.Array, *,
+def log_likelihood(score_fn: ScoreFn, sde: VPSDE | CosineVPSDE, x: jax.Array, key: jax.Array, *,
                    divergence: DivergenceConfig = DivergenceConfig(),
                    solver: ode.SolverConfig = ode.SolverConfig(),
                    weights: jax.Array | None = None, probes: jax.Array | None = None,
@@ -232,7 +286,7 @@ def log_likelihood(score_fn: ScoreFn, sde: VPSDE, x: jax.Array, key: jax.Array, 
     return drift_and_divergence(lambda y: drift(y, t), x_t, probes)
 
   y0 = (x, jnp.zeros(x.shape[:1], jnp.float32))
-  solution = ode.solve(rhs, y0, sde.t_min, 1.0, solver, norm=_weighted_rms(weights))
+  solution = ode.solve(rhs, y0, sde.t_min, sde.t_max, solver, norm=_weighted_rms(weights))
   z, delta = solution.y
   prior = (prior_log_p or standard_normal_log_p)(z)
   return Likelihood(prior + delta, prior, delta, z, solution)

@@ -20,7 +20,7 @@ from configs.eval import digits as eval_digits
 from diffusion_jax import configlib, models
 from diffusion_jax.evaluation import config as eval_config
 from diffusion_jax.data.config import DataConfig
-from diffusion_jax.evaluation.config import EvalConfig, NllConfig
+from diffusion_jax.evaluation.config import EvalConfig, NllConfig, NllOdeConfig
 from diffusion_jax.segmentation import experiment as segmentation_experiment
 from diffusion_jax.train import experiment, optimizer
 
@@ -32,7 +32,7 @@ EVAL_CONFIGS = sorted(p.name for p in (REPO / "configs" / "eval").glob("*.py")
 # Each section's dataclass: the fields its config section must hold.
 TRAIN_SECTIONS = {"data": DataConfig, "diffusion": experiment.DiffusionConfig,
                   "optim": optimizer.OptimConfig, "train": experiment.TrainConfig}
-EVAL_SECTIONS = {"": EvalConfig, "nll": NllConfig, "data": DataConfig}
+EVAL_SECTIONS = {"": EvalConfig, "nll": NllConfig, "nll_ode": NllOdeConfig, "data": DataConfig}
 
 
 def _train_sections(config) -> dict:

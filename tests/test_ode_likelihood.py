@@ -35,12 +35,7 @@ def gaussian_log_density(x, mean, var):
 
 
 def gaussian_score(mu, s):
-  def score(x, t):
-    alpha, sigma = SDE.alpha_sigma(t)
-    alpha, var = odl.per_example(alpha, x.ndim), odl.per_example(
-        jnp.square(alpha * s) + jnp.square(sigma), x.ndim)
-    return -(x - alpha * mu) / var
-  return score
+  return gaussian_score_of(SDE, mu, s)
 
 
 def mixture_score(means, scales, weights):
@@ -71,24 +66,34 @@ def mixture(refs):
 # ----------------------------------------------------------------------------- closed form
 
 
-@pytest.fixture(scope="module")
-def gaussian_case():
+def gaussian_score_of(sde, mu, s):
+  def score(x, t):
+    alpha, sigma = sde.alpha_sigma(t)
+    alpha, var = odl.per_example(alpha, x.ndim), odl.per_example(
+        jnp.square(alpha * s) + jnp.square(sigma), x.ndim)
+    return -(x - alpha * mu) / var
+  return score
+
+
+@pytest.fixture(scope="module", params=["linear", "cosine"])
+def gaussian_case(request):
   """Gaussian data in D = 8 (shaped [B, 2, 2, 2]), 6 test points, the exact divergence."""
+  sde = SDE if request.param == "linear" else odl.CosineVPSDE()
   mu, s = jnp.linspace(-0.6, 0.6, 8).reshape(2, 2, 2), 0.4
   x = mu + s * jax.random.normal(jax.random.key(1), (6, 2, 2, 2))
-  alpha1, sigma1 = SDE.alpha_sigma(jnp.float32(1.0))
+  alpha1, sigma1 = sde.alpha_sigma(jnp.float32(sde.t_max))
   prior = lambda z: gaussian_log_density(z, alpha1 * mu, alpha1**2 * s**2 + sigma1**2)
   result = jax.jit(lambda x: odl.log_likelihood(
-      gaussian_score(mu, s), SDE, x, jax.random.key(0), divergence=EXACT,
+      gaussian_score_of(sde, mu, s), sde, x, jax.random.key(0), divergence=EXACT,
       prior_log_p=prior))(x)
-  return mu, s, x, result
+  return sde, mu, s, x, result
 
 
 def test_gaussian_data_density_in_nats_and_bits_per_dim(gaussian_case):
   """Exact score, exact divergence, the exact prior p_1: the ODE gives back log N(x; mu, s^2 I)."""
-  mu, s, x, result = gaussian_case
+  sde, mu, s, x, result = gaussian_case
   assert bool(result.solution.finished)
-  alpha, sigma = SDE.alpha_sigma(jnp.float32(SDE.t_min))
+  alpha, sigma = sde.alpha_sigma(jnp.float32(sde.t_min))
   p_eps = gaussian_log_density(x, alpha * mu, alpha**2 * s**2 + sigma**2)  # the ODE's own t
   np.testing.assert_allclose(result.log_p, p_eps, rtol=1e-4)
   p_data = gaussian_log_density(x, mu, s**2)
@@ -99,8 +104,9 @@ def test_gaussian_data_density_in_nats_and_bits_per_dim(gaussian_case):
 
 def test_gaussian_with_the_standard_normal_prior_is_close(gaussian_case):
   """score_sde's N(0, I) prior instead of p_1: off by log N(z; 0, I) - log p_1(z), nothing else."""
-  mu, s, x, exact_prior = gaussian_case
-  result = odl.log_likelihood(gaussian_score(mu, s), SDE, x, jax.random.key(0), divergence=EXACT)
+  sde, mu, s, x, exact_prior = gaussian_case
+  result = odl.log_likelihood(gaussian_score_of(sde, mu, s), sde, x, jax.random.key(0),
+                              divergence=EXACT)
   np.testing.assert_allclose(result.delta_log_p, exact_prior.delta_log_p, rtol=1e-5)
   np.testing.assert_allclose(result.prior_log_p, odl.standard_normal_log_p(result.z), rtol=1e-6)
 
@@ -245,8 +251,27 @@ def test_linear_schedules_map_to_score_sdes_vp_sde():
   for num_timesteps in (1000, 4000, 50):
     sde = odl.vp_sde_of(schedules.get_schedule("linear", num_timesteps))
     assert (sde.beta_min, sde.beta_max) == pytest.approx((0.1, 20.0), rel=1e-5)
-  with pytest.raises(ValueError, match="not linear"):
-    odl.vp_sde_of(schedules.get_schedule("cosine", 1000))
+  with pytest.raises(ValueError, match="neither"):
+    odl.vp_sde_of(schedules.get_schedule("quadratic", 1000))
+
+
+@pytest.mark.parametrize("num_timesteps", [1000, 100])
+def test_the_cosine_sde_has_the_cosine_schedules_noise_levels(num_timesteps):
+  """abar((i + 1) / T) of the SDE is the discrete abar_i, and the network is called at i there."""
+  schedule = schedules.get_schedule("cosine", num_timesteps)
+  sde = odl.vp_sde_of(schedule)
+  assert isinstance(sde, odl.CosineVPSDE) and sde.t_max == 1 - 1 / num_timesteps
+  i = np.arange(num_timesteps - 1)
+  t = jnp.asarray((i + 1) / num_timesteps, jnp.float32)
+  alpha, sigma = sde.alpha_sigma(t)
+  discrete = -np.expm1(np.cumsum(np.log1p(-schedules.cosine_betas(num_timesteps))))  # float64
+  np.testing.assert_allclose(jnp.square(sigma), discrete[i], rtol=2e-4)
+  np.testing.assert_allclose(sde.timestep(t), i, atol=2e-3 * num_timesteps / 1000 + 1e-3)
+  # beta(t) = -d log abar / dt, by central differences in float64's stead: 1e-3 relative.
+  h = 1e-3
+  t_mid = jnp.array([0.1, 0.5, 0.9])
+  derivative = -(2 * sde.log_alpha(t_mid + h) - 2 * sde.log_alpha(t_mid - h)) / (2 * h)
+  np.testing.assert_allclose(sde.beta(t_mid), derivative, rtol=1e-3)
 
 
 def test_every_parameterisation_gives_the_same_score():
@@ -296,7 +321,7 @@ def test_every_parameterisation_gives_the_same_score():
       "edm": (edm_net, diffusion.ModelSpec(edm=precond)),
   }
   for name, (net, spec) in cases.items():
-    score = odl.score_from_model(net, spec, SDE, num_timesteps)(x, t)
+    score = odl.score_from_model(net, spec, SDE)(x, t)
     np.testing.assert_allclose(score, truth(x, t), rtol=2e-3, atol=1e-3, err_msg=name)
 
 
@@ -310,3 +335,78 @@ def test_bad_settings_are_named():
   with pytest.raises(ValueError, match="Unknown ODE solver 'euler'"):
     ode.SolverConfig(method="euler")
   assert dataclasses.replace(ode.SolverConfig(), rtol=1e-3).rtol == 1e-3
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_nll_ode_metric_of_a_smoke_run_resumes(digits_smoke_run):
+  """`nll_ode` beside `nll` in an evaluation: its report, its saved batches, and a resumed rerun."""
+  from configs.eval import digits as digits_eval  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
+
+  config = digits_eval.get_config("smoke")
+  config.update(name="ode", metrics=("nll_ode",), real_floor=False, num_samples=2, batch_size=8)
+  config.samplers = (dict(sampler="ddim", steps=1),)
+  config.nll_ode.update(num_examples=5, batch_size=8, rtol=1e-3, atol=1e-3, repeats=2)
+  config = evaluation.from_config_dict(config)
+  report = evaluation.evaluate(config, digits_smoke_run)
+  ode_report = report["nll_ode"]
+  assert ode_report["num_examples"] == 5 and ode_report["repeats"] == 2
+  assert np.isfinite(ode_report["bpd"]) and 0 < ode_report["bpd"] < 30
+  assert ode_report["bpd"] == pytest.approx(np.mean(ode_report["bpd_per_repeat"]))
+  assert ode_report["bpd_per_repeat"][0] != ode_report["bpd_per_repeat"][1]  # fresh noise
+  # bits/dim = nats / (D ln 2) + 7 (score_sde's uniform dequantisation of 8-bit data).
+  assert ode_report["bpd"] == pytest.approx(ode_report["nll_nats"] / (64 * math.log(2)) + 7.0,
+                                            rel=1e-5)
+  assert ode_report["nfe"] == 6 * (ode_report["accepted"] + ode_report["rejected"]) + 2
+  assert "nll_ode" in report["seconds"]
+  out_dir = os.path.join(digits_smoke_run, "eval", "ode-step4")
+  (folder,) = [d for d in os.listdir(out_dir) if d.startswith("nll_ode-")]
+  saved = os.path.join(out_dir, folder, "repeat1", "batch_000000.npz")
+  mtime = os.stat(saved).st_mtime_ns
+  os.remove(os.path.join(out_dir, folder, "repeat0", "batch_000000.npz"))
+  rerun = evaluation.evaluate(config, digits_smoke_run)["nll_ode"]
+  assert os.stat(saved).st_mtime_ns == mtime  # reused, not recomputed
+  assert rerun["bpd_per_repeat"] == pytest.approx(ode_report["bpd_per_repeat"], rel=1e-6)
+
+
+def test_nll_ode_refuses_a_quadratic_schedule(digits_smoke_run):
+  from diffusion_jax.evaluation import nll_ode  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train.inference import load_ema_for_sampling  # pylint: disable=g-import-not-at-top
+
+  model = load_ema_for_sampling(digits_smoke_run)
+  nll_ode.check_model(model)  # the digits run's cosine schedule
+  quadratic = dataclasses.replace(model, schedule=schedules.get_schedule("quadratic", 1000))
+  with pytest.raises(ValueError, match="neither"):
+    nll_ode.check_model(quadratic)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_two_processes_take_the_steps_of_one(digits_smoke_run, tmp_path):
+  """launch.evaluate's nll_ode as 2 processes x 2 devices and as 1 x 4: the same steps and values.
+
+  8 examples in one global batch of 8: each process reads 4, so the batch is
+  the same in both layouts; the adaptive solver's error norm is over all of it.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import local_jobs  # tests/local_jobs.py  pylint: disable=g-import-not-at-top
+
+  flags = ["--config=configs/eval/digits.py:smoke", "--config.metrics=nll_ode",
+           "--config.real_floor=False", "--config.num_samples=4", "--config.batch_size=4",
+           "--config.nll_ode.num_examples=8", "--config.nll_ode.batch_size=8",
+           "--config.nll_ode.rtol=1e-3", "--config.nll_ode.atol=1e-3"]
+  reports = {}
+  for count in (1, 2):
+    workdir = str(tmp_path / f"run{count}")
+    shutil.copytree(digits_smoke_run, workdir, ignore=shutil.ignore_patterns("eval"))
+    local_jobs.run_job(["-m", "launch.evaluate", f"--workdir={workdir}", *flags], count,
+                       4 // count)
+    with open(os.path.join(workdir, "eval", "digits-step4", "report.json")) as f:
+      reports[count] = json.load(f)["nll_ode"]
+  one, two = reports[1], reports[2]
+  assert two["num_examples"] == one["num_examples"] == 8
+  for name in ("nfe", "accepted", "rejected"):
+    assert two[name] == one[name], name
+  assert two["bpd"] == pytest.approx(one["bpd"], rel=1e-6)
