@@ -54,7 +54,7 @@ _ERROR_EXPONENT = -1 / 5  # -1 / (order of the error estimator + 1)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SolverConfig:
-  """How to solve: "dopri5" with error control (rtol, atol), or "fixed" steps of the same tableau."""
+  """How to solve: "dopri5" with error control (rtol, atol), or "fixed" steps of its tableau."""
 
   method: str = "dopri5"
   rtol: float = 1e-5  # score_sde's likelihood.py

@@ -117,7 +117,7 @@ class CosineVPSDE(_VP):
     return math.pi / (1.0 + self.s) * jnp.tan(self._theta(t))
 
   def log_alpha(self, t):
-    """log cos(theta0 + d) / cos(theta0) = log1p(-2 sin^2(d/2) - tan(theta0) sin d), d = theta - theta0.
+    """log cos(theta0 + d) / cos(theta0) = log1p(-2 sin^2(d/2) - tan(theta0) sin d).
 
     Not log cos(theta) - log cos(theta0): float32 rounds cos near 1 by 6e-8,
     which is 30% of sigma^2 at t = 1e-5.
@@ -305,7 +305,7 @@ def _per_example(key: jax.Array) -> bool:
 
 
 def _weighted_rms(weights: jax.Array | None) -> ode.NormFn:
-  """The RMS over every element of the (x, delta) state, example b's elements weighted by weights[b]."""
+  """The RMS over every element of the state, example b's elements weighted by weights[b]."""
   if weights is None:
     return ode.rms_norm
 

@@ -116,7 +116,7 @@ def test_gaussian_with_the_standard_normal_prior_is_close(gaussian_case):
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 def test_hutchinson_is_unbiased(mixture, refs, probe):
-  """256 copies of one mixture point, each its own probe: the mean is the exact value within 3 SE."""
+  """256 copies of one mixture point, each its own probe: the mean is the exact value within 3 SE"""
   x = jnp.broadcast_to(jnp.asarray(refs["x"][:1], jnp.float32), (256, 6))
   keys = jax.random.split(jax.random.key(7), 256)
   solve = jax.jit(lambda x, keys, config: odl.log_likelihood(mixture, SDE, x, keys,
@@ -373,9 +373,9 @@ def test_nll_ode_metric_of_a_smoke_run_resumes(digits_smoke_run):
 
 def test_nll_ode_refuses_a_quadratic_schedule(digits_smoke_run):
   from diffusion_jax.evaluation import nll_ode  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.train.inference import load_ema_for_sampling  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train import inference  # pylint: disable=g-import-not-at-top
 
-  model = load_ema_for_sampling(digits_smoke_run)
+  model = inference.load_ema_for_sampling(digits_smoke_run)
   nll_ode.check_model(model)  # the digits run's cosine schedule
   quadratic = dataclasses.replace(model, schedule=schedules.get_schedule("quadratic", 1000))
   with pytest.raises(ValueError, match="neither"):

@@ -134,7 +134,7 @@ class EvalConfig:
 
 
 def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config` with every field of EvalConfig, NllConfig, NllOdeConfig and DataConfig at its default where unset.
+  """`config` with every field of EvalConfig, NllConfig and DataConfig at its default where unset.
 
   So the command line can override any of them on any eval config; configs/eval files end with
   it. `samplers` stays the file's list (or one default sampler).

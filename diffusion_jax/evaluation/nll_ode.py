@@ -74,7 +74,7 @@ def make_nll_ode_fn(model: EmaModel, config: NllOdeConfig):
 
 def evaluate_nll_ode(model: EmaModel, make_batches, config: NllOdeConfig, out_dir: str, *,
                      key: jax.Array, num_batches: int | None = None) -> dict:
-  """Mean ODE NLL (bits/dim) over the examples, over `config.repeats` passes; resumes from `out_dir`.
+  """Mean ODE NLL (bits/dim) over the examples and `config.repeats` passes; resumes from `out_dir`.
 
   Call it on every process together.
 
