@@ -19,7 +19,7 @@ Smoke variant for tests: --config=configs/cifar10_ddpm.py:smoke.
 import ml_collections
 
 from configs import smoke
-from diffusion_jax.train import experiment
+from diffusion_jax.config import diffusion
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -76,7 +76,7 @@ def base() -> ml_collections.ConfigDict:
 
 def finish(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """`config` with every field at its default where unset (so all can be overridden), varied."""
-  config = experiment.complete_config(config)
+  config = diffusion.complete_config(config)
   if variant == "smoke":
     return smoke.shrink(config)
   if variant:

@@ -16,7 +16,7 @@ WORKDIR/segmentation/step_*.png).
 
 import ml_collections
 
-from diffusion_jax.segmentation import experiment
+from diffusion_jax.config import segmentation
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -93,4 +93,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                        num_threads=0)
     config.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2,
                         eval_every=0)
-  return experiment.complete_config(config)  # every other field at its default
+  return segmentation.complete_config(config)  # every other field at its default

@@ -38,7 +38,8 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from diffusion_jax import files, images
 
-# Tells apart the event files of writers opened in the same second by one process.
+# Tells apart the event files of writers opened in the same second by one process; zero-padded,
+# because TensorBoard reads a run's files in the order of their names (9 after 10 otherwise).
 _FILE_COUNTER = itertools.count()
 
 
@@ -117,7 +118,7 @@ class EventWriter:
   def _start_file(self) -> None:
     """A new event file: its name, and the version record every event file starts with."""
     self.path = files.join(self.logdir, f"events.out.tfevents.{int(time.time()):010d}"
-                           f".{socket.gethostname()}.{os.getpid()}.{next(_FILE_COUNTER)}.v2")
+                           f".{socket.gethostname()}.{os.getpid()}.{next(_FILE_COUNTER):06d}.v2")
     self._records = _Records()
     self._record_writer = RecordWriter(self._records)
     self._record_writer.write(event_pb2.Event(

@@ -18,10 +18,9 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from diffusion_jax import configlib, logs, parallel
+from diffusion_jax import checkpoint, configlib, logs, parallel
 from diffusion_jax.data import DatasetUnavailableError
-from diffusion_jax.train import checkpoint
-from diffusion_jax.train.checkpoint import CheckpointError
+from diffusion_jax.checkpoint import CheckpointError
 
 VERBOSE_ENV = "DIFFUSION_JAX_VERBOSE"
 MAX_MESSAGE_CHARS = 600  # a longer message is cut, so an error never floods the terminal

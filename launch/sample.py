@@ -27,8 +27,7 @@ can be resumed on a different number of hosts.
 import jax
 from absl import app, flags
 
-from diffusion_jax import files, outputs, parallel, sampling
-from diffusion_jax.train import checkpoint, inference
+from diffusion_jax import checkpoint, files, outputs, parallel, runs, sampling
 from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoints.")
@@ -62,13 +61,13 @@ def main(argv):
   config = sampling.SamplerConfig(
       _SAMPLER.value, _STEPS.value or None, _ETA.value, _GUIDANCE.value, order=_ORDER.value,
       s_churn=_S_CHURN.value, s_tmin=_S_TMIN.value, s_tmax=_S_TMAX.value, s_noise=_S_NOISE.value)
-  model = inference.load_ema_for_sampling(_WORKDIR.value, _STEP.value,
+  model = runs.load_ema_for_sampling(_WORKDIR.value, _STEP.value,
                                           trust_model_code=_TRUST_MODEL_CODE.value)
   name = f"step{model.step}-{config.label}-seed{_SEED.value}"
   output = _OUTPUT.value or files.join(_WORKDIR.value, "samples", name)
   outputs.check_apart(output, [files.join(_WORKDIR.value, checkpoint.CONFIG_FILE),
                                files.join(_WORKDIR.value, "checkpoints")])
-  inference.draw_samples(model, config, _NUM_SAMPLES.value, _BATCH_SIZE.value, output,
+  runs.draw_samples(model, config, _NUM_SAMPLES.value, _BATCH_SIZE.value, output,
                          seed=_SEED.value, settings={"workdir": _WORKDIR.value},
                          overwrite=_OVERWRITE.value)
 

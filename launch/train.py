@@ -1,6 +1,7 @@
-"""Trains a diffusion model from a config; rerunning with the same workdir resumes.
+"""Trains a config's task (diffusion, or segmentation: config.task); rerunning resumes.
 
     python -m launch.train --config=configs/digits.py --workdir=workdirs/digits
+    python -m launch.train --config=configs/segmentation_cells.py --workdir=workdirs/cells
     python -m launch.train --config=configs/cifar10_ddpm.py --workdir=gs://bucket/run \
         --config.optim.lr=1e-4
 
@@ -19,7 +20,8 @@ names ("package.module:factory") is the user's own code and needs no
 from absl import flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import parallel, train
+from diffusion_jax import parallel
+from diffusion_jax.train import loop
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -33,7 +35,7 @@ def main(argv):
   common.start(argv)
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
   logging.info("Config:\n%s", _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def digits_smoke_run(tmp_path_factory) -> str:
   """The workdir of a finished configs/digits.py:smoke run (4 steps), shared by a worker's tests."""
   from configs import digits  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   workdir = str(tmp_path_factory.mktemp("digits_smoke"))
-  train.train_and_evaluate(digits.get_config("smoke"), workdir)
+  loop.train_and_evaluate(digits.get_config("smoke"), workdir)
   return workdir
 
 

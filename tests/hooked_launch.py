@@ -21,7 +21,7 @@ import sys
 from absl import logging
 from orbax.checkpoint._src.path import atomicity
 
-from diffusion_jax.train import checkpoint
+from diffusion_jax import checkpoint
 
 
 def _signal_after(step: int) -> None:

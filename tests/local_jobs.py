@@ -20,9 +20,11 @@ def free_port() -> int:
 def job_env(num_processes: int = 2, devices_per_process: int = 2) -> dict[str, str]:
   """This environment for the processes of one job; each adds its own JAX_PROCESS_ID.
 
-  No persistent compilation cache: JAX's CPU cache keys hold each process's view
-  of the topology, so only one process would hit it while the others compile,
-  and gloo gives up waiting in the first collective after 30 s on a loaded machine.
+  No persistent compilation cache: JAX writes its entries from process 0 only, and
+  the keys hold each process's view of the topology, so process 0 would load its
+  programs while the others compile them (measured: 4 hits in process 0, none in
+  process 1, on a job's second run), and gloo gives up waiting in the first
+  collective after 30 s.
   """
   return dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
               JAX_ENABLE_COMPILATION_CACHE="false", JAX_NUM_PROCESSES=str(num_processes),

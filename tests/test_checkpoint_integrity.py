@@ -13,9 +13,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import digits
-from diffusion_jax import parallel, train
+from diffusion_jax import checkpoint, checksums, parallel
 from diffusion_jax.data import pipeline
-from diffusion_jax.train import checkpoint, checksums
+from diffusion_jax.train import loop
 
 
 def _config(num_steps: int):
@@ -29,7 +29,7 @@ def _config(num_steps: int):
 def trained(tmp_path_factory) -> str:
   """A workdir trained for 4 steps: checkpoints 2 and 4. Tests work on copies of it."""
   workdir = str(tmp_path_factory.mktemp("integrity") / "run")
-  train.train_and_evaluate(_config(4), workdir)
+  loop.train_and_evaluate(_config(4), workdir)
   return workdir
 
 
@@ -76,7 +76,7 @@ def test_a_flipped_byte_falls_back_to_the_step_before_which_rotation_keeps(workd
   _flip_one_byte(step_4)
   damaged = _digest(step_4)
   with caplog.at_level(logging.INFO):
-    state = train.train_and_evaluate(_config(8), workdir)
+    state = loop.train_and_evaluate(_config(8), workdir)
   assert int(state.step) == 8
   warnings = _warnings(caplog)
   assert f"Checkpoint {step_4} is damaged: array " in warnings
@@ -95,7 +95,7 @@ def test_a_file_and_an_unrestorable_step_are_reported_and_left_in_place(workdir,
     f.write("someone else's")
   foreign = {step: _digest(os.path.join(checkpoints, step)) for step in ("6", "8")}
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(_config(10), workdir)
+    loop.train_and_evaluate(_config(10), workdir)
   warnings = _warnings(caplog)
   assert f"{checkpoints}/6 is a file, not a checkpoint: left as it is." in warnings
   assert f"Cannot restore checkpoint {checkpoints}/8: " in warnings
@@ -111,7 +111,7 @@ def test_when_no_checkpoint_restores_the_run_stops_and_deletes_nothing(workdir):
     _flip_one_byte(os.path.join(workdir, "checkpoints", step))
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"No checkpoint in .*checkpoints restores: .*/4 is damaged.*/2 is dam"):
-    train.train_and_evaluate(_config(6), workdir)
+    loop.train_and_evaluate(_config(6), workdir)
   assert _entries(workdir) == ["2", "4"]
 
 
@@ -122,7 +122,7 @@ def test_a_checkpoint_without_its_data_position_restarts_the_order_with_a_warnin
   monkeypatch.setattr(pipeline.TrainIterator, "restart_order",
                       lambda iterator, step: restarts.append(step))
   with caplog.at_level(logging.WARNING):
-    train.train_and_evaluate(_config(5), workdir)
+    loop.train_and_evaluate(_config(5), workdir)
   missing = os.path.join(workdir, "checkpoints", "4", "data", "process_0-of-1.json")
   assert f"Checkpoint 4 has no data position {missing}" in _warnings(caplog)
   assert restarts == [4]

@@ -39,7 +39,8 @@ import numpy as np
 import pytest
 
 from diffusion_jax import files, parallel
-from diffusion_jax.train import checkpoint, experiment
+from diffusion_jax import checkpoint
+from diffusion_jax.train import experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDINS = os.path.join(REPO, "tests", "standins")

@@ -1,13 +1,11 @@
 """Every shipped config holds every field its sections know, and the command line can set any.
 
-Configs are built from the sections' dataclasses (`experiment.complete_config`,
-`evaluation.config.complete_config`), so a field no config file mentions is still
+Configs are built from the sections' dataclasses (`config.diffusion.complete_config`,
+`config.evaluation.complete_config`), so a field no config file mentions is still
 a key that `--config.SECTION.FIELD=...` overrides.
 """
 
-import dataclasses
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -18,11 +16,13 @@ import pytest
 from configs import digits, segmentation_cells
 from configs.eval import digits as eval_digits
 from diffusion_jax import configlib, models
-from diffusion_jax.evaluation import config as eval_config
-from diffusion_jax.data.config import DataConfig
-from diffusion_jax.evaluation.config import EvalConfig, NllConfig, NllOdeConfig
-from diffusion_jax.segmentation import experiment as segmentation_experiment
-from diffusion_jax.train import experiment, optimizer
+from diffusion_jax.config import diffusion as diffusion_config
+from diffusion_jax.config import evaluation as eval_config
+from diffusion_jax.config import models as model_settings
+from diffusion_jax.config import sampler as sampler_config
+from diffusion_jax.config import segmentation as segmentation_config
+from diffusion_jax.config.data import DataConfig
+from diffusion_jax.config.evaluation import EvalConfig, NllConfig, NllOdeConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py")
@@ -30,16 +30,14 @@ TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py")
 EVAL_CONFIGS = sorted(p.name for p in (REPO / "configs" / "eval").glob("*.py")
                       if p.name != "__init__.py")
 # Each section's dataclass: the fields its config section must hold.
-TRAIN_SECTIONS = {"data": DataConfig, "diffusion": experiment.DiffusionConfig,
-                  "optim": optimizer.OptimConfig, "train": experiment.TrainConfig}
 EVAL_SECTIONS = {"": EvalConfig, "nll": NllConfig, "nll_ode": NllOdeConfig, "data": DataConfig}
 
 
 def _train_sections(config) -> dict:
   """The sections of a training config: its task's (segmentation's own, or diffusion's)."""
   if config.get("task") == "segmentation":
-    return segmentation_experiment.SECTION_CLASSES
-  return TRAIN_SECTIONS
+    return segmentation_config.SECTION_CLASSES
+  return diffusion_config.SECTION_CLASSES
 
 
 def _config_text(path: str) -> str:
@@ -81,7 +79,7 @@ def test_completing_keeps_what_the_file_sets_and_is_idempotent():
   assert config.model.ch_mult == models.lookup("iddpm_cifar10").kwargs["ch_mult"]
   assert config.diffusion.num_timesteps == 4000 and config.diffusion.clip_x0  # a default
   assert config.train.label_dropout is None  # a typed placeholder the command line can set
-  assert experiment.complete_config(config).to_dict() == config.to_dict()
+  assert diffusion_config.complete_config(config).to_dict() == config.to_dict()
 
 
 def test_unknown_key_in_a_config_file_is_named():
@@ -89,7 +87,7 @@ def test_unknown_key_in_a_config_file_is_named():
   raw = cifar10_ddpm.base()
   raw.train.batch_sise = 4
   with pytest.raises(ValueError, match=r"train\.batch_sise.*known in 'train'.*batch_size"):
-    experiment.complete_config(raw)
+    diffusion_config.complete_config(raw)
 
 
 def _override_value(value, field_type):
@@ -185,7 +183,7 @@ def test_impossible_numeric_setting_is_named_when_the_config_is_completed(sectio
   config = digits.get_config("smoke")
   config[section][key] = value
   with pytest.raises(ValueError, match=f"^{section}.{key} must be {expected}.$"):
-    experiment.complete_config(config)
+    diffusion_config.complete_config(config)
 
 
 @pytest.mark.parametrize("sampler,expected", [
@@ -204,4 +202,23 @@ def test_impossible_segmentation_setting_is_named_when_the_config_is_completed()
   config = segmentation_cells.get_config()
   config.augment.brightness = float("nan")
   with pytest.raises(ValueError, match="augment.brightness must be a finite number >= 0, got nan"):
-    segmentation_experiment.complete_config(config)
+    segmentation_config.complete_config(config)
+
+
+def test_the_names_a_config_accepts_are_the_names_of_the_registries_that_build_them():
+  """config/ lists each setting's names without JAX; they must be the registries' keys."""
+  from diffusion_jax import diffusion, losses, sampling, schedules  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import ode, ode_likelihood  # pylint: disable=g-import-not-at-top
+
+  assert set(diffusion_config.BETA_SCHEDULES) == set(schedules.BETA_SCHEDULES)
+  assert diffusion_config.MEAN_TYPES == tuple(m.value for m in diffusion.MeanType)
+  assert diffusion_config.VAR_TYPES == tuple(v.value for v in diffusion.VarType)
+  assert diffusion_config.LOSSES == tuple(loss.value for loss in losses.LossType)
+  assert set(diffusion_config.TIMESTEP_SAMPLERS) == set(losses.TIMESTEP_SAMPLERS)
+  assert set(sampler_config.SAMPLERS) == set(sampling.SAMPLERS)
+  assert sampler_config.EDM_DEFAULT_STEPS == 18  # EDM's CIFAR-10 setting (Karras et al. 2022)
+  assert list(model_settings.ZOO_SETTINGS) == list(models.MODEL_ZOO)
+  assert eval_config.ODE_SOLVERS == ode.METHODS
+  assert eval_config.ODE_DIVERGENCES == ode_likelihood.DIVERGENCES
+  assert eval_config.ODE_PROBES == ode_likelihood.PROBES
+  assert eval_config.ODE_DEQUANTISATIONS == ode_likelihood.DEQUANTISATIONS

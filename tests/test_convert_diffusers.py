@@ -14,11 +14,11 @@ import torch
 
 from benchmarks import peers
 from configs import digits
-from diffusion_jax import convert, train
+from diffusion_jax import checkpoint, convert
 from diffusion_jax.convert import ConvertError
 from diffusion_jax.models import unet
-from diffusion_jax.train import checkpoint
-from diffusion_jax.train.inference import load_ema_for_sampling
+from diffusion_jax.train import loop
+from diffusion_jax.runs import load_ema_for_sampling
 
 peers.import_torchvision()  # diffusers imports torchvision; the CPU torch needs the shim
 from diffusers import UNet2DModel  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -191,7 +191,7 @@ def test_training_continues_from_a_converted_workdir(tmp_path):
   config.train.update(batch_size=8, num_steps=9, log_every=1, sample_every=0, num_samples=4,
                       sample_steps=2)
   converted = load_ema_for_sampling(workdir)
-  state = train.train_and_evaluate(config, workdir)
+  state = loop.train_and_evaluate(config, workdir)
   assert int(state.step) == 9
   changes = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(state.params),
                          jax.device_get(converted.params))

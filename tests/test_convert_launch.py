@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import convert, images, sampling, weightfiles
-from diffusion_jax.train.inference import load_ema_for_sampling
+from diffusion_jax.runs import load_ema_for_sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_jax import convert, weightfiles
+from diffusion_jax import convert, process, weightfiles
+from diffusion_jax.config.diffusion import DiffusionConfig
 from diffusion_jax.convert import ConvertError, openai_flags
 from diffusion_jax.convert.converted import typed_flags
 from diffusion_jax.models import unet
-from diffusion_jax.train.experiment import DiffusionConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
@@ -35,7 +35,7 @@ def reference(name: str) -> tuple[dict, dict]:
 
 def converted_output(converted, x, t, y=None) -> np.ndarray:
   """The converted network on diffusion timesteps t, through the config's timestep mapping."""
-  t_model = DiffusionConfig(**converted.diffusion).network_timesteps(jnp.asarray(t))
+  t_model = process.network_timesteps(DiffusionConfig(**converted.diffusion), jnp.asarray(t))
   y = None if y is None else jnp.asarray(y)
   return np.asarray(unet.UNet(**converted.model).apply({"params": converted.params}, x, t_model, y))
 
@@ -54,7 +54,8 @@ def test_improved_diffusion_parity():
                               **iddpm_small_flags(arrays, flags))
   assert converted.diffusion["rescale_timesteps"] and converted.diffusion["num_timesteps"] == 4000
   np.testing.assert_allclose(
-      DiffusionConfig(**converted.diffusion).network_timesteps(jnp.asarray(arrays["t"])),
+      process.network_timesteps(DiffusionConfig(**converted.diffusion),
+                                jnp.asarray(arrays["t"])),
       arrays["t_model"])
   error = np.abs(converted_output(converted, arrays["x"], arrays["t"]) - arrays["out"]).max()
   print(f"improved-diffusion iddpm_small: max abs error {error:.2e}")

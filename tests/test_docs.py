@@ -2,8 +2,8 @@
 
 Every fenced `sh` block of README.md and docs/*.md is split into commands
 (continuation lines joined, comments dropped, `&&` chains split), and each is
-run, in the order of its document, in a temporary directory that holds that
-document's workdirs. What the test changes, so that a command runs in seconds:
+run, in the order of its document, in a temporary directory that holds the
+documents' workdirs. What the test changes, so that a command runs in seconds:
 
 - Set-up steps (`python3 -m venv`, `. .venv/bin/activate`, `pip install`) are
   skipped: the test runs in the environment they make. `python -m pytest` is
@@ -12,8 +12,10 @@ document's workdirs. What the test changes, so that a command runs in seconds:
   (added to a variant it names: `digits.py:cond` runs `digits.py:cond,smoke`).
 - `launch.sample` draws 8 images in batches of 8 with at most 3 steps.
 - `launch.segment` reads a synthetic image written by the test.
-- A `--workdir` that no earlier command of the same document trained is a
-  copy of the digits smoke run (conftest's `digits_smoke_run`).
+- A `--workdir` that no earlier command trained is a copy of the digits
+  smoke run (conftest's `digits_smoke_run`).
+- The documents share one directory, README.md first: a command that an
+  earlier document already ran there (the same words) is not run again.
 
 A block preceded by `<!-- not run by tests: REASON -->` needs what a test
 cannot have (a dataset download, published weights, a TPU pod or Slurm
@@ -125,7 +127,7 @@ def test_an_unmarked_command_the_test_cannot_run_fails_it(tmp_path):
                              ["tensorboard", "--logdir=w"]]
   assert first.not_run is None and second.not_run == "a pod"
   with pytest.raises(AssertionError, match="tensorboard --logdir=w.*is not a launch"):
-    _run_block_commands(first, tmp_path, set(), str(tmp_path), "")
+    _run_block_commands(first, Workspace(tmp_path, str(tmp_path), ""))
 
 
 # --- sh blocks that run -------------------------------------------------------------------
@@ -149,45 +151,56 @@ def _smoke_config(argv: list[str]) -> list[str]:
   return _with_flag(argv, "config", f"{path}:{variant}")
 
 
-def _smoke_form(argv: list[str], cwd: pathlib.Path, trained: set[str], smoke_run: str,
-                segment_input: str) -> list[str]:
-  """The command as the test runs it (the module docstring lists each change)."""
-  launcher = _launcher(argv)
-  argv = [sys.executable, *argv[1:]]
-  if launcher is None:
+@dataclasses.dataclass
+class Workspace:
+  """Where the documents' commands run: the directory, and what ran there."""
+
+  cwd: pathlib.Path
+  smoke_run: str  # a finished digits smoke run, copied for a workdir nothing trained
+  segment_input: str  # an image for `launch.segment`
+  trained: set[str] = dataclasses.field(default_factory=set)  # workdirs that exist
+  ran: set[str] = dataclasses.field(default_factory=set)  # commands, as the documents write them
+
+  def smoke_form(self, argv: list[str]) -> list[str]:
+    """The command as the test runs it (the module docstring lists each change)."""
+    launcher = _launcher(argv)
+    argv = [sys.executable, *argv[1:]]
+    if launcher is None:
+      return argv
+    workdir = _flag(argv, "workdir")
+    if launcher == "launch.train":
+      self.trained.add(workdir)
+      return _smoke_config(argv)
+    if workdir not in self.trained and not (self.cwd / workdir).exists():
+      shutil.copytree(self.smoke_run, self.cwd / workdir)
+      self.trained.add(workdir)
+    if launcher == "launch.evaluate":
+      return _smoke_config(argv)
+    if launcher == "launch.sample":
+      steps = min(int(_flag(argv, "steps") or 3), 3) or 3
+      for name, value in (("num_samples", "8"), ("batch_size", "8"), ("steps", str(steps))):
+        argv = _with_flag(argv, name, value)
+      return argv
+    if launcher == "launch.segment":
+      return _with_flag(argv, "input", self.segment_input)
     return argv
-  workdir = _flag(argv, "workdir")
-  if launcher == "launch.train":
-    trained.add(workdir)
-    return _smoke_config(argv)
-  if workdir not in trained and not (cwd / workdir).exists():
-    shutil.copytree(smoke_run, cwd / workdir)
-    trained.add(workdir)
-  if launcher == "launch.evaluate":
-    return _smoke_config(argv)
-  if launcher == "launch.sample":
-    steps = min(int(_flag(argv, "steps") or 3), 3) or 3
-    for name, value in (("num_samples", "8"), ("batch_size", "8"), ("steps", str(steps))):
-      argv = _with_flag(argv, name, value)
-    return argv
-  if launcher == "launch.segment":
-    return _with_flag(argv, "input", segment_input)
-  return argv
 
 
-def _run_block_commands(block: Block, cwd: pathlib.Path, trained: set, smoke_run: str,
-                        segment_input: str) -> None:
+def _run_block_commands(block: Block, workspace: Workspace) -> None:
   env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
   for argv in commands(block):
     if _starts_with(argv, SETUP) or _starts_with(argv, (SUITE,)):
       continue
     assert _launcher(argv), (f"{block}: `{shlex.join(argv)}` is not a launch.* command, and its"
                              " block is not marked `<!-- not run by tests: REASON -->`")
-    command = _smoke_form(argv, cwd, trained, smoke_run, segment_input)
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+    if shlex.join(argv) in workspace.ran:
+      continue
+    command = workspace.smoke_form(argv)
+    result = subprocess.run(command, cwd=workspace.cwd, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, (f"{block}: `{shlex.join(command)}` failed:\n"
                                     f"{result.stderr[-3000:]}")
+    workspace.ran.add(shlex.join(argv))
 
 
 @pytest.fixture(scope="module")
@@ -202,14 +215,19 @@ def segment_input(tmp_path_factory) -> str:
   return str(path)
 
 
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, digits_smoke_run, segment_input) -> Workspace:
+  cwd = tmp_path_factory.mktemp("documents")
+  (cwd / "configs").symlink_to(REPO / "configs")
+  return Workspace(cwd, digits_smoke_run, segment_input)
+
+
 @pytest.mark.parametrize("document", [d for d in DOCUMENTS
                                       if any(b.document == d for b in SH_BLOCKS)],
                          ids=lambda d: d.name)
-def test_commands_of_the_document_run(document, tmp_path, digits_smoke_run, segment_input):
-  (tmp_path / "configs").symlink_to(REPO / "configs")
-  trained: set[str] = set()
+def test_commands_of_the_document_run(document, workspace):
   for block in (b for b in SH_BLOCKS if b.document == document and not b.not_run):
-    _run_block_commands(block, tmp_path, trained, digits_smoke_run, segment_input)
+    _run_block_commands(block, workspace)
 
 
 # --- sh blocks not run: their flags are parsed -----------------------------

@@ -18,12 +18,13 @@ import scipy.stats
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import cifar10_edm, digits
-from diffusion_jax import diffusion, edm, losses, models, sampling, schedules, train
+from diffusion_jax import diffusion, edm, losses, models, process, runs, sampling, schedules
+from diffusion_jax.config.diffusion import DiffusionConfig
+from diffusion_jax.config.sampler import edm_network_calls
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.models import zoo
 from diffusion_jax.sampling import denoisers, edm_sampler
-from diffusion_jax.train import inference
-from diffusion_jax.train.experiment import DiffusionConfig
+from diffusion_jax.train import loop
 
 REFERENCES = os.path.join(os.path.dirname(__file__), "data", "edm", "references.npz")
 MIXTURE = dict(weights=(0.3, 0.7), means=(-0.6, 0.4), stds=(0.15, 0.25))  # as make_references.py
@@ -174,7 +175,7 @@ def test_network_calls_are_2n_minus_1():
     jax.block_until_ready(jit(lambda key: sampling.edm_sample(
         denoiser, key, (2, 1, 1, 1), num_steps=num_steps, **options))(jax.random.key(0)))
     jax.effects_barrier()
-    assert len(calls) == edm_sampler.network_calls(num_steps) == 2 * num_steps - 1
+    assert len(calls) == edm_network_calls(num_steps) == 2 * num_steps - 1
 
 
 def test_noise_levels_follow_eq5_within_the_models_range():
@@ -340,7 +341,7 @@ def test_edm_settings_that_do_not_apply_are_named():
     DiffusionConfig(parameterization="edm", rescale_timesteps=True)
   with pytest.raises(ValueError, match=r"diffusion.sigma_data must be a finite number > 0, got -1.0"):
     DiffusionConfig(parameterization="edm", sigma_data=-1.0)
-  spec = DiffusionConfig(parameterization="edm", sigma_data=0.75).spec
+  spec = process.model_spec(DiffusionConfig(parameterization="edm", sigma_data=0.75))
   assert spec.edm == edm.Preconditioning(sigma_data=0.75)
   with pytest.raises(ValueError, match="EDM-preconditioned"):
     losses.nll_bpd(analytic_net, spec, COSINE, jnp.zeros((1, 2, 2, 1)), jax.random.key(0))
@@ -359,13 +360,13 @@ def test_edm_run_trains_checkpoints_and_samples_with_every_sampler(tmp_path):
   --sampler=edm_heun on it; the discrete samplers through the x_0 view."""
 
   workdir = str(tmp_path / "run")
-  state = train.train_and_evaluate(digits.get_config("edm,smoke"), workdir)
+  state = loop.train_and_evaluate(digits.get_config("edm,smoke"), workdir)
   assert int(state.step) == 4
-  model = inference.load_ema_for_sampling(workdir)
+  model = runs.load_ema_for_sampling(workdir)
   assert model.spec.edm == edm.Preconditioning(sigma_data=0.75)
   for config in (sampling.SamplerConfig("ddim", steps=3), sampling.SamplerConfig("dpm_solver",
                                                                                  steps=3)):
-    samples = inference.draw_samples(model, config, 8, 8, str(tmp_path / config.sampler), seed=0)
+    samples = runs.draw_samples(model, config, 8, 8, str(tmp_path / config.sampler), seed=0)
     assert samples.shape == (8, 8, 8, 1) and samples.std() > 0
 
   output = tmp_path / "samples"

@@ -15,9 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from configs import digits
-from diffusion_jax import data, parallel, train
+from diffusion_jax import checkpoint, data, parallel
 from diffusion_jax.data import pipeline
-from diffusion_jax.train import checkpoint, loop, run_config
+from diffusion_jax.train import loop, run_config
 
 import local_jobs  # tests/local_jobs.py
 
@@ -101,14 +101,14 @@ def test_changed_model_width_is_refused_in_one_line_and_nothing_is_written(digit
 def test_raised_num_steps_continues_the_run_and_is_recorded(digits_smoke_run, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(digits_smoke_run, workdir)
-  state = train.train_and_evaluate(_smoke(num_steps=5, sample_steps=3), workdir)
+  state = loop.train_and_evaluate(_smoke(num_steps=5, sample_steps=3), workdir)
   assert int(state.step) == 5
   assert checkpoint.load_config(workdir).train.num_steps == 5
   [entry] = _history(workdir)
   assert entry["step"] == 4
   assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", entry["time"])
   assert entry["changes"] == {"train.num_steps": [4, 5], "train.sample_steps": [5, 3]}
-  train.train_and_evaluate(_smoke(num_steps=5, sample_steps=3), workdir)  # nothing left to do
+  loop.train_and_evaluate(_smoke(num_steps=5, sample_steps=3), workdir)  # nothing left to do
   assert len(_history(workdir)) == 1  # and nothing changed
 
 
@@ -174,12 +174,12 @@ def test_checkpoint_on_8_devices_resumes_on_4_and_then_on_1(tmp_path, monkeypatc
   caplog.set_level(logging.INFO)
   workdir = str(tmp_path)
   restores = _record_restores(monkeypatch)
-  eight = train.train_and_evaluate(_smoke(num_steps=2, model_parallelism=2), workdir)  # 4 x 2
+  eight = loop.train_and_evaluate(_smoke(num_steps=2, model_parallelism=2), workdir)  # 4 x 2
   assert any(parallel.MODEL_AXIS in x.sharding.spec for x in jax.tree.leaves(eight.params))
   saved = _saved_state(workdir, 2)
 
   _train_on_devices(monkeypatch, 4)
-  train.train_and_evaluate(_smoke(num_steps=4), workdir)  # model_parallelism 2 -> 1
+  loop.train_and_evaluate(_smoke(num_steps=4), workdir)  # model_parallelism 2 -> 1
   state, num_devices = restores[-1]
   assert num_devices == 4 and int(state.step) == 2
   _assert_bit_equal(state, saved)
@@ -188,7 +188,7 @@ def test_checkpoint_on_8_devices_resumes_on_4_and_then_on_1(tmp_path, monkeypatc
   saved = _saved_state(workdir, 4)
 
   _train_on_devices(monkeypatch, 1)
-  final = train.train_and_evaluate(_smoke(num_steps=5), workdir)
+  final = loop.train_and_evaluate(_smoke(num_steps=5), workdir)
   state, num_devices = restores[-1]
   assert num_devices == 1 and int(state.step) == 4
   _assert_bit_equal(state, saved)
@@ -210,7 +210,7 @@ def test_two_process_checkpoint_resumes_in_one_process_with_a_warning(tmp_path, 
   saved = _saved_state(workdir, 4)
   restores = _record_restores(monkeypatch)
 
-  final = train.train_and_evaluate(_smoke(num_steps=6), workdir)  # 1 process, 8 devices
+  final = loop.train_and_evaluate(_smoke(num_steps=6), workdir)  # 1 process, 8 devices
   [(state, num_devices)] = restores
   assert num_devices == 8
   _assert_bit_equal(state, saved)

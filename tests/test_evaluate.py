@@ -12,8 +12,9 @@ import pytest
 
 from configs.eval import digits as digits_eval
 from diffusion_jax import evaluation
+from diffusion_jax.config.evaluation import METRIC_NETWORKS
 from diffusion_jax.data import sources
-from diffusion_jax.evaluation import digits_classifier, inception, nll
+from diffusion_jax.evaluation import digits_classifier, features, inception, nll, scores
 
 from evaluation_numbers import (  # tests/evaluation_numbers.py
     assert_scores_are, digits_scores, frechet_distance, inception_score, precision_recall)
@@ -92,7 +93,7 @@ def test_rerun_resumes_from_finished_batches(smoke_report, digits_smoke_run):
 
 def test_nll_with_and_without_clipping(digits_smoke_run, tmp_path):
   from diffusion_jax import data  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.train.inference import load_ema_for_sampling  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.runs import load_ema_for_sampling  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
   model = load_ema_for_sampling(digits_smoke_run)
@@ -319,9 +320,9 @@ def _scalars(workdir: str, tag: str) -> dict[int, float]:
 
 
 def test_training_logs_a_periodic_evaluation(tmp_path):
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
-  train.train_and_evaluate(_digits_smoke_with_eval(), str(tmp_path))
+  loop.train_and_evaluate(_digits_smoke_with_eval(), str(tmp_path))
   fd = _scalars(str(tmp_path), "eval/fd_digits")
   assert sorted(fd) == [2, 4] and all(np.isfinite(v) and v > 0 for v in fd.values())
   assert any(name.startswith("reference-digits_classifier")
@@ -329,9 +330,14 @@ def test_training_logs_a_periodic_evaluation(tmp_path):
 
 
 def test_periodic_fid_without_weights_fails_before_training(tmp_path, monkeypatch):
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   monkeypatch.delenv("DIFFUSION_JAX_INCEPTION_WEIGHTS", raising=False)
   with pytest.raises(FileNotFoundError, match="DIFFUSION_JAX_INCEPTION_WEIGHTS"):
-    train.train_and_evaluate(_digits_smoke_with_eval(eval_metric="fid"), str(tmp_path))
+    loop.train_and_evaluate(_digits_smoke_with_eval(eval_metric="fid"), str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints" / "2")
+
+
+def test_the_metric_registry_and_the_names_configs_accept_agree():
+  assert list(scores.METRICS) == list(METRIC_NETWORKS)
+  assert set(METRIC_NETWORKS.values()) == set(features.LOADERS)

@@ -19,8 +19,8 @@ import pytest
 from diffusion_jax import data, files, parallel
 from diffusion_jax.evaluation import features as feature_lib
 from diffusion_jax.evaluation import hosts, metrics, nll
-from diffusion_jax.evaluation.config import NllConfig
-from diffusion_jax.train.inference import load_ema_for_sampling
+from diffusion_jax.config.evaluation import NllConfig
+from diffusion_jax.runs import load_ema_for_sampling
 
 import local_jobs  # tests/local_jobs.py
 from evaluation_numbers import REL_TOLERANCE, STATS_TOLERANCE, assert_same_numbers

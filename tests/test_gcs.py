@@ -22,7 +22,7 @@ from tensorboard.util import tensor_util
 
 from diffusion_jax import files, weightfiles
 from diffusion_jax.data import sources
-from diffusion_jax.train import checkpoint, inference
+from diffusion_jax import checkpoint, runs
 
 import evaluation_numbers  # tests/evaluation_numbers.py
 import gcs_emulator  # tests/gcs_emulator.py
@@ -48,7 +48,7 @@ def _succeeded(result: subprocess.CompletedProcess) -> str:
 
 def _ema(workdir: str) -> dict:
   """The EMA parameters and step of `workdir`'s latest checkpoint, read here from the bucket."""
-  model = inference.load_ema_for_sampling(workdir)
+  model = runs.load_ema_for_sampling(workdir)
   return {"step": model.step, "ema_params": jax.device_get(model.params)}
 
 

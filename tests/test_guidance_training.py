@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import losses, sampling, schedules, train
+from diffusion_jax import losses, sampling, schedules
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.models import layers
-from diffusion_jax.train.step import drop_labels
+from diffusion_jax.train.step import StepFns, TrainState, drop_labels, train_step
 
 T = 1000
 SCHEDULE = schedules.get_schedule("linear", T)
@@ -70,19 +70,19 @@ def toy_batch(key, batch_size):
 
 @functools.cache
 def trained_params(label_dropout: float, steps: int = 1500, batch_size: int = 256):
-  """The toy trained by train.train_step with `label_dropout`, all steps in one lax.scan."""
+  """The toy trained by train_step with `label_dropout`, all steps in one lax.scan."""
   tx = optax.adam(2e-3)
-  fns = train.StepFns(apply=apply, tx=tx, lr_schedule=optax.constant_schedule(2e-3), spec=SPEC,
+  fns = StepFns(apply=apply, tx=tx, lr_schedule=optax.constant_schedule(2e-3), spec=SPEC,
                       schedule=SCHEDULE, loss_type=losses.LossType.SIMPLE,
                       timestep_sampler=losses.UniformSampler(T), ema_decay=0.0,
                       num_classes=NUM_CLASSES, label_dropout=label_dropout)
   zeros = jnp.zeros((1,), jnp.int32)
   params = ToyDenoiser().init(jax.random.key(0), jnp.zeros((1, *SHAPE)), zeros, zeros)["params"]
-  state = train.TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
+  state = TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
                            opt_state=tx.init(params), rng=jax.random.PRNGKey(1), sampler_state=())
 
   def step(state, key):
-    return train.train_step(state, toy_batch(key, batch_size), fns)[0], None
+    return train_step(state, toy_batch(key, batch_size), fns)[0], None
 
   keys = jax.random.split(jax.random.key(2), steps)
   return jax.jit(lambda state: jax.lax.scan(step, state, keys)[0].params)(state)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from diffusion_jax.data import sources
 
@@ -54,8 +55,10 @@ def test_evaluating_a_samples_file_imports_no_tensorflow(tmp_path):
              for name in os.listdir(tmp_path / "no_run" / "eval" / "digits-real"))
 
 
-def test_conversion_imports_no_tensorflow():
-  result = _run("-c", "import sys, launch.convert; print('TF modules:', sorted(m for m in"
+@pytest.mark.parametrize("launcher", ["launch.convert", "launch.sample", "launch.segment"])
+def test_launchers_that_read_no_tfds_data_import_no_tensorflow(launcher):
+  """Neither through clu's writers (the training loop's) nor through TFDS (the data sources)."""
+  result = _run("-c", f"import sys, {launcher}; print('TF modules:', sorted(m for m in"
                 " sys.modules if m.partition('.')[0] in ('tensorflow', 'tensorflow_datasets')))")
   assert _tf_modules(result) == "[]"
 

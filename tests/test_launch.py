@@ -9,8 +9,9 @@ import jax
 import numpy as np
 
 from configs import digits
-from diffusion_jax import parallel, train
-from diffusion_jax.train.inference import load_ema_for_sampling
+from diffusion_jax import parallel
+from diffusion_jax.runs import load_ema_for_sampling
+from diffusion_jax.train import loop
 
 import local_jobs  # tests/local_jobs.py
 
@@ -19,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_train_then_sample(tmp_path):
   workdir = str(tmp_path / "run")
-  state = train.train_and_evaluate(digits.get_config("smoke"), workdir)
+  state = loop.train_and_evaluate(digits.get_config("smoke"), workdir)
 
   model = load_ema_for_sampling(workdir)
   assert model.image_shape == (8, 8, 1) and model.num_classes is None

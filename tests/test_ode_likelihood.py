@@ -373,9 +373,9 @@ def test_nll_ode_metric_of_a_smoke_run_resumes(digits_smoke_run):
 
 def test_nll_ode_refuses_a_quadratic_schedule(digits_smoke_run):
   from diffusion_jax.evaluation import nll_ode  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.train import inference  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import runs  # pylint: disable=g-import-not-at-top
 
-  model = inference.load_ema_for_sampling(digits_smoke_run)
+  model = runs.load_ema_for_sampling(digits_smoke_run)
   nll_ode.check_model(model)  # the digits run's cosine schedule
   quadratic = dataclasses.replace(model, schedule=schedules.get_schedule("quadratic", 1000))
   with pytest.raises(ValueError, match="neither"):

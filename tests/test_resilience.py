@@ -24,18 +24,19 @@ import optax
 import pytest
 
 from configs import digits
-from diffusion_jax import data, parallel, train
-from diffusion_jax.train import checkpoint, loop, step
+from diffusion_jax import checkpoint, data, parallel
+from diffusion_jax.train import loop, step, tasks
+from diffusion_jax.train.step import compute_metrics
 
 import local_jobs  # tests/local_jobs.py
+import saved_runs  # tests/saved_runs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The jobs: digits:smoke with one resolution and no attention (fast to trace), a metric line
-# per step (what the tests read), and a checkpoint every 4 steps (saves to kill -9 inside).
+# The jobs: digits:smoke with a metric line per step (what the tests read) and a checkpoint
+# every 4 steps (saves to kill -9 inside).
 NUM_STEPS = 24
-JOB_FLAGS = ["--config=configs/digits.py:smoke", "--config.model.ch_mult=(1,)",
-             "--config.model.attn_resolutions=()", f"--config.train.num_steps={NUM_STEPS}",
+JOB_FLAGS = ["--config=configs/digits.py:smoke", f"--config.train.num_steps={NUM_STEPS}",
              "--config.train.log_every=1", "--config.train.checkpoint_every=4"]
 HOOKED_LAUNCH = os.path.join(REPO, "tests", "hooked_launch.py")
 
@@ -94,22 +95,8 @@ def _unfinished(workdir) -> list[str]:
 def _job_config():
   """The config of JOB_FLAGS, to read the jobs' checkpoints here."""
   config = digits.get_config("smoke")
-  config.model.update(ch_mult=(1,), attn_resolutions=())
   config.train.update(num_steps=NUM_STEPS, log_every=1, checkpoint_every=4)
   return config
-
-
-def _saved_states(workdir, config, steps=(None,)) -> list:
-  """The checkpoints' full TrainStates (params, EMA, Adam, rng, step) at `steps` (None: the
-  latest) as numpy arrays."""
-  exp = train.build(config)
-  mesh = parallel.make_mesh()
-  state, shardings = loop.create_state(exp, mesh, config.seed)
-  checkpointer = checkpoint.Checkpointer(str(workdir), every_steps=1, keep=100)
-  target = checkpoint.restore_target(state, shardings)
-  restored = [jax.device_get(checkpointer.restore(target, step=step)) for step in steps]
-  checkpointer.close()
-  return restored
 
 
 def _assert_equal_states(a, b):
@@ -219,7 +206,7 @@ def test_interrupted_job_ends_equal_to_an_unbroken_one(interrupted_job, unbroken
   workdir, stages = interrupted_job
   assert stages["final"].finished[-1] == NUM_STEPS
   config = _job_config()
-  _assert_equal_states(*_saved_states(workdir, config), *_saved_states(unbroken_job, config))
+  _assert_equal_states(*saved_runs.saved_states(workdir, config), *saved_runs.saved_states(unbroken_job, config))
 
 
 # In-process runs: non-finite steps, unwritable workdirs, a save that fails.
@@ -247,7 +234,7 @@ def _poison_steps(monkeypatch, steps):
 
 
 def test_a_non_finite_step_changes_nothing_but_the_step_counter():
-  exp = train.build(_smoke())
+  exp = tasks.build(_smoke())
   mesh = parallel.make_mesh()
   state, shardings = loop.create_state(exp, mesh, seed=0)
   step_fn = loop.compile_train_step(exp, shardings, mesh)
@@ -259,13 +246,13 @@ def test_a_non_finite_step_changes_nothing_but_the_step_counter():
   after = jax.device_get(after)
   assert int(before.step) == 1 and int(after.step) == 2
   _assert_equal_states(after.replace(step=before.step), before)
-  scalars = train.compute_metrics(step_metrics)
+  scalars = compute_metrics(step_metrics)
   assert scalars["skipped_steps"] == 1 and np.isnan(scalars["loss"])  # a mean over no step
   assert int(step_metrics["skipped_steps"].first) == 2
 
 
 def test_an_update_to_non_finite_parameters_is_skipped_though_loss_and_gradient_are_finite():
-  exp = train.build(_smoke())
+  exp = tasks.build(_smoke())
   mesh = parallel.make_mesh()
   state, _ = loop.create_state(exp, mesh, seed=0)
   fns = dataclasses.replace(exp.step_fns(), tx=optax.sgd(float("nan")))  # NaN updates
@@ -275,7 +262,7 @@ def test_an_update_to_non_finite_parameters_is_skipped_though_loss_and_gradient_
   after = jax.device_get(after)
   assert int(after.step) == 1
   _assert_equal_states(after.replace(step=before.step), before)
-  scalars = train.compute_metrics(step_metrics)
+  scalars = compute_metrics(step_metrics)
   assert scalars["skipped_steps"] == 1 and np.isnan(scalars["loss"])
 
 
@@ -287,12 +274,12 @@ def test_on_nonfinite_skip_trains_on_and_counts_skipped_steps(tmp_path, monkeypa
   _poison_steps(monkeypatch, {2})
   config = _smoke(num_steps=4, log_every=2, checkpoint_every=1, keep_checkpoints=4,
                   on_nonfinite="skip")
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = loop.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 4
   assert [scalars["skipped_steps"] for scalars in logged] == [1, 0]
   assert all(np.isfinite(scalars["loss"]) for scalars in logged)  # the means leave step 2 out
   monkeypatch.undo()
-  step_1, step_2 = _saved_states(tmp_path, config, steps=(1, 2))
+  step_1, step_2 = saved_runs.saved_states(tmp_path, config, steps=(1, 2))
   _assert_equal_states(step_2.replace(step=step_1.step), step_1)
 
 
@@ -301,7 +288,7 @@ def test_on_nonfinite_stop_names_the_step_and_saves_nothing_after_it(tmp_path, m
                                                                       log_every):
   _poison_steps(monkeypatch, {5})
   with pytest.raises(FloatingPointError, match=r"at step 5 .* latest checkpoint, step 4,"):
-    train.train_and_evaluate(_smoke(num_steps=8, log_every=log_every, checkpoint_every=2),
+    loop.train_and_evaluate(_smoke(num_steps=8, log_every=log_every, checkpoint_every=2),
                              str(tmp_path))
   assert _finished_steps(tmp_path) == [2, 4] and not _unfinished(tmp_path)
 
@@ -335,7 +322,7 @@ def test_a_workdir_under_a_file_is_one_clear_error_before_training(tmp_path):
   (tmp_path / "file").write_text("")
   workdir = tmp_path / "file" / "run"
   with pytest.raises(OSError, match=f"Cannot write in workdir {re.escape(str(workdir))}: "):
-    train.train_and_evaluate(_smoke(), str(workdir))
+    loop.train_and_evaluate(_smoke(), str(workdir))
 
 
 @contextlib.contextmanager
@@ -351,13 +338,12 @@ def _file_size_limit(max_bytes: int):
     signal.signal(signal.SIGXFSZ, previous)
 
 
-def test_a_failing_save_is_named_and_never_restored(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(_smoke(num_steps=2), workdir)
-  with _file_size_limit(1 << 20), pytest.raises(
-      checkpoint.CheckpointError, match=f"Saving a checkpoint in {tmp_path}/checkpoints failed"):
-    train.train_and_evaluate(_smoke(num_steps=4), workdir)  # a 2.8 MB parameter file at step 4
-  assert _finished_steps(tmp_path) == [2] and _unfinished(tmp_path) == ["4.orbax-checkpoint-tmp"]
-  state = train.train_and_evaluate(_smoke(num_steps=4), workdir)
-  assert int(state.step) == 4
-  assert _finished_steps(tmp_path) == [2, 4] and not _unfinished(tmp_path)
+def test_a_failing_save_is_named_and_never_restored(tmp_path, digits_smoke_run):
+  workdir = saved_runs.copy_run(digits_smoke_run, tmp_path / "run")  # steps 2 and 4 saved
+  with _file_size_limit(1 << 17), pytest.raises(
+      checkpoint.CheckpointError, match=f"Saving a checkpoint in {workdir}/checkpoints failed"):
+    loop.train_and_evaluate(_smoke(num_steps=6), str(workdir))  # its data files: 100-340 kB
+  assert _finished_steps(workdir) == [2, 4] and _unfinished(workdir) == ["6.orbax-checkpoint-tmp"]
+  state = loop.train_and_evaluate(_smoke(num_steps=6), str(workdir))
+  assert int(state.step) == 6
+  assert _finished_steps(workdir) == [4, 6] and not _unfinished(workdir)

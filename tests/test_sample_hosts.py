@@ -13,7 +13,6 @@ per-device batch).
 import json
 import os
 import shutil
-import sys
 import types
 
 import jax
@@ -22,8 +21,8 @@ import pytest
 from PIL import Image
 
 from configs import digits
-from diffusion_jax import parallel, sampling
-from diffusion_jax.train import experiment, inference, loop
+from diffusion_jax import parallel, runs, sampling
+from diffusion_jax.train import experiment, sample_grids
 
 import local_jobs  # tests/local_jobs.py
 
@@ -39,13 +38,13 @@ def resume_worker(workdir: str, out_dir: str) -> None:
   Saves what this process's draw_samples returned, and the refusal of the other seed.
   """
   parallel.maybe_initialize_distributed()
-  model = inference.load_ema_for_sampling(workdir)
+  model = runs.load_ema_for_sampling(workdir)
   settings = {"workdir": os.path.abspath(workdir)}  # as launch.sample saves them
-  samples = inference.draw_samples(model, SAMPLER, NUM_SAMPLES, BATCH_SIZE, out_dir, seed=SEED,
+  samples = runs.draw_samples(model, SAMPLER, NUM_SAMPLES, BATCH_SIZE, out_dir, seed=SEED,
                                    settings=settings)
   np.save(os.path.join(out_dir, f"returned_{jax.process_index()}.npy"), samples)
   try:
-    inference.draw_samples(model, SAMPLER, NUM_SAMPLES, BATCH_SIZE, out_dir, seed=SEED + 1,
+    runs.draw_samples(model, SAMPLER, NUM_SAMPLES, BATCH_SIZE, out_dir, seed=SEED + 1,
                            settings=settings)
   except ValueError as error:
     with open(os.path.join(out_dir, f"refused_{jax.process_index()}.txt"), "w") as f:
@@ -54,8 +53,8 @@ def resume_worker(workdir: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def one_process_samples(digits_smoke_run, tmp_path_factory) -> np.ndarray:
-  model = inference.load_ema_for_sampling(digits_smoke_run)
-  return inference.draw_samples(model, SAMPLER, NUM_SAMPLES, BATCH_SIZE,
+  model = runs.load_ema_for_sampling(digits_smoke_run)
+  return runs.draw_samples(model, SAMPLER, NUM_SAMPLES, BATCH_SIZE,
                                 str(tmp_path_factory.mktemp("one_process")), seed=SEED)
 
 
@@ -126,7 +125,7 @@ def test_training_grid_is_split_over_devices_and_equal_on_any_count(tmp_path):
   pngs = {}
   for num_devices, drawn in ((1, 10), (8, 16)):
     mesh = parallel.make_mesh(devices=jax.devices()[:num_devices])
-    grid_sampler = loop.make_grid_sampler(exp, mesh)
+    grid_sampler = sample_grids.make_grid_sampler(exp, mesh)
     state = types.SimpleNamespace(ema_params=jax.device_put(ema_params,
                                                             parallel.replicated(mesh)))
     sharded = grid_sampler.sample(state.ema_params, jax.random.PRNGKey(1))
@@ -135,7 +134,7 @@ def test_training_grid_is_split_over_devices_and_equal_on_any_count(tmp_path):
     assert [shard.data.shape[0] for shard in sharded.addressable_shards] == [
         drawn // num_devices] * num_devices
     writer = _ImageWriter()
-    loop.write_samples(grid_sampler, state, 7, 1, str(tmp_path / str(num_devices)), writer)
+    sample_grids.write_samples(grid_sampler, state, 7, 1, str(tmp_path / str(num_devices)), writer)
     pngs[num_devices] = np.asarray(
         Image.open(tmp_path / str(num_devices) / "samples" / "step_00000007.png"))
     assert writer.images[0] == 7 and writer.images[1]["samples"].shape[0] == 1

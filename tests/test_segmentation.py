@@ -8,20 +8,24 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 from scipy import ndimage
 
 from configs import segmentation_cells, segmentation_pets
-from diffusion_jax import parallel, train
+from diffusion_jax import parallel
+from diffusion_jax.config.optim import OptimConfig
+from diffusion_jax.config.segmentation import AugmentConfig, WeightMapConfig
 from diffusion_jax.models import RonnebergerUNet
 from diffusion_jax.segmentation import augment, metrics, sources, synthetic, tiling, weights
 from diffusion_jax.segmentation import data as seg_data
 from diffusion_jax.segmentation import experiment as seg_experiment
 from diffusion_jax.segmentation import inference as seg_inference
 from diffusion_jax.segmentation import step as seg_step
-from diffusion_jax.train import optimizer
+from diffusion_jax.train import loop, optimizer
+from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CPU_OPTIONS = parallel.compiler_options(parallel.make_mesh())  # XLA:CPU compiles RNG faster
@@ -45,7 +49,7 @@ def _two_touching_objects():
 
 def test_weight_map_equals_the_formula_at_chosen_pixels():
   mask = _two_touching_objects()
-  w = weights.weight_map(mask, 2, weights.WeightMapConfig(w0=10.0, sigma=5.0))
+  w = weights.weight_map(mask, 2, WeightMapConfig(w0=10.0, sigma=5.0))
   # w_c: 84 object pixels, 106 background pixels; each class gets half the total weight.
   w_object, w_background = 190 / (2 * 84), 190 / (2 * 106)
   border = lambda d1, d2: 10.0 * math.exp(-(d1 + d2) ** 2 / 50.0)
@@ -60,11 +64,11 @@ def test_weight_map_equals_the_formula_at_chosen_pixels():
 
 def test_weight_map_without_border_term_or_balance():
   mask = _two_touching_objects()
-  plain = weights.weight_map(mask, 2, weights.WeightMapConfig(w0=0.0, balance_classes=False))
+  plain = weights.weight_map(mask, 2, WeightMapConfig(w0=0.0, balance_classes=False))
   np.testing.assert_array_equal(plain, np.ones(mask.shape, np.float32))
   one_object = np.zeros((10, 10), np.int32)
   one_object[3:6, 3:6] = 1  # a single object has no second-nearest: no border term
-  w = weights.weight_map(one_object, 2, weights.WeightMapConfig())
+  w = weights.weight_map(one_object, 2, WeightMapConfig())
   np.testing.assert_allclose(w, weights.class_balance(one_object, 2))
 
 
@@ -108,6 +112,29 @@ def test_weighted_cross_entropy_is_the_mean_over_pixels_of_weighted_log_loss():
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
+
+def test_a_skipped_step_leaves_the_other_steps_in_the_logged_means():
+  """One non-finite step counts in skipped_steps only; the window's means are the other steps'."""
+  model = RonnebergerUNet(num_classes=2, features=2, depth=1, padding="SAME")
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  fns = seg_step.SegmentationStepFns(apply=lambda p, x: model.apply({"params": p}, x),
+                                     tx=optax.sgd(0.1), lr_schedule=lambda step: 0.1,
+                                     ema_decay=0.0)
+  state = TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
+                     opt_state=fns.tx.init(params), rng=jax.random.key(0), sampler_state=())
+  batch = {"image": jnp.ones((2, 8, 8, 1)), "mask": jnp.zeros((2, 8, 8), jnp.int32),
+           "weights": jnp.ones((2, 8, 8))}
+  state, good = seg_step.train_step(state, batch, fns)
+  skipped_state, bad = seg_step.train_step(state, {**batch, "weights": batch["weights"] * jnp.nan},
+                                           fns)
+  assert int(skipped_state.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, skipped_state.params, state.params)
+  logged = compute_metrics(merge_metrics(good, bad))
+  assert logged["skipped_steps"] == 1
+  np.testing.assert_allclose(logged["loss"], compute_metrics(good)["loss"])
+  assert all(np.isfinite(value) for value in logged.values())
+
+
 # ---- synthetic cells -----------------------------------------------------------------------------
 
 
@@ -136,7 +163,7 @@ def _smooth_image(size=96, seed=0):
 def test_elastic_warp_keeps_image_and_mask_aligned():
   image = _smooth_image()
   mask = (image > np.median(image)).astype(np.int32)  # the image's own thresholded values
-  config = augment.AugmentConfig(brightness=0.0, contrast=0.0)
+  config = AugmentConfig(brightness=0.0, contrast=0.0)
   rng = np.random.default_rng(1)
   tile_image, tile_mask, tile_weights = augment.random_tile(
       rng, image[..., None], mask, mask.astype(np.float32), tile=80, output=40, config=config)
@@ -310,7 +337,7 @@ def border_runs(tmp_path_factory) -> dict[float, str]:
   workdirs = {}
   for w0 in (10.0, 0.0):
     workdirs[w0] = str(tmp_path_factory.mktemp(f"cells_w0_{w0:g}"))
-    train.train_and_evaluate(_short_run(w0), workdirs[w0])
+    loop.train_and_evaluate(_short_run(w0), workdirs[w0])
   return workdirs
 
 
@@ -382,11 +409,11 @@ def test_launch_segment_errors_are_one_line(tmp_path):
 
 def test_resume_equals_an_unbroken_run(tmp_path):
   config = segmentation_cells.get_config("smoke")  # 4 steps, checkpoints every 2
-  unbroken = train.train_and_evaluate(config, str(tmp_path / "unbroken"))
+  unbroken = loop.train_and_evaluate(config, str(tmp_path / "unbroken"))
   config.train.num_steps = 2
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   config.train.num_steps = 4
-  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(unbroken.params),
                jax.device_get(resumed.params))
 
@@ -404,7 +431,7 @@ def test_full_variant_is_the_papers_network_and_optimizer():
 
 
 def test_sgd_momentum_accumulates_as_the_closed_form():
-  tx, _ = optimizer.make_optimizer(optimizer.OptimConfig(
+  tx, _ = optimizer.make_optimizer(OptimConfig(
       optimizer="sgd", lr=0.1, momentum=0.99, warmup_steps=0, grad_clip=0.0))
   params = {"w": jnp.zeros(())}
   state = tx.init(params)
@@ -421,7 +448,7 @@ def test_bad_tile_size_and_task_are_named():
   config = segmentation_cells.get_config("smoke")
   config.task = "detection"
   with pytest.raises(ValueError, match="Unknown config.task 'detection'"):
-    train.train_and_evaluate(config, "/nonexistent")
+    loop.train_and_evaluate(config, "/nonexistent")
 
 
 def _pet_records(mask_size=(40, 50)):

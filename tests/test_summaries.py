@@ -1,9 +1,10 @@
 """summaries.EventWriter: TF-free event files that TensorFlow's and TensorBoard's readers read."""
 
+import io
+import itertools
 import os
 
 import numpy as np
-import io
 
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
@@ -28,7 +29,8 @@ def test_scalars_read_back_by_tensorflow(tmp_path):
   assert all(v.dtype == np.float32 and v.shape == () for v in values.values())
 
 
-def test_tensorboard_shows_them_as_scalars(tmp_path):
+def test_tensorboard_shows_them_as_scalars(tmp_path, monkeypatch):
+  monkeypatch.setattr(summaries, "_FILE_COUNTER", itertools.count(9))  # files 9 and 10
   with summaries.EventWriter(str(tmp_path)) as writer:
     writer.write_scalars(1, {"fid": 4.0})
     writer.write_scalars(2, {"fid": 2.0})

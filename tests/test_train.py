@@ -18,10 +18,14 @@ from jax.sharding import PartitionSpec as P
 
 from configs import (celebahq256_ddpm, cifar10_cond, cifar10_ddpm, cifar10_edm, cifar10_iddpm,
                      digits, imagenet64_iddpm)
-from diffusion_jax import data, losses, parallel, sampling, schedules, train
+from diffusion_jax import checkpoint, data, losses, parallel, sampling, schedules
+from diffusion_jax.config.optim import OptimConfig
 from diffusion_jax.diffusion import ModelSpec
-from diffusion_jax.train import checkpoint, loop
-from diffusion_jax.train.step import keep_finite_update
+from diffusion_jax.train import loop, tasks
+from diffusion_jax.train.step import (StepFns, TrainState, compute_metrics, keep_finite_update,
+                                      train_step)
+
+import saved_runs  # tests/saved_runs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIGS = [cifar10_ddpm, celebahq256_ddpm, cifar10_iddpm, imagenet64_iddpm, cifar10_cond,
@@ -42,13 +46,20 @@ def _assert_trees_equal(a, b, **tol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
 
 
-def _run_steps(exp, mesh, batches, seed=0):
+def _train_steps(exp, mesh, batches, seed=0):
+  """Yields (state, scalar metrics) after each of `batches`, trained from a fresh state."""
   state, shardings = loop.create_state(exp, mesh, seed)
   step = loop.compile_train_step(exp, shardings, mesh)
-  history = []
   for batch in batches:
     state, step_metrics = step(state, data.make_global_batch(batch, parallel.batch_sharding(mesh)))
-    history.append(float(train.compute_metrics(step_metrics)["loss"]))
+    yield state, compute_metrics(step_metrics)
+
+
+def _run_steps(exp, mesh, batches, seed=0):
+  """(the state after `batches`, each step's loss)."""
+  history = []
+  for state, scalars in _train_steps(exp, mesh, batches, seed):
+    history.append(float(scalars["loss"]))
   return state, history
 
 
@@ -56,7 +67,7 @@ def _run_steps(exp, mesh, batches, seed=0):
 def test_paper_configs_at_tiny_width_compile_and_run(config_module):
   config = config_module.get_config("smoke")
   config.data.update(source="digits", num_channels=3)  # their TFDS sets need downloads
-  exp = train.build(config)
+  exp = tasks.build(config)
   assert exp.spec.learns_variance == (exp.diffusion.loss == "hybrid")
   iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
   state, losses = _run_steps(exp, parallel.make_mesh(), [next(iterator) for _ in range(2)])
@@ -85,7 +96,7 @@ def test_paper_configs_keep_the_papers_settings():
 def test_cifar10_config_reads_tfds():
   config = cifar10_ddpm.get_config("smoke")
   with tfds.testing.mock_data(num_examples=16):
-    exp = train.build(config)
+    exp = tasks.build(config)
     batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
   assert batch["image"].shape == (8, 16, 16, 3)
 
@@ -94,7 +105,7 @@ def test_loss_goes_down_on_digits():
   config = _tiny_digits()
   config.optim.update(lr=2e-3, warmup_steps=20)
   config.train.batch_size = 32
-  exp = train.build(config)
+  exp = tasks.build(config)
   iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
   _, history = _run_steps(exp, parallel.make_mesh(), [next(iterator) for _ in range(150)])
   first, last = np.mean(history[:20]), np.mean(history[-20:])
@@ -105,19 +116,19 @@ def test_ema_is_decay_times_the_old_ema_plus_the_rest_times_the_new_parameters()
   """train_step's EMA on a one-weight-per-channel model: ema' = d ema + (1 - d) params'."""
   decay, T = 0.9, 10
   tx = optax.sgd(0.5)
-  fns = train.StepFns(apply=lambda params, x_t, t, y, **_: params["w"] * x_t, tx=tx,
+  fns = StepFns(apply=lambda params, x_t, t, y, **_: params["w"] * x_t, tx=tx,
                       lr_schedule=optax.constant_schedule(0.5), spec=ModelSpec("epsilon"),
                       schedule=schedules.get_schedule("cosine", T),
                       loss_type=losses.LossType.SIMPLE,
                       timestep_sampler=losses.UniformSampler(T), ema_decay=decay)
   params = {"w": jnp.array([0.5, -1.0, 2.0])}
   ema = np.array([1.0, 3.0, -2.0])  # far from the parameters, so the two weights differ
-  state = train.TrainState(step=jnp.array(0, jnp.int32), params=params,
+  state = TrainState(step=jnp.array(0, jnp.int32), params=params,
                            ema_params={"w": jnp.asarray(ema, jnp.float32)},
                            opt_state=tx.init(params), rng=jax.random.PRNGKey(0), sampler_state=())
   batch = {"image": jax.random.uniform(jax.random.key(1), (4, 2, 2, 3), minval=-1.0),
            "label": jnp.zeros(4, jnp.int32)}
-  new, _ = jax.jit(functools.partial(train.train_step, fns=fns))(state, batch)
+  new, _ = jax.jit(functools.partial(train_step, fns=fns))(state, batch)
   before, after = np.asarray(params["w"]), np.asarray(new.params["w"])
   assert np.all(np.abs(after - before) > 0.01), (before, after)  # the step moved each weight
   np.testing.assert_allclose(new.ema_params["w"], decay * ema + (1 - decay) * after, rtol=1e-6)
@@ -127,7 +138,7 @@ class _Run(NamedTuple):
   """What the sharding tests compare of three train steps."""
 
   initial_params: dict
-  state: train.TrainState  # after the last step, in the mesh's shardings
+  state: TrainState  # after the last step, in the mesh's shardings
   history: np.ndarray  # [steps, 2]: each step's loss and grad_norm
   gradient: dict  # the first step's gradient
 
@@ -135,17 +146,18 @@ class _Run(NamedTuple):
 def _full_rate_digits():
   config = _tiny_digits(batch_size=16)
   config.optim.warmup_steps = 0  # lr 2e-3 from step 1: the smoke's warmup from 0 moves nothing
+  config.model.ch = 64  # 3x3x64x64 kernels: over FSDP's 2^14-element threshold, most of the bytes
   return config
 
 
 @functools.cache
 def _full_rate_batches() -> tuple:
-  exp = train.build(_full_rate_digits())
+  exp = tasks.build(_full_rate_digits())
   iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
   return tuple(next(iterator) for _ in range(3))
 
 
-def _gradient_from_adam(opt_state, grad_norm: float, optim: train.OptimConfig) -> dict:
+def _gradient_from_adam(opt_state, grad_norm: float, optim: OptimConfig) -> dict:
   """The raw gradient of an Adam run's first step, read back from Adam's first moment.
 
   Adam's step is near lr * sign(g) and clipping rescales g: both hide the
@@ -163,14 +175,10 @@ def _full_rate_run(mesh_name: str) -> _Run:
   mesh = {"one_device": lambda: parallel.make_mesh(devices=jax.devices()[:1]),
           "data_parallel": parallel.make_mesh,
           "fsdp": lambda: parallel.make_mesh(model_parallelism=4)}[mesh_name]()
-  exp = train.build(_full_rate_digits())
-  state, shardings = loop.create_state(exp, mesh, 0)
-  initial_params = _params(state)
-  step = loop.compile_train_step(exp, shardings, mesh)
+  exp = tasks.build(_full_rate_digits())
+  initial_params = _params(loop.create_state(exp, mesh, 0)[0])
   history, gradient = [], None
-  for batch in _full_rate_batches():
-    state, step_metrics = step(state, data.make_global_batch(batch, parallel.batch_sharding(mesh)))
-    scalars = train.compute_metrics(step_metrics)
+  for state, scalars in _train_steps(exp, mesh, _full_rate_batches()):
     history.append((scalars["loss"], scalars["grad_norm"]))
     if gradient is None:
       gradient = _gradient_from_adam(state.opt_state, float(scalars["grad_norm"]), exp.optim)
@@ -216,26 +224,29 @@ def test_fsdp_mesh_shards_large_parameters():
   data_parallel_bytes = _bytes_on_one_device(data_parallel.params)  # all of it everywhere
   fsdp_bytes = _bytes_on_one_device(fsdp.params)
   assert data_parallel_bytes - fsdp_bytes == split_bytes - split_bytes // 4
-  # The split kernels are most of the model (measured: 46% of the bytes left per device).
+  # The split kernels are most of the model (measured: 35% of the bytes left per device).
   assert fsdp_bytes < 0.5 * data_parallel_bytes
   assert (_bytes_on_one_device(fsdp.opt_state)
           < 0.5 * _bytes_on_one_device(data_parallel.opt_state))  # and of Adam's moments
 
 
-def test_resume_equals_an_unbroken_run(tmp_path):
-  straight = train.train_and_evaluate(_tiny_digits(num_steps=4), str(tmp_path / "straight"))
-  train.train_and_evaluate(_tiny_digits(num_steps=2), str(tmp_path / "resumed"))
-  resumed = train.train_and_evaluate(_tiny_digits(num_steps=4), str(tmp_path / "resumed"))
+def _unbroken(digits_smoke_run) -> TrainState:
+  """The state after the 4 steps of digits:smoke (`_tiny_digits()`), run without a break."""
+  [state] = saved_runs.saved_states(digits_smoke_run, _tiny_digits())
+  return state
+
+
+def test_resume_equals_an_unbroken_run(tmp_path, digits_smoke_run):
+  loop.train_and_evaluate(_tiny_digits(num_steps=2), str(tmp_path))
+  resumed = loop.train_and_evaluate(_tiny_digits(), str(tmp_path))
   assert int(resumed.step) == 4
-  _assert_trees_equal(_params(straight), _params(resumed), rtol=0, atol=0)
-  _assert_trees_equal(jax.device_get(straight.ema_params), jax.device_get(resumed.ema_params),
-                      rtol=0, atol=0)
-  assert os.path.exists(tmp_path / "resumed" / "samples" / "step_00000004.png")
+  unbroken = _unbroken(digits_smoke_run)
+  _assert_trees_equal(unbroken.params, _params(resumed), rtol=0, atol=0)
+  _assert_trees_equal(unbroken.ema_params, jax.device_get(resumed.ema_params), rtol=0, atol=0)
+  assert os.path.exists(tmp_path / "samples" / "step_00000004.png")
 
 
-def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch):
-  straight = train.train_and_evaluate(_tiny_digits(num_steps=5, checkpoint_every=100),
-                                      str(tmp_path / "straight"))
+def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch, digits_smoke_run):
   calls = []
   make_global_batch = data.make_global_batch
 
@@ -246,33 +257,31 @@ def test_sigterm_saves_and_resume_is_exact(tmp_path, monkeypatch):
     return make_global_batch(batch, sharding)
 
   monkeypatch.setattr(data, "make_global_batch", preempt_at_third_batch)
-  workdir = str(tmp_path / "preempted")
-  stopped = train.train_and_evaluate(_tiny_digits(num_steps=5, checkpoint_every=100), workdir)
+  workdir = str(tmp_path)
+  stopped = loop.train_and_evaluate(_tiny_digits(), workdir)  # checkpoints every 2 steps
   assert int(stopped.step) == 3
   assert checkpoint.Checkpointer(workdir, every_steps=100, keep=2).latest_step() == 3
   monkeypatch.undo()
-  resumed = train.train_and_evaluate(_tiny_digits(num_steps=5, checkpoint_every=100), workdir)
-  _assert_trees_equal(_params(straight), _params(resumed), rtol=0, atol=0)
+  resumed = loop.train_and_evaluate(_tiny_digits(), workdir)
+  _assert_trees_equal(_unbroken(digits_smoke_run).params, _params(resumed), rtol=0, atol=0)
 
 
-def test_corrupted_checkpoint_is_named_and_kept(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(_tiny_digits(num_steps=2), workdir)
+def test_corrupted_checkpoint_is_named_and_kept(tmp_path, digits_smoke_run):
+  workdir = str(saved_runs.copy_run(digits_smoke_run, tmp_path / "run", keep_steps={2}))
   step_dir = os.path.join(workdir, "checkpoints", "2")
   for root, _, files in os.walk(os.path.join(step_dir, "state")):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2"):
-    train.train_and_evaluate(_tiny_digits(num_steps=4), workdir)
+    loop.train_and_evaluate(_tiny_digits(num_steps=4), workdir)
   assert os.path.isdir(step_dir)
 
 
-def test_unfinished_checkpoint_is_never_restored(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(_tiny_digits(num_steps=2), workdir)
-  os.makedirs(os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-123", "state"))
-  assert checkpoint.Checkpointer(workdir, every_steps=2, keep=2).latest_step() == 2
+def test_unfinished_checkpoint_is_never_restored(tmp_path, digits_smoke_run):
+  workdir = str(saved_runs.copy_run(digits_smoke_run, tmp_path / "run"))
+  os.makedirs(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp-123", "state"))
+  assert checkpoint.Checkpointer(workdir, every_steps=2, keep=2).latest_step() == 4
 
 
 @pytest.mark.parametrize("section,key,value,message", [
@@ -291,13 +300,13 @@ def test_bad_config_values_are_named(section, key, value, message):
   config = _tiny_digits()
   config[section][key] = value
   with pytest.raises(ValueError, match=message):
-    train.build(config)
+    tasks.build(config)
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_named_before_any_write(tmp_path):
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=r"train.batch_size=12 must be a multiple of the 8 devices"):
-    train.train_and_evaluate(_tiny_digits(batch_size=12), str(workdir))
+    loop.train_and_evaluate(_tiny_digits(batch_size=12), str(workdir))
   assert not workdir.exists()
 
 
@@ -305,16 +314,16 @@ def test_variance_and_model_outputs_must_agree():
   config = _tiny_digits()
   config.diffusion.update(var_type="learned_range", loss="hybrid")
   with pytest.raises(ValueError, match="learn_sigma"):
-    train.build(config)
+    tasks.build(config)
   config.model.learn_sigma = True
-  assert train.build(config).spec.learns_variance
+  assert tasks.build(config).spec.learns_variance
 
 
 def test_missing_data_folder_is_named(tmp_path):
   config = _tiny_digits()
   config.data.update(source="folder", path=str(tmp_path / "nowhere"))
   with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
-    train.train_and_evaluate(config, str(tmp_path / "workdir"))
+    loop.train_and_evaluate(config, str(tmp_path / "workdir"))
 
 
 def test_launcher_rejects_unknown_and_ill_typed_overrides(tmp_path):
@@ -333,7 +342,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_the_loss_curve():
     config = _tiny_digits(batch_size=32)
     config.model.dtype = dtype
     config.optim.warmup_steps = 5
-    exp = train.build(config)
+    exp = tasks.build(config)
     iterator = data.make_train_iterator(exp.data, exp.train.batch_size)
     return _run_steps(exp, parallel.make_mesh(), [next(iterator) for _ in range(30)])
 
@@ -354,13 +363,13 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     config = _tiny_digits(batch_size=32, grad_accum_steps=grad_accum_steps)
     config.diffusion.timestep_sampler = "loss_aware"
     config.optim.warmup_steps = 0  # else the first step's learning rate is 0
-    exp = train.build(config)
+    exp = tasks.build(config)
     mesh = parallel.make_mesh()
     state, shardings = loop.create_state(exp, mesh, 0)
     batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
     state, step_metrics = loop.compile_train_step(exp, shardings, mesh)(
         state, data.make_global_batch(batch, parallel.batch_sharding(mesh)))
-    return state, train.compute_metrics(step_metrics)
+    return state, compute_metrics(step_metrics)
 
   (whole, whole_metrics), (accumulated, metrics) = one_step(1), one_step(4)
   # The gradient's norm catches a sum instead of a mean, which Adam's first step would hide.
@@ -374,32 +383,32 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
 
 def test_label_dropout_defaults_to_the_model_and_is_refused_without_labels():
   unconditional = _tiny_digits()
-  assert train.build(unconditional).step_fns().label_dropout == 0.0
+  assert tasks.build(unconditional).step_fns().label_dropout == 0.0
   unconditional.train.label_dropout = 0.1
   with pytest.raises(ValueError, match="train.label_dropout=0.1 needs a class-conditional"):
-    train.build(unconditional)
+    tasks.build(unconditional)
   conditional = _tiny_digits()
   conditional.model.num_classes = 10
-  assert train.build(conditional).step_fns().label_dropout == 0.1
+  assert tasks.build(conditional).step_fns().label_dropout == 0.1
   conditional.train.label_dropout = 0.0
-  assert train.build(conditional).step_fns().label_dropout == 0.0
+  assert tasks.build(conditional).step_fns().label_dropout == 0.0
   conditional.train.sample_guidance = 1.0
   with pytest.raises(ValueError, match="train.label_dropout=0 leaves untrained"):
-    train.build(conditional)
+    tasks.build(conditional)
   conditional.train.update(label_dropout=1.0)
   with pytest.raises(ValueError,
                      match=r"train.label_dropout must be a finite number in \[0, 1\), got 1.0"):
-    train.build(conditional)
+    tasks.build(conditional)
   with pytest.raises(ValueError, match="train.sample_guidance=1.0 needs a class-conditional"):
-    train.build(_tiny_digits(sample_guidance=1.0))
+    tasks.build(_tiny_digits(sample_guidance=1.0))
   with pytest.raises(ValueError, match="train.grad_accum_steps=3 does not divide"):
-    train.build(_tiny_digits(grad_accum_steps=3))
+    tasks.build(_tiny_digits(grad_accum_steps=3))
 
 
 def test_conditional_digits_train_with_guided_grids_one_class_per_row(tmp_path, monkeypatch):
   config = digits.get_config("cond,smoke")
   config.train.update(num_samples=9, num_steps=2)  # a 3x3 grid: digits 0, 1, 2 by rows
-  exp = train.build(config)
+  exp = tasks.build(config)
   assert (exp.num_classes, exp.step_fns().label_dropout, exp.train.sample_guidance) == (10, 0.1, 1.0)
   seen = {}
   make_batch_sampler = sampling.make_batch_sampler
@@ -409,7 +418,7 @@ def test_conditional_digits_train_with_guided_grids_one_class_per_row(tmp_path, 
     return make_batch_sampler(sampler_config, *args, labels=labels, **kwargs)
 
   monkeypatch.setattr(sampling, "make_batch_sampler", spy)
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = loop.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2 and os.path.exists(tmp_path / "samples" / "step_00000002.png")
   # The grid is split over the 8 devices: padded to 16 images, of which the first 9 are drawn.
   assert len(seen["labels"]) == 16
@@ -423,7 +432,7 @@ def test_conditional_digits_train_with_guided_grids_one_class_per_row(tmp_path, 
 def test_unknown_cpu_compiler_option_is_dropped_with_one_warning(monkeypatch, caplog):
   known = dict(parallel.CPU_COMPILER_OPTIONS)
   monkeypatch.setattr(parallel, "CPU_COMPILER_OPTIONS", {**known, "xla_no_such_flag": "1"})
-  exp = train.build(_tiny_digits())
+  exp = tasks.build(_tiny_digits())
   batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
   with caplog.at_level(logging.WARNING):
     state, losses = _run_steps(exp, parallel.make_mesh(), [batch])  # compile_train_step's path
@@ -435,19 +444,19 @@ def test_unknown_cpu_compiler_option_is_dropped_with_one_warning(monkeypatch, ca
 
 def test_min_snr_weighting_reaches_the_train_step():
   config = _tiny_digits()
-  assert train.build(config).step_fns().min_snr_gamma is None
+  assert tasks.build(config).step_fns().min_snr_gamma is None
   config.diffusion.update(loss_weighting="min_snr", min_snr_gamma=3.0)
-  assert train.build(config).step_fns().min_snr_gamma == 3.0
+  assert tasks.build(config).step_fns().min_snr_gamma == 3.0
   config.diffusion.update(loss="vlb", var_type="learned_range")
   config.model.learn_sigma = True
   with pytest.raises(ValueError, match="which diffusion.loss 'vlb' does not use"):
-    train.build(config)
+    tasks.build(config)
 
 
 def _guarded_update_lines(num_leaves: int) -> int:
   """Lines of the compiled `keep_finite_update` on a state of `num_leaves` parameter arrays."""
   params = {f"w{i}": jnp.ones((4, 3)) for i in range(num_leaves)}
-  state = train.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=(),
+  state = TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=(),
                            rng=jax.random.PRNGKey(0), sampler_state=())
   guarded = jax.jit(lambda old, new: keep_finite_update(old, new, jnp.bool_(True)))
   return guarded.lower(state, state).compile().as_text().count("\n")

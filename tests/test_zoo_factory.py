@@ -12,9 +12,9 @@ import pytest
 
 from configs import cifar10_iddpm, digits
 from configs.eval import digits as eval_digits
-from diffusion_jax import evaluation, models
+from diffusion_jax import evaluation, models, runs
 from diffusion_jax.segmentation import inference as seg_inference
-from diffusion_jax.train import experiment, inference
+from diffusion_jax.train import experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +114,7 @@ def workdir_naming_a_factory(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("load", [
-    inference.load_ema_for_sampling,
+    runs.load_ema_for_sampling,
     seg_inference.load,
     lambda workdir, **kwargs: evaluation.evaluate(
         evaluation.from_config_dict(eval_digits.get_config("smoke")), workdir, **kwargs),
@@ -130,7 +130,7 @@ def test_workdir_factory_is_not_imported_without_trust(workdir_naming_a_factory,
 
 def test_trusted_workdir_factory_is_built(workdir_naming_a_factory):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):  # built, then nothing to restore
-    inference.load_ema_for_sampling(workdir_naming_a_factory, trust_model_code=True)
+    runs.load_ema_for_sampling(workdir_naming_a_factory, trust_model_code=True)
   assert FACTORY_CALLS == [1]
 
 
@@ -145,10 +145,10 @@ def test_only_zoo_names_and_library_modules_need_no_trust(tmp_path, name, truste
   config.model = {"name": name}
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
   if trusted:
-    assert inference.load_run_config(str(tmp_path)).model.name == name
+    assert runs.load_run_config(str(tmp_path)).model.name == name
   else:
     with pytest.raises(models.UntrustedModelCodeError, match=re.escape(name)):
-      inference.load_run_config(str(tmp_path))
+      runs.load_run_config(str(tmp_path))
 
 
 @pytest.mark.parametrize("name, message", [

@@ -11,7 +11,7 @@ test split, so no NLL.
 import ml_collections
 
 from configs.eval import cifar10_ddpm
-from diffusion_jax.evaluation.config import complete_config
+from diffusion_jax.config.evaluation import complete_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -17,7 +17,7 @@ uniform dequantisation, one Rademacher probe per image, RK45 with rtol = atol
 
 import ml_collections
 
-from diffusion_jax.evaluation.config import complete_config
+from diffusion_jax.config.evaluation import complete_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -18,7 +18,7 @@ No NLL: an EDM network has no DDPM variational bound.
 
 import ml_collections
 
-from diffusion_jax.evaluation.config import complete_config
+from diffusion_jax.config.evaluation import complete_config
 
 
 def get_config() -> ml_collections.ConfigDict:

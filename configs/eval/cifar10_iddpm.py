@@ -15,7 +15,7 @@ FID-vs-NFE table and fid_vs_nfe.png (as the paper's Figure 8).
 import ml_collections
 
 from configs.eval import cifar10_ddpm
-from diffusion_jax.evaluation.config import complete_config
+from diffusion_jax.config.evaluation import complete_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

@@ -21,7 +21,7 @@ on either kind of run:
 
 import ml_collections
 
-from diffusion_jax.evaluation.config import complete_config
+from diffusion_jax.config.evaluation import complete_config
 
 
 # (sampler settings) at about 5, 10, 20 and 50 network calls; EDM's Heun makes 2N - 1 calls.

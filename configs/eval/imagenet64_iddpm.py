@@ -16,7 +16,7 @@ imagenet_resized/64x64's train split are computed and cached. NLL on the
 import ml_collections
 
 from configs.eval import cifar10_ddpm
-from diffusion_jax.evaluation.config import complete_config
+from diffusion_jax.config.evaluation import complete_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """Published PyTorch diffusion checkpoints as zoo models, checked against the original code.
 
     from diffusion_jax import convert
-    model = convert.load("ddpm-cifar10-32")   # an EmaModel, as train.inference gives for our runs
+    model = convert.load("ddpm-cifar10-32")   # an EmaModel, as runs.py gives for our runs
     model = convert.load("cifar10_uncond_50M_500K.pt")  # the preset is told by the file name
     model = convert.load("model.pt", format="guided_diffusion", image_size=64, num_head_channels=64)
     convert.write_workdir(convert.convert(path), "workdirs/hub")  # what launch.convert does
@@ -111,7 +111,7 @@ def parse_source_flags(argv: list[str]) -> dict[str, str]:
 
 
 def load(path: str, format: str | None = None, preset: str | None = None, **flags: Any):
-  """The checkpoint at `path` as a train.inference.EmaModel (params replicated over all devices)."""
+  """The checkpoint at `path` as a runs.EmaModel (params replicated over all devices)."""
   return ema_model(convert(path, format, preset, **flags))
 
 

@@ -39,7 +39,7 @@ class Converted:
 
   Attributes:
     model: fields of `models.UNet`.
-    diffusion: fields of `train.DiffusionConfig` (schedule, T, parameterisation, rescale_timesteps).
+    diffusion: fields of `config.diffusion.DiffusionConfig` (schedule, T, parameterisation, rescale_timesteps).
     image_shape: (H, W, C) the model was trained on.
     params: the Flax parameter tree, float32 numpy arrays.
     step: the source's training step, 0 when unknown.

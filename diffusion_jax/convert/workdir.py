@@ -3,7 +3,7 @@
 The workdir is what a training run leaves: config.json and an Orbax
 checkpoint of a full TrainState whose params and ema_params are the converted
 parameters (a fresh optimizer state, the step of the source), so that
-launch.sample, launch.evaluate and train.inference read it as one of ours.
+launch.sample, launch.evaluate and runs.py read it as one of ours.
 convert.json beside them names the source file, its SHA-256 and its flags.
 """
 
@@ -12,10 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import files, outputs, parallel, weightfiles
+from diffusion_jax import checkpoint, files, outputs, parallel, runs, weightfiles
 from diffusion_jax.convert.converted import Converted
-from diffusion_jax.train import checkpoint, experiment
-from diffusion_jax.train.inference import EmaModel
+from diffusion_jax.train import experiment
 from diffusion_jax.train.step import TrainState
 
 RECORD_FILE = "convert.json"
@@ -55,10 +54,8 @@ def write_workdir(converted: Converted, workdir: str) -> dict:
   return record
 
 
-def ema_model(converted: Converted) -> EmaModel:
-  """The EmaModel that train.inference.load_ema_for_sampling would give for write_workdir's run."""
-  exp = experiment.build(converted.config())
+def ema_model(converted: Converted) -> runs.EmaModel:
+  """The EmaModel that runs.load_ema_for_sampling would give for write_workdir's run."""
   params = jax.device_put(converted.params, parallel.replicated(parallel.make_mesh()))
-  return EmaModel(exp.apply_fn, params, exp.spec, exp.schedule, exp.image_shape, exp.num_classes,
-                  converted.step)
+  return runs.ema_model(converted.config(), params, converted.step)
 

@@ -5,7 +5,7 @@
     batch = make_global_batch(next(iterator), batch_sharding)
 """
 
-from diffusion_jax.data.config import SOURCES, DataConfig
+from diffusion_jax.config.data import SOURCES, DataConfig
 from diffusion_jax.data.pipeline import (
     TrainIterator,
     local_batch_size,

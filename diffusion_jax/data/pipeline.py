@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from diffusion_jax.data import transforms
-from diffusion_jax.data.config import DataConfig
+from diffusion_jax.config.data import DataConfig
 from diffusion_jax.data.sources import make_source
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from diffusion_jax import files
 from diffusion_jax import images as image_utils
-from diffusion_jax.data.config import DataConfig
+from diffusion_jax.config.data import DataConfig
 
 # File suffixes (lower case) that `FolderSource` picks up.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

@@ -30,17 +30,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from diffusion_jax import files, parallel, weightfiles
+from diffusion_jax.config.evaluation import EvalConfig
 from diffusion_jax.evaluation import digits_classifier, hosts, inception, metrics
-from diffusion_jax.evaluation.config import EvalConfig
-
-# Metric -> (the network it runs on, the formula): fd = Fréchet distance of pool
-# features, sfd = of spatial features, is = Inception Score, pr = precision/recall.
-METRIC_KINDS = {
-    "fid": ("inception", "fd"), "is": ("inception", "is"), "sfid": ("inception", "sfd"),
-    "precision_recall": ("inception", "pr"),
-    "fd_digits": ("digits_classifier", "fd"), "is_digits": ("digits_classifier", "is"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class FeatureNet:

@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import data, files, losses, parallel
 from diffusion_jax.evaluation import hosts
-from diffusion_jax.evaluation.config import NllConfig
-from diffusion_jax.train.inference import EmaModel
+from diffusion_jax.config.evaluation import NllConfig
+from diffusion_jax.runs import EmaModel
 
 PARTS = ("bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from diffusion_jax import files, ode, parallel
 from diffusion_jax import ode_likelihood as odl
+from diffusion_jax.config.evaluation import NllOdeConfig
 from diffusion_jax.evaluation import nll
-from diffusion_jax.evaluation.config import NllOdeConfig
-from diffusion_jax.train.inference import EmaModel
+from diffusion_jax.runs import EmaModel
 
 PARTS = ("bpd", "nll_nats", "nfe", "accepted", "rejected")
 

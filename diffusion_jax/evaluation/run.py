@@ -28,12 +28,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import data, files, images, outputs, sampling
+from diffusion_jax import checkpoint, data, files, images, outputs, sampling
+from diffusion_jax.config.evaluation import LIKELIHOOD_METRICS, EvalConfig
 from diffusion_jax.evaluation import features as feature_lib
-from diffusion_jax.evaluation import hosts, metrics, nll, nll_ode, reference, report as report_lib
-from diffusion_jax.evaluation.config import EvalConfig
-from diffusion_jax.train import checkpoint
-from diffusion_jax.train.inference import EmaModel, draw_samples, load_ema_for_sampling
+from diffusion_jax.evaluation import hosts, nll, nll_ode, reference, report as report_lib
+from diffusion_jax.evaluation import scores
+from diffusion_jax.runs import EmaModel, draw_samples, load_ema_for_sampling
 
 # Below this many images a 2048-dim covariance is singular (Heusel et al. use 50,000).
 MIN_FID_IMAGES = 2048
@@ -131,7 +131,7 @@ def load_samples(path: str) -> np.ndarray:
 
 def _networks(config: EvalConfig) -> list[str]:
   """The feature networks the config's metrics run on, in a fixed order."""
-  return sorted({feature_lib.METRIC_KINDS[m][0] for m in config.sample_metrics})
+  return sorted({scores.network(m) for m in config.sample_metrics})
 
 
 def _given_reference(path: str, nets: dict, config: EvalConfig):
@@ -142,9 +142,10 @@ def _given_reference(path: str, nets: dict, config: EvalConfig):
     raise ValueError(f"A reference file ({path}) is for Inception metrics; {config.name} has none.")
   stats = reference.load_reference(path)
   net = nets["inception"]
-  reference.check_dimension(stats, net.pool_dim, net.spatial_dim if "sfid" in config.metrics
-                            else None)
-  if "precision_recall" in config.metrics and stats.features is None and stats.images is None:
+  used = [scores.METRICS[m] for m in config.sample_metrics]
+  reference.check_dimension(stats, net.pool_dim,
+                            net.spatial_dim if any(m.uses_spatial for m in used) else None)
+  if any(m.keeps_pool for m in used) and stats.features is None and stats.images is None:
     raise ValueError(f"Reference {path} has neither pool features nor images (arr_0):"
                      " precision/recall needs one of them.")
   return stats
@@ -154,7 +155,7 @@ def _load_model(config: EvalConfig, workdir: str, need_samples: bool, trust_mode
   """(the EMA model or None, skipped metrics): samples need it; so does NLL, if it can be had."""
   has_run = files.exists(files.join(workdir, checkpoint.CONFIG_FILE))
   if not need_samples and not has_run:
-    return None, {m: f"no training run in {workdir}" for m in ("nll", "nll_ode")
+    return None, {m: f"no training run in {workdir}" for m in LIKELIHOOD_METRICS
                   if m in config.metrics}
   step = None if config.checkpoint_step < 0 else config.checkpoint_step
   model = load_ema_for_sampling(workdir, step, trust_model_code=trust_model_code)
@@ -233,7 +234,8 @@ def reference_statistics(net, config: EvalConfig, data_config,
   if net.name == "inception":
     tag += f"-{config.resize}-{net.info['sha256'][:12]}"
   path = files.join(workdir, "eval", f"reference-{net.name}-{tag}.npz")
-  keep_pool = "precision_recall" in config.metrics and net.name == "inception"
+  keep_pool = net.name == "inception" and any(
+      scores.METRICS[m].keeps_pool for m in config.sample_metrics)
   if hosts.process_0_says(jax.process_index() == 0 and files.exists(path)):
     stats = reference.load_reference(path)
     if stats.features is not None or not keep_pool:
@@ -282,51 +284,34 @@ def score_samples(samples: np.ndarray, nets: dict, references: dict, config: Eva
 
   Call it on every process: each computes the features of its share.
   """
-  scores = {}
+  found = {}
   for name, net in nets.items():
     summary = feature_lib.summarize(
         net, feature_lib.local_batches(samples, net.global_batch_size(len(samples))),
         **_kept(config, name), total=len(samples), desc=f"{net.name} features")
-    scores.update(_metrics_of(summary, references[name], net, config))
-  return scores
+    found.update(_metrics_of(summary, references[name], net, config))
+  return found
+
+
+def _on(config: EvalConfig, network: str) -> list[str]:
+  """The sample metrics of `config` that run on `network`."""
+  return [m for m in config.sample_metrics if scores.network(m) == network]
 
 
 def _kept(config: EvalConfig, network: str) -> dict[str, bool]:
   """What `summarize` must keep of an image set for the metrics of `config` that use `network`."""
-  kinds = {kind for metric in config.sample_metrics
-           for net, kind in [feature_lib.METRIC_KINDS[metric]] if net == network}
-  return {"keep_logits": "is" in kinds, "keep_pool": "pr" in kinds}
+  on = [scores.METRICS[m] for m in _on(config, network)]
+  return {"keep_logits": any(m.keeps_logits for m in on),
+          "keep_pool": any(m.keeps_pool for m in on)}
 
 
 def _metrics_of(summary: feature_lib.FeatureSummary, ref: reference.ReferenceStats, net,
                 config: EvalConfig) -> dict:
   """The config's metrics that run on `net`, from one image set's summary."""
-  scores = {}
-  for metric in config.sample_metrics:
-    network, kind = feature_lib.METRIC_KINDS[metric]
-    if network != net.name:
-      continue
-    if kind == "fd":
-      scores[metric] = metrics.frechet_distance(*summary.pool.statistics(), ref.mu, ref.sigma)
-    elif kind == "sfd":
-      scores[metric] = metrics.frechet_distance(*summary.spatial.statistics(), ref.mu_s,
-                                                ref.sigma_s)
-    elif kind == "is":
-      scores[metric], scores[f"{metric}_std"] = metrics.inception_score(summary.logits,
-                                                                        config.is_splits)
-    else:
-      scores["precision"], scores["recall"] = metrics.precision_recall(
-          _pr_reference_features(ref, net, config), summary.pool_features, config.pr_k)
-  return scores
-
-
-def _pr_reference_features(ref: reference.ReferenceStats, net, config: EvalConfig):
-  """The reference's pool features; computed from its images (an ADM reference batch)."""
-  if ref.features is not None:
-    return ref.features
-  batches = feature_lib.local_batches(ref.images, net.global_batch_size(len(ref.images)))
-  return feature_lib.summarize(net, batches, keep_pool=True, total=len(ref.images),
-                               desc="reference images").pool_features
+  found = {}
+  for metric in _on(config, net.name):
+    found.update(scores.METRICS[metric].compute(summary, ref, net, config, metric))
+  return found
 
 
 # ----------------------------------------------------------------------------- floor, NLL

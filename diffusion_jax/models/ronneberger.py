@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.config.models import RonnebergerSettings
+
 
 def he_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
   """N(0, 2 / N) for a conv kernel [kh, kw, in, out], N = kh * kw * in (Sec. 3).
@@ -83,7 +85,7 @@ class ConvBlock(nn.Module):
     return x
 
 
-class RonnebergerUNet(nn.Module):
+class RonnebergerUNet(RonnebergerSettings, nn.Module):
   """Segmentation U-Net, [B, H, W, C] -> [B, H', W', num_classes] logits.
 
   Attributes:
@@ -94,11 +96,6 @@ class RonnebergerUNet(nn.Module):
     padding: "VALID" for the paper's unpadded convs (H' = valid_output_size(H),
       e.g. 572 -> 388); "SAME" keeps H' = H for any H divisible by 2**depth.
   """
-
-  num_classes: int = 2
-  features: int = 64
-  depth: int = 4
-  padding: Literal["VALID", "SAME"] = "VALID"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -13,15 +13,14 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.typing import Dtype
 
+from diffusion_jax.config.models import UNetSettings
 from diffusion_jax.models.layers import (
     AttentionBlock,
     Downsample,
     GroupNorm,
     ResBlock,
     TimeEmbedding,
-    TimeEmbeddingKind,
     Upsample,
 )
 
@@ -29,7 +28,7 @@ from diffusion_jax.models.layers import (
 _RematResBlock = nn.remat(ResBlock, static_argnums=(3,))
 
 
-class UNet(nn.Module):
+class UNet(UNetSettings, nn.Module):
   """Noise-prediction U-Net, (x [B, H, W, C], t [B], y [B]) -> [B, H, W, C_out].
 
   Layout, with L = len(ch_mult) resolutions and ch_l = ch * ch_mult[l]:
@@ -69,23 +68,6 @@ class UNet(nn.Module):
     remat: rematerialise residual blocks in the backward pass (gradient
       checkpointing): less activation memory, same gradients.
   """
-
-  ch: int = 128
-  ch_mult: tuple[int, ...] = (1, 2, 2, 2)
-  num_res_blocks: int = 2
-  attn_resolutions: tuple[int, ...] = (16,)
-  dropout: float = 0.0
-  learn_sigma: bool = False
-  num_classes: int | None = None
-  scale_shift_norm: bool = False
-  resblock_updown: bool = False
-  num_heads: int = 1
-  num_head_channels: int | None = None
-  time_embedding: TimeEmbeddingKind = "ddpm"
-  downsample_padding: str | int = "SAME"
-  norm_eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  remat: bool = False
 
   @nn.compact
   def __call__(

@@ -23,9 +23,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from diffusion_jax import configlib
+from diffusion_jax.config.models import ZOO_SETTINGS, is_factory, split_name
 
 from diffusion_jax.models.ronneberger import RonnebergerUNet
 from diffusion_jax.models.unet import UNet
@@ -54,26 +53,6 @@ class ZooEntry:
   notes: str
 
 
-# DDPM (Ho et al. 2020, App. B) with the conventions of its TF code.
-_DDPM = dict(
-    ch=128,
-    num_res_blocks=2,
-    attn_resolutions=(16,),
-    time_embedding="ddpm",
-    downsample_padding="SAME",
-    norm_eps=1e-6,
-)
-# Shared by the iDDPM (openai/improved-diffusion) and ADM (openai/guided-diffusion)
-# models: the conventions of their PyTorch code (ADM sinusoid, symmetric padding,
-# GroupNorm eps 1e-5), AdaGN (their default), learned variance, 3 blocks per level.
-_OPENAI = dict(
-    time_embedding="adm",
-    downsample_padding=1,
-    norm_eps=1e-5,
-    scale_shift_norm=True,
-    learn_sigma=True,
-    num_res_blocks=3,
-)
 _DDPM_PAPER = "Ho et al. 2020, DDPM, App. B"
 _IDDPM_PAPER = "Nichol & Dhariwal 2021, Improved DDPM"
 _ADM_PAPER = "Dhariwal & Nichol 2021, ADM (Diffusion Models Beat GANs)"
@@ -81,7 +60,7 @@ _ADM_PAPER = "Dhariwal & Nichol 2021, ADM (Diffusion Models Beat GANs)"
 MODEL_ZOO: dict[str, ZooEntry] = {
     "ddpm_cifar10": ZooEntry(
         module=UNet,
-        kwargs={**_DDPM, "ch_mult": (1, 2, 2, 2), "dropout": 0.1},
+        kwargs=ZOO_SETTINGS["ddpm_cifar10"].kwargs,
         paper=_DDPM_PAPER,
         input_shape=(32, 32, 3),
         params=35_746_307,
@@ -90,7 +69,7 @@ MODEL_ZOO: dict[str, ZooEntry] = {
     ),
     "ddpm_celebahq256": ZooEntry(
         module=UNet,
-        kwargs={**_DDPM, "ch_mult": (1, 1, 2, 2, 4, 4)},
+        kwargs=ZOO_SETTINGS["ddpm_celebahq256"].kwargs,
         paper=_DDPM_PAPER,
         input_shape=(256, 256, 3),
         params=113_673_219,
@@ -99,7 +78,7 @@ MODEL_ZOO: dict[str, ZooEntry] = {
     ),
     "ddpm_lsun256": ZooEntry(
         module=UNet,
-        kwargs={**_DDPM, "ch_mult": (1, 1, 2, 2, 4, 4)},
+        kwargs=ZOO_SETTINGS["ddpm_lsun256"].kwargs,
         paper=_DDPM_PAPER,
         input_shape=(256, 256, 3),
         params=113_673_219,
@@ -108,14 +87,7 @@ MODEL_ZOO: dict[str, ZooEntry] = {
     ),
     "iddpm_cifar10": ZooEntry(
         module=UNet,
-        kwargs={
-            **_OPENAI,
-            "ch": 128,
-            "ch_mult": (1, 2, 2, 2),
-            "attn_resolutions": (16, 8),
-            "num_heads": 4,
-            "dropout": 0.3,
-        },
+        kwargs=ZOO_SETTINGS["iddpm_cifar10"].kwargs,
         paper=_IDDPM_PAPER,
         input_shape=(32, 32, 3),
         params=52_546_438,
@@ -125,13 +97,7 @@ MODEL_ZOO: dict[str, ZooEntry] = {
     ),
     "iddpm_imagenet64": ZooEntry(
         module=UNet,
-        kwargs={
-            **_OPENAI,
-            "ch": 128,
-            "ch_mult": (1, 2, 3, 4),
-            "attn_resolutions": (16, 8),
-            "num_heads": 4,
-        },
+        kwargs=ZOO_SETTINGS["iddpm_imagenet64"].kwargs,
         paper=_IDDPM_PAPER,
         input_shape=(64, 64, 3),
         params=121_063_942,
@@ -141,16 +107,7 @@ MODEL_ZOO: dict[str, ZooEntry] = {
     ),
     "adm_imagenet64_cond": ZooEntry(
         module=UNet,
-        kwargs={
-            **_OPENAI,
-            "ch": 192,
-            "ch_mult": (1, 2, 3, 4),
-            "attn_resolutions": (32, 16, 8),
-            "num_head_channels": 64,
-            "resblock_updown": True,
-            "num_classes": 1000,
-            "dropout": 0.1,
-        },
+        kwargs=ZOO_SETTINGS["adm_imagenet64_cond"].kwargs,
         paper=_ADM_PAPER,
         input_shape=(64, 64, 3),
         params=295_905_222,
@@ -160,7 +117,7 @@ MODEL_ZOO: dict[str, ZooEntry] = {
     ),
     "unet_ronneberger": ZooEntry(
         module=RonnebergerUNet,
-        kwargs={"num_classes": 2, "features": 64, "depth": 4, "padding": "VALID"},
+        kwargs=ZOO_SETTINGS["unet_ronneberger"].kwargs,
         paper="Ronneberger et al. 2015, U-Net, Sec. 2 and Fig. 1",
         input_shape=(572, 572, 1),
         params=31_030_658,
@@ -172,11 +129,6 @@ MODEL_ZOO: dict[str, ZooEntry] = {
 
 class UntrustedModelCodeError(ValueError):
   """A config from a workdir names a model factory, and running its code was not allowed."""
-
-
-def is_factory(name: str) -> bool:
-  """Whether a model name is a factory, "package.module:factory", rather than a zoo entry."""
-  return ":" in name
 
 
 def check_trusted(model: Mapping[str, Any], trust_model_code: bool, source: str) -> None:
@@ -238,7 +190,8 @@ def get_model(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
       that cannot be imported or does not build such a module.
   """
   if not isinstance(spec, str):
-    spec, overrides = _split_config(spec, overrides)
+    spec, fields = split_name(spec)
+    overrides = {**fields, **overrides}
   overrides = {key: tuple(v) if isinstance(v, list) else v for key, v in overrides.items()}
   if is_factory(spec):
     return _from_factory(spec, overrides)
@@ -251,25 +204,6 @@ def get_model(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
         f"valid fields: {sorted(fields)}"
     )
   return entry.module(**{**entry.kwargs, **overrides})
-
-
-def config_section(model: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A config's model section with every field of its zoo entry's module.
-
-  `model` ({"name": ..., **overrides}) over the entry's settings over the
-  module's defaults, so that any field (dtype, remat, ...) can be set on the
-  command line. A factory's ("package.module:factory") arguments are its own:
-  its section is `model` as given.
-  """
-  values = dict(model)
-  name = _split_config(values, {})[0]
-  if is_factory(name):
-    return ml_collections.ConfigDict(values)
-  entry = lookup(name)
-  del values["name"]
-  section = configlib.section(entry.module, values, name="model", defaults=entry.kwargs)
-  section.name = name
-  return section
 
 
 def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -296,16 +230,6 @@ def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     raise ValueError(f"model {spec!r}: {type(model).__name__} must take"
                      f" (x, t, y=None, train=False): {e}") from e
   return model
-
-
-def _split_config(config: Mapping[str, Any], overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-  """(name, overrides) from a config mapping with a `name` key plus fields."""
-  merged = {**dict(config), **overrides}
-  if "name" not in merged:
-    raise ValueError(
-        f"a model config needs a 'name' key (one of {', '.join(MODEL_ZOO)}); got {sorted(merged)}"
-    )
-  return merged.pop("name"), merged
 
 
 def abstract_init(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[Any, Any]:

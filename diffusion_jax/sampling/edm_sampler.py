@@ -14,18 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import edm
+from diffusion_jax.config.sampler import EDM_DEFAULT_STEPS
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.sampling import denoisers
 from diffusion_jax.sampling.denoisers import Denoiser
 from diffusion_jax.sampling.loop import ModelFn, SamplingSchedule, initial_noise, run_steps
 from diffusion_jax.schedules import Schedule
 
-DEFAULT_STEPS = 18  # EDM's CIFAR-10 setting: 35 network calls
-
-
-def network_calls(num_steps: int) -> int:
-  """The network evaluations of `edm_sample` per image: 2N - 1 (no correction at sigma_N = 0)."""
-  return 2 * num_steps - 1
 
 
 def noise_levels(denoiser: Denoiser, num_steps: int, sigma_min: float = edm.SIGMA_MIN,
@@ -40,7 +35,7 @@ def noise_levels(denoiser: Denoiser, num_steps: int, sigma_min: float = edm.SIGM
   return jnp.concatenate([denoiser.round_sigma(sigmas), jnp.zeros((1,), jnp.float32)])
 
 
-def edm_sample(denoiser: Denoiser, key: jax.Array, shape, *, num_steps: int = DEFAULT_STEPS,
+def edm_sample(denoiser: Denoiser, key: jax.Array, shape, *, num_steps: int = EDM_DEFAULT_STEPS,
                sigma_min: float = edm.SIGMA_MIN, sigma_max: float = edm.SIGMA_MAX,
                rho: float = edm.RHO, s_churn: float = 0.0, s_tmin: float = 0.0,
                s_tmax: float = float("inf"), s_noise: float = 1.0,
@@ -106,7 +101,7 @@ def edm_sample(denoiser: Denoiser, key: jax.Array, shape, *, num_steps: int = DE
 
 
 def edm_heun_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | SamplingSchedule,
-                    key: jax.Array, shape, *, num_steps: int = DEFAULT_STEPS,
+                    key: jax.Array, shape, *, num_steps: int = EDM_DEFAULT_STEPS,
                     x_T: jax.Array | None = None, **options) -> jax.Array:
   """`edm_sample` of a discrete-time model (the samplers' common signature), sigma rounded
   to the timesteps of `schedule` (`denoisers.from_discrete`). options: edm_sample's."""

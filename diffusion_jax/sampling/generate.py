@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from typing import Any, Callable, Mapping
@@ -13,8 +12,9 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffusion_jax import configlib, files, outputs
+from diffusion_jax import files, outputs
 from diffusion_jax import images as image_utils
+from diffusion_jax.config.sampler import SamplerConfig
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.sampling import denoisers, edm_sampler
 from diffusion_jax.sampling.guidance import classifier_free_guidance
@@ -27,75 +27,6 @@ ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 GRID_IMAGES = 64
 GRID_MIN_SIZE = 32  # pixels: smaller samples are enlarged in grid.png
 _RESULT_FILES = ("samples.npz", "grid.png")  # written once every batch is drawn
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-  """Which sampler to run and how."""
-
-  sampler: str = "ddim"  # "ddpm", "ddim", "dpm_solver" or "edm_heun"
-  # Model calls over [0, T-1]; None = all T (see make_batch_sampler). For "edm_heun": EDM's N
-  # noise levels (2N - 1 calls); None = 18.
-  steps: int | None = None
-  eta: float = 0.0  # DDIM's noise scale in [0, 1], 0 = deterministic; "ddim" only
-  guidance_scale: float = 0.0  # classifier-free guidance w; 0 = none
-  order: int = 2  # DPM-Solver++'s multistep order, 1-3; "dpm_solver" only
-  # EDM Algorithm 2's stochasticity (Karras et al. 2022, Table 5); "edm_heun" only. 0 = the
-  # deterministic Heun sampler.
-  s_churn: float = 0.0
-  s_tmin: float = 0.0
-  s_tmax: float = float("inf")
-  s_noise: float = 1.0
-
-  def __post_init__(self):
-    get_sampler(self.sampler)
-    configlib.check_ranges(self, "sampler", {"steps": configlib.AT_LEAST_ONE,
-                                             "eta": configlib.UNIT_INTERVAL,
-                                             "guidance_scale": configlib.NON_NEGATIVE,
-                                             "s_churn": configlib.NON_NEGATIVE,
-                                             "s_tmin": configlib.NON_NEGATIVE,
-                                             "s_noise": configlib.POSITIVE})
-    if self.eta and self.sampler != "ddim":
-      raise ValueError(f"eta={self.eta} applies to sampler 'ddim' only, not {self.sampler!r}.")
-    if self.order != 2 and self.sampler != "dpm_solver":
-      raise ValueError(f"order={self.order} applies to sampler 'dpm_solver' only, not"
-                       f" {self.sampler!r}.")
-    if self.order not in (1, 2, 3):
-      raise ValueError(f"order must be 1, 2 or 3 (DPM-Solver++), got {self.order}.")
-    if self.sampler != "edm_heun" and self._churn_settings():
-      raise ValueError(f"{', '.join(self._churn_settings())} apply to sampler 'edm_heun' only,"
-                       f" not {self.sampler!r}.")
-    if not self.s_tmax >= self.s_tmin:  # s_tmax may be inf: not a finite Range
-      raise ValueError(f"sampler.s_tmax must be >= s_tmin={self.s_tmin}, got {self.s_tmax}.")
-
-  def _churn_settings(self) -> list[str]:
-    """The EDM churn fields set away from their defaults, as 'name=value'."""
-    defaults = SamplerConfig.__dataclass_fields__
-    return [f"{name}={getattr(self, name):g}" for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")
-            if getattr(self, name) != defaults[name].default]
-
-  @property
-  def options(self) -> str:
-    """The sampler-specific settings away from their defaults, e.g. 's_churn=40' or 'order=3'."""
-    return " ".join(self._churn_settings() + ([f"order={self.order}"] if self.order != 2 else []))
-
-  def num_steps(self, num_timesteps: int) -> int:
-    """The steps the sampler takes: `steps`, or its default (T; EDM's 18 for "edm_heun")."""
-    return self.steps or (edm_sampler.DEFAULT_STEPS if self.sampler == "edm_heun"
-                          else num_timesteps)
-
-  def nfe(self, num_timesteps: int) -> int:
-    """Network evaluations per image (NFE): the steps, 2N - 1 for "edm_heun", x2 with guidance."""
-    steps = self.num_steps(num_timesteps)
-    calls = edm_sampler.network_calls(steps) if self.sampler == "edm_heun" else steps
-    return calls * (2 if self.guidance_scale else 1)
-
-  @property
-  def label(self) -> str:
-    """A file name for these settings, e.g. 'ddim-50steps-eta0-w0' (and any non-default option)."""
-    extra = "".join(f"-{option.replace('=', '')}" for option in self.options.split())
-    return (f"{self.sampler}-{self.steps or 'all'}steps-eta{self.eta:g}"
-            f"-w{self.guidance_scale:g}{extra}")
 
 
 def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec,

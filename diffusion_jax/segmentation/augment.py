@@ -12,30 +12,11 @@ mirrored, as overlap-tile inference does (Fig. 2).
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 from scipy import ndimage
 
-from diffusion_jax import configlib
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AugmentConfig:
-  """Random transforms of the training tiles; each can be turned off."""
-
-  elastic_sigma: float = 10.0  # pixels: std of the displacements on the coarse grid (paper: 10)
-  elastic_grid: int = 3  # the coarse grid's nodes per side (paper: 3x3)
-  max_rotation: float = 180.0  # degrees: angles drawn from [-max, max]
-  flip: bool = True  # mirror left-right with probability 1/2
-  brightness: float = 0.1  # intensities in [0, 1] shifted by U(-b, b)
-  contrast: float = 0.2  # ... and scaled about 0.5 by U(1 - c, 1 + c)
-
-  def __post_init__(self):
-    configlib.check_ranges(self, "augment", {
-        "elastic_grid": configlib.Range(2),
-        **dict.fromkeys(("elastic_sigma", "max_rotation", "brightness", "contrast"),
-                        configlib.NON_NEGATIVE)})
+from diffusion_jax.config.segmentation import AugmentConfig
 
 
 def elastic_displacement(rng: np.random.Generator, size: int, sigma: float,

@@ -16,67 +16,13 @@ goes on in a fresh order (`data.TrainIterator`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import grain
 import numpy as np
 
-from diffusion_jax.configlib import from_mapping
+from diffusion_jax.config.segmentation import AugmentConfig, SegmentationDataConfig, WeightMapConfig
 from diffusion_jax.data import pipeline as image_pipeline
 from diffusion_jax.segmentation import augment, sources, weights
-
-SOURCES = ("cells", "tfds", "folder")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SegmentationDataConfig:
-  """Where the image/mask pairs come from and how they are prepared.
-
-  source "cells": synthetic cell images (`synthetic.py`), offline. "tfds": a
-  TFDS dataset's `image_key` and `mask_key` features (e.g. oxford_iiit_pet's
-  "image" and "segmentation_mask", whose labels 1..3 become 0..2 with
-  mask_offset 1). "folder": PATH/SPLIT/images/NAME.png with
-  PATH/SPLIT/masks/NAME.png holding class indices.
-  """
-
-  source: str = "cells"
-  split: str = "train"  # training split ("train" / "test" for cells and folders)
-  eval_split: str = "test"  # held-out split of the IoU evaluation
-  eval_images: int = 0  # held-out images evaluated (the first ones); 0: all
-  name: str = ""  # TFDS dataset (source "tfds")
-  image_key: str = "image"  # TFDS feature holding the image
-  mask_key: str = "segmentation_mask"  # TFDS feature holding the mask
-  mask_offset: int = 0  # subtracted from the stored labels (oxford_iiit_pet: 1)
-  path: str = ""  # root of the split folders (source "folder")
-  num_channels: int = 1  # 1 (gray) or 3 (RGB); other images are converted
-  tile_size: int = 316  # pixels: the network's input tile; its output is smaller by the context
-  resize: int = 0  # pixels: scale each image's short side to this (masks: nearest); 0 keeps
-  num_images: int = 64  # synthetic training images (source "cells")
-  num_eval_images: int = 16  # synthetic held-out images (source "cells")
-  image_size: int = 128  # pixels: side of the synthetic images (source "cells")
-  shuffle: bool = True
-  seed: int = 0  # seeds the synthetic images, the shuffle and the augmentation
-  num_threads: int = 2  # threads preparing batches ahead; 0: in the main thread
-
-  def __post_init__(self):
-    if self.source not in SOURCES:
-      raise ValueError(f"Unknown data.source {self.source!r}; known: {list(SOURCES)}.")
-    if self.source == "tfds" and not self.name:
-      raise ValueError("data.source 'tfds' needs data.name (e.g. 'oxford_iiit_pet').")
-    if self.source == "folder" and not self.path:
-      raise ValueError("data.source 'folder' needs data.path.")
-    if self.num_channels not in (1, 3):
-      raise ValueError(f"data.num_channels must be 1 or 3, got {self.num_channels}.")
-    for key in ("resize", "eval_images", "num_threads"):
-      if getattr(self, key) < 0:
-        raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}.")
-    for key in ("num_images", "num_eval_images", "image_size", "tile_size"):
-      if getattr(self, key) <= 0:
-        raise ValueError(f"data.{key} must be positive, got {getattr(self, key)}.")
-
-  @classmethod
-  def from_mapping(cls, mapping: Any) -> "SegmentationDataConfig":
-    return from_mapping(cls, mapping, "data")
 
 
 def make_source(config: SegmentationDataConfig, split: str, num_classes: int):
@@ -97,7 +43,7 @@ class Prepare(grain.transforms.Map):
   num_channels: int
   resize: int
   num_classes: int
-  weight_map: weights.WeightMapConfig
+  weight_map: WeightMapConfig
 
   def map(self, record):
     image, mask = sources.prepare_image(record["image"], record["mask"], self.num_channels,
@@ -112,7 +58,7 @@ class RandomTile(grain.transforms.RandomMap):
 
   tile: int
   output: int
-  augment: augment.AugmentConfig
+  augment: AugmentConfig
 
   def random_map(self, record, rng: np.random.Generator):
     image, mask, weight = augment.random_tile(rng, record["image"], record["mask"],
@@ -130,8 +76,8 @@ class TileShape:
 
 
 def make_train_iterator(config: SegmentationDataConfig, global_batch_size: int, tiles: TileShape,
-                        num_classes: int, weight_map: weights.WeightMapConfig,
-                        augment_config: augment.AugmentConfig,
+                        num_classes: int, weight_map: WeightMapConfig,
+                        augment_config: AugmentConfig,
                         shard_options: grain.sharding.ShardOptions | None = None
                         ) -> image_pipeline.TrainIterator:
   """An endless, checkpointable iterator over this process's share of the training tiles.

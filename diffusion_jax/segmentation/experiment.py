@@ -1,13 +1,16 @@
-"""A segmentation run made concrete: the U-Net, its tiles, data, weight map, optimizer, loop.
+"""The segmentation task: the U-Net, its tiles, data, weight map and optimizer made concrete.
 
-The training loop (`train/loop.py`) runs it as it runs a diffusion experiment:
-`init_state`, `train_step_fn`, `make_train_iterator`, `periodic_hooks`.
+The training loop (`train/loop.py`) runs it as it runs a diffusion experiment,
+through the `train.task.Task` interface: `init_state`, `train_step_fn`,
+`make_train_iterator`, `periodic_hooks`, `resume_rules`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -19,18 +22,17 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import configlib, files, models, parallel
 from diffusion_jax import images as image_utils
+from diffusion_jax.config.optim import OptimConfig
+from diffusion_jax.config.segmentation import (SECTIONS, AugmentConfig, SegmentationDataConfig,
+                                               WeightMapConfig)
+from diffusion_jax.config.train import TrainConfig
 from diffusion_jax.configlib import from_mapping
-from diffusion_jax.segmentation import augment, data, metrics, step, tiling, weights
+from diffusion_jax.segmentation import data, metrics, step, tiling
 from diffusion_jax.train import optimizer
-from diffusion_jax.train.experiment import TrainConfig
-from diffusion_jax.train.loop import Hook
+from diffusion_jax.train.run_config import FIXED_BY_RUN
+from diffusion_jax.train.task import Hook
 from diffusion_jax.train.step import TrainState
 
-SECTIONS = ("seed", "task", "data", "model", "weight_map", "augment", "optim", "train")
-# The dataclass of each section but model (the zoo's) and the scalars.
-SECTION_CLASSES = {"data": data.SegmentationDataConfig, "weight_map": weights.WeightMapConfig,
-                   "augment": augment.AugmentConfig, "optim": optimizer.OptimConfig,
-                   "train": TrainConfig}
 PANEL_IMAGES = 4  # held-out images in each image | truth | prediction PNG
 EVAL_CHUNK = 16  # held-out images whose tiles are predicted together
 
@@ -41,12 +43,17 @@ class SegmentationExperiment:
 
   config: ml_collections.ConfigDict
   model: nn.Module  # [B, T, T, C] -> logits [B, O, O, K]
-  data: data.SegmentationDataConfig
-  weight_map: weights.WeightMapConfig
-  augment: augment.AugmentConfig
-  optim: optimizer.OptimConfig
+  data: SegmentationDataConfig
+  weight_map: WeightMapConfig
+  augment: AugmentConfig
+  optim: OptimConfig
   train: TrainConfig
   tiles: data.TileShape
+
+  resume_rules: ClassVar[Mapping[str, str]] = {  # this task's rows of run_config's rules
+      "weight_map": FIXED_BY_RUN,  # what the loss weighs, as the data: what the run trains on
+      "augment": FIXED_BY_RUN,
+  }
 
   @property
   def num_classes(self) -> int:
@@ -101,11 +108,14 @@ class SegmentationExperiment:
 
   def periodic_hooks(self, mesh, workdir: str) -> list[Hook]:
     """The loop's periodic action: the held-out evaluation with its PNG, every train.eval_every."""
-    return [Hook("eval", self.train.eval_every, make_evaluator(self, mesh, workdir))]
+    return [Hook("eval", self.train.eval_every, make_eval_hook_run(self, mesh, workdir))]
 
 
-def make_evaluator(exp: SegmentationExperiment, mesh, workdir: str):
-  """`evaluate(state, step, writer)`: IoU of the EMA parameters on the held-out images.
+def make_eval_hook_run(exp: SegmentationExperiment, mesh, workdir: str):
+  """The eval Hook's `run(state, step, writer)`: IoU of the EMA parameters on held-out images.
+
+  (Diffusion's `periodic_eval.make_evaluator` returns scores instead, which its
+  hook writes.)
 
   Each whole image is predicted by overlap-tile inference; the scalars
   (`metrics.summary`) go to the writer, and a PNG of image | truth |
@@ -128,7 +138,7 @@ def make_evaluator(exp: SegmentationExperiment, mesh, workdir: str):
     writer.write_scalars(step_number, metrics.summary(confusion))
     shown = min(PANEL_IMAGES, len(images))
     if jax.process_index() == 0 and len({m.shape for m in masks[:shown]}) == 1:
-      pixels = np.round((np.stack(images[:shown]) + 1) * 127.5).astype(np.uint8)
+      pixels = image_utils.to_uint8(np.stack(images[:shown]))
       picture = metrics.panel(pixels, np.stack(masks[:shown]), np.stack(predictions[:shown]))
       path = files.join(workdir, "segmentation", f"step_{step_number:08d}.png")
       image_utils.save_png(picture, path)
@@ -151,25 +161,6 @@ def _tile_shape(model: nn.Module, tile: int, num_channels: int) -> data.TileShap
   return data.TileShape(tile, out.shape[1])
 
 
-def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config` with every field its sections know, as `train.experiment.complete_config` does.
-
-  Each section holds all fields of its dataclass (`SECTION_CLASSES`, the zoo
-  entry's module for `model`), so the command line can override any of them.
-  Segmentation config files end with it; a key no section knows is a
-  ValueError naming it.
-  """
-  configlib.check_known(config, SECTIONS, "config")
-  complete = ml_collections.ConfigDict()
-  complete.seed = config.get("seed", 0)
-  complete.task = "segmentation"
-  complete.model = models.config_section(config.model)
-  for name, cls in SECTION_CLASSES.items():
-    complete[name] = configlib.section(cls, config.get(name), name=name)
-    from_mapping(cls, complete[name], name)  # checks its values; `build` again after overrides
-  return complete
-
-
 def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
           ) -> SegmentationExperiment:
   """Checks a segmentation config (`task = "segmentation"`) and builds its parts.
@@ -178,7 +169,7 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
   `depth` fields, as `RonnebergerUNet` has.
   """
   configlib.check_known(config, SECTIONS, "config")
-  data_config = data.SegmentationDataConfig.from_mapping(config.data)
+  data_config = SegmentationDataConfig.from_mapping(config.data)
   model = models.get_model(dict(config.model)) if model is None else model
   for field in ("num_classes", "depth"):
     if not hasattr(model, field):
@@ -190,7 +181,7 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
                      f" step), got {train_config.grad_accum_steps}.")
   return SegmentationExperiment(
       config=config, model=model, data=data_config,
-      weight_map=from_mapping(weights.WeightMapConfig, config.weight_map, "weight_map"),
-      augment=from_mapping(augment.AugmentConfig, config.augment, "augment"),
-      optim=optimizer.OptimConfig.from_mapping(config.optim), train=train_config,
+      weight_map=from_mapping(WeightMapConfig, config.weight_map, "weight_map"),
+      augment=from_mapping(AugmentConfig, config.augment, "augment"),
+      optim=OptimConfig.from_mapping(config.optim), train=train_config,
       tiles=_tile_shape(model, data_config.tile_size, data_config.num_channels))

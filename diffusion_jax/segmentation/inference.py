@@ -8,13 +8,13 @@ import functools
 import posixpath
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import files, outputs, parallel
+from diffusion_jax import files, outputs, parallel, runs
 from diffusion_jax import images as image_utils
 from diffusion_jax.segmentation import experiment, metrics, sources, tiling
-from diffusion_jax.train import inference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,21 +54,22 @@ def load(workdir: str, step: int | None = None, tile_size: int | None = None,
   `tile_size` replaces the training tile (larger tiles waste less context);
   `batch_size` is rounded up to a multiple of the device count. A model
   factory named in the workdir's config.json is imported only with
-  `trust_model_code` (`train.inference.load_run_config`).
+  `trust_model_code` (`runs.load_run_config`).
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint.
     ValueError: the workdir holds a diffusion run, names an untrusted model
       factory, or the tile does not fit the network.
   """
-  config = inference.load_run_config(workdir, trust_model_code=trust_model_code)
+  config = runs.load_run_config(workdir, trust_model_code=trust_model_code)
   if config.get("task") != "segmentation":
     raise ValueError(f"{workdir} holds a diffusion run, not a segmentation run"
                      " (its config.json has no task 'segmentation').")
   if tile_size:
     config.data.tile_size = tile_size
   exp = experiment.build(config)
-  params, checkpoint_step = inference.restore_ema(exp, workdir, step)
+  abstract = jax.eval_shape(exp.init_state, jax.random.key(0)).ema_params
+  params, checkpoint_step = runs.restore_ema(workdir, abstract, step)
   devices = parallel.make_mesh().size
   return Segmenter(exp, params, checkpoint_step, -(-batch_size // devices) * devices)
 

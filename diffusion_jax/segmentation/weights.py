@@ -11,31 +11,16 @@ with scipy's exact Euclidean distance transform.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 from scipy import ndimage
 
-from diffusion_jax import configlib
+from diffusion_jax.config.segmentation import WeightMapConfig
 
 # The border term is computed within this many sigmas of each object; farther
 # away it is below w_0 * exp(-MARGIN_SIGMAS^2 / 2) = w_0 * 1.5e-8 and taken as 0.
 MARGIN_SIGMAS = 6.0
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class WeightMapConfig:
-  """Settings of eq. 2; the paper uses w_0 = 10 and sigma ~ 5 pixels."""
-
-  w0: float = 10.0  # weight of the border term; 0 turns it off
-  sigma: float = 5.0  # pixels
-  balance_classes: bool = True  # w_c = 1 / class frequency (normalised); False: w_c = 1
-  background_class: int = 0  # objects are the connected components of the other classes
-
-  def __post_init__(self):
-    configlib.check_ranges(self, "weight_map", {"w0": configlib.NON_NEGATIVE,
-                                                "sigma": configlib.POSITIVE})
 
 
 def class_balance(mask: np.ndarray, num_classes: int) -> np.ndarray:

@@ -1,28 +1,13 @@
-"""Training: the train state, the pure jitted step, and the loop around it.
+"""Training: the task-neutral loop, the task interface and registry, and the diffusion task.
 
-    state = train.train_and_evaluate(config, workdir)   # resumes from workdir's latest checkpoint
+  loop           train_and_evaluate(config, workdir): the loop any task runs
+  task, tasks    the Task interface and its Hook; the registry of tasks by config.task
+  run_config     what a resumed run may change in its config, and the record of it
+  experiment     the diffusion task: a config made concrete (model, process, data, step)
+  step           TrainState and diffusion's pure jitted train step
+  optimizer      the optax optimizer of an OptimConfig
+  sample_grids   the diffusion task's hooks: sample grids, and periodic_eval's FID
+
+    from diffusion_jax.train import loop
+    state = loop.train_and_evaluate(config, workdir)   # resumes from workdir's latest checkpoint
 """
-
-from diffusion_jax.train.experiment import DiffusionConfig, Experiment, TrainConfig, build
-from diffusion_jax.train.optimizer import OptimConfig, make_optimizer
-from diffusion_jax.train.run_config import ConfigChangeError
-from diffusion_jax.train.step import (StepFns, TrainMetrics, TrainState, compute_metrics,
-                                      merge_metrics, train_step)
-
-__all__ = [
-    "ConfigChangeError", "DiffusionConfig", "Experiment", "OptimConfig", "StepFns", "TrainConfig",
-    "TrainMetrics", "TrainState", "build", "compute_metrics", "merge_metrics", "make_optimizer", "train_and_evaluate", "train_step",
-]
-
-
-def __getattr__(name: str):
-  """`train_and_evaluate`, imported on first use (PEP 562).
-
-  The loop writes metrics with clu's writers, which import TensorFlow (seconds,
-  and its start-up log); sampling, evaluation and conversion import this
-  package for the checkpoint and experiment modules and never train.
-  """
-  if name == "train_and_evaluate":
-    from diffusion_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
-    return train_and_evaluate
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

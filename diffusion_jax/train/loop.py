@@ -1,10 +1,15 @@
-"""The training loop: restore or init, step, log, sample, checkpoint, stop cleanly on SIGTERM."""
+"""The task-neutral training loop: restore or init, step, log, run the task's hooks, checkpoint,
+stop cleanly on SIGTERM.
+
+    state = loop.train_and_evaluate(config, workdir)  # resumes from workdir's latest checkpoint
+
+The config's task (train/tasks.py) builds the state, the step, the batches and
+the periodic hooks; the loop knows nothing else of it.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -12,28 +17,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
-from jax.experimental import multihost_utils
 
-from diffusion_jax import data, files, images, parallel, sampling, summaries
-from diffusion_jax.train import checkpoint, experiment, periodic_eval, run_config, tasks
+from diffusion_jax import checkpoint, data, parallel, summaries
+from diffusion_jax.train import run_config, tasks
 from diffusion_jax.train.step import TrainMetrics, TrainState, compute_metrics, merge_metrics
-
-
-@dataclasses.dataclass(frozen=True)
-class Hook:
-  """A periodic action of the loop: `run(state, step, writer)` every `every` steps and at the last.
-
-  `every` 0 runs it at the last step only. Each task's experiment lists its
-  own (`periodic_hooks`): diffusion draws sample grids and scores them,
-  segmentation measures IoU on held-out images.
-  """
-
-  name: str
-  every: int
-  run: Callable[[TrainState, int, metric_writers.MetricWriter], None]
-
-  def due(self, step: int, last: bool) -> bool:
-    return last or bool(self.every and step % self.every == 0)
 
 
 def compile_train_step(exp, state_shardings, mesh, compiler_options: dict[str, str] | None = None):
@@ -65,76 +52,6 @@ def create_state(exp, mesh, seed: int):
   abstract = jax.eval_shape(exp.init_state, rng)
   shardings = parallel.state_shardings(mesh, abstract)
   return jax.jit(exp.init_state, out_shardings=shardings)(rng), shardings
-
-
-class GridSampler(NamedTuple):
-  """The sampler of the training run's sample grids.
-
-  `sample(ema_params, key)` -> float32 [padded_size, H, W, C], split over the
-  mesh's data axis; the grid is its first `num_samples` images.
-  """
-
-  sample: Callable[[Any, jax.Array], jax.Array]
-  num_samples: int
-
-
-def make_grid_sampler(exp: experiment.Experiment, mesh) -> GridSampler:
-  """The train.num_samples images of the sample grids, each device drawing its share.
-
-  The batch is padded to a multiple of the mesh's data axis (the extra images
-  are drawn and dropped). All noise is drawn at the padded shape from one key;
-  under JAX's partitionable threefry the first num_samples images of such a
-  draw do not depend on the padding, so a seed gives the same grid on any
-  number of devices. A class-conditional model draws one class per row of the
-  grid (`sampling.grid_labels`), guided with train.sample_guidance.
-  """
-  config = sampling.SamplerConfig(sampler=exp.train.sampler, steps=exp.train.sample_steps,
-                                  guidance_scale=exp.train.sample_guidance)
-  num_samples, num_classes = exp.train.num_samples, exp.num_classes
-  padded_size = -(-num_samples // mesh.shape[parallel.DATA_AXIS]) * mesh.shape[parallel.DATA_AXIS]
-  labels = None if num_classes is None else np.pad(
-      sampling.grid_labels(num_samples, num_classes), (0, padded_size - num_samples))
-  sample = jax.jit(sampling.make_batch_sampler(
-      config, exp.apply_fn, exp.spec, exp.schedule, exp.image_shape, padded_size,
-      num_classes=num_classes, labels=labels), out_shardings=parallel.batch_sharding(mesh),
-      compiler_options=parallel.compiler_options(mesh))
-  return GridSampler(sample, num_samples)
-
-
-def write_samples(grid_sampler: GridSampler, state: TrainState, step: int, seed: int,
-                  workdir: str, writer):
-  """Samples from the EMA parameters into samples/step_<step>.png and TensorBoard.
-
-  Every process calls it (the images are gathered from all devices); process 0 writes.
-  """
-  key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-  sharded = grid_sampler.sample(state.ema_params, key)
-  samples = images.to_uint8(
-      multihost_utils.process_allgather(sharded, tiled=True)[:grid_sampler.num_samples])
-  if jax.process_index() == 0:
-    path = files.join(workdir, "samples", f"step_{step:08d}.png")
-    images.save_image_grid(samples, path, min_size=GRID_MIN_SIZE)
-    writer.write_images(step, {"samples": images.make_image_grid(samples)[None]})
-    logging.info("Wrote %d samples to %s.", len(samples), path)
-
-
-GRID_MIN_SIZE = 32  # pixels: smaller samples are enlarged in the PNG grids
-
-
-def diffusion_hooks(exp: experiment.Experiment, mesh, workdir: str) -> list[Hook]:
-  """A diffusion run's hooks: sample grids (train.sample_every) and their quality (eval_every)."""
-  grid_sampler = make_grid_sampler(exp, mesh)
-  seed = exp.config.seed + 1
-
-  def sample(state, step, writer):
-    write_samples(grid_sampler, state, step, seed, workdir, writer)
-
-  hooks = [Hook("sample", exp.train.sample_every, sample)]
-  if exp.train.eval_every:
-    evaluator = periodic_eval.make_evaluator(exp, mesh, workdir)
-    hooks.append(Hook("eval", exp.train.eval_every, lambda state, step, writer:
-                      writer.write_scalars(step, evaluator(state.ema_params, step))))
-  return hooks
 
 
 def make_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -176,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
   The config's `task` (`tasks.TASKS`: diffusion by default, or segmentation)
-  builds the experiment; the loop is the same for both. `model`, an already
+  builds the experiment, a `task.Task`; the loop is the same for every task. `model`, an already
   built Flax module, replaces `config.model` (for diffusion one taking (x, t,
   y=None, train=False)). Sampling the run later (launch.sample) rebuilds the
   model from config.model: name a factory there ("package.module:factory") to
@@ -188,7 +105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpoint.check_writable(workdir)
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=exp.train.checkpoint_every,
                                          keep=exp.train.keep_checkpoints, delete_unfinished=True)
-  config_changes = run_config.check_resume(config, workdir, checkpointer)  # before any write
+  config_changes = run_config.check_resume(config, workdir, checkpointer,  # before any write
+                                           exp.resume_rules)
   data_iterator = exp.make_train_iterator()
   state, shardings = create_state(exp, mesh, config.seed)
   state = checkpointer.restore(checkpoint.restore_target(state, shardings), data_iterator) or state

@@ -11,16 +11,19 @@ but comparable-across-steps, curve; report final numbers with launch.evaluate.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from diffusion_jax import images, parallel, sampling
-from diffusion_jax.evaluation import features, run
-from diffusion_jax.evaluation.config import EvalConfig
-from diffusion_jax.train.experiment import Experiment
+from diffusion_jax.config.evaluation import EvalConfig
+from diffusion_jax.evaluation import features, run, scores
+
+if TYPE_CHECKING:
+  from diffusion_jax.train.experiment import Experiment
+
 
 def make_evaluator(exp: Experiment, mesh, workdir: str) -> Callable[[object, int], dict]:
   """`evaluate(ema_params, step) -> {"eval/<metric>": value}`; loads the network and reference now.
@@ -34,7 +37,7 @@ def make_evaluator(exp: Experiment, mesh, workdir: str) -> Callable[[object, int
                       data=dataclasses.asdict(exp.data) | {"shuffle": False,
                                                            "random_flip": False},
                       reference_split=exp.data.split)
-  network = features.METRIC_KINDS[train.eval_metric][0]
+  network = scores.network(train.eval_metric)
   net = features.LOADERS[network](config)
   references = {network: run.reference_statistics(net, config, exp.data, workdir)}
   batch_size = -(-min(train.eval_num_samples, 256) // mesh.size) * mesh.size
@@ -50,7 +53,7 @@ def make_evaluator(exp: Experiment, mesh, workdir: str) -> Callable[[object, int
         sample_batch(ema_params, jax.random.fold_in(key, b)), tiled=True)
                for b in range(-(-train.eval_num_samples // batch_size))]
     samples = images.to_uint8(np.concatenate(batches)[:train.eval_num_samples])
-    scores = run.score_samples(samples, {network: net}, references, config)
-    return {f"eval/{train.eval_metric}": scores[train.eval_metric]}
+    found = run.score_samples(samples, {network: net}, references, config)
+    return {f"eval/{train.eval_metric}": found[train.eval_metric]}
 
   return evaluate

@@ -2,7 +2,8 @@
 
 A workdir holds one run, and its config.json says what that run trains.
 Rerunning training on the workdir with another config compares the two field
-by field before anything is written. Each field follows a rule (RESUME_RULES):
+by field before anything is written. Each field follows a rule (RESUME_RULES, with
+the rows of the run's task: its `resume_rules`):
 
 - FIXED_BY_CHECKPOINT: how the checkpoint's arrays are read and what they mean
   (the model, the diffusion process, the optimizer's type);
@@ -34,24 +35,20 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from diffusion_jax import configlib, files
-from diffusion_jax.data.config import DataConfig
-from diffusion_jax.models import zoo
-from diffusion_jax.train import checkpoint
-from diffusion_jax.train.experiment import DiffusionConfig, TrainConfig
-from diffusion_jax.train.optimizer import OptimConfig
+from diffusion_jax import checkpoint, configlib, files
+from diffusion_jax.config import diffusion, models, segmentation
 
 HISTORY_FILE = "config_history.jsonl"
 
 FIXED_BY_CHECKPOINT = "fixed by the checkpoint"
 FIXED_BY_RUN = "fixed by the run"
 MAY_CHANGE = "may change"
+# The rules of the sections every task has; each task adds its own rows (`Task.resume_rules`).
 # A dotted key follows its longest listed prefix ("model.remat" before "model"); an unlisted
 # section is fixed by the checkpoint.
 RESUME_RULES: dict[str, str] = {
     "model": FIXED_BY_CHECKPOINT,  # the network and its parameter tree, its compute dtype too
     "model.remat": MAY_CHANGE,  # recomputes activations: less memory, the same numbers
-    "diffusion": FIXED_BY_CHECKPOINT,  # the process the network reverses, its loss and sampler
     "optim": MAY_CHANGE,  # the schedule and its constants: a deliberate change, recorded
     "optim.optimizer": FIXED_BY_CHECKPOINT,  # Adam and AdamW keep differently structured states
     "seed": FIXED_BY_RUN,  # the initial parameters, the data order and every step's noise
@@ -60,7 +57,6 @@ RESUME_RULES: dict[str, str] = {
     "train": MAY_CHANGE,  # how long, how often to log / sample / checkpoint / evaluate, layout
     "train.batch_size": FIXED_BY_RUN,  # the batches, and so the saved data position
     "train.ema_decay": FIXED_BY_RUN,  # what the EMA parameters average
-    "train.label_dropout": FIXED_BY_RUN,  # how often the null label is trained
 }
 
 # What a workdir's latest checkpoint holds -> the rules whose fields it fixes.
@@ -70,9 +66,9 @@ FIXED_WHEN = {
     "no checkpoint": (),
 }
 
-# The sections whose defaults are a dataclass's (the model's come from the zoo).
-SECTION_DATACLASSES = {"diffusion": DiffusionConfig, "train": TrainConfig, "optim": OptimConfig,
-                       "data": DataConfig}
+# Each task's sections whose defaults are a dataclass's (the model's come from the zoo).
+SECTION_DATACLASSES = {"diffusion": diffusion.SECTION_CLASSES,
+                       "segmentation": segmentation.SECTION_CLASSES}
 
 UNSET = "(unset)"  # the value of a field present in one config only, without a known default
 
@@ -96,12 +92,12 @@ def _show(value: Any) -> str:
   return value if value is UNSET else json.dumps(value)
 
 
-def rule(key: str) -> str:
-  """The rule of a dotted key: that of its longest prefix in RESUME_RULES."""
+def rule(key: str, rules: Mapping[str, str] = RESUME_RULES) -> str:
+  """The rule of a dotted key: that of its longest prefix in `rules`."""
   parts = key.split(".")
   for end in range(len(parts), 0, -1):
-    if (prefix := ".".join(parts[:end])) in RESUME_RULES:
-      return RESUME_RULES[prefix]
+    if (prefix := ".".join(parts[:end])) in rules:
+      return rules[prefix]
   return FIXED_BY_CHECKPOINT
 
 
@@ -116,15 +112,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def default_values(model_name: str | None) -> dict[str, Any]:
+def default_values(model_name: str | None, task: str = "diffusion") -> dict[str, Any]:
   """Each field's default by dotted key, as config.json holds it (a dtype by its name).
 
-  The sections' dataclasses' defaults, and the zoo entry's for model `model_name`
-  (a factory, "package.module:factory", has no known defaults).
+  The defaults of `task`'s sections' dataclasses, and the zoo entry's for model
+  `model_name` (a factory, "package.module:factory", has no known defaults).
   """
-  sections = {name: configlib.section(cls, name=name) for name, cls in SECTION_DATACLASSES.items()}
-  if model_name in zoo.MODEL_ZOO:
-    sections["model"] = zoo.config_section({"name": model_name})
+  sections = {name: configlib.section(cls, name=name)
+              for name, cls in SECTION_DATACLASSES[task].items()}
+  if model_name in models.ZOO_SETTINGS:
+    sections["model"] = models.model_section({"name": model_name})
   return flatten(json.loads(ml_collections.ConfigDict(sections).to_json_best_effort()))
 
 
@@ -143,9 +140,10 @@ def changes(saved: Mapping[str, Any], new: Mapping[str, Any],
   return found
 
 
-def refused_changes(found: list[Change], holds: str) -> list[Change]:
+def refused_changes(found: list[Change], holds: str,
+                    rules: Mapping[str, str] = RESUME_RULES) -> list[Change]:
   """The changes of fields fixed when the checkpoint holds `holds` (a key of FIXED_WHEN)."""
-  return [change for change in found if rule(change.key) in FIXED_WHEN[holds]]
+  return [change for change in found if rule(change.key, rules) in FIXED_WHEN[holds]]
 
 
 def refusal_message(workdir: str, holds: str, refused: list[Change]) -> str:
@@ -170,10 +168,12 @@ def what_checkpoint_holds(checkpointer: checkpoint.Checkpointer) -> str:
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str,
-                 checkpointer: checkpoint.Checkpointer) -> list[Change]:
+                 checkpointer: checkpoint.Checkpointer,
+                 task_rules: Mapping[str, str]) -> list[Change]:
   """The changes from `workdir`'s saved config to `config`; reads, never writes.
 
-  Returns [] for a new workdir.
+  Returns [] for a new workdir. `task_rules` are the run's task's rows of the
+  rules (`Task.resume_rules`), over RESUME_RULES.
 
   Raises:
     ConfigChangeError: a field fixed by what the checkpoint holds changed
@@ -184,9 +184,11 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str,
     return []
   saved = flatten(files.read_json(path))
   new = flatten(json.loads(config.to_json_best_effort()))
-  found = changes(saved, new, default_values(new.get("model.name", saved.get("model.name"))))
+  defaults = default_values(new.get("model.name", saved.get("model.name")),
+                            config.get("task", "diffusion"))
+  found = changes(saved, new, defaults)
   holds = what_checkpoint_holds(checkpointer)
-  if refused := refused_changes(found, holds):
+  if refused := refused_changes(found, holds, {**RESUME_RULES, **task_rules}):
     raise ConfigChangeError(refusal_message(workdir, holds, refused))
   return found
 

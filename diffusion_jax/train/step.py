@@ -104,6 +104,36 @@ def compute_metrics(accumulated: TrainMetrics) -> dict[str, float]:
   return jax.device_get({name: metric.compute() for name, metric in accumulated.items()})
 
 
+def masked_average(values: jax.Array, mask: jax.Array) -> metrics.Average:
+  """The mean of `values` where boolean `mask` (broadcast) holds; NaNs elsewhere drop out.
+
+  Each task's step masks its means with its finiteness (`skipped.count == 0`),
+  so one skipped step leaves the window's other steps in the logged means.
+  """
+  mask = jnp.broadcast_to(mask, values.shape)
+  return metrics.Average(total=jnp.sum(jnp.where(mask, values, 0.0)), count=jnp.sum(mask))
+
+
+def apply_gradients(state: TrainState, grads: Any, loss_finite: jax.Array,
+                    tx: optax.GradientTransformation, ema_decay: float, **updated: Any
+                    ) -> tuple[TrainState, SkippedSteps, jax.Array]:
+  """The update every task's step ends with: optax, the EMA, and `keep_finite_update`.
+
+  `loss_finite` (bool []) is the task's check of its loss; the gradient's norm
+  is checked here. `updated` holds other fields of the state the step changes
+  (the timestep sampler's state). Returns (the new state, the step's
+  skipped_steps metric, the gradient's global norm []).
+  """
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+  new_state, skipped = keep_finite_update(
+      state, state.replace(params=params, ema_params=ema_params, opt_state=opt_state, **updated),
+      jnp.isfinite(grad_norm) & loss_finite)
+  return new_state, skipped, grad_norm
+
+
 @dataclasses.dataclass(frozen=True)
 class StepFns:
   """The static parts of a train step: what to apply, how to read it, what to minimise."""
@@ -128,18 +158,13 @@ class StepFns:
   grad_accum_steps: int = 1  # microbatches per optimizer update
 
 
-def _average(values, mask) -> metrics.Average:
-  """The mean of `values` where boolean `mask` (broadcast) holds; NaNs elsewhere drop out."""
-  mask = jnp.broadcast_to(mask, values.shape)
-  return metrics.Average(total=jnp.sum(jnp.where(mask, values, 0.0)), count=jnp.sum(mask))
-
-
 def _metrics(fns: StepFns, terms: losses.LossTerms, t, grad_norm, step, finite) -> TrainMetrics:
   quarter = fns.timestep_sampler.quarter(t)  # [B] in 0..3
-  per_quarter = {f"loss_q{q}": _average(terms.loss, (quarter == q) & finite) for q in range(4)}
+  per_quarter = {f"loss_q{q}": masked_average(terms.loss, (quarter == q) & finite)
+                 for q in range(4)}
   return dict(
-      loss=_average(terms.loss, finite), mse=_average(terms.mse, finite),
-      vb=_average(terms.vb, finite), grad_norm=_average(grad_norm[None], finite),
+      loss=masked_average(terms.loss, finite), mse=masked_average(terms.mse, finite),
+      vb=masked_average(terms.vb, finite), grad_norm=masked_average(grad_norm[None], finite),
       learning_rate=metrics.LastValue(total=fns.lr_schedule(step), count=jnp.array(1)),
       **per_quarter)
 
@@ -233,13 +258,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
     labels = drop_labels(labels, label_key, fns.label_dropout, null_label=fns.num_classes)
   grads, terms = _accumulated_grads(state.params, (x_start, t, noise, weights, labels),
                                     dropout_key, fns)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(terms.loss))
-  updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = optax.incremental_update(params, state.ema_params, 1.0 - fns.ema_decay)
-  new_state, skipped = keep_finite_update(state, state.replace(
-      params=params, ema_params=ema_params, opt_state=opt_state,
-      sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss)), finite)
+  new_state, skipped, grad_norm = apply_gradients(
+      state, grads, jnp.all(jnp.isfinite(terms.loss)), fns.tx, fns.ema_decay,
+      sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss))
   return new_state, dict(_metrics(fns, terms, t, grad_norm, state.step, skipped.count == 0),
                          skipped_steps=skipped)

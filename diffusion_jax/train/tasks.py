@@ -1,29 +1,29 @@
 """The tasks the training loop runs, picked by the config's top-level `task` key.
 
-An experiment of any task gives the loop what it needs: `train` (TrainConfig),
-`model`, `init_state(rng)`, `train_step_fn()` (the pure step to jit),
-`make_train_iterator()` and `periodic_hooks(mesh, workdir)`.
+A task's `build(config, model=None)` makes its experiment, a `task.Task`: the
+state, the step, the batches, the periodic hooks and the resume rules the loop
+needs. A new task is one module with such a `build`, plus one line here.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import flax.linen as nn
 import ml_collections
 
-# task -> the module whose build(config, model) makes its experiment. Imported when used:
-# segmentation builds on the loop, which imports this registry.
-TASKS = {
-    "diffusion": "diffusion_jax.train.experiment",
-    "segmentation": "diffusion_jax.segmentation.experiment",
+from diffusion_jax.segmentation import experiment as segmentation
+from diffusion_jax.train import experiment as diffusion
+from diffusion_jax.train.task import Task
+
+TASKS = {  # config.task -> its build(config, model)
+    "diffusion": diffusion.build,
+    "segmentation": segmentation.build,
 }
 DEFAULT_TASK = "diffusion"
 
 
-def build(config: ml_collections.ConfigDict, model: nn.Module | None = None):
+def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Task:
   """The experiment of `config.task` (diffusion when the config has none)."""
   task = config.get("task", DEFAULT_TASK)
   if task not in TASKS:
     raise ValueError(f"Unknown config.task {task!r}; known: {sorted(TASKS)}.")
-  return importlib.import_module(TASKS[task]).build(config, model)
+  return TASKS[task](config, model)

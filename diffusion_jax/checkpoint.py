@@ -31,7 +31,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import files
-from diffusion_jax.train import checksums
+from diffusion_jax import checksums
 
 CONFIG_FILE = "config.json"
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's file of one process's position

@@ -1,4 +1,4 @@
-"""The input pipeline's own config: a frozen dataclass checked on creation."""
+"""The `data` section: the input pipeline's own config, a frozen dataclass checked on creation."""
 
 import dataclasses
 from typing import Any

@@ -1,4 +1,14 @@
-"""Loading a training run's EMA parameters for sampling and evaluation."""
+"""A training run read back from its workdir: its config, its EMA parameters, samples from them.
+
+    model = runs.load_ema_for_sampling(workdir)          # EmaModel at the latest checkpoint
+    runs.draw_samples(model, sampling.SamplerConfig(), 64, 64, out_dir, seed=0)
+
+What launch.sample, evaluation, conversion and segmentation inference share.
+The model is rebuilt from config.json with core parts only (the zoo, the
+diffusion process), never through a task or the training loop; only the EMA
+parameters and the step are read from the checkpoint, never the optimizer
+state.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +18,20 @@ import functools
 import os
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import models, parallel, sampling
+from diffusion_jax import checkpoint, models, parallel, process, sampling
+from diffusion_jax.config.data import DataConfig
+from diffusion_jax.config.diffusion import DiffusionConfig, DiffusionTrainConfig
+from diffusion_jax.config.train import TrainConfig
+from diffusion_jax.configlib import from_mapping
 from diffusion_jax.diffusion import ModelSpec
-from diffusion_jax.schedules import Schedule
-from diffusion_jax.train import checkpoint, experiment
-
 from diffusion_jax.sampling.generate import ApplyFn
+from diffusion_jax.schedules import Schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +47,48 @@ class EmaModel:
   step: int  # the training step of the checkpoint
 
 
-def restore_ema(exp, workdir: str, step: int | None = None) -> tuple[Any, int]:
+def example_inputs(model: nn.Module, image_shape: tuple[int, int, int]):
+  """(x [1, H, W, C], t [1], y [1] or None): the inputs a diffusion model's `init` traces with."""
+  conditional = getattr(model, "num_classes", None) is not None
+  return (jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32),
+          jnp.zeros((1,), jnp.int32) if conditional else None)
+
+
+def diffusion_apply_fn(model: nn.Module, diffusion: DiffusionConfig) -> ApplyFn:
+  """(params, x_t [B, H, W, C], t [B], y [B] | None) -> the network's output, as samplers call it.
+
+  The network is fed `process.network_timesteps(diffusion, t)`, as in training.
+  """
+  def apply_fn(params, x_t, t, y=None):
+    return model.apply({"params": params}, x_t, process.network_timesteps(diffusion, t), y)
+
+  return apply_fn
+
+
+def image_shape(data: DataConfig) -> tuple[int, int, int]:
+  """(H, W, C) of the images a run's `data` section prepares."""
+  return (data.image_size, data.image_size, data.num_channels)
+
+
+def ema_model(config: ml_collections.ConfigDict, params: Any, step: int,
+              model: nn.Module | None = None) -> EmaModel:
+  """The EmaModel of a diffusion run's `config` with parameters `params` at `step`.
+
+  `model`, when given, replaces building `config.model` with the zoo.
+  """
+  diffusion = from_mapping(DiffusionConfig, config.diffusion, "diffusion")
+  model = models.get_model(dict(config.model)) if model is None else model
+  return EmaModel(diffusion_apply_fn(model, diffusion), params, process.model_spec(diffusion),
+                  process.schedule(diffusion), image_shape(DataConfig.from_mapping(config.data)),
+                  getattr(model, "num_classes", None), step)
+
+
+def restore_ema(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
   """(EMA parameters replicated over all devices, step) of a run's latest checkpoint (or `step`).
 
-  `exp` is the run's experiment (any task's: it needs `init_state`). Reads
-  only the EMA parameters and the step, never the optimizer state.
+  `abstract_params` is the parameter tree's shapes (`jax.eval_shape` of the
+  model's init, any task's). Reads only the EMA parameters and the step, never
+  the optimizer state.
 
   Raises:
     FileNotFoundError: the workdir has no checkpoint.
@@ -47,20 +98,28 @@ def restore_ema(exp, workdir: str, step: int | None = None) -> tuple[Any, int]:
                                                   keep=1 << 30)) as checkpointer:
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first.")
-    # Shapes only: the initial state is never materialised, just used as the restore target.
-    abstract = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
-    fields = {"ema_params": abstract.ema_params, "step": abstract.step}
+    fields = {"ema_params": abstract_params,
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
     replicated = parallel.replicated(parallel.make_mesh())
     restored = checkpointer.restore_fields(
         checkpoint.restore_target(fields, jax.tree.map(lambda _: replicated, fields)), step=step)
   return restored["ema_params"], int(restored["step"])
 
 
+# The train.* keys that today's segmentation section no longer has: a segmentation run's
+# config.json written before the task-neutral TrainConfig holds them at their defaults.
+_DIFFUSION_ONLY_TRAIN_KEYS = frozenset(
+    f.name for f in dataclasses.fields(DiffusionTrainConfig)) - frozenset(
+        f.name for f in dataclasses.fields(TrainConfig))
+
+
 def load_run_config(workdir: str, *, trust_model_code: bool = False) -> ml_collections.ConfigDict:
   """The config.json of the run in `workdir`, to build its model from.
 
   A workdir may come from anyone: a model factory ("package.module:factory")
-  that its config names is code, and is refused unless `trust_model_code`.
+  that its config names is code, and is refused unless `trust_model_code`. A
+  segmentation run's config from before the task-neutral `train` section has
+  the diffusion-only train keys dropped.
 
   Raises:
     FileNotFoundError: the workdir has no config.json.
@@ -69,6 +128,9 @@ def load_run_config(workdir: str, *, trust_model_code: bool = False) -> ml_colle
   config = checkpoint.load_config(workdir)
   models.check_trusted(config.get("model", {}), trust_model_code,
                        os.path.join(workdir, checkpoint.CONFIG_FILE))
+  if config.get("task") == "segmentation" and "train" in config:
+    config.train = {key: value for key, value in config.train.items()
+                    if key not in _DIFFUSION_ONLY_TRAIN_KEYS}
   return config
 
 
@@ -88,10 +150,11 @@ def load_ema_for_sampling(workdir: str, step: int | None = None, *,
   config = load_run_config(workdir, trust_model_code=trust_model_code)
   if config.get("task", "diffusion") != "diffusion":
     raise ValueError(f"{workdir} holds a {config.task} run, not a diffusion model to sample.")
-  exp = experiment.build(config)
-  params, step = restore_ema(exp, workdir, step)
-  return EmaModel(exp.apply_fn, params, exp.spec, exp.schedule, exp.image_shape,
-                  exp.num_classes, step)
+  model = models.get_model(dict(config.model))
+  inputs = example_inputs(model, image_shape(DataConfig.from_mapping(config.data)))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
+  params, step = restore_ema(workdir, abstract, step)
+  return ema_model(config, params, step, model)
 
 
 def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: int,

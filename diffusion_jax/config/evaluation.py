@@ -1,4 +1,4 @@
-"""The evaluation config: which metrics, on which samples, against which reference."""
+"""The evaluation config (configs/eval/*.py): which metrics, on which samples, against which reference."""
 
 from __future__ import annotations
 
@@ -8,18 +8,31 @@ from typing import Any
 
 import ml_collections
 
-from diffusion_jax import configlib, files, ode, sampling
-from diffusion_jax import ode_likelihood as odl
+from diffusion_jax import configlib, files
+from diffusion_jax.config.data import DataConfig
+from diffusion_jax.config.sampler import SamplerConfig
 from diffusion_jax.configlib import from_mapping
-from diffusion_jax.data.config import DataConfig
 
-# Metrics on the Inception network's features (Heusel et al. 2017; Salimans et al. 2016;
-# Nash et al. 2021; Kynkäänniemi et al. 2019).
-INCEPTION_METRICS = ("fid", "is", "sfid", "precision_recall")
-# The same formulas on the digits classifier's features; never called FID or IS.
-DIGITS_METRICS = ("fd_digits", "is_digits")
-LIKELIHOOD_METRICS = ("nll", "nll_ode")  # on a data split, not on samples
-METRICS = (*INCEPTION_METRICS, *DIGITS_METRICS, *LIKELIHOOD_METRICS)
+# Each sample metric (evaluation/scores.py computes it) -> the feature network it runs on: the
+# Inception network's (Heusel et al. 2017; Salimans et al. 2016; Nash et al. 2021;
+# Kynkäänniemi et al. 2019), or the same formulas on the digits classifier's, never called
+# FID or IS.
+METRIC_NETWORKS = {
+    "fid": "inception", "is": "inception", "sfid": "inception", "precision_recall": "inception",
+    "fd_digits": "digits_classifier", "is_digits": "digits_classifier",
+}
+INCEPTION_METRICS = tuple(m for m, network in METRIC_NETWORKS.items() if network == "inception")
+# Likelihood metrics, on a data split rather than on samples (evaluation/run.py runs them): the
+# variational bound (evaluation/nll.py) and the probability-flow ODE's exact NLL
+# (evaluation/nll_ode.py).
+LIKELIHOOD_METRICS = ("nll", "nll_ode")
+METRICS = (*METRIC_NETWORKS, *LIKELIHOOD_METRICS)
+# nll_ode's settings, named without JAX: they must be ode.METHODS and ode_likelihood's
+# DIVERGENCES, PROBES and DEQUANTISATIONS (tests/test_configs.py checks).
+ODE_SOLVERS = ("dopri5", "fixed")
+ODE_DIVERGENCES = ("hutchinson", "exact")
+ODE_PROBES = ("rademacher", "gaussian")
+ODE_DEQUANTISATIONS = ("uniform", "centered", "none")
 RESIZE_MODES = ("tf", "pytorch-fid")
 WEIGHTS_ENV = "DIFFUSION_JAX_INCEPTION_WEIGHTS"
 
@@ -63,8 +76,8 @@ class NllOdeConfig:
         "atol": configlib.POSITIVE, "t_min": configlib.Range(0, 1, low_open=True, high_open=True),
         **dict.fromkeys(("batch_size", "steps", "max_steps", "probes", "repeats"),
                         configlib.AT_LEAST_ONE)})
-    for key, known in (("solver", ode.METHODS), ("divergence", odl.DIVERGENCES),
-                       ("probe", odl.PROBES), ("dequantisation", odl.DEQUANTISATIONS)):
+    for key, known in (("solver", ODE_SOLVERS), ("divergence", ODE_DIVERGENCES),
+                       ("probe", ODE_PROBES), ("dequantisation", ODE_DEQUANTISATIONS)):
       if getattr(self, key) not in known:
         raise ValueError(f"Unknown nll_ode.{key} {getattr(self, key)!r}; known: {list(known)}.")
 
@@ -79,7 +92,7 @@ class EvalConfig:
 
   name: str  # the report goes to WORKDIR/eval/<name>-step<N>/
   metrics: tuple[str, ...]
-  samplers: tuple[sampling.SamplerConfig, ...] = (sampling.SamplerConfig(),)
+  samplers: tuple[SamplerConfig, ...] = (SamplerConfig(),)
   num_samples: int = 50_000  # images drawn per sampler setting
   batch_size: int = 256  # images per sampling batch, over all devices
   seed: int = 0  # sampling batch b uses fold_in(key(seed), b)
@@ -155,7 +168,7 @@ def from_config_dict(config: Any) -> EvalConfig:
   `metrics` may be a tuple or a comma-separated string (`--config.metrics=fid,is`).
   """
   values = dict(config)
-  samplers = tuple(from_mapping(sampling.SamplerConfig, _sampler_fields(s), "samplers[i]")
+  samplers = tuple(from_mapping(SamplerConfig, _sampler_fields(s), "samplers[i]")
                    for s in values.pop("samplers", ()) or ({},))
   nll = from_mapping(NllConfig, values.pop("nll", {}), "nll")
   nll_ode = from_mapping(NllOdeConfig, values.pop("nll_ode", {}), "nll_ode")
