@@ -22,7 +22,7 @@ from diffusion_jax.config import models as model_settings
 from diffusion_jax.config import sampler as sampler_config
 from diffusion_jax.config import segmentation as segmentation_config
 from diffusion_jax.config.data import DataConfig
-from diffusion_jax.config.evaluation import EvalConfig, NllConfig
+from diffusion_jax.config.evaluation import EvalConfig, NllConfig, NllOdeConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py")
@@ -30,7 +30,7 @@ TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py")
 EVAL_CONFIGS = sorted(p.name for p in (REPO / "configs" / "eval").glob("*.py")
                       if p.name != "__init__.py")
 # Each section's dataclass: the fields its config section must hold.
-EVAL_SECTIONS = {"": EvalConfig, "nll": NllConfig, "data": DataConfig}
+EVAL_SECTIONS = {"": EvalConfig, "nll": NllConfig, "nll_ode": NllOdeConfig, "data": DataConfig}
 
 
 def _train_sections(config) -> dict:
@@ -206,8 +206,9 @@ def test_impossible_segmentation_setting_is_named_when_the_config_is_completed()
 
 
 def test_the_names_a_config_accepts_are_the_names_of_the_registries_that_build_them():
-  """config.diffusion lists each setting's names without JAX; they must be the registries' keys."""
+  """config/ lists each setting's names without JAX; they must be the registries' keys."""
   from diffusion_jax import diffusion, losses, sampling, schedules  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import ode, ode_likelihood  # pylint: disable=g-import-not-at-top
 
   assert set(diffusion_config.BETA_SCHEDULES) == set(schedules.BETA_SCHEDULES)
   assert diffusion_config.MEAN_TYPES == tuple(m.value for m in diffusion.MeanType)
@@ -217,3 +218,7 @@ def test_the_names_a_config_accepts_are_the_names_of_the_registries_that_build_t
   assert set(sampler_config.SAMPLERS) == set(sampling.SAMPLERS)
   assert sampler_config.EDM_DEFAULT_STEPS == 18  # EDM's CIFAR-10 setting (Karras et al. 2022)
   assert list(model_settings.ZOO_SETTINGS) == list(models.MODEL_ZOO)
+  assert eval_config.ODE_SOLVERS == ode.METHODS
+  assert eval_config.ODE_DIVERGENCES == ode_likelihood.DIVERGENCES
+  assert eval_config.ODE_PROBES == ode_likelihood.PROBES
+  assert eval_config.ODE_DEQUANTISATIONS == ode_likelihood.DEQUANTISATIONS

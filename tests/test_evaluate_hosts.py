@@ -27,7 +27,13 @@ from evaluation_numbers import REL_TOLERANCE, STATS_TOLERANCE, assert_same_numbe
 
 # NLL on the first 12 test digits in global batches of 8: on 1 process batch 0 holds
 # examples 0..7; on 2 processes it holds 0..3 and 6..9 (each process reads 6).
-EVAL_FLAGS = ["--config=configs/eval/digits.py:smoke", "--config.nll.num_examples=12"]
+# nll_ode (the adaptive solver, loose tolerances) on the first 8 in one global batch of 8:
+# each process of 2 reads 4, so the batch is the same in both layouts, and so is the error
+# norm over all of it that sets every step.
+EVAL_FLAGS = ["--config=configs/eval/digits.py:smoke", "--config.nll.num_examples=12",
+              "--config.metrics=fd_digits,is_digits,nll,nll_ode",
+              "--config.nll_ode.num_examples=8", "--config.nll_ode.batch_size=8",
+              "--config.nll_ode.rtol=1e-3", "--config.nll_ode.atol=1e-3"]
 # Process 0 writes with umask 022, every other process with 077: a file or folder
 # that any other process made is unreadable to the group.
 _LAUNCH_WITH_UMASKS = (
@@ -63,6 +69,17 @@ def test_two_processes_report_the_numbers_of_one(reports):
   assert two["runs"][0]["num_samples"] == 20 and two["real_floor"]["num_images"] == 300
   for name, reference in two["references"].items():
     assert reference["num_images"] == one["references"][name]["num_images"] == 1497
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_two_processes_take_the_nll_ode_steps_of_one(reports):
+  """nll_ode's adaptive solver on 2 processes x 2 devices: the steps and values of 1 x 4."""
+  one, two = reports[1][0]["nll_ode"], reports[2][0]["nll_ode"]
+  assert one["solver"] == "dopri5" and two["num_examples"] == one["num_examples"] == 8
+  for name in ("nfe", "accepted", "rejected"):
+    assert two[name] == one[name], name
+  assert one["accepted"] > 1  # a real solve, its step size controlled
+  assert two["bpd"] == pytest.approx(one["bpd"], rel=REL_TOLERANCE)
 
 
 @pytest.mark.xdist_group("multiprocess")

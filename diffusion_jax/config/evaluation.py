@@ -22,7 +22,17 @@ METRIC_NETWORKS = {
     "fd_digits": "digits_classifier", "is_digits": "digits_classifier",
 }
 INCEPTION_METRICS = tuple(m for m, network in METRIC_NETWORKS.items() if network == "inception")
-METRICS = (*METRIC_NETWORKS, "nll")
+# Likelihood metrics, on a data split rather than on samples (evaluation/run.py runs them): the
+# variational bound (evaluation/nll.py) and the probability-flow ODE's exact NLL
+# (evaluation/nll_ode.py).
+LIKELIHOOD_METRICS = ("nll", "nll_ode")
+METRICS = (*METRIC_NETWORKS, *LIKELIHOOD_METRICS)
+# nll_ode's settings, named without JAX: they must be ode.METHODS and ode_likelihood's
+# DIVERGENCES, PROBES and DEQUANTISATIONS (tests/test_configs.py checks).
+ODE_SOLVERS = ("dopri5", "fixed")
+ODE_DIVERGENCES = ("hutchinson", "exact")
+ODE_PROBES = ("rademacher", "gaussian")
+ODE_DEQUANTISATIONS = ("uniform", "centered", "none")
 RESIZE_MODES = ("tf", "pytorch-fid")
 WEIGHTS_ENV = "DIFFUSION_JAX_INCEPTION_WEIGHTS"
 
@@ -39,6 +49,37 @@ class NllConfig:
   def __post_init__(self):
     configlib.check_ranges(self, "nll", {"num_examples": configlib.NON_NEGATIVE,
                                          "batch_size": configlib.AT_LEAST_ONE})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NllOdeConfig:
+  """NLL in bits/dim through the probability-flow ODE (Song et al. 2021, score_sde's likelihood)."""
+
+  split: str = "test"  # the data split; the run's data section says which dataset
+  num_examples: int = 0  # the first N examples of the split; 0 = all of them
+  batch_size: int = 256  # global, over all devices: one ODE solve (one step size) per batch
+  solver: str = "dopri5"  # "dopri5" (adaptive, rtol/atol) or "fixed" (`steps` equal steps)
+  rtol: float = 1e-5  # score_sde's tolerances
+  atol: float = 1e-5
+  steps: int = 100  # "fixed": steps over [t_min, 1], 6 network calls each
+  max_steps: int = 10_000  # "dopri5": attempted steps per batch before it fails
+  divergence: str = "hutchinson"  # or "exact": the full Jacobian trace, D calls per step (small D)
+  probe: str = "rademacher"  # Hutchinson probes: "rademacher" (score_sde's) or "gaussian"
+  probes: int = 1  # probes per example, fixed over the solve, averaged
+  dequantisation: str = "uniform"  # "uniform" (score_sde's), "centered" or "none" (no bound)
+  t_min: float = 1e-5  # the ODE starts at t = eps (score_sde's eps)
+  repeats: int = 1  # passes over the split, each with fresh dequantisation and probes
+
+  def __post_init__(self):
+    configlib.check_ranges(self, "nll_ode", {
+        "num_examples": configlib.NON_NEGATIVE, "rtol": configlib.POSITIVE,
+        "atol": configlib.POSITIVE, "t_min": configlib.Range(0, 1, low_open=True, high_open=True),
+        **dict.fromkeys(("batch_size", "steps", "max_steps", "probes", "repeats"),
+                        configlib.AT_LEAST_ONE)})
+    for key, known in (("solver", ODE_SOLVERS), ("divergence", ODE_DIVERGENCES),
+                       ("probe", ODE_PROBES), ("dequantisation", ODE_DEQUANTISATIONS)):
+      if getattr(self, key) not in known:
+        raise ValueError(f"Unknown nll_ode.{key} {getattr(self, key)!r}; known: {list(known)}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +102,7 @@ class EvalConfig:
   real_floor: bool = False  # also score the nll split's real images, as the floor
   data: dict = dataclasses.field(default_factory=dict)  # overrides of the run's data section
   nll: NllConfig = NllConfig()
+  nll_ode: NllOdeConfig = NllOdeConfig()
   inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth; "" = $WEIGHTS_ENV
   inception_sha256_prefix: str = "6726825d"  # the published file's; "" accepts any weights
   resize: str = "tf"  # "tf" reproduces the published numbers; or "pytorch-fid"
@@ -83,7 +125,7 @@ class EvalConfig:
 
   @property
   def sample_metrics(self) -> tuple[str, ...]:
-    return tuple(m for m in self.metrics if m != "nll")
+    return tuple(m for m in self.metrics if m not in LIKELIHOOD_METRICS)
 
   @property
   def uses_inception(self) -> bool:
@@ -129,11 +171,13 @@ def from_config_dict(config: Any) -> EvalConfig:
   samplers = tuple(from_mapping(SamplerConfig, _sampler_fields(s), "samplers[i]")
                    for s in values.pop("samplers", ()) or ({},))
   nll = from_mapping(NllConfig, values.pop("nll", {}), "nll")
+  nll_ode = from_mapping(NllOdeConfig, values.pop("nll_ode", {}), "nll_ode")
   metrics = values.get("metrics", ())
   metrics = [metrics] if isinstance(metrics, str) else metrics
   values["metrics"] = tuple(name.strip() for entry in metrics for name in entry.split(","))
   values["data"] = dict(values.get("data", {}))
-  return from_mapping(EvalConfig, {**values, "samplers": samplers, "nll": nll}, "eval")
+  return from_mapping(EvalConfig, {**values, "samplers": samplers, "nll": nll,
+                                    "nll_ode": nll_ode}, "eval")
 
 
 def _sampler_fields(sampler: Any) -> dict:

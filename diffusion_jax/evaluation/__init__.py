@@ -6,7 +6,8 @@
     report = evaluation.evaluate(evaluation.from_config_dict(cfg), workdir)  # a whole protocol
 """
 
-from diffusion_jax.config.evaluation import EvalConfig, NllConfig, from_config_dict
+from diffusion_jax.config.evaluation import (EvalConfig, NllConfig, NllOdeConfig,
+                                              from_config_dict)
 from diffusion_jax.evaluation.inception import (apply_inception, inception_features,
                                                 load_inception, params_from_state_dict)
 from diffusion_jax.evaluation.metrics import (GaussianAccumulator, frechet_distance,
@@ -15,8 +16,8 @@ from diffusion_jax.evaluation.reference import ReferenceStats, load_reference, s
 from diffusion_jax.evaluation.run import evaluate
 
 __all__ = [
-    "EvalConfig", "GaussianAccumulator", "NllConfig", "ReferenceStats", "apply_inception",
-    "evaluate", "frechet_distance", "from_config_dict", "inception_features", "inception_score",
-    "load_inception", "load_reference", "params_from_state_dict", "precision_recall",
-    "save_reference",
+    "EvalConfig", "GaussianAccumulator", "NllConfig", "NllOdeConfig", "ReferenceStats",
+    "apply_inception", "evaluate", "frechet_distance", "from_config_dict", "inception_features",
+    "inception_score", "load_inception", "load_reference", "params_from_state_dict",
+    "precision_recall", "save_reference",
 ]

@@ -73,10 +73,26 @@ def evaluate_nll(model: EmaModel, batches, config: NllConfig, out_dir: str, *,
   batch_sharding = parallel.batch_sharding(mesh)
   nll_fn = jax.jit(make_nll_fn(model, config.clip_x0), out_shardings=batch_sharding,
                    compiler_options=parallel.compiler_options(mesh))
+  results = run_batches(
+      lambda inputs: nll_fn(model.params, inputs["image"], inputs["label"], inputs["index"], key),
+      batches, out_dir, batch_sharding, desc="nll", num_batches=num_batches)
+  return mean_parts(results, PARTS) | {"clip_x0": config.clip_x0}
+
+
+def run_batches(batch_fn, batches, out_dir: str, batch_sharding, *, desc: str,
+                num_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+  """Every batch's per-example results, each computed once: saved by process 0, reused on a rerun.
+
+  Call it on every process together. `batch_fn` maps a global batch
+  `{"image", "label", "index"}` (index -1 for padding) to `{part: [B]}`; its
+  results are gathered on every process, with "index". Batch b is saved as
+  OUT_DIR/batch_<b>.npz and reused only if it holds exactly the examples its
+  batch now has.
+  """
   if jax.process_index() == 0:
     files.makedirs(out_dir)
   results = []
-  for b, batch in enumerate(tqdm.tqdm(batches, total=num_batches, desc="nll", unit="batch",
+  for b, batch in enumerate(tqdm.tqdm(batches, total=num_batches, desc=desc, unit="batch",
                                       disable=jax.process_index() > 0)):
     inputs = data.make_global_batch(
         {"image": batch["image"], "label": batch["label"],
@@ -86,14 +102,12 @@ def evaluate_nll(model: EmaModel, batches, config: NllConfig, out_dir: str, *,
     if _saved_on_process_0(path, index):
       result = files.load_npz(path)
     else:
-      result = multihost_utils.process_allgather(
-          nll_fn(model.params, inputs["image"], inputs["label"], inputs["index"], key),
-          tiled=True)
+      result = multihost_utils.process_allgather(batch_fn(inputs), tiled=True)
       result["index"] = index
       if jax.process_index() == 0:
         files.save_npz(path, **result)
     results.append(result)
-  return _mean_parts(results) | {"clip_x0": config.clip_x0}
+  return results
 
 
 def _saved_on_process_0(path: str, index: np.ndarray) -> bool:
@@ -104,11 +118,11 @@ def _saved_on_process_0(path: str, index: np.ndarray) -> bool:
   return hosts.process_0_says(saved)
 
 
-def _mean_parts(results: list[dict[str, np.ndarray]]) -> dict:
+def mean_parts(results: list[dict[str, np.ndarray]], parts) -> dict:
   """The mean of each part over the examples of every batch (index >= 0), summed in index order."""
   index = np.concatenate([r["index"] for r in results])
   examples = index >= 0
   order = np.argsort(index[examples])
   means = {k: float(np.mean(np.concatenate([r[k] for r in results])[examples][order]))
-           for k in PARTS}
+           for k in parts}
   return {**means, "num_examples": len(order)}

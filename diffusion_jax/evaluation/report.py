@@ -35,7 +35,7 @@ def write(report: dict, out_dir: str, step: int) -> None:
     return
   files.write_json(files.join(out_dir, "report.json"), report, indent=2, sort_keys=True)
   scalars = {f"{run_name(run)}/{k}": v for run in report["runs"] for k, v in scores(run).items()}
-  for section in ("nll", "real_floor"):
+  for section in ("nll", "nll_ode", "real_floor"):
     scalars.update({f"{section}/{k}": v for k, v in report.get(section, {}).items()
                     if isinstance(v, float)})
   with summaries.EventWriter(out_dir) as writer:
@@ -63,6 +63,11 @@ def format_table(report: dict) -> str:
     lines.append(f"NLL on {nll['split']} ({nll['num_examples']} images, clip_x0="
                  f"{nll['clip_x0']}): {nll['bpd']:.4f} bits/dim = prior {nll['prior_bpd']:.4f}"
                  f" + decoder {nll['decoder_bpd']:.4f} + terms {nll['terms_bpd']:.4f}")
+  if "nll_ode" in report:
+    ode = report["nll_ode"]
+    lines.append(f"NLL (probability-flow ODE) on {ode['split']} ({ode['num_examples']} images,"
+                 f" {ode['repeats']} repeat(s), {ode['dequantisation']} dequantisation):"
+                 f" {ode['bpd']:.4f} bits/dim, {ode['nfe']:.0f} NFE per image")
   lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
   return "\n".join(lines)
 

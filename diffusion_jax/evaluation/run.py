@@ -29,9 +29,10 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import checkpoint, data, files, images, outputs, sampling
-from diffusion_jax.config.evaluation import EvalConfig
+from diffusion_jax.config.evaluation import LIKELIHOOD_METRICS, EvalConfig
 from diffusion_jax.evaluation import features as feature_lib
-from diffusion_jax.evaluation import hosts, nll, reference, report as report_lib, scores
+from diffusion_jax.evaluation import hosts, nll, nll_ode, reference, report as report_lib
+from diffusion_jax.evaluation import scores
 from diffusion_jax.runs import EmaModel, draw_samples, load_ema_for_sampling
 
 # Below this many images a 2048-dim covariance is singular (Heusel et al. use 50,000).
@@ -104,6 +105,9 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
   if "nll" in config.metrics and model is not None:
     with timer("nll"):
       report["nll"] = _nll(model, config, data_config, out_dir)
+  if "nll_ode" in config.metrics and model is not None:
+    with timer("nll_ode"):
+      report["nll_ode"] = _nll_ode(model, config, data_config, out_dir)
   report["warnings"] = _warnings(config, runs)
   report["seconds"] = timer.seconds
   report_lib.write(report, out_dir, step=0 if model is None else model.step)
@@ -151,9 +155,13 @@ def _load_model(config: EvalConfig, workdir: str, need_samples: bool, trust_mode
   """(the EMA model or None, skipped metrics): samples need it; so does NLL, if it can be had."""
   has_run = files.exists(files.join(workdir, checkpoint.CONFIG_FILE))
   if not need_samples and not has_run:
-    return None, ({"nll": f"no training run in {workdir}"} if "nll" in config.metrics else {})
+    return None, {m: f"no training run in {workdir}" for m in LIKELIHOOD_METRICS
+                  if m in config.metrics}
   step = None if config.checkpoint_step < 0 else config.checkpoint_step
-  return load_ema_for_sampling(workdir, step, trust_model_code=trust_model_code), {}
+  model = load_ema_for_sampling(workdir, step, trust_model_code=trust_model_code)
+  if "nll_ode" in config.metrics:
+    nll_ode.check_model(model)
+  return model, {}
 
 
 def _data_config(config: EvalConfig, model: EmaModel | None):
@@ -177,6 +185,8 @@ def _check_splits_readable(config: EvalConfig, data_config, given_reference, mod
     splits.add(config.reference_split)
   if ("nll" in config.metrics and model is not None) or config.real_floor:
     splits.add(config.nll.split)
+  if "nll_ode" in config.metrics and model is not None:
+    splits.add(config.nll_ode.split)
   for split in sorted(splits):
     data.num_examples(dataclasses.replace(data_config, split=split))
 
@@ -333,6 +343,28 @@ def _nll(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> dict
                             key=jax.random.key(config.seed),
                             num_batches=-(-total // (batch_size * jax.process_count())))
   return {"split": nll_config.split, **result}
+
+
+def _nll_ode(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> dict:
+  """NLL in bits/dim through the probability-flow ODE on config.nll_ode.split, resumable."""
+  ode_config = config.nll_ode
+  split_config = dataclasses.replace(data_config, split=ode_config.split)
+  total = data.num_examples(split_config)
+  if ode_config.num_examples:
+    total = min(total, ode_config.num_examples)
+  settings = (f"{ode_config.solver}-r{ode_config.rtol:g}-a{ode_config.atol:g}"
+              if ode_config.solver == "dopri5" else f"fixed{ode_config.steps}")
+  divergence = ("exact" if ode_config.divergence == "exact"
+                else f"{ode_config.probe}{ode_config.probes}")
+  name = (f"nll_ode-{_file_tag(ode_config.split)}-n{ode_config.num_examples}"
+          f"-b{ode_config.batch_size}-{settings}-{divergence}-{ode_config.dequantisation}"
+          f"-t{ode_config.t_min:g}-seed{config.seed}")
+  make_batches = lambda: data.make_eval_iterator(split_config, ode_config.batch_size,
+                                                 num_examples=ode_config.num_examples)
+  result = nll_ode.evaluate_nll_ode(
+      model, make_batches, ode_config, files.join(out_dir, name), key=jax.random.key(config.seed),
+      num_batches=-(-total // (ode_config.batch_size * jax.process_count())))
+  return {"split": ode_config.split, **result}
 
 
 def _warnings(config: EvalConfig, runs: list[dict]) -> list[str]:
