@@ -28,6 +28,7 @@ import jax
 from absl import app, flags
 
 from diffusion_jax import checkpoint, files, outputs, parallel, runs, sampling
+from diffusion_jax.config.sampler import SPACINGS, TIME_SPACING_BELOW
 from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding the checkpoints.")
@@ -37,6 +38,9 @@ _STEPS = flags.DEFINE_integer("steps", 50, "Model calls per image; 0 = all T tra
                               " (edm_heun: EDM's N noise levels, 2N - 1 calls; 0 = 18).")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM's noise scale, 0 = deterministic (ddim only).")
 _ORDER = flags.DEFINE_integer("order", 2, "DPM-Solver++'s multistep order, 1-3 (dpm_solver only).")
+_SPACING = flags.DEFINE_enum("spacing", "auto", list(SPACINGS),
+                             "DPM-Solver++'s steps uniform in log_snr or time; auto: time below"
+                             f" {TIME_SPACING_BELOW} steps (dpm_solver only).")
 _S_CHURN = flags.DEFINE_float("s_churn", 0.0, "EDM's S_churn, 0 = deterministic (edm_heun only).")
 _S_TMIN = flags.DEFINE_float("s_tmin", 0.0, "EDM's S_tmin: churn for sigma >= it (edm_heun only).")
 _S_TMAX = flags.DEFINE_float("s_tmax", float("inf"), "EDM's S_tmax (edm_heun only).")
@@ -60,7 +64,7 @@ def main(argv):
                          f" {jax.device_count()} devices.")
   config = sampling.SamplerConfig(
       _SAMPLER.value, _STEPS.value or None, _ETA.value, _GUIDANCE.value, order=_ORDER.value,
-      s_churn=_S_CHURN.value, s_tmin=_S_TMIN.value, s_tmax=_S_TMAX.value, s_noise=_S_NOISE.value)
+      spacing=_SPACING.value, s_churn=_S_CHURN.value, s_tmin=_S_TMIN.value, s_tmax=_S_TMAX.value, s_noise=_S_NOISE.value)
   model = runs.load_ema_for_sampling(_WORKDIR.value, _STEP.value,
                                           trust_model_code=_TRUST_MODEL_CODE.value)
   name = f"step{model.step}-{config.label}-seed{_SEED.value}"

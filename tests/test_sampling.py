@@ -404,6 +404,27 @@ def test_sample_to_files_resumes_to_the_uninterrupted_result(tmp_path):
     sampling.sample_to_files(gaussian_batch_sampler(2), 10, 2, out, key=key)
 
 
+@pytest.mark.parametrize("steps,spacing,grid", [
+    (5, "auto", "time"), (14, "auto", "time"), (15, "auto", "log_snr"), (20, "auto", "log_snr"),
+    (5, "log_snr", "log_snr"), (20, "time", "time")])
+def test_dpm_solver_steps_are_spaced_in_time_below_15_and_in_log_snr_from_15(steps, spacing, grid):
+  config = sampling.SamplerConfig("dpm_solver", steps=steps, spacing=spacing)
+  key = jax.random.key(3)
+  drawn = jit(sampling.make_batch_sampler(config, lambda params, x, t, y: gaussian_eps_model(x, t),
+                                          SPEC, SCHEDULE, (2, 2, 1), 4))(None, key)
+  grids = {"time": sampling.respaced(SCHEDULE, steps),
+           "log_snr": sampling.logsnr_respaced(SCHEDULE, steps)}
+  on_grid = {name: jit(lambda key, steps=steps_of_grid: sampling.dpm_solver_sample(
+      gaussian_eps_model, SPEC, steps, key, (4, 2, 2, 1)))(jax.random.split(key)[1])
+             for name, steps_of_grid in grids.items()}
+  np.testing.assert_array_equal(drawn, on_grid[grid])
+  assert not np.allclose(on_grid["time"], on_grid["log_snr"])  # the two grids tell apart
+  with pytest.raises(ValueError, match="spacing='time' applies to sampler 'dpm_solver' only"):
+    sampling.SamplerConfig("ddim", steps=steps, spacing="time")
+  with pytest.raises(ValueError, match="Unknown spacing 'logsnr'"):
+    sampling.SamplerConfig("dpm_solver", spacing="logsnr")
+
+
 def test_batch_sampler_with_labels_and_guidance():
   calls = []
   conditional = toy_conditional_model(calls, learned_variance=False)

@@ -34,8 +34,9 @@ def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec
                        num_classes: int | None = None, labels=None):
   """A pure `sample_batch(params, key) -> float32 [batch_size, H, W, C]` in [-1, 1].
 
-  `config.steps` are spaced uniformly in time for "ddpm" and "ddim", in
-  log-SNR for "dpm_solver" (`logsnr_respaced`), each sampler's best choice, and
+  `config.steps` are spaced uniformly in time for "ddpm" and "ddim", for
+  "dpm_solver" in log-SNR (`logsnr_respaced`) from 15 steps and in time below
+  (its `spacing`: each the better one on the digits), and
   by EDM's eq. 5 in sigma for "edm_heun" (rounded to the timesteps of
   `schedule` for a discrete-time model: `denoisers.from_discrete`). An
   EDM-preconditioned model (spec.edm) runs "edm_heun" on its own sigma, and the
@@ -81,7 +82,8 @@ def _sampler_call(config: SamplerConfig, spec: ModelSpec, schedule: Schedule, sh
   sampler = get_sampler(config.sampler)
   options = {"ddim": {"eta": config.eta}, "dpm_solver": {"order": config.order}}.get(
       config.sampler, {})
-  steps = (logsnr_respaced(schedule, config.steps) if config.sampler == "dpm_solver" and config.steps
+  steps = (logsnr_respaced(schedule, config.steps)
+           if config.steps and config.spaced_in_log_snr(schedule.num_timesteps)
            else respaced(schedule, config.steps))
   if not spec.edm:
     return lambda model_fn, key: sampler(model_fn, spec, steps, key, shape, **options)
