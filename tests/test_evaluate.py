@@ -127,6 +127,29 @@ def test_sweep_writes_fd_vs_nfe_figure(digits_smoke_run):
   assert os.path.exists(os.path.join(digits_smoke_run, "eval", "sweep-step4", "fid_vs_nfe.png"))
 
 
+def test_several_seeds_report_each_draw_and_their_min_and_mean(digits_smoke_run, capsys):
+  """EDM's protocol: each setting drawn once per seed; a seed's draw is the draw of a run with
+  that one seed."""
+  samplers = [dict(sampler="ddim", steps=2), dict(sampler="ddim", steps=3)]
+  config = _config(name="seeds", samplers=samplers, seeds=(0, 1, 2), metrics=("fd_digits",),
+                   real_floor=False)
+  report = evaluation.evaluate(config, digits_smoke_run)
+  assert [(r["steps"], r["seed"]) for r in report["runs"]] == [
+      (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]
+  alone = evaluation.evaluate(_config(name="seed1", samplers=samplers[:1], seed=1,
+                                      metrics=("fd_digits",), real_floor=False), digits_smoke_run)
+  assert alone["runs"][0]["fd_digits"] == report["runs"][1]["fd_digits"]
+  assert "over_seeds" not in alone
+  for summary, runs in zip(report["over_seeds"], (report["runs"][:3], report["runs"][3:])):
+    fds = [run["fd_digits"] for run in runs]
+    assert len(set(fds)) == 3  # three different draws
+    assert summary["seeds"] == [0, 1, 2] and summary["steps"] == runs[0]["steps"]
+    assert summary["min"]["fd_digits"] == min(fds)
+    assert summary["mean"]["fd_digits"] == pytest.approx(np.mean(fds), rel=1e-12)
+  assert "ddim-2steps min over seeds [0, 1, 2]" in capsys.readouterr().out
+  assert os.path.exists(os.path.join(digits_smoke_run, "eval", "seeds-step4", "fid_vs_nfe.png"))
+
+
 def test_samples_file_is_evaluated_instead_of_the_run(tmp_path):
   """Real held-out digits as a 'samples file': scored as the formulas say, the same as the real
   floor, no run needed."""

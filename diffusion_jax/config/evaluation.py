@@ -95,7 +95,10 @@ class EvalConfig:
   samplers: tuple[SamplerConfig, ...] = (SamplerConfig(),)
   num_samples: int = 50_000  # images drawn per sampler setting
   batch_size: int = 256  # images per sampling batch, over all devices
-  seed: int = 0  # sampling batch b uses fold_in(key(seed), b)
+  seed: int = 0  # sampling batch b uses fold_in(key(seed), b); the NLLs' key
+  # Draw every sampler setting once per seed, and report each draw and the min and mean over
+  # them (EDM's protocol: the minimum of three); () = `seed` alone.
+  seeds: tuple[int, ...] = ()
   checkpoint_step: int = -1  # -1 = the latest checkpoint
   reference_split: str = "train"  # the split whose statistics the samples are compared with
   reference_path: str = ""  # a precomputed reference .npz; "" = computed once and cached

@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 from diffusion_jax import files, summaries
 
 # Per-run keys that are settings, not scores.
 _SETTINGS = ("sampler", "steps", "eta", "guidance", "options", "nfe", "num_samples",
-             "samples_file")
+             "samples_file", "seed")
 
 
-def run_name(run: dict) -> str:
+def setting_name(run: dict) -> str:
   """'ddim-50steps' (plus eta and guidance when set), or the samples file."""
   if "sampler" not in run:
     return os.path.basename(run["samples_file"])
@@ -25,8 +26,31 @@ def run_name(run: dict) -> str:
   return name + (f"-w{run['guidance']:g}" if run["guidance"] else "")
 
 
+def run_name(run: dict) -> str:
+  """setting_name, and '-seed<s>' for a run of an evaluation over several seeds."""
+  return setting_name(run) + (f"-seed{run['seed']}" if "seed" in run else "")
+
+
 def scores(run: dict) -> dict[str, float]:
   return {k: v for k, v in run.items() if k not in _SETTINGS}
+
+
+def over_seeds(runs: list[dict]) -> dict:
+  """{"over_seeds": [per setting: its settings, "seeds", "min" and "mean" of each score]}, for
+  runs of several seeds (EDM reports the minimum FID of three); {} for runs without seeds."""
+  settings = {setting_name(run): run for run in runs if "seed" in run}
+  if not settings:
+    return {}
+  summaries = []
+  for name, first in settings.items():
+    same = [run for run in runs if setting_name(run) == name]
+    values = {metric: [run[metric] for run in same] for metric in scores(first)}
+    summaries.append({
+        **{k: v for k, v in first.items() if k in _SETTINGS and k != "seed"},
+        "seeds": [run["seed"] for run in same],
+        "min": {metric: float(np.min(v)) for metric, v in values.items()},
+        "mean": {metric: float(np.mean(v)) for metric, v in values.items()}})
+  return {"over_seeds": summaries}
 
 
 def write(report: dict, out_dir: str, step: int) -> None:
@@ -35,14 +59,19 @@ def write(report: dict, out_dir: str, step: int) -> None:
     return
   files.write_json(files.join(out_dir, "report.json"), report, indent=2, sort_keys=True)
   scalars = {f"{run_name(run)}/{k}": v for run in report["runs"] for k, v in scores(run).items()}
+  scalars.update({f"{setting_name(summary)}/{statistic}_{k}": v
+                  for summary in report.get("over_seeds", ())
+                  for statistic in ("min", "mean") for k, v in summary[statistic].items()})
   for section in ("nll", "nll_ode", "real_floor"):
     scalars.update({f"{section}/{k}": v for k, v in report.get(section, {}).items()
                     if isinstance(v, float)})
   with summaries.EventWriter(out_dir) as writer:
     writer.write_scalars(step, scalars)
   print(format_table(report))
-  if len(report["runs"]) > 1:
-    plot_fid_vs_nfe(report["runs"], files.join(out_dir, "fid_vs_nfe.png"))
+  curve = ([{**summary, **summary["mean"]} for summary in report["over_seeds"]]
+           if "over_seeds" in report else report["runs"])
+  if len(curve) > 1:
+    plot_fid_vs_nfe(curve, files.join(out_dir, "fid_vs_nfe.png"))
 
 
 def format_table(report: dict) -> str:
@@ -54,6 +83,11 @@ def format_table(report: dict) -> str:
   for run in runs:
     lines.append(_row([run_name(run), run.get("nfe", "-"), run["num_samples"],
                        *[run.get(k, "-") for k in names]]))
+  for summary in report.get("over_seeds", ()):
+    for statistic in ("min", "mean"):
+      lines.append(_row([f"{setting_name(summary)} {statistic} over seeds {summary['seeds']}",
+                         summary.get("nfe", "-"), summary["num_samples"],
+                         *[summary[statistic].get(k, "-") for k in names]]))
   if "real_floor" in report:
     floor = report["real_floor"]
     lines.append(_row([f"real {floor['split']}", "-", floor["num_images"],

@@ -85,17 +85,17 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
                   else reference_statistics(net, config, data_config, workdir)
                   for name, net in nets.items()}
   runs = []
-  for sampler in (config.samplers if samples is None else (None,)):
+  for sampler, seed in _draws(config, samples is None):
     with timer("sampling"):
-      run_samples = samples if sampler is None else _draw(model, sampler, config, out_dir)
+      run_samples = samples if sampler is None else _draw(model, sampler, config, out_dir, seed)
     with timer("features"):
       scores = score_samples(run_samples, nets, references, config)
     runs.append({**_describe(sampler, model, samples_path), "num_samples": len(run_samples),
-                 **scores})
+                 **({"seed": seed} if config.seeds else {}), **scores})
   report = {
       "config": config.name, "workdir": workdir,
       "checkpoint_step": None if model is None else model.step,
-      "runs": runs, "skipped": skipped,
+      "runs": runs, "skipped": skipped, **report_lib.over_seeds(runs),
       "feature_networks": {name: net.info for name, net in nets.items()},
       "references": {name: _reference_info(ref) for name, ref in references.items()},
   }
@@ -260,13 +260,21 @@ def _reference_info(stats: reference.ReferenceStats) -> dict:
 # ----------------------------------------------------------------------------- samples
 
 
+def _draws(config: EvalConfig, drawing: bool) -> list[tuple[sampling.SamplerConfig | None, int]]:
+  """(sampler, seed) of every draw: each setting with each of `seeds` (or `seed`); (None, seed)
+  when the samples are given, not drawn."""
+  if not drawing:
+    return [(None, config.seed)]
+  return [(sampler, seed) for sampler in config.samplers for seed in config.seeds or (config.seed,)]
+
+
 def _draw(model: EmaModel, sampler: sampling.SamplerConfig, config: EvalConfig,
-          out_dir: str) -> np.ndarray:
+          out_dir: str, seed: int) -> np.ndarray:
   """config.num_samples images from one sampler setting, through the resumable sample_to_files."""
   batch_size = -(-config.batch_size // jax.device_count()) * jax.device_count()
-  name = f"samples-{sampler.label}-seed{config.seed}"
+  name = f"samples-{sampler.label}-seed{seed}"
   return draw_samples(model, sampler, config.num_samples, batch_size,
-                      files.join(out_dir, name), seed=config.seed)
+                      files.join(out_dir, name), seed=seed)
 
 
 def _describe(sampler, model: EmaModel | None, samples_path: str | None) -> dict:
