@@ -74,7 +74,7 @@ def save_image_grid(images: np.ndarray, path: files.PathLike, ncols: int | None 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def to_8_bit(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+def to_8_bit(image: Image.Image, path: files.PathLike) -> Image.Image:
   """`image` with 8 bits per channel, scaled by its bit depth (Pillow would clip 16 bits to 255).
 
   16-bit gray (common in microscopy) becomes "L" with v8 = round(v16 * 255 / 65535),
