@@ -32,19 +32,23 @@ def refused_proxy(monkeypatch) -> dict[str, str]:
     yield dict(os.environ)
 
 
-def test_train_on_an_unprepared_dataset_offline_is_one_line(tmp_path, refused_proxy):
+@pytest.mark.parametrize("config,dataset", [("cifar10_ddpm", "cifar10"),
+                                            ("segmentation_pets", "oxford_iiit_pet")])
+def test_train_on_an_unprepared_dataset_offline_is_one_line(tmp_path, refused_proxy, config,
+                                                            dataset):
+  """Diffusion and segmentation read TFDS through one source layer."""
   data_dir = tmp_path / "tfds"
   data_dir.mkdir()
   result = subprocess.run(
-      [sys.executable, "-m", "launch.train", "--config=configs/cifar10_ddpm.py",
+      [sys.executable, "-m", "launch.train", f"--config=configs/{config}.py",
        f"--workdir={tmp_path / 'run'}"],
       cwd=REPO, capture_output=True, text=True, timeout=180,  # TFDS's own retries take minutes
       env={**refused_proxy, "TFDS_DATA_DIR": str(data_dir)})
   assert result.returncode == 1, result.stderr[-3000:]
   last_line = result.stderr.strip().splitlines()[-1]
-  assert last_line.startswith(f"launch.train: TFDS dataset 'cifar10' is not prepared in {data_dir},"
-                              " and it cannot be downloaded from here (https://"), last_line
-  assert f"`tfds build cifar10 --file_format=array_record --data_dir={data_dir}`" in last_line
+  assert last_line.startswith(f"launch.train: TFDS dataset '{dataset}' is not prepared in"
+                              f" {data_dir}, and it cannot be downloaded from here ("), last_line
+  assert f"`tfds build {dataset} --file_format=array_record --data_dir={data_dir}`" in last_line
   assert "Traceback" not in result.stderr and "Retrying" not in result.stderr
   assert not os.listdir(data_dir)  # nothing half-prepared left behind
 

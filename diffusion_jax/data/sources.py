@@ -24,8 +24,9 @@ from diffusion_jax import files
 from diffusion_jax import images as image_utils
 from diffusion_jax.config.data import DataConfig
 
-# File suffixes (lower case) that `FolderSource` picks up.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# File suffixes (lower case) of the image files that folders of images are read for (TIFF:
+# microscopy's 16-bit gray, scaled by `images.to_8_bit`).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 # What Pillow raises for unreadable, truncated, corrupted or oversized files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -234,12 +235,24 @@ class FolderSource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray | int]:
     path = files.join(self.root, self.files[index])
-    try:
-      with files.open_for_read(path) as f, Image.open(f) as image:
-        pixels_HxWx3 = np.asarray(image_utils.to_8_bit(image, path).convert("RGB"))
-    except _DECODE_ERRORS as error:
-      raise ValueError(f"cannot read image file '{path}': {error}") from error
+    pixels_HxWx3 = np.asarray(image_utils.to_8_bit(open_image(path), path).convert("RGB"))
     return {"image": pixels_HxWx3, "label": 0}
+
+
+def open_image(path: str) -> Image.Image:
+  """The image file at `path` (local or gs://), decoded by Pillow.
+
+  Raises:
+    ValueError: naming the file, when it is unreadable, truncated, corrupted or
+      larger than Pillow's decompression-bomb limit.
+  """
+  try:
+    with files.open_for_read(path) as f:
+      image = Image.open(f)
+      image.load()
+    return image
+  except _DECODE_ERRORS as error:
+    raise ValueError(f"cannot read image file '{path}': {error}") from error
 
 
 # Builds each source named in `config.SOURCES` from the config.

@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffusion_jax import files, outputs, parallel, runs
 from diffusion_jax import images as image_utils
+from diffusion_jax.data import sources as data_sources
 from diffusion_jax.segmentation import experiment, metrics, sources, tiling
 
 
@@ -80,9 +81,9 @@ def input_files(path: str) -> tuple[str, list[str]]:
     return files.join(files.path(path).parent), [files.path(path).name]
   if not files.is_dir(path):
     raise FileNotFoundError(f"--input {path!r} is neither an image file nor a folder")
-  names = files.find_files(path, sources.IMAGE_SUFFIXES)
+  names = files.find_files(path, data_sources.IMAGE_SUFFIXES)
   if not names:
-    raise FileNotFoundError(f"folder {path!r} holds no image files {sources.IMAGE_SUFFIXES}")
+    raise FileNotFoundError(f"folder {path!r} holds no image files {data_sources.IMAGE_SUFFIXES}")
   return path, names
 
 

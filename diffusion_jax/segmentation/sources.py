@@ -18,9 +18,9 @@ from PIL import Image
 
 from diffusion_jax import files
 from diffusion_jax import images as image_utils
+from diffusion_jax.data import sources as data_sources
 from diffusion_jax.segmentation import synthetic
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 # Pillow modes of one channel of integers: bilevel, 8-bit gray, palette, 16- and 32-bit gray.
 _MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -73,13 +73,12 @@ def cells_source(seed: int, split: str, num_images: int, size: int, num_classes:
 
 def tfds_source(name: str, split: str, image_key: str, mask_key: str, num_classes: int,
                 offset: int) -> CheckedSource:
-  """A TFDS dataset's (image, mask) features read by random access (ArrayRecord files)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (TF: only when used)
+  """A TFDS dataset's (image, mask) features read by random access (ArrayRecord files).
 
-  try:
-    records: Sequence[dict[str, Any]] = tfds.data_source(name, split=split)
-  except tfds.core.DatasetNotFoundError as error:
-    raise ValueError(f"unknown TFDS dataset '{name}': {str(error).splitlines()[0]}") from error
+  Found or prepared as the diffusion task's TFDS data are (`data.sources.tfds_source`: a
+  dataset that cannot be prepared here is one error naming the command that prepares it).
+  """
+  records: Sequence[dict[str, Any]] = data_sources.tfds_source(name, split)
 
   def read(index):
     record = records[index]
@@ -98,7 +97,7 @@ def tfds_source(name: str, split: str, image_key: str, mask_key: str, num_classe
 def _files(directory: str) -> dict[str, str]:
   """{relative path without suffix: path} of the image files under `directory`."""
   return {os.path.splitext(name)[0]: files.join(directory, name)
-          for name in files.find_files(directory, IMAGE_SUFFIXES)}
+          for name in files.find_files(directory, data_sources.IMAGE_SUFFIXES)}
 
 
 def folder_pairs(root: str) -> list[tuple[str, str]]:
@@ -114,7 +113,7 @@ def folder_pairs(root: str) -> list[tuple[str, str]]:
                               " pairs: images/NAME.png with masks/NAME.png)")
   images, masks = _files(images_dir), _files(masks_dir)
   if not images:
-    raise FileNotFoundError(f"'{images_dir}' holds no image files {IMAGE_SUFFIXES}")
+    raise FileNotFoundError(f"'{images_dir}' holds no image files {data_sources.IMAGE_SUFFIXES}")
   if missing := sorted(set(images) - set(masks)):
     raise FileNotFoundError(f"no mask in '{masks_dir}' for image '{images[missing[0]]}'"
                             f" ({len(missing)} image(s) without one)")
@@ -126,7 +125,7 @@ def read_image(path: str) -> np.ndarray:
 
   16-bit gray is scaled to 8 bits (`images.to_8_bit`); palette and other modes become RGB.
   """
-  with _open(path) as image:
+  with data_sources.open_image(path) as image:
     image = image_utils.to_8_bit(image, path)
     return np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"))
 
@@ -138,22 +137,11 @@ def read_mask(path: str) -> np.ndarray:
     ValueError: naming the file, when it is unreadable or not one channel (RGB, gray + alpha):
       colours are not class indices.
   """
-  with _open(path) as image:
+  with data_sources.open_image(path) as image:
     if image.mode not in _MASK_MODES:
       raise ValueError(f"mask file '{path}' is {image.mode}; masks must be one channel of class"
                        f" indices (a gray or palette image: mode {', '.join(_MASK_MODES)})")
     return np.asarray(image)
-
-
-def _open(path: str) -> Image.Image:
-  """Image.open(path), with decoding errors as one ValueError naming the file."""
-  try:
-    with files.open_for_read(path) as f:
-      image = Image.open(f)
-      image.load()
-    return image
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-    raise ValueError(f"cannot read image file '{path}': {error}") from error
 
 
 def folder_source(root: str, num_classes: int) -> CheckedSource:
