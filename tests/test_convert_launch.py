@@ -1,13 +1,16 @@
 """Converted checkpoints as runs: launch.convert, launch.sample, convert.load."""
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import flax
 import jax
 import numpy as np
+import pytest
 
 from diffusion_jax import convert, images, sampling, weightfiles
 from diffusion_jax.runs import load_ema_for_sampling
@@ -70,6 +73,21 @@ def test_load_is_the_workdirs_ema_model_with_rescaled_timesteps(tmp_path):
     out = model.apply_fn(model.params, arrays["x"], arrays["t"], None)
     assert np.abs(np.asarray(out) - arrays["out"]).max() < 1e-4
 
+
+
+def test_a_conversion_that_disagrees_with_its_config_writes_nothing(tmp_path):
+  path = os.path.join(DATA, "iddpm_small.pt")
+  converted = convert.convert(path, "improved_diffusion", image_size=32, num_heads=2,
+                              diffusion_steps=4000, learn_sigma=True)
+  params = flax.traverse_util.flatten_dict(converted.params, sep="/")
+  name = sorted(params)[0]
+  params[name] = params[name][..., :1]
+  broken = dataclasses.replace(converted,
+                               params=flax.traverse_util.unflatten_dict(params, sep="/"))
+  with pytest.raises(ValueError, match=r"The converted parameter .* has shape .*, the model of"
+                                       r" its config .*: the conversion and the config disagree"):
+    convert.write_workdir(broken, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 def test_converted_improved_diffusion_samples_with_the_edm_sampler(tmp_path):

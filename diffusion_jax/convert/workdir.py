@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import checkpoint, files, outputs, parallel, runs, weightfiles
 from diffusion_jax.convert.converted import Converted
-from diffusion_jax.train import experiment
-from diffusion_jax.train.step import TrainState
+from diffusion_jax.train import tasks
 
 RECORD_FILE = "convert.json"
 
@@ -37,12 +37,12 @@ def write_workdir(converted: Converted, workdir: str) -> dict:
     raise FileExistsError(f"{workdir} already holds a run ({', '.join(present)}): pick a new"
                           " workdir for the converted checkpoint")
   config = converted.config()
-  exp = experiment.build(config)
-  fns = exp.step_fns()
   params = jax.tree.map(jnp.asarray, converted.params)
-  state = TrainState(step=jnp.array(converted.step, jnp.int32), params=params, ema_params=params,
-                     opt_state=fns.tx.init(params), rng=jax.random.PRNGKey(config.seed),
-                     sampler_state=fns.timestep_sampler.init())
+  fresh = tasks.build(config).init_state(jax.random.PRNGKey(config.seed))
+  _check_same_structure(params, fresh.params)
+  # A fresh optimizer state: Adam's moments are zeros whatever the parameters' values.
+  state = fresh.replace(step=jnp.array(converted.step, jnp.int32), params=params,
+                        ema_params=params)
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=1, async_saves=False)
   checkpointer.save(converted.step, state, None, force=True)
   checkpointer.wait()
@@ -52,6 +52,17 @@ def write_workdir(converted: Converted, workdir: str) -> dict:
             "step": converted.step, "image_shape": list(converted.image_shape)}
   files.write_json(files.join(workdir, RECORD_FILE), record, indent=2, default=str)
   return record
+
+
+def _check_same_structure(converted, fresh) -> None:
+  """Raises a ValueError naming the first parameter whose path or shape the config's model lacks."""
+  shapes = lambda tree: {jax.tree_util.keystr(path): np.shape(leaf)
+                         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  got, want = shapes(converted), shapes(fresh)
+  if got != want:
+    name = next(k for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k))
+    raise ValueError(f"The converted parameter {name} has shape {got.get(name)}, the model of its"
+                     f" config {want.get(name)}: the conversion and the config disagree.")
 
 
 def ema_model(converted: Converted) -> runs.EmaModel:
