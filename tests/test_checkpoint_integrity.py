@@ -20,6 +20,8 @@ from diffusion_jax import checkpoint, checksums, parallel
 from diffusion_jax.data import pipeline
 from diffusion_jax.train import loop
 
+import saved_runs  # tests/saved_runs.py
+
 
 def _config(num_steps: int):
   """digits:smoke, a checkpoint every 2 steps, the newest 2 kept."""
@@ -28,19 +30,10 @@ def _config(num_steps: int):
   return config
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> str:
-  """A workdir trained for 4 steps: checkpoints 2 and 4. Tests work on copies of it."""
-  workdir = str(tmp_path_factory.mktemp("integrity") / "run")
-  loop.train_and_evaluate(_config(4), workdir)
-  return workdir
-
-
 @pytest.fixture
-def workdir(trained, tmp_path) -> str:
-  copy = str(tmp_path / "run")
-  shutil.copytree(trained, copy)
-  return copy
+def workdir(digits_smoke_run, tmp_path) -> str:
+  """A copy of the shared digits:smoke run (checkpoints 2 and 4)."""
+  return str(saved_runs.copy_run(digits_smoke_run, tmp_path / "run"))
 
 
 def _entries(workdir) -> list[str]:
