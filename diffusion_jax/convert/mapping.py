@@ -18,17 +18,16 @@ Layout conventions (PyTorch -> Flax):
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
 from diffusion_jax import weightfiles
+from diffusion_jax.torch_layouts import CONV, FLAT, SAME, Layout, Shape, dense
 
-Shape = tuple[int, ...]
 _LISTED_KEYS = 20  # the most keys of one kind a message names
 
 
@@ -36,42 +35,11 @@ class ConvertError(ValueError):
   """A checkpoint does not fit the architecture read from it, or asks for one the zoo lacks."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """How one torch tensor becomes one Flax leaf.
-
-  Attributes:
-    source_shape: the torch shape that a Flax leaf of the given shape needs.
-    convert: (torch array, Flax shape) -> the Flax leaf.
-  """
-
-  source_shape: Callable[[Shape], Shape]
-  convert: Callable[[np.ndarray, Shape], np.ndarray]
-
-
-SAME = Layout(lambda shape: shape, lambda a, shape: a)
-CONV = Layout(lambda s: (s[3], s[2], s[0], s[1]), lambda a, shape: a.transpose(2, 3, 1, 0))
-# A bias [heads * head_channels] of the query, key or value projection -> [heads, head_channels].
-FLAT = Layout(lambda s: (math.prod(s),), lambda a, shape: a.reshape(shape))
 # An embedding table [N, E] -> [N + 1, E]: the zoo's extra null label (classifier-free
 # guidance) gets a zero row, so y=None adds nothing to the timestep embedding.
 WITH_NULL_LABEL = Layout(
     lambda s: (s[0] - 1, s[1]),
     lambda a, shape: np.concatenate([a, np.zeros((1, shape[1]), a.dtype)]))
-
-
-def dense(in_dims: int = 1, trailing: int = 0) -> Layout:
-  """torch weight [out, in, 1 x trailing] -> Flax kernel [*in_shape, *out_shape].
-
-  The Flax kernel's first `in_dims` axes are its inputs: 1 for Dense and the
-  query/key/value projections ([C, heads, head_channels]), 2 for the attention
-  output ([heads, head_channels, C]). `trailing` counts the unit axes of a 1x1
-  Conv1d (1) or Conv2d (2) used as a linear map.
-  """
-  def source_shape(shape: Shape) -> Shape:
-    return (math.prod(shape[in_dims:]), math.prod(shape[:in_dims])) + (1,) * trailing
-
-  return Layout(source_shape, lambda a, shape: a.reshape(a.shape[0], -1).T.reshape(shape))
 
 
 def qkv_part(part: int, legacy: bool) -> Layout:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from diffusion_jax import weightfiles
+from diffusion_jax import torch_layouts, weightfiles
 from diffusion_jax.convert import mapping
 from diffusion_jax.convert.converted import (Converted, build_params, check_bounds, check_unet,
                                              resolutions, typed_flags)
@@ -193,8 +193,8 @@ def _attention(target: str, source: str, new_order: bool) -> Rules:
     rules[(target, "attn", name, "kernel")] = (f"{source}.qkv.weight", layout)
     rules[(target, "attn", name, "bias")] = (f"{source}.qkv.bias", layout)
   rules[(target, "attn", "out", "kernel")] = (f"{source}.proj_out.weight",
-                                              mapping.dense(2, trailing=1))
-  rules[(target, "attn", "out", "bias")] = (f"{source}.proj_out.bias", mapping.SAME)
+                                              torch_layouts.dense(2, trailing=1))
+  rules[(target, "attn", "out", "bias")] = (f"{source}.proj_out.bias", torch_layouts.SAME)
   return rules
 
 

@@ -49,7 +49,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import parallel, weightfiles
+from diffusion_jax import parallel, torch_layouts, weightfiles
 
 # The published weights: TF's graph ported to PyTorch by pytorch-fid; torch-fidelity
 # serves the same file under another name. Both names carry torch.hub's hash prefix:
@@ -311,14 +311,10 @@ _TORCH_LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weigh
 _IGNORED_SUFFIX = ".num_batches_tracked"  # BatchNorm's training counter
 
 
-def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Our shape in torch's layout: conv kernels HWIO -> OIHW, the fc kernel [in, out] -> [out, in]."""
-  return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape[::-1])
-
-
-def _from_torch(value: np.ndarray) -> np.ndarray:
-  """A torch array in our layout: conv kernels OIHW -> HWIO, fc.weight [out, in] -> [in, out]."""
-  return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+def _layout(shape: tuple[int, ...]) -> torch_layouts.Layout:
+  """How the torch tensor of a leaf of `shape` maps: conv kernels OIHW -> HWIO, the fc kernel
+  [out, in] -> [in, out], vectors as they are."""
+  return {4: torch_layouts.CONV, 2: torch_layouts.dense()}.get(len(shape), torch_layouts.SAME)
 
 
 @functools.cache
@@ -345,8 +341,9 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
     ValueError: naming every missing key, every unexpected key and every key
       whose shape differs from the network's (expected vs got).
   """
-  expected = {_torch_key(path): (path, _torch_shape(leaf.shape))
-              for path, leaf in _abstract_variables().items()}
+  variables = _abstract_variables()
+  expected = {_torch_key(path): (path, _layout(leaf.shape).source_shape(leaf.shape))
+              for path, leaf in variables.items()}
   given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIX)}
   problems = [f"missing key {k}" for k in expected if k not in given]
   problems += [f"unexpected key {k}" for k in given if k not in expected]
@@ -355,9 +352,10 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
                if k in given and tuple(np.shape(given[k])) != shape]
   if problems:
     raise ValueError("The state dict is not the FID Inception's:\n  " + "\n  ".join(problems))
-  return traverse_util.unflatten_dict({
-      path: jnp.asarray(_from_torch(np.asarray(given[key], np.float32)))
-      for key, (path, _) in expected.items()})
+  leaf = lambda key, path: _layout(variables[path].shape).convert(
+      np.asarray(given[key], np.float32), variables[path].shape)
+  return traverse_util.unflatten_dict({path: jnp.asarray(leaf(key, path))
+                                       for key, (path, _) in expected.items()})
 
 
 def load_inception(path: str) -> dict:
