@@ -33,7 +33,7 @@ from absl import app, flags
 
 from benchmarks import peers
 from diffusion_jax import models, parallel
-from diffusion_jax.train import experiment, loop
+from diffusion_jax.train import diffusion_task, loop
 
 _MODEL = flags.DEFINE_string("model", "ddpm_cifar10", "Zoo entry (a UNet).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per step.")
@@ -93,7 +93,7 @@ class Result:
     return min(self.step_times)
 
 
-def ours(exp: experiment.Experiment, mesh, batch_size: int, options: dict):
+def ours(exp: diffusion_task.Experiment, mesh, batch_size: int, options: dict):
   """(run(n) timing n steps into a Result, step FLOPs, compile seconds) for our train step."""
   state, shardings = loop.create_state(exp, mesh, seed=0)
   x_BxHxWxC = np.random.default_rng(0).uniform(-1, 1, (batch_size, *exp.image_shape))
@@ -117,7 +117,7 @@ def ours(exp: experiment.Experiment, mesh, batch_size: int, options: dict):
   return run, result, step.cost_analysis()["flops"], compile_s
 
 
-def theirs(torch, exp: experiment.Experiment, batch_size: int, channels_last: bool):
+def theirs(torch, exp: diffusion_task.Experiment, batch_size: int, channels_last: bool):
   """(run(n), Result) for diffusers' UNet2DModel trained as our step trains ours."""
   height, _, channels = exp.image_shape
   unet = peers.diffusers_unet(exp.model, height, channels).train()
@@ -196,7 +196,7 @@ def main(argv):
   entry = models.lookup(name)
   side = _IMAGE_SIZE.value or entry.input_shape[0]
   batch_size = _BATCH_SIZE.value
-  exp = experiment.build(benchmark_config(name, overrides, (side, side, entry.input_shape[2]), batch_size))
+  exp = diffusion_task.build(benchmark_config(name, overrides, (side, side, entry.input_shape[2]), batch_size))
   run_ours, our, flops, compile_s = ours(exp, mesh, batch_size, options)
   torch, note = peers.import_peer()
   run_theirs, their = None, None

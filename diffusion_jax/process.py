@@ -4,7 +4,7 @@
     schedule = process.schedule(config)          # the betas and their derived terms
     t_net = process.network_timesteps(config, t)  # what the network is fed for t [B]
 
-The diffusion task (train/experiment.py) and the run loader (runs.py) build a
+The diffusion task (train/diffusion_task.py) and the run loader (runs.py) build a
 model's process here, so training, sampling and evaluation read a network alike.
 """
 

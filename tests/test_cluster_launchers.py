@@ -40,7 +40,7 @@ import pytest
 
 from diffusion_jax import files, parallel
 from diffusion_jax import checkpoint
-from diffusion_jax.train import experiment
+from diffusion_jax.train import diffusion_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDINS = os.path.join(REPO, "tests", "standins")
@@ -272,7 +272,7 @@ def _wait_for(text: str, count: int, log_path, process: subprocess.Popen) -> Non
 
 def _final_parameters(workdir: str) -> dict:
   """The step, parameters and EMA parameters of the run's latest checkpoint, on the host."""
-  exp = experiment.build(checkpoint.load_config(workdir))
+  exp = diffusion_task.build(checkpoint.load_config(workdir))
   abstract = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
   fields = {"step": abstract.step, "params": abstract.params, "ema_params": abstract.ema_params}
   replicated = parallel.replicated(parallel.make_mesh())

@@ -296,7 +296,7 @@ def _placeholders(document: pathlib.Path, directory: pathlib.Path) -> dict:
 
   from configs import digits  # noqa: PLC0415
   from diffusion_jax import data, parallel, sampling, schedules  # noqa: PLC0415
-  from diffusion_jax.train import experiment  # noqa: PLC0415
+  from diffusion_jax.train import diffusion_task  # noqa: PLC0415
 
   class TinyEps(nn.Module):
     @nn.compact
@@ -319,7 +319,7 @@ def _placeholders(document: pathlib.Path, directory: pathlib.Path) -> dict:
       cfg=cfg, batch_sharding=parallel.batch_sharding(parallel.make_mesh()))
   text = document.read_text()
   if "manager.save" in text:  # docs/data.md: saving the data iterator beside the state
-    train_state = experiment.build(cfg).init_state(jax.random.PRNGKey(0))
+    train_state = diffusion_task.build(cfg).init_state(jax.random.PRNGKey(0))
     names.update(
         ocp=ocp, grain=grain, step=1, train_state=train_state,
         manager=ocp.CheckpointManager(directory / "checkpoints"),

@@ -20,7 +20,8 @@ import optax
 from diffusion_jax import losses, sampling, schedules
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.models import layers
-from diffusion_jax.train.step import StepFns, TrainState, drop_labels, train_step
+from diffusion_jax.train.diffusion_step import StepFns, drop_labels, train_step
+from diffusion_jax.train.state import TrainState
 
 T = 1000
 SCHEDULE = schedules.get_schedule("linear", T)

@@ -25,8 +25,8 @@ import pytest
 
 from configs import digits
 from diffusion_jax import checkpoint, data, parallel
-from diffusion_jax.train import loop, step, tasks
-from diffusion_jax.train.step import compute_metrics
+from diffusion_jax.train import diffusion_step, loop, tasks
+from diffusion_jax.train.state import compute_metrics
 
 import local_jobs  # tests/local_jobs.py
 import saved_runs  # tests/saved_runs.py
@@ -258,7 +258,7 @@ def test_an_update_to_non_finite_parameters_is_skipped_though_loss_and_gradient_
   fns = dataclasses.replace(exp.step_fns(), tx=optax.sgd(float("nan")))  # NaN updates
   batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
   before = jax.device_get(state)
-  after, step_metrics = jax.jit(functools.partial(step.train_step, fns=fns))(state, batch)
+  after, step_metrics = jax.jit(functools.partial(diffusion_step.train_step, fns=fns))(state, batch)
   after = jax.device_get(after)
   assert int(after.step) == 1
   _assert_equal_states(after.replace(step=before.step), before)

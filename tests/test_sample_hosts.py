@@ -22,7 +22,7 @@ from PIL import Image
 
 from configs import digits
 from diffusion_jax import parallel, runs, sampling
-from diffusion_jax.train import experiment, sample_grids
+from diffusion_jax.train import diffusion_task, sample_grids
 
 import local_jobs  # tests/local_jobs.py
 
@@ -117,7 +117,7 @@ class _ImageWriter:
 def test_training_grid_is_split_over_devices_and_equal_on_any_count(tmp_path):
   config = digits.get_config("cond,smoke")  # class-conditional: grid labels, padded too
   config.train.num_samples = 10  # on 8 devices: 16 drawn, 10 shown
-  exp = experiment.build(config)
+  exp = diffusion_task.build(config)
   abstract = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)  # untrained: any weights do
   ema_params = jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(x.dtype),

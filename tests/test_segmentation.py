@@ -25,7 +25,7 @@ from diffusion_jax.segmentation import experiment as seg_experiment
 from diffusion_jax.segmentation import inference as seg_inference
 from diffusion_jax.segmentation import step as seg_step
 from diffusion_jax.train import loop, optimizer
-from diffusion_jax.train.step import TrainState, compute_metrics, merge_metrics
+from diffusion_jax.train.state import TrainState, compute_metrics, merge_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CPU_OPTIONS = parallel.compiler_options(parallel.make_mesh())  # XLA:CPU compiles RNG faster

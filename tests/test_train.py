@@ -22,8 +22,8 @@ from diffusion_jax import checkpoint, data, losses, parallel, sampling, schedule
 from diffusion_jax.config.optim import OptimConfig
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.train import loop, tasks
-from diffusion_jax.train.step import (StepFns, TrainState, compute_metrics, keep_finite_update,
-                                      train_step)
+from diffusion_jax.train.diffusion_step import StepFns, train_step
+from diffusion_jax.train.state import TrainState, compute_metrics, keep_finite_update
 
 import saved_runs  # tests/saved_runs.py
 

@@ -14,7 +14,7 @@ from configs import cifar10_iddpm, digits
 from configs.eval import digits as eval_digits
 from diffusion_jax import evaluation, models, runs
 from diffusion_jax.segmentation import inference as seg_inference
-from diffusion_jax.train import experiment
+from diffusion_jax.train import diffusion_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,7 @@ def test_rescale_timesteps_reaches_the_network_in_training_and_sampling():
   """Experiment.model_apply is the one door to the network: train steps and apply_fn alike."""
   config = cifar10_iddpm.get_config("smoke")
   config.model = {"name": f"{__name__}:echo_factory", "channels": 6}
-  exp = experiment.build(config)
+  exp = diffusion_task.build(config)
   assert exp.diffusion.rescale_timesteps and exp.diffusion.num_timesteps == 100
   params = {"bias": jnp.zeros(6)}
   x, t = jnp.zeros((2, 16, 16, 3)), jnp.array([0, 99])
@@ -70,7 +70,7 @@ def test_rescale_timesteps_reaches_the_network_in_training_and_sampling():
               fns.apply(params, x, t, None, train=True, rngs={"dropout": jax.random.key(0)})):
     np.testing.assert_allclose(np.asarray(out)[:, 0, 0, 0], [0.0, 990.0])
   config.diffusion.rescale_timesteps = False
-  out = experiment.build(config).apply_fn(params, x, t)
+  out = diffusion_task.build(config).apply_fn(params, x, t)
   np.testing.assert_array_equal(np.asarray(out)[:, 0, 0, 0], [0, 99])
 
 

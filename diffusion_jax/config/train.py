@@ -28,7 +28,7 @@ class TrainConfig:
   model_parallelism: int = 1  # size of the mesh's "model" axis (FSDP); 1 = data parallel
   eval_every: int = 0  # steps between the task's evaluations of the EMA parameters; 0 = none
   grad_accum_steps: int = 1  # microbatches per optimizer step (batch_size / k images each)
-  # A step with a non-finite loss or gradient never changes the state (train/step.py); "stop":
+  # A step with a non-finite loss or gradient never changes the state (train/state.py); "stop":
   # the run then raises naming that step, with no checkpoint saved after it; "skip": it goes on,
   # counting such steps in the metric skipped_steps. See docs/training.md.
   on_nonfinite: str = "stop"

@@ -1,6 +1,6 @@
 """Segmentation with the classic U-Net (Ronneberger et al. 2015): a task of the training loop.
 
-It shares the train state, the optimizer and the finiteness guard of train/step.py with
+It shares the train state, the optimizer and the finiteness guard of train/state.py with
 the diffusion task, and its config sections live in diffusion_jax/config/segmentation.py.
 
   synthetic   touching synthetic cells, offline and seeded

@@ -31,7 +31,7 @@ from diffusion_jax.segmentation import data, metrics, step, tiling
 from diffusion_jax.train import optimizer
 from diffusion_jax.train.run_config import FIXED_BY_RUN
 from diffusion_jax.train.task import Hook
-from diffusion_jax.train.step import TrainState
+from diffusion_jax.train.state import TrainState
 
 PANEL_IMAGES = 4  # held-out images in each image | truth | prediction PNG
 EVAL_CHUNK = 16  # held-out images whose tiles are predicted together

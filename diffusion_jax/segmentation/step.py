@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from clu import metrics
 
-from diffusion_jax.train.step import TrainMetrics, TrainState, apply_gradients, masked_average
+from diffusion_jax.train.state import TrainMetrics, TrainState, apply_gradients, masked_average
 
 
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
@@ -44,7 +44,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: Segmentation
   the batch's pixel accuracy, the gradient norm, the learning rate and
   skipped_steps (a non-finite loss or gradient leaves the state as it was, and
   the step out of the means). The update is the diffusion step's
-  (`train.step.apply_gradients`).
+  (`train.state.apply_gradients`).
   """
   def loss_fn(params):
     logits = fns.apply(params, batch["image"])

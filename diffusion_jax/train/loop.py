@@ -20,7 +20,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 
 from diffusion_jax import checkpoint, data, parallel, summaries
 from diffusion_jax.train import run_config, tasks
-from diffusion_jax.train.step import TrainMetrics, TrainState, compute_metrics, merge_metrics
+from diffusion_jax.train.state import TrainMetrics, TrainState, compute_metrics, merge_metrics
 
 
 def compile_train_step(exp, state_shardings, mesh, compiler_options: dict[str, str] | None = None):

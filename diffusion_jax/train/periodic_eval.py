@@ -22,7 +22,7 @@ from diffusion_jax.config.evaluation import EvalConfig
 from diffusion_jax.evaluation import features, run, scores
 
 if TYPE_CHECKING:
-  from diffusion_jax.train.experiment import Experiment
+  from diffusion_jax.train.diffusion_task import Experiment
 
 
 def make_evaluator(exp: Experiment, mesh, workdir: str) -> Callable[[object, int], dict]:

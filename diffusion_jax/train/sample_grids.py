@@ -16,11 +16,11 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import files, images, parallel, sampling
 from diffusion_jax.train import periodic_eval
-from diffusion_jax.train.step import TrainState
+from diffusion_jax.train.state import TrainState
 from diffusion_jax.train.task import Hook
 
 if TYPE_CHECKING:
-  from diffusion_jax.train.experiment import Experiment
+  from diffusion_jax.train.diffusion_task import Experiment
 
 GRID_MIN_SIZE = 32  # pixels: smaller samples are enlarged in the PNG grids
 

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from diffusion_jax.config.train import TrainConfig
-from diffusion_jax.train.step import TrainState
+from diffusion_jax.train.state import TrainState
 
 if TYPE_CHECKING:  # clu's writers import TensorFlow: seconds, for an annotation
   from clu import metric_writers

@@ -11,11 +11,11 @@ import flax.linen as nn
 import ml_collections
 
 from diffusion_jax.segmentation import experiment as segmentation
-from diffusion_jax.train import experiment as diffusion
+from diffusion_jax.train import diffusion_task
 from diffusion_jax.train.task import Task
 
 TASKS = {  # config.task -> its build(config, model)
-    "diffusion": diffusion.build,
+    "diffusion": diffusion_task.build,
     "segmentation": segmentation.build,
 }
 DEFAULT_TASK = "diffusion"

@@ -26,7 +26,8 @@ from diffusion_jax.configlib import from_mapping
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.train import optimizer, sample_grids
 from diffusion_jax.train.run_config import FIXED_BY_CHECKPOINT, FIXED_BY_RUN
-from diffusion_jax.train.step import StepFns, TrainState, train_step
+from diffusion_jax.train.diffusion_step import StepFns, train_step
+from diffusion_jax.train.state import TrainState
 from diffusion_jax.train.task import Hook
 
 
