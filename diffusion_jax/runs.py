@@ -27,6 +27,7 @@ import numpy as np
 from diffusion_jax import checkpoint, models, parallel, process, sampling
 from diffusion_jax.config.data import DataConfig
 from diffusion_jax.config.diffusion import DiffusionConfig, DiffusionTrainConfig
+from diffusion_jax.config.distill import ProgressiveConfig
 from diffusion_jax.config.train import TrainConfig
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.diffusion import ModelSpec
@@ -148,13 +149,37 @@ def load_ema_for_sampling(workdir: str, step: int | None = None, *,
       an untrusted model factory.
   """
   config = load_run_config(workdir, trust_model_code=trust_model_code)
-  if config.get("task", "diffusion") != "diffusion":
-    raise ValueError(f"{workdir} holds a {config.task} run, not a diffusion model to sample.")
+  task = config.get("task", "diffusion")
+  if task not in SAMPLED_TASKS:
+    raise ValueError(f"{workdir} holds a {task} run, not a diffusion model to sample.")
   model = models.get_model(dict(config.model))
   inputs = example_inputs(model, image_shape(DataConfig.from_mapping(config.data)))
   abstract = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
   params, step = restore_ema(workdir, abstract, step)
-  return ema_model(config, params, step, model)
+  loaded = ema_model(config, params, step, model)
+  if task == "progressive":
+    distill = from_mapping(ProgressiveConfig, config.distill, "distill")
+    return on_grid(loaded, f"trailing{distill.student_steps(step)}")
+  return loaded
+
+
+SAMPLED_TASKS = ("diffusion", "progressive")  # tasks whose runs are diffusion models
+
+
+def on_grid(model: EmaModel, timesteps: str) -> EmaModel:
+  """`model` as a diffusion model of the K steps `timesteps` names (a `schedules.respace` spec).
+
+  A progressive distillation student was trained on the K-step grid of its
+  checkpoint's round ("trailingK"): as a K-step model, `--sampler=ddim
+  --steps=K` (or all its steps) visits exactly that grid.
+  """
+  steps = sampling.respaced(model.schedule, timesteps)
+  apply_fn = model.apply_fn
+
+  def apply_on_grid(params, x_t, t, y=None):
+    return apply_fn(params, x_t, steps.timesteps[t], y)
+
+  return dataclasses.replace(model, apply_fn=apply_on_grid, schedule=steps.schedule)
 
 
 def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: int,

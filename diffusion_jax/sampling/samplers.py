@@ -56,7 +56,7 @@ def ddpm_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | Samplin
                    trajectory_every=trajectory_every)
 
 
-def _ddim_update(x, x0, level_from, level_to, noise_scale=0.0, noise=0.0):
+def ddim_update(x, x0, level_from, level_to, noise_scale=0.0, noise=0.0):
   """Song et al. 2021 eq. 12 from x = alpha_s x_0 + sigma_s eps to noise level (alpha_r, sigma_r).
 
   x_r = alpha_r x0 + sqrt(sigma_r^2 - noise_scale^2) eps + noise_scale z, with
@@ -85,7 +85,7 @@ def ddim_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | Samplin
   def step(x, i, key, state):
     x0 = predict_x0(model_fn, spec, steps, x, i)
     noise = jax.random.normal(key, x.shape, x.dtype)
-    x_prev = _ddim_update(x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i], sigma[i]),
+    x_prev = ddim_update(x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i], sigma[i]),
                           noise_scales[i], noise)
     return x_prev, x0, state
 
@@ -108,7 +108,7 @@ def ddim_invert(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | Samplin
   def step(x, i, key, state):
     del key
     x0 = predict_x0(model_fn, spec, steps, x, i)
-    x_next = _ddim_update(x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i + 2], sigma[i + 2]))
+    x_next = ddim_update(x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i + 2], sigma[i + 2]))
     return x_next, x0, state
 
   indices = jnp.arange(steps.num_steps - 1, dtype=jnp.int32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import ml_collections
 
+from diffusion_jax.distill import experiment as distill
 from diffusion_jax.segmentation import experiment as segmentation
 from diffusion_jax.train import experiment as diffusion
 from diffusion_jax.train.task import Task
@@ -17,6 +18,7 @@ from diffusion_jax.train.task import Task
 TASKS = {  # config.task -> its build(config, model)
     "diffusion": diffusion.build,
     "segmentation": segmentation.build,
+    "progressive": distill.build,
 }
 DEFAULT_TASK = "diffusion"
 

@@ -1,0 +1,6 @@
+"""Distillation tasks: a frozen teacher run trains a student that samples in few steps.
+
+progressive.py  Salimans & Ho 2022: the student's one DDIM step matches two of the teacher's
+experiment.py   the task (`task = "progressive"`): teacher, student, rounds, the train step
+teacher.py      the teacher read from its workdir, checked against the student's config
+"""
