@@ -58,10 +58,12 @@ def example_inputs(model: nn.Module, image_shape: tuple[int, int, int]):
 def diffusion_apply_fn(model: nn.Module, diffusion: DiffusionConfig) -> ApplyFn:
   """(params, x_t [B, H, W, C], t [B], y [B] | None) -> the network's output, as samplers call it.
 
-  The network is fed `process.network_timesteps(diffusion, t)`, as in training.
+  The network is fed `process.network_timesteps(diffusion, t)`, as in training;
+  keyword arguments (train, rngs) go to model.apply.
   """
-  def apply_fn(params, x_t, t, y=None):
-    return model.apply({"params": params}, x_t, process.network_timesteps(diffusion, t), y)
+  def apply_fn(params, x_t, t, y=None, **kwargs):
+    return model.apply({"params": params}, x_t, process.network_timesteps(diffusion, t), y,
+                       **kwargs)
 
   return apply_fn
 
@@ -163,7 +165,7 @@ def load_ema_for_sampling(workdir: str, step: int | None = None, *,
   return loaded
 
 
-SAMPLED_TASKS = ("diffusion", "progressive")  # tasks whose runs are diffusion models
+SAMPLED_TASKS = ("diffusion", "progressive", "consistency")  # tasks whose runs are diffusion models
 
 
 def on_grid(model: EmaModel, timesteps: str) -> EmaModel:

@@ -1,11 +1,13 @@
-"""The distillation tasks' sections (`task = "progressive"`), and their `complete_config`.
+"""The few-step tasks' sections (`task = "progressive"` or "consistency"), and `complete_config`.
 
 A distillation run trains a student diffusion model from a frozen teacher, a
-finished run in another workdir. Its config holds the diffusion sections of
-the student (`data`, `model`, `diffusion`: the teacher's, but for the
-student's parameterisation), the loop's `train`, `optim`, and `distill`:
+finished run in another workdir (consistency training, iCT, needs none). Its
+config holds the diffusion sections of the student (`data`, `model`,
+`diffusion`: the teacher's, but for the student's parameterisation), the
+loop's `train`, `optim`, and `distill`:
 
   distill   ProgressiveConfig: the teacher's workdir and the rounds that halve the steps
+            ConsistencyConfig: CD's teacher and target network, or iCT's curriculum; the metric
 
 The student's workdir is then a diffusion run of its own: launch.sample reads
 it (runs.load_ema_for_sampling) at the steps its checkpoint was distilled to.
@@ -68,11 +70,57 @@ class ProgressiveConfig:
     return self.start_steps >> (self.round_of(step) + 1)
 
 
-TASKS = ("progressive",)  # config.task of a distillation run
+CONSISTENCY_METHODS = ("cd", "ict")
+CONSISTENCY_METRICS = ("pseudo_huber", "l2")  # consistency.METRICS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConsistencyConfig:
+  """Consistency distillation (CD, Song et al. 2023) or improved consistency training (iCT).
+
+  Both train f(x, sigma) (consistency.py; the student's diffusion.parameterization
+  must be "consistency") on adjacent levels sigma_n < sigma_{n+1} of the Karras
+  discretisation of [0.002, 80] (rho 7). CD: N = `num_scales` levels, n uniform,
+  x_n one Heun step of the teacher's ODE from x_{n+1}, the target network an EMA
+  of the student at rate `target_ema`, unit weights. iCT: no teacher, x_n and
+  x_{n+1} share the noise, N(k) doubles from scales_start + 1 to scales_end + 1
+  (iCT eq. 5), n drawn lognormally (diffusion.p_mean, p_std: iCT uses -1.1, 2.0),
+  the target the student itself without gradient, weights 1 / (sigma_{n+1} - sigma_n).
+  """
+
+  method: str = "ict"  # "cd" or "ict"
+  teacher_workdir: str = ""  # "cd": a finished diffusion run (EDM's or a DDPM's)
+  num_scales: int = 18  # "cd": N (CM's CIFAR-10 setting)
+  target_ema: float = 0.95  # "cd": mu of the target network (CM's CIFAR-10 CD setting)
+  scales_start: int = 10  # "ict": s_0
+  scales_end: int = 1280  # "ict": s_1
+  metric: str = "pseudo_huber"  # "pseudo_huber" (iCT) or "l2"; LPIPS is not offered
+  huber_scale: float = 0.00054  # pseudo-Huber c = huber_scale sqrt(H W C) (iCT sec. 3.3)
+
+  def __post_init__(self):
+    configlib.check_ranges(self, "distill", {
+        "num_scales": configlib.Range(2), "target_ema": configlib.DECAY,
+        "scales_start": configlib.AT_LEAST_ONE, "scales_end": configlib.AT_LEAST_ONE,
+        "huber_scale": configlib.POSITIVE})
+    diffusion.check_name(self.method, CONSISTENCY_METHODS, "distill.method")
+    diffusion.check_name(self.metric, CONSISTENCY_METRICS, "distill.metric")
+    if self.method == "ict" and self.scales_end < self.scales_start:
+      raise ValueError(f"distill.scales_end={self.scales_end} must be >= scales_start="
+                       f"{self.scales_start}.")
+
+  @property
+  def max_scales(self) -> int:
+    """The most levels N any step uses: CD's N, or iCT's s_1 + 1."""
+    return self.num_scales if self.method == "cd" else self.scales_end + 1
+
+
 SECTIONS = ("seed", "task", "data", "model", "diffusion", "optim", "train", "distill")
-# The dataclass of each section but model (the zoo's) and the scalars.
-SECTION_CLASSES = {"data": DataConfig, "diffusion": DiffusionConfig, "optim": OptimConfig,
-                   "train": TrainConfig, "distill": ProgressiveConfig}
+_STUDENT_SECTIONS = {"data": DataConfig, "diffusion": DiffusionConfig, "optim": OptimConfig,
+                     "train": TrainConfig}
+# config.task -> the dataclass of each section but model (the zoo's) and the scalars.
+SECTION_CLASSES = {"progressive": {**_STUDENT_SECTIONS, "distill": ProgressiveConfig},
+                   "consistency": {**_STUDENT_SECTIONS, "distill": ConsistencyConfig}}
+TASKS = tuple(SECTION_CLASSES)
 
 
 def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -80,8 +128,8 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
   The data, model and diffusion sections are completed as a diffusion run's
   (they describe the student, a diffusion model); `train` is the loop's alone
-  (no sample grids); `distill` is `ProgressiveConfig`. A key no section knows
-  is a ValueError naming it.
+  (no sample grids); `distill` is the task's (`SECTION_CLASSES`). A key no
+  section knows is a ValueError naming it.
   """
   configlib.check_known(config, SECTIONS, "config")
   student = ml_collections.ConfigDict({key: config[key] for key in config
@@ -91,7 +139,7 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   complete.task = config.get("task", TASKS[0])
   diffusion.check_name(complete.task, TASKS, "task")
   for name in ("optim", "train", "distill"):
-    cls = SECTION_CLASSES[name]
+    cls = SECTION_CLASSES[complete.task][name]
     complete[name] = configlib.section(cls, config.get(name), name=name)
     configlib.from_mapping(cls, complete[name], name)  # checks its values; `build` again after
   return complete

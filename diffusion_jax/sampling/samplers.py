@@ -1,4 +1,5 @@
-"""Reverse-process samplers: ancestral DDPM, DDIM and its inversion, DPM-Solver++(2M/3M), EDM.
+"""Reverse-process samplers: ancestral DDPM, DDIM and its inversion, DPM-Solver++(2M/3M), EDM,
+consistency models.
 
 Each is a pure function compiled as one `lax.scan` (see `loop.run_steps`):
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from diffusion_jax import diffusion
 from diffusion_jax.diffusion import ModelSpec
+from diffusion_jax.sampling.consistency_sampler import consistency_model_sample
 from diffusion_jax.sampling.edm_sampler import edm_heun_sample
 from diffusion_jax.sampling.loop import (ModelFn, SamplingSchedule, as_sampling_schedule,
                                          initial_noise, noise_levels, predict_x0, run_steps)
@@ -206,11 +208,11 @@ def dpm_solver_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | S
 
 
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm_solver": dpm_solver_sample,
-            "edm_heun": edm_heun_sample}
+            "edm_heun": edm_heun_sample, "consistency": consistency_model_sample}
 
 
 def get_sampler(name: str):
-  """The sampler called `name`: "ddpm", "ddim", "dpm_solver" or "edm_heun"."""
+  """The sampler called `name`: "ddpm", "ddim", "dpm_solver", "edm_heun" or "consistency"."""
   if name not in SAMPLERS:
     raise ValueError(f"Unknown sampler {name!r}; known: {sorted(SAMPLERS)}.")
   return SAMPLERS[name]

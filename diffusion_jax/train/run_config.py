@@ -69,7 +69,7 @@ FIXED_WHEN = {
 # Each task's sections whose defaults are a dataclass's (the model's come from the zoo).
 SECTION_DATACLASSES = {"diffusion": diffusion.SECTION_CLASSES,
                        "segmentation": segmentation.SECTION_CLASSES,
-                       "progressive": distill.SECTION_CLASSES}
+                       **distill.SECTION_CLASSES}
 
 UNSET = "(unset)"  # the value of a field present in one config only, without a known default
 

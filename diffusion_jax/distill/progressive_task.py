@@ -156,7 +156,7 @@ class ProgressiveExperiment:
   def step_fns(self) -> ProgressiveFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
     return ProgressiveFns(
-        apply=functools.partial(_apply, self.model, self.diffusion), tx=tx,
+        apply=runs.diffusion_apply_fn(self.model, self.diffusion), tx=tx,
         lr_schedule=lr_schedule, ema_decay=self.train.ema_decay, teacher_spec=self.teacher.spec,
         student_spec=process.model_spec(self.diffusion),
         steps=progressive.grid(self.teacher.schedule, self.distill.start_steps),
@@ -182,11 +182,6 @@ class ProgressiveExperiment:
     return []
 
 
-def _apply(model: nn.Module, config: DiffusionConfig, params, x_t, t, y=None, **kwargs):
-  """model.apply on diffusion timesteps t [B], fed as the teacher was (`process.network_timesteps`)."""
-  return model.apply({"params": params}, x_t, process.network_timesteps(config, t), y, **kwargs)
-
-
 def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
           ) -> ProgressiveExperiment:
   """Checks a progressive distillation config, loads its teacher and builds the student's parts.
@@ -203,7 +198,7 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
   if train_config.grad_accum_steps != 1:
     raise ValueError("train.grad_accum_steps must be 1 for progressive distillation, got"
                      f" {train_config.grad_accum_steps}.")
-  frozen = teacher.load(distill.teacher_workdir, config)
+  frozen = teacher.load(distill.teacher_workdir, config, teacher.PROGRESSIVE_SHARED_KEYS)
   if distill.start_steps > frozen.schedule.num_timesteps:
     raise ValueError(f"distill.start_steps={distill.start_steps} is more than the teacher's"
                      f" {frozen.schedule.num_timesteps} timesteps.")
