@@ -1,4 +1,4 @@
-"""Consistency distillation (Song et al., ICML 2023) of configs/cifar10_edm.py's run: 1-step FID 3.55 (paper, LPIPS).
+"""Consistency distillation (Song et al., ICML 2023) of a cifar10_edm run: 1-step FID 3.55 (paper).
 
     python -m launch.train --config=configs/cifar10_cd.py --workdir=$WORKDIR \
         --config.distill.teacher_workdir=$EDM_TEACHER

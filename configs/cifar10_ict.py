@@ -1,4 +1,4 @@
-"""Improved consistency training (Song & Dhariwal, ICLR 2024), CIFAR-10: FID 2.51 at 1 step, 2.24 at 2 (paper).
+"""Improved consistency training (Song & Dhariwal 2024), CIFAR-10: FID 2.51 at 1 step, 2.24 at 2.
 
     python -m launch.train --config=configs/cifar10_ict.py --workdir=$WORKDIR
     python -m launch.sample --workdir=$WORKDIR --sampler=consistency --steps=2

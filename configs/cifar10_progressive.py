@@ -1,4 +1,4 @@
-"""Progressive distillation (Salimans & Ho, ICLR 2022) of configs/cifar10_ddpm.py's run: FID ~3 at 4 steps (paper).
+"""Progressive distillation (Salimans & Ho, ICLR 2022) of a cifar10_ddpm run: FID ~3 at 4 steps.
 
     python -m launch.train --config=configs/cifar10_progressive.py \
         --workdir=$WORKDIR --config.distill.teacher_workdir=$TEACHER

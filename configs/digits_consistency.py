@@ -1,6 +1,6 @@
 """Consistency models on the digits: distilled from the digits EDM run (CD), or trained (iCT).
 
-    python -m launch.train --config=configs/digits.py:edm --workdir=workdirs/digits_edm  # CD's teacher
+    python -m launch.train --config=configs/digits.py:edm --workdir=workdirs/digits_edm  # teacher
     python -m launch.train --config=configs/digits_consistency.py:cd \
         --workdir=workdirs/digits_cd
     python -m launch.train --config=configs/digits_consistency.py:ict \

@@ -1,6 +1,6 @@
 """Consistency models: the boundary condition, the discretisation and its curriculum, iCT's level
 distribution and metric against closed forms; sampling and CD's ODE step on Gaussian data's exact
-functions; CD and iCT trained through the loop, resumed, and sampled with `--sampler=consistency`."""
+functions; CD and iCT trained through the loop, resumed, sampled with `--sampler=consistency`."""
 
 import math
 
@@ -97,7 +97,8 @@ def test_cds_heun_step_on_the_exact_teacher_keeps_the_exact_function_consistent(
     n = jnp.full((8,), num_scales // 2)
     x_next = MU + (x - MU) * sigmas[n + 1] / 3.0  # a point at sigma_{n+1}
     x_cur = consistency.heun_step(denoise, x_next, sigmas[n + 1], sigmas[n])
-    errors.append(float(jnp.max(jnp.abs(_exact_f(x_cur, sigmas[n]) - _exact_f(x_next, sigmas[n + 1])))))
+    drift = _exact_f(x_cur, sigmas[n]) - _exact_f(x_next, sigmas[n + 1])
+    errors.append(float(jnp.max(jnp.abs(drift))))
   assert errors[0] < 2e-3 and errors[1] < errors[0] / 16  # measured 1.2e-3, 3.1e-5
 
 

@@ -27,7 +27,8 @@ def test_the_target_is_the_x0_whose_one_ddim_step_lands_on_two_exact_teacher_ste
   z = np.random.default_rng(0).normal(size=(3, 2, 2, 1))
 
   def x0_fn(x, index):  # the exact teacher, at grid point index + 1
-    return _exact_x0(alpha[index + 1][:, None, None, None], sigma[index + 1][:, None, None, None], x)
+    level = lambda values: values[index + 1][:, None, None, None]
+    return _exact_x0(level(alpha), level(sigma), x)
 
   target = progressive.two_step_target(
       x0_fn, steps, jnp.asarray(z, jnp.float32), jnp.full((3,), point), jnp.full((3,), stride))
@@ -48,7 +49,8 @@ def test_trailing_grids_halve_by_keeping_every_other_timestep():
   fine = schedules.space_timesteps(1000, "trailing256")
   assert fine[-1] == 999 and fine[0] == 3 and len(set(fine)) == 256
   for count in (128, 64, 8, 2, 1):
-    assert schedules.space_timesteps(1000, f"trailing{count}") == fine[256 // count - 1::256 // count]
+    stride = 256 // count
+    assert schedules.space_timesteps(1000, f"trailing{count}") == fine[stride - 1::stride]
   assert schedules.space_timesteps(1000, "trailing1") == [999]
 
 

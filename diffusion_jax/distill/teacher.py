@@ -49,7 +49,7 @@ def check_student_fits(teacher: ml_collections.ConfigDict, student: ml_collectio
 
 
 def _plain(section: ml_collections.ConfigDict) -> dict:
-  """The section as config.json holds it (tuples as lists), to compare a saved one with a new one."""
+  """The section as config.json holds it (tuples as lists): a saved one compares with a new one."""
   return json.loads(section.to_json_best_effort())
 
 

@@ -1,6 +1,6 @@
 """Multistep consistency sampling (Song et al. 2023, Algorithm 1) of a consistency model.
 
-    f = sampling.denoisers.from_edm(net_fn, spec)  # spec.edm: consistency.ConsistencyPreconditioning
+    f = sampling.denoisers.from_edm(net_fn, spec)  # spec.edm: a ConsistencyPreconditioning
     images = sampling.consistency_sample(f, key, (16, 32, 32, 3), num_steps=2)
 
 One `lax.scan` (`loop.run_steps`) over the levels; each step is one call of f.
