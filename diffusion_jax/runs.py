@@ -137,13 +137,18 @@ def load_run_config(workdir: str, *, trust_model_code: bool = False) -> ml_colle
   return config
 
 
+SAMPLED_TASKS = ("diffusion", "progressive", "consistency")  # tasks whose runs are diffusion models
+
+
 def load_ema_for_sampling(workdir: str, step: int | None = None, *,
                           trust_model_code: bool = False) -> EmaModel:
   """The EMA parameters of a run's latest checkpoint (or `step`), replicated over all devices.
 
   Reads only the EMA parameters and the step, never the optimizer state. A
   model factory named in the workdir's config.json is imported only with
-  `trust_model_code` (see `load_run_config`).
+  `trust_model_code` (see `load_run_config`). A run of a few-step task
+  (SAMPLED_TASKS) is a diffusion model too: a progressive distillation
+  student comes back as the K-step model of its checkpoint's round (`on_grid`).
 
   Raises:
     FileNotFoundError: the workdir has no config.json or no checkpoint.
@@ -163,9 +168,6 @@ def load_ema_for_sampling(workdir: str, step: int | None = None, *,
     distill = from_mapping(ProgressiveConfig, config.distill, "distill")
     return on_grid(loaded, f"trailing{distill.student_steps(step)}")
   return loaded
-
-
-SAMPLED_TASKS = ("diffusion", "progressive", "consistency")  # tasks whose runs are diffusion models
 
 
 def on_grid(model: EmaModel, timesteps: str) -> EmaModel:
