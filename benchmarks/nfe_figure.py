@@ -11,6 +11,8 @@ row per NFE, one column per run and sampler setting) of the first Fréchet
 distance the reports hold (fid or fd_digits), and draws every run's curves in
 one figure: a line per sampler setting, solid for the first report, dashed for
 the second, and so on; the real-data floor, where reported, as a grey line.
+Reports joined by commas are one run (docs/distillation.md: a progressive
+run's students, one report per checkpoint).
 """
 
 import json
@@ -50,14 +52,24 @@ def _table(curves: dict[str, dict[int, float]]) -> str:
   return "\n".join(lines)
 
 
+def _read(argument: str) -> dict:
+  """The report at `argument`, or several comma-separated ones as one: their runs together.
+
+  A progressive distillation run is evaluated a checkpoint (a student) at a
+  time, one report each; joined, its students make one curve.
+  """
+  reports = []
+  for path in argument.split(","):
+    with open(path) as f:
+      reports.append(json.load(f))
+  return {**reports[0], "runs": [run for report in reports for run in report["runs"]]}
+
+
 def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError("Pass the report.json files to draw.")
-  reports = []
-  for path in paths:
-    with open(path) as f:
-      reports.append(json.load(f))
+  reports = [_read(argument) for argument in paths]
   labels = _LABELS.value or [report["workdir"].rstrip("/").rsplit("/", 1)[-1]
                              for report in reports]
   if len(labels) != len(reports):

@@ -78,7 +78,8 @@ def main(argv):
         f"{jax.devices()[0].platform}: {forward * 1e3:.1f} ms per forward pass")
   header = f"{'sampler':<24}{'compile s':>10}{'images/s':>10}{'s/image':>9}{'ms/call':>9}"
   print(header + f"{'overhead':>10}")
-  runs = [(name, sampling.SamplerConfig(name, _STEPS.value)) for name in sampling.SAMPLERS]
+  runs = [(name, sampling.SamplerConfig(name, _STEPS.value)) for name in sampling.SAMPLERS
+          if name != "consistency"]  # it samples consistency-trained networks only
   if model.num_classes:
     runs.append(("ddim + guidance", sampling.SamplerConfig("ddim", _STEPS.value,
                                                            guidance_scale=1.0)))

@@ -13,16 +13,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import edm, schedules
+from diffusion_jax import consistency, edm, schedules
 from diffusion_jax.config.diffusion import DiffusionConfig
 from diffusion_jax.diffusion import ModelSpec
 
 
 def model_spec(config: DiffusionConfig) -> ModelSpec:
-  """The mean and variance parameterisation, x_0 clipping and EDM preconditioning of `config`."""
+  """The mean and variance parameterisation, x_0 clipping and EDM preconditioning of `config`.
+
+  "consistency" is EDM's with a consistency model's c_skip, c_out (consistency.py).
+  """
   precond = None
-  if config.parameterization == "edm":
-    precond = edm.Preconditioning(config.sigma_data, config.p_mean, config.p_std)
+  if config.parameterization in ("edm", "consistency"):
+    cls = (edm.Preconditioning if config.parameterization == "edm"
+           else consistency.ConsistencyPreconditioning)
+    precond = cls(config.sigma_data, config.p_mean, config.p_std)
   return ModelSpec(config.mean_type, config.var_type, config.clip_x0, edm=precond)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from diffusion_jax import checkpoint, models, parallel, process, sampling
 from diffusion_jax.config.data import DataConfig
 from diffusion_jax.config.diffusion import DiffusionConfig, DiffusionTrainConfig
+from diffusion_jax.config.distill import ProgressiveConfig
 from diffusion_jax.config.train import TrainConfig
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.diffusion import ModelSpec
@@ -57,10 +58,12 @@ def example_inputs(model: nn.Module, image_shape: tuple[int, int, int]):
 def diffusion_apply_fn(model: nn.Module, diffusion: DiffusionConfig) -> ApplyFn:
   """(params, x_t [B, H, W, C], t [B], y [B] | None) -> the network's output, as samplers call it.
 
-  The network is fed `process.network_timesteps(diffusion, t)`, as in training.
+  The network is fed `process.network_timesteps(diffusion, t)`, as in training;
+  keyword arguments (train, rngs) go to model.apply.
   """
-  def apply_fn(params, x_t, t, y=None):
-    return model.apply({"params": params}, x_t, process.network_timesteps(diffusion, t), y)
+  def apply_fn(params, x_t, t, y=None, **kwargs):
+    return model.apply({"params": params}, x_t, process.network_timesteps(diffusion, t), y,
+                       **kwargs)
 
   return apply_fn
 
@@ -134,13 +137,18 @@ def load_run_config(workdir: str, *, trust_model_code: bool = False) -> ml_colle
   return config
 
 
+SAMPLED_TASKS = ("diffusion", "progressive", "consistency")  # tasks whose runs are diffusion models
+
+
 def load_ema_for_sampling(workdir: str, step: int | None = None, *,
                           trust_model_code: bool = False) -> EmaModel:
   """The EMA parameters of a run's latest checkpoint (or `step`), replicated over all devices.
 
   Reads only the EMA parameters and the step, never the optimizer state. A
   model factory named in the workdir's config.json is imported only with
-  `trust_model_code` (see `load_run_config`).
+  `trust_model_code` (see `load_run_config`). A run of a few-step task
+  (SAMPLED_TASKS) is a diffusion model too: a progressive distillation
+  student comes back as the K-step model of its checkpoint's round (`on_grid`).
 
   Raises:
     FileNotFoundError: the workdir has no config.json or no checkpoint.
@@ -148,13 +156,34 @@ def load_ema_for_sampling(workdir: str, step: int | None = None, *,
       an untrusted model factory.
   """
   config = load_run_config(workdir, trust_model_code=trust_model_code)
-  if config.get("task", "diffusion") != "diffusion":
-    raise ValueError(f"{workdir} holds a {config.task} run, not a diffusion model to sample.")
+  task = config.get("task", "diffusion")
+  if task not in SAMPLED_TASKS:
+    raise ValueError(f"{workdir} holds a {task} run, not a diffusion model to sample.")
   model = models.get_model(dict(config.model))
   inputs = example_inputs(model, image_shape(DataConfig.from_mapping(config.data)))
   abstract = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
   params, step = restore_ema(workdir, abstract, step)
-  return ema_model(config, params, step, model)
+  loaded = ema_model(config, params, step, model)
+  if task == "progressive":
+    distill = from_mapping(ProgressiveConfig, config.distill, "distill")
+    return on_grid(loaded, f"trailing{distill.student_steps(step)}")
+  return loaded
+
+
+def on_grid(model: EmaModel, timesteps: str) -> EmaModel:
+  """`model` as a diffusion model of the K steps `timesteps` names (a `schedules.respace` spec).
+
+  A progressive distillation student was trained on the K-step grid of its
+  checkpoint's round ("trailingK"): as a K-step model, `--sampler=ddim
+  --steps=K` (or all its steps) visits exactly that grid.
+  """
+  steps = sampling.respaced(model.schedule, timesteps)
+  apply_fn = model.apply_fn
+
+  def apply_on_grid(params, x_t, t, y=None):
+    return apply_fn(params, x_t, steps.timesteps[t], y)
+
+  return dataclasses.replace(model, apply_fn=apply_on_grid, schedule=steps.schedule)
 
 
 def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: int,

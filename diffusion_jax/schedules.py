@@ -150,6 +150,9 @@ def space_timesteps(num_timesteps: int, spec: str | int | Iterable[int]) -> list
     * an iterable of timesteps to keep, e.g. range(0, 1000, 10);
     * an int N or "N": N steps spread evenly over [0, T-1] (both ends kept);
     * "ddimN": DDIM's stride, every T//N-th step from 0 (Song et al. 2021);
+    * "trailingN": round(j T / N) - 1 for j = 1..N, ending at T - 1 (diffusers'
+      "trailing" spacing); the grid of N/2 is every other step of N's, the
+      nesting progressive distillation's rounds need;
     * "a,b,c": split [0, T) into len sections of near-equal size and take a,
       b, c evenly spaced steps from each (e.g. "10,10,10").
   """
@@ -165,8 +168,14 @@ def space_timesteps(num_timesteps: int, spec: str | int | Iterable[int]) -> list
     if not 1 <= count <= num_timesteps:
       raise ValueError(f"Cannot take {spec!r} from {num_timesteps} steps.")
     return list(range(0, num_timesteps, num_timesteps // count))[:count]
+  if match := re.fullmatch(r"trailing(\d+)", spec):
+    count = int(match.group(1))
+    if not 1 <= count <= num_timesteps:
+      raise ValueError(f"Cannot take {spec!r} from {num_timesteps} steps.")
+    return (np.round(np.arange(1, count + 1) * (num_timesteps / count)).astype(int) - 1).tolist()
   if not re.fullmatch(r"\d+(,\d+)*", spec):
-    raise ValueError(f"Bad timestep spec {spec!r}; expected 'N', 'ddimN' or 'a,b,c'.")
+    raise ValueError(f"Bad timestep spec {spec!r}; expected 'N', 'ddimN', 'trailingN' or"
+                     " 'a,b,c'.")
   counts = [int(c) for c in spec.split(",")]
   sizes = np.full(len(counts), num_timesteps // len(counts))
   sizes[: num_timesteps % len(counts)] += 1

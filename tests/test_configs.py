@@ -23,6 +23,7 @@ from diffusion_jax.config import sampler as sampler_config
 from diffusion_jax.config import segmentation as segmentation_config
 from diffusion_jax.config.data import DataConfig
 from diffusion_jax.config.evaluation import EvalConfig, NllConfig, NllOdeConfig
+from diffusion_jax.train import run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py")
@@ -34,10 +35,8 @@ EVAL_SECTIONS = {"": EvalConfig, "nll": NllConfig, "nll_ode": NllOdeConfig, "dat
 
 
 def _train_sections(config) -> dict:
-  """The sections of a training config: its task's (segmentation's own, or diffusion's)."""
-  if config.get("task") == "segmentation":
-    return segmentation_config.SECTION_CLASSES
-  return diffusion_config.SECTION_CLASSES
+  """The sections of a training config: its task's (diffusion's, segmentation's, ...)."""
+  return run_config.SECTION_DATACLASSES[config.get("task", "diffusion")]
 
 
 def _config_text(path: str) -> str:

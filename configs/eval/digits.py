@@ -17,6 +17,11 @@ DPM-Solver++ (orders 2 and 3) and EDM's Heun (deterministic and with churn),
 on either kind of run:
 
     python -m launch.evaluate --config=configs/eval/digits.py:nfe --workdir=workdirs/digits
+
+`:few` scores a teacher at 1, 2, 4, 8 and 50 steps (DDIM, DPM-Solver++),
+`:distilled` a progressive student at its checkpoint's K steps
+(--config.checkpoint_step picks the round), `:consistency` a consistency
+model at 1, 2 and 4 steps (docs/distillation.md).
 """
 
 import ml_collections
@@ -61,6 +66,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   elif variant == "sweep":  # FID-vs-NFE figure on the digits
     config.samplers = tuple(dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver")
                             for n in (5, 10, 20, 50))
+  elif variant == "few":  # a teacher at the NFE of distilled students (docs/distillation.md)
+    config.metrics = ("fd_digits", "is_digits")
+    config.samplers = tuple(dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver")
+                            for n in (1, 2, 4, 8, 50))
+  elif variant in ("distilled", "consistency"):  # a student of configs/digits_progressive.py
+    config.metrics = ("fd_digits", "is_digits")  # or digits_consistency.py: no DDPM bound
+    config.samplers = ((dict(sampler="ddim"),) if variant == "distilled"  # all its K steps
+                       else tuple(dict(sampler="consistency", steps=n) for n in (1, 2, 4)))
   elif variant in ("edm", "nfe"):  # runs of configs/digits.py:edm have no DDPM bound: no NLL
     config.metrics = ("fd_digits", "is_digits")
     config.samplers = (dict(sampler="edm_heun", steps=18),)  # 35 network calls
@@ -68,5 +81,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       config.samplers = NFE_SWEEP
   elif variant:
     raise ValueError(f"Unknown variant {variant!r} of configs/eval/digits.py; known: 'smoke',"
-                     " 'sweep', 'edm', 'nfe'.")
+                     " 'sweep', 'edm', 'nfe', 'few', 'distilled', 'consistency'.")
   return complete_config(config)  # every other field at its default

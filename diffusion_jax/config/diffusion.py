@@ -26,7 +26,7 @@ VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")  # diffus
 LOSSES = ("simple", "hybrid", "vlb")  # losses.LossType
 TIMESTEP_SAMPLERS = ("loss_aware", "uniform")  # losses.TIMESTEP_SAMPLERS
 LOSS_WEIGHTINGS = ("none", "min_snr")
-PARAMETERIZATIONS = ("ddpm", "edm")
+PARAMETERIZATIONS = ("ddpm", "edm", "consistency")
 EVAL_METRICS = ("fid", "fd_digits")  # train.eval_metric
 DEFAULT_LABEL_DROPOUT = 0.1  # p_uncond; Ho & Salimans 2022 find 0.1 or 0.2 best
 
@@ -54,6 +54,8 @@ class DiffusionConfig:
   # "ddpm": the network reads discrete timesteps t (mean_type, var_type, loss above); "edm":
   # Karras et al. 2022's preconditioning and loss (docs/training.md), the network fed
   # c_noise = ln(sigma) / 4; schedule and num_timesteps then only set the DDIM/DPM-Solver grid.
+  # "consistency": EDM's network as a consistency function f (consistency.py), trained by the
+  # task "consistency" (docs/distillation.md), sampled by the "consistency" sampler.
   parameterization: str = "ddpm"
   sigma_data: float = 0.5  # "edm": the data's standard deviation (EDM Table 1)
   p_mean: float = -1.2  # "edm": training ln(sigma) ~ N(p_mean, p_std^2) (EDM Table 1)
@@ -68,7 +70,7 @@ class DiffusionConfig:
     for key, known in (("loss", LOSSES), ("parameterization", PARAMETERIZATIONS),
                        ("mean_type", MEAN_TYPES), ("var_type", VAR_TYPES)):
       check_name(getattr(self, key), known, f"diffusion.{key}")
-    if self.parameterization == "edm":
+    if self.parameterization != "ddpm":
       self._check_edm_fits()
     check_name(self.loss_weighting, LOSS_WEIGHTINGS, "diffusion.loss_weighting")
     if self.loss_weighting == "min_snr" and self.loss == "vlb":

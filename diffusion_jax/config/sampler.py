@@ -11,7 +11,7 @@ import dataclasses
 
 from diffusion_jax import configlib
 
-SAMPLERS = ("ddim", "ddpm", "dpm_solver", "edm_heun")
+SAMPLERS = ("consistency", "ddim", "ddpm", "dpm_solver", "edm_heun")
 EDM_DEFAULT_STEPS = 18  # EDM's CIFAR-10 setting: 35 network calls
 SPACINGS = ("auto", "log_snr", "time")  # how "dpm_solver" spaces its steps
 # "auto" spaces fewer DPM-Solver++ steps than this uniformly in time, more uniformly in log-SNR.
@@ -29,9 +29,9 @@ def edm_network_calls(num_steps: int) -> int:
 class SamplerConfig:
   """Which sampler to run and how."""
 
-  sampler: str = "ddim"  # "ddpm", "ddim", "dpm_solver" or "edm_heun"
+  sampler: str = "ddim"  # "ddpm", "ddim", "dpm_solver", "edm_heun" or "consistency"
   # Model calls over [0, T-1]; None = all T (see make_batch_sampler). For "edm_heun": EDM's N
-  # noise levels (2N - 1 calls); None = 18.
+  # noise levels (2N - 1 calls); None = 18. For "consistency": its steps; None = 1.
   steps: int | None = None
   eta: float = 0.0  # DDIM's noise scale in [0, 1], 0 = deterministic; "ddim" only
   guidance_scale: float = 0.0  # classifier-free guidance w; 0 = none
@@ -92,9 +92,10 @@ class SamplerConfig:
     return self.spacing == "log_snr" or self.num_steps(num_timesteps) >= TIME_SPACING_BELOW
 
   def num_steps(self, num_timesteps: int) -> int:
-    """The steps the sampler takes: `steps`, or its default (T; EDM's 18 for "edm_heun")."""
-    return self.steps or (EDM_DEFAULT_STEPS if self.sampler == "edm_heun"
-                          else num_timesteps)
+    """The steps the sampler takes: `steps`, or its default (T; EDM's 18 for "edm_heun"; 1 for
+    "consistency")."""
+    defaults = {"edm_heun": EDM_DEFAULT_STEPS, "consistency": 1}
+    return self.steps or defaults.get(self.sampler, num_timesteps)
 
   def nfe(self, num_timesteps: int) -> int:
     """Network evaluations per image (NFE): the steps, 2N - 1 for "edm_heun", x2 with guidance."""

@@ -40,7 +40,8 @@ def make_batch_sampler(config: SamplerConfig, apply_fn: ApplyFn, spec: ModelSpec
   by EDM's eq. 5 in sigma for "edm_heun" (rounded to the timesteps of
   `schedule` for a discrete-time model: `denoisers.from_discrete`). An
   EDM-preconditioned model (spec.edm) runs "edm_heun" on its own sigma, and the
-  others as the x_0-model `denoisers.as_discrete_model` on `schedule`.
+  others as the x_0-model `denoisers.as_discrete_model` on `schedule`; a
+  consistency model runs "consistency" (CM Algorithm 1, `config.steps` calls).
   A class-conditional model (num_classes set) gets `labels` (int [batch_size],
   e.g. `grid_labels`), or uniformly drawn ones when None, guided with label
   num_classes as the null class when guidance_scale > 0.
@@ -80,6 +81,9 @@ def _sampler_call(config: SamplerConfig, spec: ModelSpec, schedule: Schedule, sh
         as_denoiser(model_fn), key, shape, num_steps=config.num_steps(schedule.num_timesteps),
         **churn)
   sampler = get_sampler(config.sampler)
+  if config.sampler == "consistency":
+    return lambda model_fn, key: sampler(model_fn, spec, schedule, key, shape,
+                                         num_steps=config.num_steps(schedule.num_timesteps))
   options = {"ddim": {"eta": config.eta}, "dpm_solver": {"order": config.order}}.get(
       config.sampler, {})
   steps = (logsnr_respaced(schedule, config.steps)

@@ -1,4 +1,5 @@
-"""Reverse-process samplers: ancestral DDPM, DDIM and its inversion, DPM-Solver++(2M/3M), EDM.
+"""Reverse-process samplers: ancestral DDPM, DDIM and its inversion, DPM-Solver++(2M/3M), EDM,
+consistency models.
 
 Each is a pure function compiled as one `lax.scan` (see `loop.run_steps`):
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from diffusion_jax import diffusion
 from diffusion_jax.diffusion import ModelSpec
+from diffusion_jax.sampling.consistency_sampler import consistency_model_sample
 from diffusion_jax.sampling.edm_sampler import edm_heun_sample
 from diffusion_jax.sampling.loop import (ModelFn, SamplingSchedule, as_sampling_schedule,
                                          initial_noise, noise_levels, predict_x0, run_steps)
@@ -56,7 +58,7 @@ def ddpm_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | Samplin
                    trajectory_every=trajectory_every)
 
 
-def _ddim_update(x, x0, level_from, level_to, noise_scale=0.0, noise=0.0):
+def ddim_update(x, x0, level_from, level_to, noise_scale=0.0, noise=0.0):
   """Song et al. 2021 eq. 12 from x = alpha_s x_0 + sigma_s eps to noise level (alpha_r, sigma_r).
 
   x_r = alpha_r x0 + sqrt(sigma_r^2 - noise_scale^2) eps + noise_scale z, with
@@ -85,7 +87,7 @@ def ddim_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | Samplin
   def step(x, i, key, state):
     x0 = predict_x0(model_fn, spec, steps, x, i)
     noise = jax.random.normal(key, x.shape, x.dtype)
-    x_prev = _ddim_update(x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i], sigma[i]),
+    x_prev = ddim_update(x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i], sigma[i]),
                           noise_scales[i], noise)
     return x_prev, x0, state
 
@@ -108,7 +110,7 @@ def ddim_invert(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | Samplin
   def step(x, i, key, state):
     del key
     x0 = predict_x0(model_fn, spec, steps, x, i)
-    x_next = _ddim_update(x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i + 2], sigma[i + 2]))
+    x_next = ddim_update(x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i + 2], sigma[i + 2]))
     return x_next, x0, state
 
   indices = jnp.arange(steps.num_steps - 1, dtype=jnp.int32)
@@ -206,11 +208,11 @@ def dpm_solver_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | S
 
 
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm_solver": dpm_solver_sample,
-            "edm_heun": edm_heun_sample}
+            "edm_heun": edm_heun_sample, "consistency": consistency_model_sample}
 
 
 def get_sampler(name: str):
-  """The sampler called `name`: "ddpm", "ddim", "dpm_solver" or "edm_heun"."""
+  """The sampler called `name`: "ddpm", "ddim", "dpm_solver", "edm_heun" or "consistency"."""
   if name not in SAMPLERS:
     raise ValueError(f"Unknown sampler {name!r}; known: {sorted(SAMPLERS)}.")
   return SAMPLERS[name]

@@ -120,6 +120,9 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> 
   """
   configlib.check_known(config, SECTIONS, "config")
   diffusion_config = from_mapping(DiffusionConfig, config.diffusion, "diffusion")
+  if diffusion_config.parameterization == "consistency":
+    raise ValueError("diffusion.parameterization='consistency' is trained by config.task"
+                     " 'consistency' (docs/distillation.md), not by the diffusion task.")
   data_config = DataConfig.from_mapping(config.data)
   image_shape = runs.image_shape(data_config)
   spec = process.model_spec(diffusion_config)

@@ -36,7 +36,7 @@ import jax
 import ml_collections
 
 from diffusion_jax import checkpoint, configlib, files
-from diffusion_jax.config import diffusion, models, segmentation
+from diffusion_jax.config import diffusion, distill, models, segmentation
 
 HISTORY_FILE = "config_history.jsonl"
 
@@ -68,7 +68,8 @@ FIXED_WHEN = {
 
 # Each task's sections whose defaults are a dataclass's (the model's come from the zoo).
 SECTION_DATACLASSES = {"diffusion": diffusion.SECTION_CLASSES,
-                       "segmentation": segmentation.SECTION_CLASSES}
+                       "segmentation": segmentation.SECTION_CLASSES,
+                       **distill.SECTION_CLASSES}
 
 UNSET = "(unset)"  # the value of a field present in one config only, without a known default
 

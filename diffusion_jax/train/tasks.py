@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import ml_collections
 
+from diffusion_jax.distill import consistency_task, progressive_task
 from diffusion_jax.segmentation import experiment as segmentation
 from diffusion_jax.train import diffusion_task
 from diffusion_jax.train.task import Task
@@ -17,6 +18,8 @@ from diffusion_jax.train.task import Task
 TASKS = {  # config.task -> its build(config, model)
     "diffusion": diffusion_task.build,
     "segmentation": segmentation.build,
+    "progressive": progressive_task.build,
+    "consistency": consistency_task.build,
 }
 DEFAULT_TASK = "diffusion"
 

@@ -1,0 +1,217 @@
+"""The consistency task (`task = "consistency"`): consistency distillation (CD) or iCT.
+
+The student is a consistency function f(x, sigma) (consistency.py): the
+network of an EDM-preconditioned run with CM's boundary coefficients, i.e. a
+run whose diffusion.parameterization is "consistency", sampled by
+`--sampler=consistency --steps=1|2|4`. CD (Song et al. 2023, Algorithm 2)
+starts it from a frozen teacher run and keeps an EMA target network; iCT
+(Song & Dhariwal 2023) trains it from scratch against itself. The TrainState's
+`sampler_state` holds this task's state (`ConsistencyState`), checkpointed
+with the rest; its `ema_params` are the sampling EMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, Callable, ClassVar
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metrics
+
+from diffusion_jax import configlib, consistency, data, edm, models, process, runs
+from diffusion_jax.config.data import DataConfig
+from diffusion_jax.config.diffusion import DiffusionConfig
+from diffusion_jax.config.distill import SECTIONS, ConsistencyConfig
+from diffusion_jax.config.optim import OptimConfig
+from diffusion_jax.config.train import TrainConfig
+from diffusion_jax.configlib import from_mapping
+from diffusion_jax.distill import teacher
+from diffusion_jax.train import optimizer
+from diffusion_jax.train.run_config import FIXED_BY_CHECKPOINT
+from diffusion_jax.train.state import TrainMetrics, TrainState, apply_gradients, masked_average
+from diffusion_jax.train.task import Hook
+
+
+@flax.struct.dataclass
+class ConsistencyState:
+  """The task's part of the TrainState: CD's frozen teacher and target network; () for iCT."""
+
+  teacher_params: Any
+  target_params: Any  # theta^-: an EMA of the student at rate distill.target_ema
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyFns:
+  """The static parts of the consistency train step."""
+
+  apply: Callable[..., jax.Array]  # (params, x_in, c_noise, y, train=, rngs=) -> F
+  precond: consistency.ConsistencyPreconditioning
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  ema_decay: float
+  distill: ConsistencyConfig
+  total_steps: int  # K of iCT's N(k)
+  teacher: runs.EmaModel | None  # CD's teacher (its parameters live in the state)
+  conditional: bool
+
+
+def num_scales(fns: ConsistencyFns, step: jax.Array) -> jax.Array:
+  """N at the step after `step` completed ones: CD's fixed N, or iCT's curriculum N(k)."""
+  if fns.distill.method == "cd":
+    return jnp.asarray(fns.distill.num_scales, jnp.int32)
+  return consistency.ict_num_scales(step, fns.total_steps, fns.distill.scales_start,
+                                    fns.distill.scales_end)
+
+
+def _levels(fns: ConsistencyFns, key: jax.Array, step: jax.Array, batch_size: int):
+  """(sigma_n [B], sigma_{n+1} [B], N []): adjacent levels, n uniform (CD) or lognormal (iCT)."""
+  count = num_scales(fns, step)
+  sigmas = consistency.karras_boundaries(count, fns.distill.max_scales)
+  if fns.distill.method == "cd":
+    n = jax.random.randint(key, (batch_size,), 0, count - 1)
+  else:
+    logits = consistency.lognormal_level_logits(sigmas, count, fns.precond.p_mean,
+                                                fns.precond.p_std)
+    n = jax.random.categorical(key, logits, shape=(batch_size,))
+  return sigmas[n], sigmas[n + 1], count
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyFns
+               ) -> tuple[TrainState, TrainMetrics]:
+  """One consistency step on batch {"image": [B, H, W, C] in [-1, 1], "label": [B]}.
+
+  x_{n+1} = x + sigma_{n+1} z; x_n is one Heun step of the teacher from it (CD),
+  or x + sigma_n z with the same z (iCT); the loss is
+  lambda(sigma_n) d(f_theta(x_{n+1}, sigma_{n+1}), f_theta-(x_n, sigma_n)), d the
+  distill.metric, theta- the target network (CD) or theta without gradient (iCT),
+  lambda 1 (CD) or 1 / (sigma_{n+1} - sigma_n) (iCT). Both calls of f share the
+  dropout mask.
+  """
+  x = batch["image"]
+  labels = batch["label"] if fns.conditional else None
+  level_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+  sigma, sigma_next, count = _levels(fns, level_key, state.step, x.shape[0])
+  z = jax.random.normal(noise_key, x.shape, x.dtype)
+  x_next = x + edm.per_example(sigma_next, x.ndim) * z
+
+  def f(params, x_t, levels):
+    net_fn = lambda x_in, c_noise: fns.apply(params, x_in, c_noise, labels, train=True,
+                                             rngs={"dropout": dropout_key})
+    return fns.precond.denoise(net_fn, x_t, levels)
+
+  if fns.distill.method == "cd":
+    solver = teacher.denoiser(fns.teacher, state.sampler_state.teacher_params, labels)
+    x_cur = consistency.heun_step(solver.denoise, x_next, sigma_next, sigma)
+    target_params, weight = state.sampler_state.target_params, jnp.ones_like(sigma)
+  else:
+    x_cur = x + edm.per_example(sigma, x.ndim) * z
+    target_params, weight = state.params, 1.0 / (sigma_next - sigma)
+  target = jax.lax.stop_gradient(f(target_params, x_cur, sigma))
+  metric = functools.partial(consistency.pseudo_huber, scale=fns.distill.huber_scale) if (
+      fns.distill.metric == "pseudo_huber") else consistency.squared_l2
+
+  def loss_fn(params):
+    distance = metric(f(params, x_next, sigma_next), target)  # [B]
+    return jnp.mean(weight * distance), distance
+
+  (loss, distance), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state, skipped, grad_norm = apply_gradients(state, grads, jnp.isfinite(loss), fns.tx,
+                                                  fns.ema_decay)
+  finite = skipped.count == 0
+  if fns.distill.method == "cd":  # theta- <- mu theta- + (1 - mu) theta, after the update
+    target_params = optax.incremental_update(new_state.params, state.sampler_state.target_params,
+                                             1.0 - fns.distill.target_ema)
+    new_state = new_state.replace(sampler_state=state.sampler_state.replace(
+        target_params=jax.tree.map(lambda new, old: jnp.where(finite, new, old), target_params,
+                                   state.sampler_state.target_params)))
+  return new_state, dict(
+      loss=masked_average(weight * distance, finite), distance=masked_average(distance, finite),
+      grad_norm=masked_average(grad_norm[None], finite),
+      learning_rate=metrics.LastValue(total=fns.lr_schedule(state.step), count=jnp.array(1)),
+      num_scales=metrics.LastValue(total=count.astype(jnp.float32), count=jnp.array(1)),
+      skipped_steps=skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyExperiment:
+  """A consistency config made concrete: the student, CD's teacher, the discretisation."""
+
+  config: ml_collections.ConfigDict
+  model: nn.Module  # F of the consistency function
+  diffusion: DiffusionConfig  # parameterization "consistency": sigma_data, iCT's p_mean, p_std
+  optim: OptimConfig
+  train: TrainConfig
+  data: DataConfig
+  distill: ConsistencyConfig
+  teacher: runs.EmaModel | None  # CD's; None for iCT
+
+  resume_rules: ClassVar[Mapping[str, str]] = {  # this task's rows of run_config's rules
+      "diffusion": FIXED_BY_CHECKPOINT,  # how f reads its network
+      "distill": FIXED_BY_CHECKPOINT,  # the teacher, the method and the state it keeps
+  }
+
+  def step_fns(self) -> ConsistencyFns:
+    tx, lr_schedule = optimizer.make_optimizer(self.optim)
+    return ConsistencyFns(
+        apply=runs.diffusion_apply_fn(self.model, self.diffusion),
+        precond=process.model_spec(self.diffusion).edm, tx=tx, lr_schedule=lr_schedule,
+        ema_decay=self.train.ema_decay, distill=self.distill, total_steps=self.train.num_steps,
+        teacher=self.teacher, conditional=getattr(self.model, "num_classes", None) is not None)
+
+  def train_step_fn(self):
+    """The pure `(state, batch) -> (state, metrics)` the loop jits."""
+    return functools.partial(train_step, fns=self.step_fns())
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    """CD: the student, its target and EMA start as the teacher; iCT: a fresh network."""
+    init_key, state_key = jax.random.split(rng)
+    if self.teacher is not None:
+      params = self.teacher.params
+      task_state = ConsistencyState(teacher_params=params, target_params=params)
+    else:
+      image_shape = runs.image_shape(self.data)
+      params = self.model.init(init_key, *runs.example_inputs(self.model, image_shape))["params"]
+      task_state = ConsistencyState(teacher_params=(), target_params=())
+    return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
+                      opt_state=self.step_fns().tx.init(params), rng=state_key,
+                      sampler_state=task_state)
+
+  def make_train_iterator(self):
+    return data.make_train_iterator(self.data, self.train.batch_size)
+
+  def periodic_hooks(self, mesh, workdir: str) -> list[Hook]:
+    """None: sample the checkpoints with launch.sample --sampler=consistency / launch.evaluate."""
+    del mesh, workdir
+    return []
+
+
+def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
+          ) -> ConsistencyExperiment:
+  """Checks a consistency config, loads CD's teacher, and builds the student's parts.
+
+  `model`, when given, replaces building `config.model` with the zoo.
+  """
+  configlib.check_known(config, SECTIONS, "config")
+  distill = from_mapping(ConsistencyConfig, config.distill, "distill")
+  diffusion = from_mapping(DiffusionConfig, config.diffusion, "diffusion")
+  if diffusion.parameterization != "consistency":
+    raise ValueError(f"diffusion.parameterization={diffusion.parameterization!r}: a consistency"
+                     " run's network is a consistency function; set it to 'consistency'.")
+  train_config = from_mapping(TrainConfig, config.train, "train")
+  if train_config.grad_accum_steps != 1:
+    raise ValueError("train.grad_accum_steps must be 1 for consistency training, got"
+                     f" {train_config.grad_accum_steps}.")
+  frozen = None
+  if distill.method == "cd":
+    frozen = teacher.load(distill.teacher_workdir, config, teacher.CONSISTENCY_SHARED_KEYS)
+  return ConsistencyExperiment(
+      config=config, model=models.get_model(dict(config.model)) if model is None else model,
+      diffusion=diffusion, optim=OptimConfig.from_mapping(config.optim), train=train_config,
+      data=DataConfig.from_mapping(config.data), distill=distill, teacher=frozen)

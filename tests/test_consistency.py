@@ -1,0 +1,181 @@
+"""Consistency models: the boundary condition, the discretisation and its curriculum, iCT's level
+distribution and metric against closed forms; sampling and CD's ODE step on Gaussian data's exact
+functions; CD and iCT trained through the loop, resumed, sampled with `--sampler=consistency`."""
+
+import math
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import consistency, edm
+from diffusion_jax.sampling import denoisers
+from diffusion_jax.sampling.consistency_sampler import consistency_levels, consistency_sample
+
+MU, STD = 0.3, 0.5  # x_0 ~ N(MU, STD^2) in every pixel
+SIGMA_MIN = consistency.SIGMA_MIN
+
+
+def test_the_boundary_condition_holds_for_any_network():
+  precond = consistency.ConsistencyPreconditioning(sigma_data=0.5)
+  c = precond.coefficients(jnp.array([SIGMA_MIN, 1.0, 80.0]))
+  np.testing.assert_allclose(c.c_skip[0], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(c.c_out[0], 0.0, atol=1e-7)
+  np.testing.assert_allclose(c.c_skip[1:], 0.25 / ((np.array([1.0, 80.0]) - SIGMA_MIN)**2 + 0.25),
+                             rtol=1e-5)
+  np.testing.assert_allclose(c.c_out[1:], 0.5 * (np.array([1.0, 80.0]) - SIGMA_MIN)
+                             / np.sqrt(np.array([1.0, 6400.0]) + 0.25), rtol=1e-5)
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+  f = precond.denoise(lambda x_in, c_noise: 7.0 + x_in, x, jnp.full((2,), SIGMA_MIN))
+  np.testing.assert_allclose(f, x, atol=1e-6)
+
+
+def test_the_discretisation_is_edms_in_increasing_order_padded_with_sigma_max():
+  sigmas = consistency.karras_boundaries(18, 20)
+  np.testing.assert_allclose(sigmas[:18], edm.karras_sigmas(18)[::-1], rtol=1e-5)
+  np.testing.assert_allclose([sigmas[0], sigmas[17], sigmas[19]], [0.002, 80.0, 80.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("step, expected", [(0, 11), (49_999, 11), (50_000, 21), (100_000, 41),
+                                            (150_000, 81), (300_000, 641), (350_000, 1281),
+                                            (399_999, 1281)])
+def test_ict_curriculum_doubles_the_levels_every_k_prime_steps(step, expected):
+  # iCT eq. 5 at K = 400k, s0 = 10, s1 = 1280: K' = floor(400k / (log2(128) + 1)) = 50k.
+  assert int(consistency.ict_num_scales(step, 400_000)) == expected
+  assert expected == min(10 * 2 ** (step // 50_000), 1280) + 1
+
+
+def test_ict_levels_follow_the_lognormal_mass_between_adjacent_sigmas():
+  sigmas = consistency.karras_boundaries(11, 16)
+  p = np.exp(consistency.lognormal_level_logits(sigmas, 11, -1.1, 2.0))
+  cdf = [math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0)) for s in np.asarray(sigmas[:11])]
+  expected = np.diff(cdf)
+  np.testing.assert_allclose(p[:10], expected, rtol=1e-4)
+  assert np.all(p[10:] == 0)
+
+
+def test_pseudo_huber_is_its_formula_quadratic_near_zero_and_linear_far():
+  x = jnp.zeros((2, 32, 32, 3))
+  y = x.at[0, 0, 0, 0].set(1e-3).at[1, 0, 0, 0].set(10.0)
+  c = 0.00054 * math.sqrt(32 * 32 * 3)
+  d = consistency.pseudo_huber(x, y)
+  np.testing.assert_allclose(d, [math.sqrt(1e-6 + c**2) - c, math.sqrt(100 + c**2) - c], rtol=1e-5)
+  np.testing.assert_allclose(d[0], 1e-6 / (2 * c), rtol=1e-3)
+  np.testing.assert_allclose(d[1], 10.0 - c, rtol=1e-4)
+
+
+def _exact_f(x, sigma):
+  """The exact consistency function of N(MU, STD^2) data: the PF-ODE of x = y + sigma n is affine,
+  x(s) - MU ∝ sqrt(STD^2 + s^2), so f(x, sigma) = MU + (x - MU) sqrt((STD^2 + s_min^2) / (STD^2 +
+  sigma^2))."""
+  sigma = edm.per_example(sigma, x.ndim)
+  return MU + (x - MU) * jnp.sqrt((STD**2 + SIGMA_MIN**2) / (STD**2 + sigma**2))
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_sampling_the_exact_consistency_function_gives_the_data_distribution(num_steps):
+  f = denoisers.Denoiser(_exact_f, SIGMA_MIN, 80.0)
+  samples = consistency_sample(f, jax.random.key(1), (4096, 4, 4, 1), num_steps=num_steps)
+  assert abs(float(samples.mean()) - MU) < 0.01
+  assert abs(float(samples.std()) - math.sqrt(STD**2 + SIGMA_MIN**2)) < 0.01
+  assert np.asarray(consistency_levels(num_steps))[0] == pytest.approx(80.0)
+
+
+def test_cds_heun_step_on_the_exact_teacher_keeps_the_exact_function_consistent():
+  """Along the teacher's ODE the exact f is constant: f(x_n, sigma_n) = f(x_{n+1}, sigma_{n+1}),
+  up to Heun's local error, which falls with the step (third order)."""
+  def denoise(x, sigma):  # E[y | x] for y ~ N(MU, STD^2), x = y + sigma n
+    sigma = edm.per_example(sigma, x.ndim)
+    return MU + STD**2 / (STD**2 + sigma**2) * (x - MU)
+
+  x = MU + 3.0 * jax.random.normal(jax.random.key(0), (8, 2, 2, 1))
+  errors = []
+  for num_scales in (18, 72):
+    sigmas = consistency.karras_boundaries(num_scales, num_scales)
+    n = jnp.full((8,), num_scales // 2)
+    x_next = MU + (x - MU) * sigmas[n + 1] / 3.0  # a point at sigma_{n+1}
+    x_cur = consistency.heun_step(denoise, x_next, sigmas[n + 1], sigmas[n])
+    drift = _exact_f(x_cur, sigmas[n]) - _exact_f(x_next, sigmas[n + 1])
+    errors.append(float(jnp.max(jnp.abs(drift))))
+  assert errors[0] < 2e-3 and errors[1] < errors[0] / 16  # measured 1.2e-3, 3.1e-5
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+@pytest.fixture(scope="module")
+def edm_teacher(tmp_path_factory) -> str:
+  """The workdir of a finished configs/digits.py:edm,smoke run (4 steps): CD's teacher."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("digits_edm"))
+  loop.train_and_evaluate(digits.get_config("edm,smoke"), workdir)
+  return workdir
+
+
+def _config(method, teacher="", **train):
+  from configs import digits_consistency  # pylint: disable=g-import-not-at-top
+  config = digits_consistency.get_config(f"{method},smoke")
+  config.distill.teacher_workdir = teacher
+  config.train.update(train)
+  return config
+
+
+@pytest.fixture(scope="module")
+def cd_run(edm_teacher, tmp_path_factory):
+  from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("cd"))
+  return workdir, loop.train_and_evaluate(_config("cd", edm_teacher), workdir)
+
+
+def _leaves_equal(a, b) -> bool:
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _samples(workdir, steps):
+  from diffusion_jax import runs, sampling  # pylint: disable=g-import-not-at-top
+  model = runs.load_ema_for_sampling(workdir)
+  draw = sampling.make_batch_sampler(sampling.SamplerConfig("consistency", steps), model.apply_fn,
+                                     model.spec, model.schedule, model.image_shape, 4)
+  return draw(model.params, jax.random.key(0))
+
+
+def test_cd_keeps_its_teacher_and_target_and_samples_in_one_or_two_steps(cd_run, edm_teacher):
+  from diffusion_jax import runs  # pylint: disable=g-import-not-at-top
+  workdir, state = cd_run
+  assert _leaves_equal(state.sampler_state.teacher_params,
+                       runs.load_ema_for_sampling(edm_teacher).params)
+  # theta- moved from the teacher towards the student, by 1 - mu = 5% a step.
+  assert not _leaves_equal(state.sampler_state.target_params, state.params)
+  assert not _leaves_equal(state.sampler_state.target_params, state.sampler_state.teacher_params)
+  for steps in (1, 2):
+    images = _samples(workdir, steps)
+    assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(images))
+
+
+def test_cd_resumed_equals_an_unbroken_run(cd_run, edm_teacher, tmp_path):
+  from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(_config("cd", edm_teacher, num_steps=2), workdir)
+  resumed = loop.train_and_evaluate(_config("cd", edm_teacher), workdir)
+  assert _leaves_equal(resumed.params, cd_run[1].params)
+  assert _leaves_equal(resumed.sampler_state, cd_run[1].sampler_state)
+
+
+def test_ict_trains_without_a_teacher_and_samples(tmp_path):
+  from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+  state = loop.train_and_evaluate(_config("ict"), str(tmp_path))
+  assert int(state.step) == 4 and state.sampler_state.teacher_params == ()
+  images = _samples(str(tmp_path), 2)
+  assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(images))
+
+
+def test_the_consistency_sampler_refuses_a_diffusion_model(digits_smoke_run):
+  from diffusion_jax import runs, sampling  # pylint: disable=g-import-not-at-top
+  model = runs.load_ema_for_sampling(digits_smoke_run)
+  with pytest.raises(ValueError, match="needs a consistency model"):
+    sampling.make_batch_sampler(sampling.SamplerConfig("consistency", 1), model.apply_fn,
+                                model.spec, model.schedule, model.image_shape, 4)(
+                                    model.params, jax.random.key(0))
