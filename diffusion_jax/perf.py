@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+from absl import logging
 import jax.numpy as jnp
 
 # Peak dense FLOP/s of one JAX device, by device_kind, for bfloat16 and float32 inputs at JAX's
@@ -177,3 +178,36 @@ class Meter:
                 self.batch_size, self.peak)
     self.last_step, self._start, self._excluded = step, now, 0.0
     return out
+
+
+class StepTrace:
+  """A jax.profiler trace of the steps `first` to `last` into `log_dir` (none when `steps` is None).
+
+  `around(step)` wraps each step's dispatch: it starts the trace before step
+  `first` and annotates each traced step for the profile plugin's step view;
+  `after(step, state)` stops it once step `last` has run, waiting for `state`
+  (the one host sync it adds, at that step only). Closing stops a trace a run
+  ended inside.
+  """
+
+  def __init__(self, steps: tuple[int, int] | None, log_dir: str):
+    self._steps, self._log_dir, self._active = steps, log_dir, False
+
+  def around(self, step: int) -> contextlib.AbstractContextManager:
+    if self._steps is None or not self._steps[0] <= step <= self._steps[1]:
+      return contextlib.nullcontext()
+    if not self._active:
+      jax.profiler.start_trace(self._log_dir, create_perfetto_trace=True)
+      self._active = True
+    return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+  def after(self, step: int, state: Any) -> None:
+    if self._active and step == self._steps[1]:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    if self._active:
+      jax.profiler.stop_trace()
+      self._active = False
+      logging.info("Profiler trace of steps %d-%d written to %s.", *self._steps, self._log_dir)

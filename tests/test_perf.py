@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing import plugin_event_accumulator
 
 from configs import digits
 from diffusion_jax import data, parallel, perf, runs, sampling
+from diffusion_jax.config.train import TrainConfig
 from diffusion_jax.train import loop, tasks
 
 BATCH = 64  # over the 8 fake devices of tests/conftest.py: 8 images each
@@ -127,3 +128,20 @@ def test_sampling_logs_images_per_second(digits_smoke_run, tmp_path, caplog):
   assert "Sampled 2 batches:" in caplog.text and "images/s" in caplog.text
   assert runs.forward_flops(model, 16, 8) == pytest.approx(2 * runs.forward_flops(model, 8, 8),
                                                           rel=1e-3)
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  """train.profile_steps="2" traces step 2 into WORKDIR/profile/ (a 2-step run)."""
+  config = digits.get_config("smoke")
+  config.train.update(num_steps=2, profile_steps="2")
+  loop.train_and_evaluate(config, str(tmp_path))
+  profile = tmp_path / loop.PROFILE_DIR
+  for pattern in ("*.xplane.pb", "perfetto_trace.json.gz"):  # TensorBoard's, Perfetto's
+    (trace,) = profile.rglob(pattern)
+    assert trace.stat().st_size > 0
+
+
+@pytest.mark.parametrize("text", ["2,1", "0", "a,b", "1,2,3"])
+def test_bad_profile_steps_are_named(text):
+  with pytest.raises(ValueError, match="train.profile_steps"):
+    TrainConfig(profile_steps=text)

@@ -19,9 +19,11 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from diffusion_jax import checkpoint, data, parallel, perf, summaries
+from diffusion_jax import checkpoint, data, files, parallel, perf, summaries
 from diffusion_jax.train import run_config, tasks
 from diffusion_jax.train.step import TrainMetrics, TrainState, compute_metrics, merge_metrics
+
+PROFILE_DIR = "profile"  # WORKDIR/profile/: train.profile_steps' trace (perf.StepTrace)
 
 
 def compile_train_step(exp, state_shardings, mesh, compiler_options: dict[str, str] | None = None):
@@ -159,14 +161,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = periodic_actions.ReportProgress(num_train_steps=exp.train.num_steps, writer=writer)
   accumulated, compiled, meter = None, None, None
   stop_on_nonfinite = exp.train.on_nonfinite == "stop"
+  trace = perf.StepTrace(exp.train.profile_range, files.join(workdir, PROFILE_DIR))
   with (checkpoint.PreemptionNotice(initial_step) as preemption, contextlib.closing(checkpointer),
-        contextlib.closing(writer)):
+        contextlib.closing(writer), contextlib.closing(trace)):
     for step in range(initial_step + 1, exp.train.num_steps + 1):
       batch = data.make_global_batch(next(data_iterator), batch_sharding)
       if compiled is None:
         compiled = step_fn.lower(state, batch).compile()
         meter = start_meter(exp, compiled, state, batch, mesh, step - 1)
-      state, step_metrics = compiled(state, batch)
+      with trace.around(step):
+        state, step_metrics = compiled(state, batch)
+      trace.after(step, state)
       accumulated = merge_metrics(accumulated, step_metrics)
       progress(step)
       last = step == exp.train.num_steps
