@@ -44,6 +44,7 @@ _TINY = flags.DEFINE_bool("tiny", False, "CPU-sized networks, batches and steps 
 _OUT = flags.DEFINE_string("out", None, "Write the results to this JSON file too.")
 _STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps per case (after one warm-up).")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 20, "Sampler steps (EDM-Heun: noise levels).")
+_SEARCH_S = flags.DEFINE_float("search_s", 150.0, "Seconds of compiles per largest-batch search.")
 _MEMORY_GIB = flags.DEFINE_float(
     "memory_gib", 0.0, "Per-device memory the largest-batch search fits into; 0: the device's"
     " bytes_limit (16 MiB with --tiny, 16 GiB on a device that reports none).")
@@ -209,21 +210,24 @@ def step_memory(name: str, dtype: str, batch_size: int, remat: bool) -> int:
   return perf.compiled_memory_bytes(compiled)
 
 
-def largest_batch(fits, start: int, granule: int, max_batch: int = 1 << 16) -> int:
-  """A multiple of `granule` for which `fits(batch)`, within 1/8 of the largest; 0 if none fits.
+def largest_batch(fits, start: int, granule: int, deadline: float,
+                  max_batch: int = 1 << 16) -> tuple[int, bool]:
+  """(a multiple of `granule` for which `fits(batch)`, whether the search finished); 0: none fits.
 
   Doubles from `start` until a batch does not fit, then bisects between the
-  last that did and the first that did not, to one granule or an eighth.
+  last that did and the first that did not, to one granule or an eighth. Past
+  `deadline` (time.perf_counter()) it stops with the largest batch found so far.
   """
+  in_time = lambda: time.perf_counter() < deadline
   low, high = 0, start
-  while high <= max_batch and fits(high):
+  while high <= max_batch and in_time() and fits(high):
     low, high = high, 2 * high
-  if low == 0:
-    return 0 if start == granule or not fits(granule) else largest_batch(fits, granule, granule)
-  while high - low > max(granule, low // 8):  # to within 1/8
+  if low == 0 and start > granule and in_time():
+    return largest_batch(fits, granule, granule, deadline, max_batch)
+  while high - low > max(granule, low // 8) and in_time():  # to within 1/8
     middle = (low + high) // 2 // granule * granule
     low, high = (middle, high) if fits(middle) else (low, middle)
-  return low
+  return low, in_time()
 
 
 def batch_search(start: int) -> list[dict]:
@@ -237,9 +241,12 @@ def batch_search(start: int) -> list[dict]:
       tried[batch_size] = step_memory("ddpm_cifar10", "bfloat16", batch_size, remat)
       return tried[batch_size] <= limit
 
-    found, seconds = _timed(lambda: largest_batch(fits, start, granule))  # noqa: B023
+    began = time.perf_counter()
+    found, finished = largest_batch(fits, start, granule, deadline=began + _SEARCH_S.value)
+    seconds = time.perf_counter() - began
     rows.append(dict(kind="largest_batch", name="ddpm_cifar10", dtype="bfloat16", remat=remat,
-                     limit_gib=limit / 2**30, largest_batch=found, search_s=seconds,
+                     limit_gib=limit / 2**30, largest_batch=found, finished=finished,
+                     search_s=seconds,
                      tried_gib={b: m / 2**30 for b, m in sorted(tried.items())}))
   return rows
 
@@ -261,6 +268,7 @@ def print_table(result: dict) -> None:
     if row["kind"] == "largest_batch":
       print(f"largest {row['name']} {row['dtype']} train batch{' with remat' if row['remat'] else ''}"
             f" within {row['limit_gib']:.2f} GiB per device: {row['largest_batch']}"
+            f"{'' if row['finished'] else ' or more (out of time)'}"
             f" ({row['search_s']:.0f} s of compiles)")
   print(f"diffusers: {result['diffusers']}")
 

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-from absl import logging
 import jax.numpy as jnp
+from absl import logging
 
 # Peak dense FLOP/s of one JAX device, by device_kind, for bfloat16 and float32 inputs at JAX's
 # default precision: on a TPU float32 matmuls and convolutions run as one bfloat16 pass (so
