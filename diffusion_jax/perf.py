@@ -146,7 +146,6 @@ def format_rates(values: dict[str, float]) -> str:
   return text + (f", MFU {values['mfu']:.1%}" if "mfu" in values else ", MFU unknown")
 
 
-
 @dataclasses.dataclass
 class Meter:
   """Throughput between reads: the steps and host seconds since the last `read`, less `excluded`.
