@@ -210,26 +210,6 @@ def step_memory(name: str, dtype: str, batch_size: int, remat: bool) -> int:
   return perf.compiled_memory_bytes(compiled)
 
 
-def largest_batch(fits, start: int, granule: int, deadline: float,
-                  max_batch: int = 1 << 16) -> tuple[int, bool]:
-  """(a multiple of `granule` for which `fits(batch)`, whether the search finished); 0: none fits.
-
-  Doubles from `start` until a batch does not fit, then bisects between the
-  last that did and the first that did not, to one granule or an eighth. Past
-  `deadline` (time.perf_counter()) it stops with the largest batch found so far.
-  """
-  in_time = lambda: time.perf_counter() < deadline
-  low, high = 0, start
-  while high <= max_batch and in_time() and fits(high):
-    low, high = high, 2 * high
-  if low == 0 and start > granule and in_time():
-    return largest_batch(fits, granule, granule, deadline, max_batch)
-  while high - low > max(granule, low // 8) and in_time():  # to within 1/8
-    middle = (low + high) // 2 // granule * granule
-    low, high = (middle, high) if fits(middle) else (low, middle)
-  return low, in_time()
-
-
 def batch_search(start: int) -> list[dict]:
   """The largest ddpm_cifar10 bfloat16 train batch that fits, without and with remat."""
   limit, granule = memory_limit(), jax.device_count()
@@ -242,7 +222,7 @@ def batch_search(start: int) -> list[dict]:
       return tried[batch_size] <= limit
 
     began = time.perf_counter()
-    found, finished = largest_batch(fits, start, granule, deadline=began + _SEARCH_S.value)
+    found, finished = perf.largest_batch(fits, start, granule, deadline=began + _SEARCH_S.value)
     seconds = time.perf_counter() - began
     rows.append(dict(kind="largest_batch", name="ddpm_cifar10", dtype="bfloat16", remat=remat,
                      limit_gib=limit / 2**30, largest_batch=found, finished=finished,

@@ -139,6 +139,26 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int:
              - m.alias_size_in_bytes)
 
 
+def largest_batch(fits, start: int, granule: int, deadline: float,
+                  max_batch: int = 1 << 16) -> tuple[int, bool]:
+  """(a multiple of `granule` for which `fits(batch)`, whether the search finished); 0: none fits.
+
+  Doubles from `start` until a batch does not fit, then bisects between the
+  last that did and the first that did not, to one granule or an eighth. Past
+  `deadline` (time.perf_counter()) it stops with the largest batch found so far.
+  """
+  in_time = lambda: time.perf_counter() < deadline
+  low, high = 0, start
+  while high <= max_batch and in_time() and fits(high):
+    low, high = high, 2 * high
+  if low == 0 and start > granule and in_time():
+    return largest_batch(fits, granule, granule, deadline, max_batch)
+  while high - low > max(granule, low // 8) and in_time():  # to within 1/8
+    middle = (low + high) // 2 // granule * granule
+    low, high = (middle, high) if fits(middle) else (low, middle)
+  return low, in_time()
+
+
 def format_rates(values: dict[str, float]) -> str:
   """E.g. "3.1 steps/s, 396 images/s, 12.3 TFLOP/s per device, MFU 41.0%" (no MFU when unknown)."""
   text = (f"{values['steps_per_sec']:.3g} steps/s, {values['images_per_sec']:.4g} images/s,"

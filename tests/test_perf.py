@@ -170,3 +170,16 @@ def test_accelerator_benchmark_tiny_writes_its_table_and_json(tmp_path):
     tried = {int(b): gib for b, gib in row["tried_gib"].items()}
     assert tried[row["largest_batch"]] <= row["limit_gib"]
   assert searches[1]["largest_batch"] >= searches[0]["largest_batch"]  # remat needs less memory
+
+
+@pytest.mark.parametrize("limit, start, granule, found", [
+    (100, 8, 8, 96),  # doubles to 64, bisects 64..128 to within an eighth
+    (20, 128, 4, 20),  # the first guess too large: starts again from one granule
+    (3, 8, 4, 0),  # nothing fits
+])
+def test_largest_batch_search(limit, start, granule, found):
+  tried = []
+  fits = lambda batch: tried.append(batch) or batch <= limit
+  assert perf.largest_batch(fits, start, granule, deadline=float("inf")) == (found, True)
+  assert all(batch % granule == 0 for batch in tried)
+  assert perf.largest_batch(fits, start, granule, deadline=0.0) == (0, False)  # out of time
