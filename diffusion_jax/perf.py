@@ -70,7 +70,7 @@ def peak_flops(device_kind: str, dtype: Any) -> float | None:
   return PEAK_FLOPS[name]["bfloat16" if half else "float32"]
 
 
-def probe_peak_flops(dtype: Any = jnp.float32, size: int = 1024, repeats: int = 5) -> float:
+def probe_peak_flops(dtype: Any = jnp.float32, size: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of the best of `repeats` [size, size] matmuls in `dtype` on the default device.
 
   A measured stand-in for a peak where `PEAK_FLOPS` has none (a CPU): what
@@ -143,14 +143,17 @@ def largest_batch(fits, start: int, granule: int, deadline: float,
                   max_batch: int = 1 << 16) -> tuple[int, bool]:
   """(a multiple of `granule` for which `fits(batch)`, whether the search finished); 0: none fits.
 
-  Doubles from `start` until a batch does not fit, then bisects between the
-  last that did and the first that did not, to one granule or an eighth. Past
+  Doubles from `start` until a batch does not fit (or passes `max_batch`), then
+  bisects between the last that did and the first that did not, to one granule
+  or an eighth. Past
   `deadline` (time.perf_counter()) it stops with the largest batch found so far.
   """
   in_time = lambda: time.perf_counter() < deadline
   low, high = 0, start
   while high <= max_batch and in_time() and fits(high):
     low, high = high, 2 * high
+  if low and high > max_batch:  # the largest batch asked for fits
+    return low, True
   if low == 0 and start > granule and in_time():
     return largest_batch(fits, granule, granule, deadline, max_batch)
   while high - low > max(granule, low // 8) and in_time():  # to within 1/8

@@ -166,20 +166,22 @@ def test_accelerator_benchmark_tiny_writes_its_table_and_json(tmp_path):
     assert row["images_per_sec"] > 0 and 0 < row["mfu"] and row["peak_source"] == "matmul probe"
   searches = [row for row in rows if row["kind"] == "largest_batch"]
   assert [row["remat"] for row in searches] == [False, True]
-  for row in searches:  # what it found fits, and twice that did not
+  for row in searches:  # what it found fits
     tried = {int(b): gib for b, gib in row["tried_gib"].items()}
     assert tried[row["largest_batch"]] <= row["limit_gib"]
-  assert searches[1]["largest_batch"] >= searches[0]["largest_batch"]  # remat needs less memory
+  assert [row["largest_batch"] for row in searches] == [32, 32]  # --tiny's max batch fits
 
 
 @pytest.mark.parametrize("limit, start, granule, found", [
     (100, 8, 8, 96),  # doubles to 64, bisects 64..128 to within an eighth
     (20, 128, 4, 20),  # the first guess too large: starts again from one granule
     (3, 8, 4, 0),  # nothing fits
+    (10**6, 8, 8, 512),  # max_batch fits: the search ends there
 ])
 def test_largest_batch_search(limit, start, granule, found):
   tried = []
   fits = lambda batch: tried.append(batch) or batch <= limit
-  assert perf.largest_batch(fits, start, granule, deadline=float("inf")) == (found, True)
+  assert perf.largest_batch(fits, start, granule, deadline=float("inf"), max_batch=512) == (
+      found, True)
   assert all(batch % granule == 0 for batch in tried)
   assert perf.largest_batch(fits, start, granule, deadline=0.0) == (0, False)  # out of time
