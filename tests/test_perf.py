@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -155,8 +156,10 @@ def test_bad_profile_steps_are_named(text):
 def test_accelerator_benchmark_tiny_writes_its_table_and_json(tmp_path):
   """benchmarks/accelerator.py --tiny on this CPU: every case measured, MFU against a probe."""
   out = tmp_path / "accelerator.json"
+  one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # compiles less
   result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--tiny",
-                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=one_device, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "largest ddpm_cifar10 bfloat16 train batch with remat" in result.stdout
   rows = json.loads(out.read_text())["rows"]
