@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 from typing import Any, Mapping
 
@@ -23,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from diffusion_jax import checkpoint, models, parallel, process, sampling
+from diffusion_jax import checkpoint, models, parallel, perf, process, sampling
 from diffusion_jax.config.data import DataConfig
 from diffusion_jax.config.diffusion import DiffusionConfig, DiffusionTrainConfig
 from diffusion_jax.config.distill import ProgressiveConfig
@@ -46,6 +46,7 @@ class EmaModel:
   image_shape: tuple[int, int, int]  # (H, W, C)
   num_classes: int | None
   step: int  # the training step of the checkpoint
+  dtype: Any = jnp.float32  # the network's compute dtype (for the peak FLOP/s of its MFU)
 
 
 def example_inputs(model: nn.Module, image_shape: tuple[int, int, int]):
@@ -83,7 +84,8 @@ def ema_model(config: ml_collections.ConfigDict, params: Any, step: int,
   model = models.get_model(dict(config.model)) if model is None else model
   return EmaModel(diffusion_apply_fn(model, diffusion), params, process.model_spec(diffusion),
                   process.schedule(diffusion), image_shape(DataConfig.from_mapping(config.data)),
-                  getattr(model, "num_classes", None), step)
+                  getattr(model, "num_classes", None), step,
+                  jnp.dtype(getattr(model, "dtype", jnp.float32)))
 
 
 def restore_ema(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
@@ -196,7 +198,8 @@ def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: i
   [num_samples, H, W, C], returned on every process. batch_size must be a
   multiple of jax.device_count(). The saved settings are the checkpoint step,
   `config`'s fields and `settings`; `overwrite` lets a new run replace files
-  that another left in `out_dir`.
+  that another left in `out_dir`. Logs images/s, TFLOP/s per device and MFU
+  of the batches drawn (writing them included).
   """
   mesh = parallel.make_mesh()
   if batch_size % mesh.size:
@@ -205,8 +208,34 @@ def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: i
       sampling.make_batch_sampler(config, model.apply_fn, model.spec, model.schedule,
                                   model.image_shape, batch_size, num_classes=model.num_classes),
       out_shardings=parallel.batch_sharding(mesh), compiler_options=parallel.compiler_options(mesh))
-  return sampling.sample_to_files(
-      functools.partial(sample_batch, model.params), num_samples, batch_size, out_dir,
-      key=jax.random.key(seed),
+  compiled, meter, batches = None, None, 0
+
+  def draw(key):  # compiles at the first batch left to draw: not at all when none is
+    nonlocal compiled, meter, batches
+    if compiled is None:
+      compiled = sample_batch.lower(model.params, key).compile()
+      flops = forward_flops(model, batch_size, mesh.size) * config.nfe(model.schedule.num_timesteps)
+      meter = perf.Meter(flops, batch_size, perf.peak_flops(jax.devices()[0].device_kind,
+                                                             model.dtype), last_step=0)
+    batches += 1
+    return compiled(model.params, key)
+
+  samples = sampling.sample_to_files(
+      draw, num_samples, batch_size, out_dir, key=jax.random.key(seed),
       settings={**(settings or {}), "checkpoint_step": model.step, **dataclasses.asdict(config)},
       overwrite=overwrite)
+  if meter is not None:
+    logging.info("Sampled %d batches: %s.", batches, perf.format_rates(meter.read(batches)))
+  return samples
+
+
+def forward_flops(model: EmaModel, batch_size: int, num_devices: int) -> float:
+  """FLOPs per device of one network call on `batch_size` images (XLA's count, lowered).
+
+  A sampler's loop is counted as this times its network calls (`perf`: XLA
+  counts a loop's body once).
+  """
+  x = jax.ShapeDtypeStruct((batch_size, *model.image_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+  y = None if model.num_classes is None else jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  return perf.lowered_flops(jax.jit(model.apply_fn).lower(model.params, x, t, y), num_devices)

@@ -10,12 +10,14 @@ traceback instead. Anything else (a bug) keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 import zipfile
 from collections.abc import Callable
 
+import jax
 from absl import app, flags, logging
 
 from diffusion_jax import checkpoint, configlib, logs, parallel
@@ -131,6 +133,20 @@ def define_overwrite_flag() -> flags.FlagHolder:
   """--overwrite, for the launchers that write files into a folder the user names."""
   return flags.DEFINE_bool(
       "overwrite", False, "Replace files in the output folder that this run did not write.")
+
+
+def define_profile_flag() -> flags.FlagHolder:
+  """--profile_dir, for the launchers whose whole run one jax.profiler trace may capture."""
+  return flags.DEFINE_string(
+      "profile_dir", None, "Write a jax.profiler trace of the whole run into this folder"
+      " (TensorBoard's profile plugin, or its perfetto_trace.json.gz in ui.perfetto.dev).")
+
+
+def profiled(profile_dir: str | None) -> contextlib.AbstractContextManager:
+  """jax.profiler.trace(profile_dir) (with a Perfetto file), or nothing when it is None."""
+  if not profile_dir:
+    return contextlib.nullcontext()
+  return jax.profiler.trace(profile_dir, create_perfetto_trace=True)
 
 
 def enable_compilation_cache() -> None:

@@ -35,6 +35,7 @@ _REFERENCE = flags.DEFINE_string("reference", None, "Reference statistics .npz (
                                  " the ADM evaluator's format) instead of the config's.")
 _MULTIHOST = common.define_multihost_flag()
 _TRUST_MODEL_CODE = common.define_trust_model_code_flag()
+_PROFILE_DIR = common.define_profile_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,8 +43,9 @@ def main(argv):
   common.start(argv)
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
   config = evaluation.from_config_dict(_CONFIG.value)
-  evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
-                      reference_path=_REFERENCE.value, trust_model_code=_TRUST_MODEL_CODE.value)
+  with common.profiled(_PROFILE_DIR.value):
+    evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
+                        reference_path=_REFERENCE.value, trust_model_code=_TRUST_MODEL_CODE.value)
 
 
 if __name__ == "__main__":

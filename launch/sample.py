@@ -53,6 +53,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output directory; default WORKDIR
 _MULTIHOST = common.define_multihost_flag()
 _TRUST_MODEL_CODE = common.define_trust_model_code_flag()
 _OVERWRITE = common.define_overwrite_flag()
+_PROFILE_DIR = common.define_profile_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -71,9 +72,10 @@ def main(argv):
   output = _OUTPUT.value or files.join(_WORKDIR.value, "samples", name)
   outputs.check_apart(output, [files.join(_WORKDIR.value, checkpoint.CONFIG_FILE),
                                files.join(_WORKDIR.value, "checkpoints")])
-  runs.draw_samples(model, config, _NUM_SAMPLES.value, _BATCH_SIZE.value, output,
-                         seed=_SEED.value, settings={"workdir": _WORKDIR.value},
-                         overwrite=_OVERWRITE.value)
+  with common.profiled(_PROFILE_DIR.value):
+    runs.draw_samples(model, config, _NUM_SAMPLES.value, _BATCH_SIZE.value, output,
+                      seed=_SEED.value, settings={"workdir": _WORKDIR.value},
+                      overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,11 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 
 def _with_flag(argv: list[str], name: str, value: str) -> list[str]:
-  return [a for a in argv if not a.startswith(f"--{name}=")] + [f"--{name}={value}"]
+  """argv with --name=value in place of its --name (which --config.KEY overrides must follow)."""
+  flag = f"--{name}="
+  if not any(a.startswith(flag) for a in argv):
+    return [*argv, flag + value]
+  return [flag + value if a.startswith(flag) else a for a in argv]
 
 
 def _smoke_config(argv: list[str]) -> list[str]:

@@ -32,7 +32,7 @@ from diffusion_jax.models import (
     zoo_table,
 )
 from diffusion_jax.models import __main__ as models_main
-from diffusion_jax.models.layers import GroupNorm
+from diffusion_jax.models.layers import AttentionBlock, GroupNorm
 
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
@@ -373,3 +373,56 @@ def test_group_norm_keeps_float32_statistics_in_bfloat16():
 def test_group_norm_rejects_indivisible_channels():
   with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
     GroupNorm().init(jax.random.key(0), jnp.zeros((1, 2, 2, 48)))
+
+
+def _attention_blocks(dtype, num_heads: int, implementation: str):
+  """(ours with `implementation`, the same block through Flax's softmax attention as it was)."""
+  ours = AttentionBlock(num_heads=num_heads, dtype=dtype, implementation=implementation)
+
+  class FlaxAttention(AttentionBlock):  # the block before fused attention: same parameters
+    @nn.compact
+    def __call__(self, x):
+      b, height, width, c = x.shape
+      h = GroupNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
+      attention = nn.MultiHeadDotProductAttention(
+          num_heads=self.num_heads, dtype=self.dtype, force_fp32_for_softmax=True, name="attn")
+      return x + attention(h.reshape(b, height * width, c)).reshape(x.shape)
+
+  return ours, FlaxAttention(num_heads=num_heads, dtype=dtype)
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_fused_attention_equals_flax_attention(num_heads):
+  """model.attention_impl="xla" (and "auto" on a CPU): the same parameters, outputs and
+  gradients as Flax's attention with a float32 softmax, which the U-Nets used before."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 64)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  for implementation in ("xla", "auto"):
+    ours, theirs = _attention_blocks(jnp.float32, num_heads, implementation)
+    params = jax.tree.map(  # a non-zero output projection, so attention shows in the output
+        lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+        theirs.init(jax.random.key(0), x))
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5,
+                               atol=1e-5)
+    grad = lambda module: jax.grad(lambda p: jnp.sum(module.apply(p, x) * cotangent))(params)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4),
+                 grad(ours), grad(theirs))
+
+
+def test_fused_attention_keeps_a_float32_softmax_in_bfloat16():
+  """In bfloat16 the logits and softmax stay float32: as close to the float32 block as Flax's."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 64)), jnp.float32)
+  ours, theirs = _attention_blocks(jnp.bfloat16, 1, "xla")
+  params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+                        ours.init(jax.random.key(0), x))
+  reference = _attention_blocks(jnp.float32, 1, "xla")[0].apply(params, x)
+  error = lambda module: float(jnp.max(jnp.abs(module.apply(params, x) - reference)))
+  assert error(ours) <= 2 * error(theirs) + 1e-3 and error(ours) < 0.05 * float(jnp.max(reference))
+
+
+def test_unknown_attention_impl_is_named():
+  with pytest.raises(ValueError, match="model.attention_impl must be one of"):
+    AttentionBlock(implementation="flash").init(jax.random.key(0), jnp.ones((1, 4, 4, 32)))

@@ -38,6 +38,7 @@ class UNetSettings:
   norm_eps: float = 1e-6
   dtype: Any = "float32"  # computation dtype, a name or a JAX dtype
   remat: bool = False
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn" (layers.fused_attention)
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -32,12 +32,35 @@ class TrainConfig:
   # the run then raises naming that step, with no checkpoint saved after it; "skip": it goes on,
   # counting such steps in the metric skipped_steps. See docs/training.md.
   on_nonfinite: str = "stop"
+  # "a,b": a jax.profiler trace of steps a to b (or "a": of step a) into WORKDIR/profile/, for
+  # TensorBoard's profile plugin or Perfetto (docs/training.md); "": none.
+  profile_steps: str = ""
 
   def __post_init__(self):
     configlib.check_ranges(self, "train", TRAIN_RANGES)
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(f"train.grad_accum_steps={self.grad_accum_steps} does not divide"
                        f" train.batch_size={self.batch_size}.")
+    parse_profile_steps(self.profile_steps)
     if self.on_nonfinite not in NONFINITE_ACTIONS:
       raise ValueError(f"Unknown train.on_nonfinite {self.on_nonfinite!r}; known:"
                        f" {list(NONFINITE_ACTIONS)}.")
+
+  @property
+  def profile_range(self) -> tuple[int, int] | None:
+    """(first, last) step of train.profile_steps; None: no trace."""
+    return parse_profile_steps(self.profile_steps)
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+  """"a,b" -> (a, b), "a" -> (a, a), "" -> None; a ValueError names train.profile_steps."""
+  if not text:
+    return None
+  try:
+    steps = [int(part) for part in text.split(",")]
+  except ValueError:
+    steps = []
+  if len(steps) not in (1, 2) or not 1 <= steps[0] <= steps[-1]:
+    raise ValueError(f"train.profile_steps={text!r} must be 'a,b' (steps 1 <= a <= b) or 'a',"
+                     " or '' for no trace.")
+  return steps[0], steps[-1]

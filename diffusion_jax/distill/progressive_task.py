@@ -166,6 +166,11 @@ class ProgressiveExperiment:
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
     return functools.partial(train_step, fns=self.step_fns())
 
+  def counted_step_fn(self):
+    """None: no microbatch loop, so XLA's count of the step is the MFU's (train/task.py); the
+    teacher's network calls count, and with model.remat so do the recomputed passes."""
+    return None
+
   def init_state(self, rng: jax.Array) -> TrainState:
     """The student as its teacher: the teacher's EMA parameters, teacher and student alike."""
     params = self.teacher.params

@@ -253,19 +253,52 @@ class ResBlock(nn.Module):
     return x_BxHxWxC + h
 
 
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def fused_attention(query_BxLxNxD: jax.Array, key_BxLxNxD: jax.Array, value_BxLxNxD: jax.Array,
+                    implementation: AttentionImpl = "auto") -> jax.Array:
+  """softmax(q k^T / sqrt(D)) v of each of N heads, [B, L, N, D] -> [B, L, N, D].
+
+  `jax.nn.dot_product_attention`: "xla" computes the logits and the softmax in
+  float32 whatever the inputs' dtype and casts the weights back to it before
+  multiplying the values, as the iDDPM/ADM code does (`softmax(w.float()).type(w.dtype)`);
+  "cudnn" is cuDNN's fused (flash) attention on an NVIDIA GPU, for float16 or
+  bfloat16 inputs with D <= 128 a multiple of 8, also float32 statistics;
+  "auto" takes cuDNN where it can (a GPU backend, such inputs) and XLA elsewhere.
+  """
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention_impl must be one of {list(ATTENTION_IMPLS)},"
+                     f" got {implementation!r}")
+  if implementation == "auto":
+    implementation = "cudnn" if _cudnn_fits(query_BxLxNxD) else "xla"
+  return jax.nn.dot_product_attention(query_BxLxNxD, key_BxLxNxD, value_BxLxNxD,
+                                      implementation=implementation)
+
+
+def _cudnn_fits(query_BxLxNxD: jax.Array) -> bool:
+  """Whether cuDNN's fused attention takes these queries on the default backend."""
+  head_channels = query_BxLxNxD.shape[-1]
+  return (jax.default_backend() == "gpu" and head_channels <= 128 and head_channels % 8 == 0
+          and query_BxLxNxD.dtype in (jnp.bfloat16, jnp.float16))
+
+
 class AttentionBlock(nn.Module):
   """Residual multi-head self-attention over the H*W positions, shape-preserving.
 
   DDPM App. B (one head) / iDDPM & ADM (several heads):
     x + proj_out(MHA(norm(x))), proj_out zero-initialised.
   Heads: `num_head_channels` channels each when set (ADM), else `num_heads`.
-  The softmax runs in float32 whatever the compute dtype.
+  The attention itself is `fused_attention` (`implementation`): float32
+  logits and softmax whatever the compute dtype.
   """
 
   num_heads: int = 1
   num_head_channels: int | None = None
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  implementation: AttentionImpl = "auto"
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -281,7 +314,7 @@ class AttentionBlock(nn.Module):
         num_heads=c // head_channels,
         dtype=self.dtype,
         out_kernel_init=zeros_init,
-        force_fp32_for_softmax=True,
+        attention_fn=functools.partial(fused_attention, implementation=self.implementation),
         name="attn",
     )
     h_BxLxC = attention(h.reshape(b, height * width, c))

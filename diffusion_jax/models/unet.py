@@ -67,6 +67,8 @@ class UNet(UNetSettings, nn.Module):
       the output is float32.
     remat: rematerialise residual blocks in the backward pass (gradient
       checkpointing): less activation memory, same gradients.
+    attention_impl: "auto", "xla" or "cudnn": how self-attention is computed
+      (layers.fused_attention); the same parameters either way.
   """
 
   @nn.compact
@@ -117,7 +119,8 @@ class UNet(UNetSettings, nn.Module):
     )
 
   def _attention(self, name: str) -> AttentionBlock:
-    return AttentionBlock(self.num_heads, self.num_head_channels, self.norm_eps, self.dtype, name=name)
+    return AttentionBlock(self.num_heads, self.num_head_channels, self.norm_eps, self.dtype,
+                          self.attention_impl, name=name)
 
   def _attend_if_due(self, h: jax.Array, name: str) -> jax.Array:
     """Self-attention when h's side length is one of attn_resolutions."""

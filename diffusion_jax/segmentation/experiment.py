@@ -77,6 +77,10 @@ class SegmentationExperiment:
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
     return functools.partial(step.train_step, fns=self.step_fns())
 
+  def counted_step_fn(self):
+    """None: the step has no microbatch loop and no remat, so XLA counts it right (train/task.py)."""
+    return None
+
   def init_state(self, rng: jax.Array) -> TrainState:
     """A fresh TrainState, weights He-initialised (the model's); jit it with out_shardings."""
     init_key, state_key = jax.random.split(rng)

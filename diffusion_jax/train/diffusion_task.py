@@ -95,6 +95,15 @@ class Experiment:
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
     return functools.partial(train_step, fns=self.step_fns())
 
+  def counted_step_fn(self):
+    """The step with one microbatch and no remat when either is set, else None (train/task.py)."""
+    remat = getattr(self.model, "remat", False)
+    if self.train.grad_accum_steps == 1 and not remat:
+      return None
+    return dataclasses.replace(
+        self, model=self.model.clone(remat=False) if remat else self.model,
+        train=dataclasses.replace(self.train, grad_accum_steps=1)).train_step_fn()
+
   def make_train_iterator(self):
     """The input pipeline's endless, checkpointable iterator of training batches."""
     return data.make_train_iterator(self.data, self.train.batch_size)

@@ -13,14 +13,17 @@ import contextlib
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 
-from diffusion_jax import checkpoint, data, parallel, summaries
+from diffusion_jax import checkpoint, data, files, parallel, perf, summaries
 from diffusion_jax.train import run_config, tasks
 from diffusion_jax.train.state import TrainMetrics, TrainState, compute_metrics, merge_metrics
+
+PROFILE_DIR = "profile"  # WORKDIR/profile/: train.profile_steps' trace (perf.StepTrace)
 
 
 def compile_train_step(exp, state_shardings, mesh, compiler_options: dict[str, str] | None = None):
@@ -44,6 +47,40 @@ def check_batch_fits(batch_size: int, mesh) -> None:
   if batch_size % devices:
     raise ValueError(f"train.batch_size={batch_size} must be a multiple of the {devices} devices"
                      " of the mesh's data axis (all devices / train.model_parallelism).")
+
+
+def step_flops(exp, compiled, state, batch, mesh) -> float:
+  """Model FLOPs of one train step on one device (XLA's cost analysis).
+
+  The compiled step's own count, or, where the task says it is off
+  (`counted_step_fn`: a microbatch scan, remat), that of the task's counted
+  step, lowered but not compiled (a whole-program count, split over the mesh).
+  """
+  counted = exp.counted_step_fn()
+  if counted is None:
+    return perf.compiled_flops(compiled)
+  return perf.lowered_flops(jax.jit(counted).lower(state, batch), mesh.size)
+
+
+def start_meter(exp, compiled, state, batch, mesh, step: int) -> perf.Meter:
+  """The loop's throughput meter from `step` on: FLOPs per step, images per step, the peak.
+
+  The peak is `perf.peak_flops` of the first device in the model's compute
+  dtype (`model.dtype`, float32 if it has none): unknown on a CPU, so no MFU there.
+  """
+  dtype = getattr(exp.model, "dtype", jnp.float32)
+  return perf.Meter(step_flops(exp, compiled, state, batch, mesh), exp.train.batch_size,
+                    perf.peak_flops(jax.devices()[0].device_kind, dtype), last_step=step)
+
+
+def perf_scalars(meter: perf.Meter, step: int, first: bool) -> dict[str, float]:
+  """perf/* scalars of the window ending at `step`; the first log adds the peak memory (GiB)."""
+  values = meter.read(step)
+  logging.info("Step %d: %s.", step, perf.format_rates(values))
+  if first and (peak_memory := perf.max_peak_memory_gib()) is not None:
+    logging.info("Peak memory in use: %.2f GiB on the fullest local device.", peak_memory)
+    values["peak_memory_gib"] = peak_memory
+  return {f"perf/{name}": value for name, value in values.items()}
 
 
 def create_state(exp, mesh, seed: int):
@@ -122,13 +159,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   hooks = exp.periodic_hooks(mesh, workdir)
   batch_sharding = parallel.batch_sharding(mesh)
   progress = periodic_actions.ReportProgress(num_train_steps=exp.train.num_steps, writer=writer)
-  accumulated = None
+  accumulated, compiled, meter = None, None, None
   stop_on_nonfinite = exp.train.on_nonfinite == "stop"
+  trace = perf.StepTrace(exp.train.profile_range, files.join(workdir, PROFILE_DIR))
   with (checkpoint.PreemptionNotice(initial_step) as preemption, contextlib.closing(checkpointer),
-        contextlib.closing(writer)):
+        contextlib.closing(writer), contextlib.closing(trace)):
     for step in range(initial_step + 1, exp.train.num_steps + 1):
       batch = data.make_global_batch(next(data_iterator), batch_sharding)
-      state, step_metrics = step_fn(state, batch)
+      if compiled is None:
+        compiled = step_fn.lower(state, batch).compile()
+        meter = start_meter(exp, compiled, state, batch, mesh, step - 1)
+      with trace.around(step):
+        state, step_metrics = compiled(state, batch)
+      trace.after(step, state)
       accumulated = merge_metrics(accumulated, step_metrics)
       progress(step)
       last = step == exp.train.num_steps
@@ -136,17 +179,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scalars = compute_metrics(accumulated)  # the loop's host sync (and before saves)
         if stop_on_nonfinite:
           _raise_if_skipped(accumulated, checkpointer.latest_step())
-        writer.write_scalars(step, _finite(scalars))
+        first_log = meter.last_step == initial_step
+        writer.write_scalars(step, _finite(scalars) | perf_scalars(meter, step, first_log))
         accumulated = None
       for hook in hooks:
         if hook.due(step, last):
-          with progress.timed(hook.name):
+          with progress.timed(hook.name), meter.excluded():
             hook.run(state, step, writer)
       stop = preemption.reached(step)
       if stop or last or checkpointer.is_due(step):
         if stop_on_nonfinite:
           _raise_if_skipped(accumulated, checkpointer.latest_step())
-        checkpointer.save(step, state, data_iterator, force=True)
+        with meter.excluded():
+          checkpointer.save(step, state, data_iterator, force=True)
       if stop:
         logging.warning("Stop requested (SIGTERM): saved step %d and stopping.", step)
         break

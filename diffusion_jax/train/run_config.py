@@ -49,6 +49,7 @@ MAY_CHANGE = "may change"
 RESUME_RULES: dict[str, str] = {
     "model": FIXED_BY_CHECKPOINT,  # the network and its parameter tree, its compute dtype too
     "model.remat": MAY_CHANGE,  # recomputes activations: less memory, the same numbers
+    "model.attention_impl": MAY_CHANGE,  # how attention is computed, not its parameters
     "optim": MAY_CHANGE,  # the schedule and its constants: a deliberate change, recorded
     "optim.optimizer": FIXED_BY_CHECKPOINT,  # Adam and AdamW keep differently structured states
     "seed": FIXED_BY_RUN,  # the initial parameters, the data order and every step's noise

@@ -55,6 +55,15 @@ class Task(Protocol):
   def train_step_fn(self) -> Callable[[TrainState, Any], tuple[TrainState, Any]]:
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
 
+  def counted_step_fn(self) -> Callable[[TrainState, Any], tuple[TrainState, Any]] | None:
+    """The train step as model FLOPs count it, or None when `train_step_fn`'s own count is right.
+
+    XLA's cost analysis counts a loop's body once (a gradient-accumulation scan
+    of k microbatches: 1/k of its work) and counts rematerialised forward passes
+    (work the model needs only for memory): the same update without either is
+    what MFU counts (`train/loop.py`).
+    """
+
   def make_train_iterator(self) -> Iterator[Any]:
     """The endless, checkpointable iterator of this process's training batches."""
 
