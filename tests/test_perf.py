@@ -1,7 +1,6 @@
 """Speed you can see (diffusion_jax/perf.py): FLOPs against a hand count, peaks, the loop's log."""
 
 import logging
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -14,7 +13,6 @@ from diffusion_jax import data, parallel, perf, runs, sampling
 from diffusion_jax.config.train import TrainConfig
 from diffusion_jax.train import loop, tasks
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 64  # over the 8 fake devices of tests/conftest.py: 8 images each
 SIDE, CHANNELS, WIDTH = 8, 1, 64  # the digits' 8x8x1 images; the network's width
 
