@@ -236,6 +236,7 @@ def forward_flops(model: EmaModel, batch_size: int, num_devices: int) -> float:
   counts a loop's body once).
   """
   x = jax.ShapeDtypeStruct((batch_size, *model.image_shape), jnp.float32)
-  t = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+  # The samplers' call: int32 timesteps for a discrete-time model, float sigma for EDM's.
+  t = jax.ShapeDtypeStruct((batch_size,), jnp.int32 if model.spec.edm is None else jnp.float32)
   y = None if model.num_classes is None else jax.ShapeDtypeStruct((batch_size,), jnp.int32)
   return perf.lowered_flops(jax.jit(model.apply_fn).lower(model.params, x, t, y), num_devices)
