@@ -7,7 +7,9 @@ run whose diffusion.parameterization is "consistency", sampled by
 starts it from a frozen teacher run and keeps an EMA target network; iCT
 (Song & Dhariwal 2023) trains it from scratch against itself. The TrainState's
 `sampler_state` holds this task's state (`ConsistencyState`), checkpointed
-with the rest; its `ema_params` are the sampling EMA.
+with the rest; its `ema_params` are the sampling EMA. With distill.metric
+"lpips" the LPIPS network's variables (evaluation/lpips.py, read from the
+user's torch files when the run starts) are part of that state too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from diffusion_jax.config.optim import OptimConfig
 from diffusion_jax.config.train import TrainConfig
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.distill import teacher
+from diffusion_jax.evaluation import lpips
 from diffusion_jax.train import optimizer
 from diffusion_jax.train.run_config import FIXED_BY_CHECKPOINT
 from diffusion_jax.train.state import TrainMetrics, TrainState, apply_gradients, masked_average
@@ -41,10 +44,12 @@ from diffusion_jax.train.task import Hook
 
 @flax.struct.dataclass
 class ConsistencyState:
-  """The task's part of the TrainState: CD's frozen teacher and target network; () for iCT."""
+  """The task's part of the TrainState: CD's frozen teacher and target network (() for iCT),
+  and the fixed LPIPS variables of distill.metric "lpips" (() for the other metrics)."""
 
   teacher_params: Any
   target_params: Any  # theta^-: an EMA of the student at rate distill.target_ema
+  lpips_params: Any  # distill.metric "lpips": the LPIPS network's variables, fixed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +88,16 @@ def _levels(fns: ConsistencyFns, key: jax.Array, step: jax.Array, batch_size: in
   return sigmas[n], sigmas[n + 1], count
 
 
+def metric_fn(distill: ConsistencyConfig, lpips_params: Any
+              ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """d(x [B, H, W, C], y [B, H, W, C]) -> [B]: distill.metric; LPIPS with `lpips_params`."""
+  if distill.metric == "lpips":
+    return functools.partial(lpips.distance, lpips_params, resolution=distill.lpips_resolution)
+  if distill.metric == "pseudo_huber":
+    return functools.partial(consistency.pseudo_huber, scale=distill.huber_scale)
+  return consistency.squared_l2
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyFns
                ) -> tuple[TrainState, TrainMetrics]:
   """One consistency step on batch {"image": [B, H, W, C] in [-1, 1], "label": [B]}.
@@ -114,8 +129,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyF
     x_cur = x + edm.per_example(sigma, x.ndim) * z
     target_params, weight = state.params, 1.0 / (sigma_next - sigma)
   target = jax.lax.stop_gradient(f(target_params, x_cur, sigma))
-  metric = functools.partial(consistency.pseudo_huber, scale=fns.distill.huber_scale) if (
-      fns.distill.metric == "pseudo_huber") else consistency.squared_l2
+  metric = metric_fn(fns.distill, state.sampler_state.lpips_params)
 
   def loss_fn(params):
     distance = metric(f(params, x_next, sigma_next), target)  # [B]
@@ -151,6 +165,7 @@ class ConsistencyExperiment:
   data: DataConfig
   distill: ConsistencyConfig
   teacher: runs.EmaModel | None  # CD's; None for iCT
+  lpips_params: Any  # distill.metric "lpips": the LPIPS network's variables; () otherwise
 
   resume_rules: ClassVar[Mapping[str, str]] = {  # this task's rows of run_config's rules
       "diffusion": FIXED_BY_CHECKPOINT,  # how f reads its network
@@ -179,11 +194,13 @@ class ConsistencyExperiment:
     init_key, state_key = jax.random.split(rng)
     if self.teacher is not None:
       params = self.teacher.params
-      task_state = ConsistencyState(teacher_params=params, target_params=params)
+      task_state = ConsistencyState(teacher_params=params, target_params=params,
+                                    lpips_params=self.lpips_params)
     else:
       image_shape = runs.image_shape(self.data)
       params = self.model.init(init_key, *runs.example_inputs(self.model, image_shape))["params"]
-      task_state = ConsistencyState(teacher_params=(), target_params=())
+      task_state = ConsistencyState(teacher_params=(), target_params=(),
+                                    lpips_params=self.lpips_params)
     return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
                       opt_state=self.step_fns().tx.init(params), rng=state_key,
                       sampler_state=task_state)
@@ -199,7 +216,7 @@ class ConsistencyExperiment:
 
 def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
           ) -> ConsistencyExperiment:
-  """Checks a consistency config, loads CD's teacher, and builds the student's parts.
+  """Checks a consistency config, loads CD's teacher and the LPIPS weights, builds the student.
 
   `model`, when given, replaces building `config.model` with the zoo.
   """
@@ -216,7 +233,11 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
   frozen = None
   if distill.method == "cd":
     frozen = teacher.load(distill.teacher_workdir, config, teacher.CONSISTENCY_SHARED_KEYS)
+  lpips_params = ()
+  if distill.metric == "lpips":
+    lpips_params = lpips.load_lpips(*filter(None, (distill.lpips_weights, distill.vgg_weights)))
   return ConsistencyExperiment(
       config=config, model=models.get_model(dict(config.model)) if model is None else model,
       diffusion=diffusion, optim=OptimConfig.from_mapping(config.optim), train=train_config,
-      data=DataConfig.from_mapping(config.data), distill=distill, teacher=frozen)
+      data=DataConfig.from_mapping(config.data), distill=distill, teacher=frozen,
+      lpips_params=lpips_params)
