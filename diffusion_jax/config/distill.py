@@ -71,7 +71,7 @@ class ProgressiveConfig:
 
 
 CONSISTENCY_METHODS = ("cd", "ict")
-CONSISTENCY_METRICS = ("pseudo_huber", "l2", "lpips")  # consistency.METRICS, evaluation/lpips.py
+CONSISTENCY_METRICS = ("pseudo_huber", "l2", "lpips")  # distill/consistency_task.metric_fn
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
