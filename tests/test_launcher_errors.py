@@ -56,10 +56,14 @@ def _bad_inputs(root: pathlib.Path, run: str) -> dict[str, str]:
       header, {"descr": "|u1", "fortran_order": False, "shape": (10**13, 8, 8, 1)})
   with zipfile.ZipFile(root / "huge.npz", "w") as archive:
     archive.writestr("arr_0.npy", header.getvalue() + bytes(64))
-  # Sampling outputs: a folder holding someone's grid.png.
+  # Outputs: a sampling folder holding someone's grid.png; an evaluation folder (of the
+  # samples file good.npz) holding a report.json that no evaluation wrote.
   foreign = root / "foreign"
   foreign.mkdir()
   (foreign / "grid.png").write_bytes(b"someone else's picture")
+  np.savez(root / "good.npz", arr_0=np.zeros((4, 8, 8, 1), np.uint8))
+  (root / "e4" / "eval" / "digits-good").mkdir(parents=True)
+  (root / "e4" / "eval" / "digits-good" / "report.json").write_text("someone else's report")
   # Conversion sources: a diffusers folder with broken JSON, a truncated torch file.
   diffusers = root / "diffusers"
   diffusers.mkdir()
@@ -107,6 +111,9 @@ CASES = [
     ("launch.evaluate", "npz_header_claims_1e13_images",
      ["--config=configs/eval/digits.py:smoke", "--workdir={root}/e3",
       "--samples={root}/huge.npz"], ["{root}/huge.npz", "(10000000000000, 8, 8, 1)"]),
+    ("launch.evaluate", "evaluation_folder_holds_foreign_files",
+     ["--config=configs/eval/digits.py:smoke", "--workdir={root}/e4", "--samples={root}/good.npz"],
+     ["{root}/e4/eval/digits-good/report.json", "--overwrite"]),
     ("launch.evaluate", "untrusted_model_factory",
      ["--config=configs/eval/digits.py:smoke", "--workdir={untrusted}"],
      ["'os:system'", "--trust_model_code"]),
@@ -171,6 +178,8 @@ def test_rejected_inputs_ran_no_code_and_changed_no_file(outcomes, bad_inputs):
   assert not os.path.exists(bad_inputs["marker"])  # os.system never ran
   assert (pathlib.Path(bad_inputs["root"]) / "foreign" / "grid.png").read_bytes() == (
       b"someone else's picture")
+  assert (pathlib.Path(bad_inputs["root"]) / "e4" / "eval" / "digits-good" / "report.json"
+          ).read_text() == "someone else's report"
   assert os.listdir(bad_inputs["images"]) == ["a.png"]
   assert not os.path.exists(os.path.join(bad_inputs["root"], "diffusers", "converted"))
 
