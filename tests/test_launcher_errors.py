@@ -91,6 +91,11 @@ CASES = [
     ("launch.train", "resume_changes_the_seed",
      ["--config=configs/digits.py:smoke", "--workdir={run}", "--config.seed=5"],
      ["Cannot resume", "seed 0 → 5"]),
+    ("launch.train", "damaged_checkpoint", ["--config=configs/digits.py:smoke", "--workdir={damaged}"],
+     ["No checkpoint in {damaged}/checkpoints restores"]),
+    ("launch.train", "batch_size_and_devices",
+     ["--config=configs/digits.py:smoke", "--workdir={root}/t3", "--config.train.batch_size=3"],
+     ["train.batch_size=3", "8 devices"]),
     ("launch.sample", "workdir_without_run", ["--workdir={empty}"], ["config.json", "{empty}"]),
     ("launch.sample", "batch_size_and_devices", ["--workdir={run}", "--batch_size=3"],
      ["--batch_size=3", "8 devices"]),
@@ -135,7 +140,9 @@ CASES = [
      ["--workdir={untrusted}", "--input={images}", "--output={root}/g2"],
      ["'os:system'", "--trust_model_code"]),
 ]
-VERBOSE_CASE = ("launch.sample", "workdir_without_run_verbose", ["--workdir={empty}", "--verbose"])
+# The first case again, showing its traceback: (case, command line, DIFFUSION_JAX_VERBOSE).
+VERBOSE_CASES = [("verbose_flag", ["--workdir={empty}", "--verbose"], ""),
+                 ("verbose_environment", ["--workdir={empty}"], "1")]
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +152,19 @@ def bad_inputs(tmp_path_factory, digits_smoke_run) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def outcomes(bad_inputs) -> dict[str, dict]:
-  """{case: {"status", "stderr", "traceback"}}: each launcher's cases run in one process."""
+  """{case: {"status", "stderr", "traceback"}}: the cases of each launcher and value of
+  DIFFUSION_JAX_VERBOSE run in one process."""
   by_launcher = collections.defaultdict(list)
-  for launcher, case, argv, *_ in [*CASES, VERBOSE_CASE]:
-    by_launcher[launcher].append((case, [arg.format(**bad_inputs) for arg in argv]))
+  every_case = [*((launcher, case, argv, "") for launcher, case, argv, _ in CASES),
+                *(("launch.sample", *verbose_case) for verbose_case in VERBOSE_CASES)]
+  for launcher, case, argv, verbose in every_case:
+    by_launcher[launcher, verbose].append((case, [arg.format(**bad_inputs) for arg in argv]))
   found = {}
-  for launcher, cases in by_launcher.items():
+  for (launcher, verbose), cases in by_launcher.items():
     result = subprocess.run(
         [sys.executable, "tests/launcher_cases.py", launcher,
          json.dumps([argv for _, argv in cases])], cwd=REPO, capture_output=True, text=True,
-        timeout=900, env={**os.environ, "DIFFUSION_JAX_VERBOSE": ""})
+        timeout=900, env={**os.environ, common.VERBOSE_ENV: verbose})
     lines = result.stdout.strip().splitlines()
     assert len(lines) == len(cases), f"{launcher}: {result.stderr[-3000:]}"
     found.update({f"{launcher}:{case}": json.loads(line) for (case, _), line in zip(cases, lines)})
@@ -184,8 +194,9 @@ def test_rejected_inputs_ran_no_code_and_changed_no_file(outcomes, bad_inputs):
   assert not os.path.exists(os.path.join(bad_inputs["root"], "diffusers", "converted"))
 
 
-def test_verbose_shows_the_traceback(outcomes):
-  outcome = outcomes[f"{VERBOSE_CASE[0]}:{VERBOSE_CASE[1]}"]
+@pytest.mark.parametrize("case", [case for case, *_ in VERBOSE_CASES])
+def test_verbose_shows_the_traceback(outcomes, case):
+  outcome = outcomes[f"launch.sample:{case}"]
   assert outcome["status"] == 1 and outcome["traceback"]
   assert "NotFoundError: No config.json" in outcome["stderr"]  # files.PathNotFoundError
 
