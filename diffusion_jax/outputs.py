@@ -91,15 +91,24 @@ def claim(folder: str | os.PathLike, settings: Mapping[str, Any],
     OutputConflictError: naming the settings file or the first existing path.
   """
   path = files.join(folder, CLAIM_FILE)
+  settings = json.loads(json.dumps(settings))  # as read back: lists for tuples
   if files.exists(path):
     previous = files.read_json(path)
-    if previous == json.loads(json.dumps(settings)):
+    if previous == settings:
       return True
     if not overwrite:
       raise OutputConflictError(
-          f"{path} holds the settings of another run: {previous}; this run has {settings}."
-          f" Use a new output directory, the same settings, or {OVERWRITE_FLAG}.")
+          f"{path} holds the settings of another run: use a new output folder, the same"
+          f" settings, or {OVERWRITE_FLAG}; they differ in {'; '.join(_changes(previous, settings))}")
   else:
     check_unclaimed(paths, overwrite=overwrite)
   files.write_json(path, settings, indent=2, sort_keys=True)
   return False
+
+
+def _changes(old: Any, new: Any, key: str = "") -> list[str]:
+  """'key old → new' for each value that differs between two JSON values, dicts key by key."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [change for name in sorted(old.keys() | new.keys())
+            for change in _changes(old.get(name), new.get(name), f"{key}.{name}".lstrip("."))]
+  return [] if old == new else [f"{key} {old!r} → {new!r}"]

@@ -144,5 +144,6 @@ def test_evaluation_folder_of_foreign_files_needs_overwrite_and_a_rerun_is_its_o
   first = run(config, overwrite=True)
   assert run(config)["runs"] == first["runs"]  # its own folder now
   assert json.loads((out_dir / "report.json").read_text())["runs"] == first["runs"]
-  with pytest.raises(outputs.OutputConflictError, match="holds the settings of another run"):
+  with pytest.raises(outputs.OutputConflictError, match="holds the settings of another run: .*"
+                     " --overwrite; they differ in config.pr_k 3 → 5$"):
     run(dataclasses.replace(config, pr_k=5))
