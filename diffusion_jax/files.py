@@ -1,9 +1,9 @@
 """The one path layer: every file under a user's path is read and written here.
 
 Workdirs, output folders, data folders, reference statistics, samples and
-weight files may be local paths, `gs://bucket/...` or any other filesystem
-that fsspec serves; `etils.epath` (what Orbax itself uses) makes them behave
-alike. A path is kept as the user gave it: `gs://b/run` stays `gs://b/run`,
+weight files may be local paths, `gs://bucket/...` or the other schemes that
+`etils.epath` (what Orbax itself uses) serves through fsspec (s3://, az://,
+hf://; not memory://); epath makes them behave alike. A path is kept as the user gave it: `gs://b/run` stays `gs://b/run`,
 and a relative local path is never resolved against the working directory in
 what the project records.
 
@@ -98,7 +98,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def path(p: PathLike) -> epath.Path:
-  """`p` as an `epath.Path` (local, gs://, fsspec), not resolved against the working directory."""
+  """`p` as an `epath.Path` (local, gs://, s3://, ...), not resolved against the working directory."""
   return epath.Path(p)
 
 
