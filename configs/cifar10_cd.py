@@ -33,13 +33,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant not in ("", "smoke"):
     raise ValueError(f"Unknown config variant {variant!r}; known: 'smoke'.")
   teacher = cifar10_edm.get_config(variant)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.task = "consistency"
-  config.data = teacher.data
-  config.model = teacher.model
+  config = distill.student_config(teacher, "consistency")
   config.model.dropout = 0.0
-  config.diffusion = teacher.diffusion
   config.diffusion.parameterization = "consistency"
   config.optim = dict(optimizer="adam", lr=4e-4, warmup_steps=2 if variant else 19_531,
                       grad_clip=0.0)

@@ -28,13 +28,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant not in ("", "smoke"):
     raise ValueError(f"Unknown config variant {variant!r}; known: 'smoke'.")
   base = cifar10_edm.get_config(variant)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.task = "consistency"
-  config.data = base.data
-  config.model = base.model
+  config = distill.student_config(base, "consistency")
   config.model.dropout = 0.3
-  config.diffusion = base.diffusion
   config.diffusion.update(parameterization="consistency", sigma_data=0.5, p_mean=-1.1,
                           p_std=2.0)
   config.optim = dict(optimizer="adam", lr=1e-4, warmup_steps=2 if variant else 0,

@@ -38,13 +38,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   teacher = cifar10_ddpm.get_config(variant)
   rounds = 2 if variant else 9  # start_steps / end_steps = 2^rounds
   steps_per_round = 2 if variant else STEPS_PER_ROUND
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.task = "progressive"
-  config.data = teacher.data
-  config.model = teacher.model
+  config = distill.student_config(teacher, "progressive")
   config.model.dropout = 0.0  # "same as teacher but with 0 dropout"
-  config.diffusion = teacher.diffusion
   config.diffusion.mean_type = "v"
   config.optim = dict(
       optimizer="adam", lr=5e-5,

@@ -30,12 +30,7 @@ def get_config(variant: str = "cd") -> ml_collections.ConfigDict:
   [method] = methods
   smoke = "smoke" in parts
   teacher = digits.get_config("edm,smoke" if smoke else "edm")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.task = "consistency"
-  config.data = teacher.data
-  config.model = teacher.model
-  config.diffusion = teacher.diffusion
+  config = distill.student_config(teacher, "consistency")
   config.diffusion.parameterization = "consistency"  # f(x, sigma), boundary at sigma_min
   if method == "ict":
     config.diffusion.update(p_mean=-1.1, p_std=2.0)  # iCT's lognormal levels

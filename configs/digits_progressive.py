@@ -27,13 +27,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   teacher = digits.get_config(variant)  # the student's network and process are the teacher's
   steps_per_round = 2 if smoke else 400
   rounds = 2 if smoke else 6  # start_steps / end_steps = 2^rounds
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.task = "progressive"
-  config.data = teacher.data
-  config.model = teacher.model
+  config = distill.student_config(teacher, "progressive")
   config.model.dropout = 0.0  # the paper's students train without dropout
-  config.diffusion = teacher.diffusion
   config.diffusion.mean_type = "v"  # the student predicts v (Salimans & Ho sec. 4)
   config.optim = dict(
       optimizer="adam", lr=5e-4,

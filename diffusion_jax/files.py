@@ -1,9 +1,9 @@
 """The one path layer: every file under a user's path is read and written here.
 
 Workdirs, output folders, data folders, reference statistics, samples and
-weight files may be local paths, `gs://bucket/...` or any other filesystem
-that fsspec serves; `etils.epath` (what Orbax itself uses) makes them behave
-alike. A path is kept as the user gave it: `gs://b/run` stays `gs://b/run`,
+weight files may be local paths, `gs://bucket/...` or the other schemes that
+`etils.epath` (what Orbax itself uses) serves through fsspec (s3://, az://,
+hf://; not memory://); epath makes them behave alike. A path is kept as the user gave it: `gs://b/run` stays `gs://b/run`,
 and a relative local path is never resolved against the working directory in
 what the project records.
 
@@ -46,6 +46,7 @@ from etils import epath  # noqa: E402  (after EPATH_USE_TF)
 
 PathLike = str | os.PathLike
 _NPY_MAGIC = b"\x93NUMPY"  # how a .npy file starts
+_DEFLATE_MAX_RATIO = 1032  # deflate codes a 258-byte match in 2 bits at best
 
 
 class PathError(OSError):
@@ -97,7 +98,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def path(p: PathLike) -> epath.Path:
-  """`p` as an `epath.Path` (local, gs://, fsspec), not resolved against the working directory."""
+  """`p` as an `epath.Path` (local, gs://, s3://, ...), not resolved against the working directory."""
   return epath.Path(p)
 
 
@@ -283,9 +284,12 @@ def load_npz(p: PathLike, names: Iterable[str] | None = None) -> dict[str, np.nd
   """The arrays of the .npz file `p`: those of `names` that it holds, or all of them.
 
   A file from elsewhere may be damaged or hostile: pickled objects are
-  refused, and each array's header is checked against the bytes stored
-  before anything is allocated, so a truncated file, a .npy under an .npz
-  name or a header claiming 10^13 elements is one ValueError naming the file.
+  refused, and before anything is allocated each array's zip record is
+  bounded by what its stored bytes can inflate to (at most 1032 times, all
+  records together within the file) and its .npy header is checked against
+  the record's size, so a truncated file, a .npy under an .npz name, a header
+  claiming 10^13 elements or a few bytes stating gigabytes is one ValueError
+  naming the file.
 
   Raises:
     FileNotFoundError: no file at `p`.
@@ -300,9 +304,26 @@ def load_npz(p: PathLike, names: Iterable[str] | None = None) -> dict[str, np.nd
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
       members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
       wanted = members if names is None else [name for name in names if name in members]
+      _check_stated_sizes([members[name] for name in wanted], len(data))
       return {name: _read_npz_member(archive, members[name]) for name in wanted}
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
     raise ValueError(f"{os.fspath(p)} is not an .npz file: {error}") from error
+
+
+def _check_stated_sizes(infos: list[zipfile.ZipInfo], file_size: int) -> None:
+  """Refuses records whose stated sizes exceed what `file_size` bytes can hold or inflate to."""
+  if sum(info.compress_size for info in infos) > file_size:
+    raise ValueError(f"its records state {sum(info.compress_size for info in infos):,} stored"
+                     f" bytes in a file of {file_size:,}")
+  for info in infos:
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+      raise ValueError(f"array {info.filename!r} is compressed with zip method"
+                       f" {info.compress_type}; np.savez stores or deflates")
+    most = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED
+                                 else _DEFLATE_MAX_RATIO)
+    if info.file_size > most:
+      raise ValueError(f"array {info.filename!r} states {info.file_size:,} bytes; its"
+                       f" {info.compress_size:,} stored bytes hold at most {most:,}")
 
 
 def _read_npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:

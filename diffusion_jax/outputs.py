@@ -2,6 +2,7 @@
 
     outputs.check_apart(output_dir, [input_folder, weights_file])   # not equal, inside, around
     outputs.check_unclaimed(paths_this_run_writes, overwrite=flag)  # nothing there yet
+    resuming = outputs.claim(folder, settings, paths_this_run_writes, overwrite=flag)
 
 Every launcher that writes into a folder the user names (sample, evaluate,
 segment, convert) checks it with these before writing anything.
@@ -9,13 +10,16 @@ segment, convert) checks it with these before writing anything.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from diffusion_jax import files
 
 OVERWRITE_FLAG = "--overwrite"
+CLAIM_FILE = "settings.json"  # written into a claimed folder before anything else
 
 
 class OutputConflictError(ValueError):
@@ -71,3 +75,40 @@ def check_unclaimed(paths: Iterable[str | os.PathLike], *, overwrite: bool) -> N
     raise OutputConflictError(f"{existing[0]!r}{others} already exists and this run did not"
                               f" write it: pass {OVERWRITE_FLAG} to replace it, or pick another"
                               " output folder")
+
+
+def claim(folder: str | os.PathLike, settings: Mapping[str, Any],
+          paths: Iterable[str | os.PathLike], *, overwrite: bool) -> bool:
+  """Whether `folder` holds the earlier outputs of a run with `settings`; if not, claims it.
+
+  FOLDER/settings.json, written before anything else, says whose files the
+  folder holds: equal settings are this run's (it resumes, True); other
+  settings, or none beside any of `paths` (what this run would write), are
+  another run's, refused unless `overwrite`. A folder that is not this run's
+  is claimed by saving `settings` (JSON-able) there (False).
+
+  Raises:
+    OutputConflictError: naming the settings file or the first existing path.
+  """
+  path = files.join(folder, CLAIM_FILE)
+  settings = json.loads(json.dumps(settings))  # as read back: lists for tuples
+  if files.exists(path):
+    previous = files.read_json(path)
+    if previous == settings:
+      return True
+    if not overwrite:
+      raise OutputConflictError(
+          f"{path} holds the settings of another run: use a new output folder, the same"
+          f" settings, or {OVERWRITE_FLAG}; they differ in {'; '.join(_changes(previous, settings))}")
+  else:
+    check_unclaimed(paths, overwrite=overwrite)
+  files.write_json(path, settings, indent=2, sort_keys=True)
+  return False
+
+
+def _changes(old: Any, new: Any, key: str = "") -> list[str]:
+  """'key old → new' for each value that differs between two JSON values, dicts key by key."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [change for name in sorted(old.keys() | new.keys())
+            for change in _changes(old.get(name), new.get(name), f"{key}.{name}".lstrip("."))]
+  return [] if old == new else [f"{key} {old!r} → {new!r}"]

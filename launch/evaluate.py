@@ -9,8 +9,9 @@
 Writes WORKDIR/eval/<config name>-step<N>/report.json (every metric, the
 checkpoint step, sampler settings and NFE, weights SHA-256, wall time per
 phase), TensorBoard scalars beside it, a table on stdout, and for a sweep over
-several samplers fid_vs_nfe.png. Rerunning continues an interrupted
-evaluation. A model factory that the workdir's config.json names
+several samplers fid_vs_nfe.png. Rerunning the same evaluation continues an
+interrupted one; a folder holding another evaluation's files (other settings)
+or files no evaluation wrote is refused unless --overwrite. A model factory that the workdir's config.json names
 ("package.module:factory") is code: it is imported only with --trust_model_code.
 
 Several hosts run it as one job, like launch.train and launch.sample
@@ -35,6 +36,7 @@ _REFERENCE = flags.DEFINE_string("reference", None, "Reference statistics .npz (
                                  " the ADM evaluator's format) instead of the config's.")
 _MULTIHOST = common.define_multihost_flag()
 _TRUST_MODEL_CODE = common.define_trust_model_code_flag()
+_OVERWRITE = common.define_overwrite_flag()
 _PROFILE_DIR = common.define_profile_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -45,7 +47,8 @@ def main(argv):
   config = evaluation.from_config_dict(_CONFIG.value)
   with common.profiled(_PROFILE_DIR.value):
     evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
-                        reference_path=_REFERENCE.value, trust_model_code=_TRUST_MODEL_CODE.value)
+                        reference_path=_REFERENCE.value, trust_model_code=_TRUST_MODEL_CODE.value,
+                        overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

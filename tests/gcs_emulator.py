@@ -94,10 +94,27 @@ class _Forbidden(http.server.BaseHTTPRequestHandler):
     pass
 
 
+class _ReadOnly(_Forbidden):
+  """An empty bucket under credentials that may read it but not write: reads find nothing (404),
+  writes are refused (403)."""
+
+  def _nothing(self):
+    body = json.dumps({"kind": "storage#objects", "items": []} if "/o?" in self.path
+                      else {"error": {"code": 404, "message": "No such object"}})
+    self.send_response(200 if "/o?" in self.path else 404)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body.encode())
+
+  do_GET = do_HEAD = _nothing
+
+
 @contextlib.contextmanager
-def forbidding_server() -> Iterator[str]:
-  """The URL of a local server that refuses every request with 403, as GCS does without IAM."""
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Forbidden)
+def forbidding_server(read_only: bool = False) -> Iterator[str]:
+  """The URL of a local server that refuses every request with 403, as GCS does without IAM;
+  `read_only`: only writes, as to credentials that may read an empty bucket."""
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ReadOnly if read_only else _Forbidden)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
   try:

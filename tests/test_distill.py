@@ -11,13 +11,7 @@ from diffusion_jax import schedules
 from diffusion_jax.config import distill as distill_config
 from diffusion_jax.distill import progressive
 from diffusion_jax.sampling.loop import noise_levels
-
-MU, STD = 0.3, 0.5  # the toy data: x_0 ~ N(MU, STD^2) in every pixel
-
-
-def _exact_x0(alpha, sigma, z):
-  """E[x_0 | z] for z = alpha x_0 + sigma eps: the exact denoiser of the Gaussian toy data."""
-  return MU + alpha * STD**2 / (alpha**2 * STD**2 + sigma**2) * (z - alpha * MU)
+from distill_common import exact_x0, leaves_equal, on_teacher  # tests/distill_common.py
 
 
 @pytest.mark.parametrize("point, stride", [(8, 1), (8, 2), (6, 3), (2, 1), (4, 2)])
@@ -28,21 +22,21 @@ def test_the_target_is_the_x0_whose_one_ddim_step_lands_on_two_exact_teacher_ste
 
   def x0_fn(x, index):  # the exact teacher, at grid point index + 1
     level = lambda values: values[index + 1][:, None, None, None]
-    return _exact_x0(level(alpha), level(sigma), x)
+    return exact_x0(level(alpha), level(sigma), x)
 
   target = progressive.two_step_target(
       x0_fn, steps, jnp.asarray(z, jnp.float32), jnp.full((3,), point), jnp.full((3,), stride))
   # Two DDIM steps (Song et al. eq. 12, eta = 0) in float64, by hand.
   x = z
   for p, q in ((point, point - stride), (point - stride, point - 2 * stride)):
-    x0 = _exact_x0(alpha[p], sigma[p], x)
+    x0 = exact_x0(alpha[p], sigma[p], x)
     x = alpha[q] * x0 + sigma[q] * (x - alpha[p] * x0) / sigma[p]
   end = point - 2 * stride
   one_step = alpha[end] * target + sigma[end] * (z - alpha[point] * target) / sigma[point]
   np.testing.assert_allclose(one_step, x, atol=2e-5)
   if end == 0:  # onto clean data: the target is the teacher's sample itself
     np.testing.assert_allclose(target, x, atol=2e-5)
-  assert not np.allclose(target, _exact_x0(alpha[point], sigma[point], z), atol=1e-3)
+  assert not np.allclose(target, exact_x0(alpha[point], sigma[point], z), atol=1e-3)
 
 
 def test_trailing_grids_halve_by_keeping_every_other_timestep():
@@ -74,10 +68,7 @@ def test_rounds_halve_the_student_steps():
 
 def _progressive_config(teacher_workdir, **train):
   from configs import digits_progressive  # pylint: disable=g-import-not-at-top
-  config = digits_progressive.get_config("smoke")
-  config.distill.teacher_workdir = teacher_workdir
-  config.train.update(train)
-  return config
+  return on_teacher(digits_progressive.get_config("smoke"), teacher_workdir, **train)
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +77,6 @@ def progressive_run(digits_smoke_run, tmp_path_factory):
   from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("progressive"))
   return workdir, loop.train_and_evaluate(_progressive_config(digits_smoke_run), workdir)
-
-
-def _leaves_equal(a, b) -> bool:
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_each_round_samples_as_a_model_of_its_steps(progressive_run):
@@ -104,8 +91,8 @@ def test_each_round_samples_as_a_model_of_its_steps(progressive_run):
     assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(images))
   # Round 1's teacher is round 0's last student (EMA decay 0: its parameters).
   round0 = runs.load_ema_for_sampling(workdir, 2)
-  assert _leaves_equal(state.sampler_state.teacher_params, round0.params)
-  assert not _leaves_equal(state.params, round0.params)
+  assert leaves_equal(state.sampler_state.teacher_params, round0.params)
+  assert not leaves_equal(state.params, round0.params)
 
 
 def test_a_run_resumed_at_a_round_boundary_equals_an_unbroken_one(progressive_run,
@@ -116,8 +103,8 @@ def test_a_run_resumed_at_a_round_boundary_equals_an_unbroken_one(progressive_ru
   resumed = loop.train_and_evaluate(_progressive_config(digits_smoke_run), workdir)
   unbroken = progressive_run[1]
   assert int(resumed.step) == 4
-  assert _leaves_equal(resumed.params, unbroken.params)
-  assert _leaves_equal(resumed.sampler_state, unbroken.sampler_state)
+  assert leaves_equal(resumed.params, unbroken.params)
+  assert leaves_equal(resumed.sampler_state, unbroken.sampler_state)
 
 
 def test_the_distillation_loss_falls(digits_smoke_run):

@@ -248,3 +248,15 @@ def test_denied_access_is_one_line_naming_the_path(gcs, tmp_path):
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert last.startswith("launch.sample: gs://bucket/run/config.json: access denied"), last
   assert os.listdir(tmp_path) == []
+
+
+def test_a_training_write_denied_by_the_bucket_is_one_line_naming_the_path(tmp_path):
+  """Credentials that may read an empty bucket but not write it: the first write of the run."""
+  with gcs_emulator.forbidding_server(read_only=True) as url:
+    result = _launch(tmp_path, "-m", "launch.train", CONFIG, "--workdir=gs://bucket/run",
+                     env=gcs_emulator.environment(url))
+  last = result.stderr.strip().splitlines()[-1]
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert last.startswith("launch.train: Cannot write in workdir gs://bucket/run:"
+                         " gs://bucket/run/.write_check_0: access denied"), last
+  assert os.listdir(tmp_path) == []

@@ -56,10 +56,14 @@ def _bad_inputs(root: pathlib.Path, run: str) -> dict[str, str]:
       header, {"descr": "|u1", "fortran_order": False, "shape": (10**13, 8, 8, 1)})
   with zipfile.ZipFile(root / "huge.npz", "w") as archive:
     archive.writestr("arr_0.npy", header.getvalue() + bytes(64))
-  # Sampling outputs: a folder holding someone's grid.png.
+  # Outputs: a sampling folder holding someone's grid.png; an evaluation folder (of the
+  # samples file good.npz) holding a report.json that no evaluation wrote.
   foreign = root / "foreign"
   foreign.mkdir()
   (foreign / "grid.png").write_bytes(b"someone else's picture")
+  np.savez(root / "good.npz", arr_0=np.zeros((4, 8, 8, 1), np.uint8))
+  (root / "e4" / "eval" / "digits-good").mkdir(parents=True)
+  (root / "e4" / "eval" / "digits-good" / "report.json").write_text("someone else's report")
   # Conversion sources: a diffusers folder with broken JSON, a truncated torch file.
   diffusers = root / "diffusers"
   diffusers.mkdir()
@@ -87,6 +91,11 @@ CASES = [
     ("launch.train", "resume_changes_the_seed",
      ["--config=configs/digits.py:smoke", "--workdir={run}", "--config.seed=5"],
      ["Cannot resume", "seed 0 → 5"]),
+    ("launch.train", "damaged_checkpoint", ["--config=configs/digits.py:smoke", "--workdir={damaged}"],
+     ["No checkpoint in {damaged}/checkpoints restores"]),
+    ("launch.train", "batch_size_and_devices",
+     ["--config=configs/digits.py:smoke", "--workdir={root}/t3", "--config.train.batch_size=3"],
+     ["train.batch_size=3", "8 devices"]),
     ("launch.sample", "workdir_without_run", ["--workdir={empty}"], ["config.json", "{empty}"]),
     ("launch.sample", "batch_size_and_devices", ["--workdir={run}", "--batch_size=3"],
      ["--batch_size=3", "8 devices"]),
@@ -107,6 +116,9 @@ CASES = [
     ("launch.evaluate", "npz_header_claims_1e13_images",
      ["--config=configs/eval/digits.py:smoke", "--workdir={root}/e3",
       "--samples={root}/huge.npz"], ["{root}/huge.npz", "(10000000000000, 8, 8, 1)"]),
+    ("launch.evaluate", "evaluation_folder_holds_foreign_files",
+     ["--config=configs/eval/digits.py:smoke", "--workdir={root}/e4", "--samples={root}/good.npz"],
+     ["{root}/e4/eval/digits-good/report.json", "--overwrite"]),
     ("launch.evaluate", "untrusted_model_factory",
      ["--config=configs/eval/digits.py:smoke", "--workdir={untrusted}"],
      ["'os:system'", "--trust_model_code"]),
@@ -128,7 +140,9 @@ CASES = [
      ["--workdir={untrusted}", "--input={images}", "--output={root}/g2"],
      ["'os:system'", "--trust_model_code"]),
 ]
-VERBOSE_CASE = ("launch.sample", "workdir_without_run_verbose", ["--workdir={empty}", "--verbose"])
+# The first case again, showing its traceback: (case, command line, DIFFUSION_JAX_VERBOSE).
+VERBOSE_CASES = [("verbose_flag", ["--workdir={empty}", "--verbose"], ""),
+                 ("verbose_environment", ["--workdir={empty}"], "1")]
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +152,19 @@ def bad_inputs(tmp_path_factory, digits_smoke_run) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def outcomes(bad_inputs) -> dict[str, dict]:
-  """{case: {"status", "stderr", "traceback"}}: each launcher's cases run in one process."""
+  """{case: {"status", "stderr", "traceback"}}: the cases of each launcher and value of
+  DIFFUSION_JAX_VERBOSE run in one process."""
   by_launcher = collections.defaultdict(list)
-  for launcher, case, argv, *_ in [*CASES, VERBOSE_CASE]:
-    by_launcher[launcher].append((case, [arg.format(**bad_inputs) for arg in argv]))
+  every_case = [*((launcher, case, argv, "") for launcher, case, argv, _ in CASES),
+                *(("launch.sample", *verbose_case) for verbose_case in VERBOSE_CASES)]
+  for launcher, case, argv, verbose in every_case:
+    by_launcher[launcher, verbose].append((case, [arg.format(**bad_inputs) for arg in argv]))
   found = {}
-  for launcher, cases in by_launcher.items():
+  for (launcher, verbose), cases in by_launcher.items():
     result = subprocess.run(
         [sys.executable, "tests/launcher_cases.py", launcher,
          json.dumps([argv for _, argv in cases])], cwd=REPO, capture_output=True, text=True,
-        timeout=900, env={**os.environ, "DIFFUSION_JAX_VERBOSE": ""})
+        timeout=900, env={**os.environ, common.VERBOSE_ENV: verbose})
     lines = result.stdout.strip().splitlines()
     assert len(lines) == len(cases), f"{launcher}: {result.stderr[-3000:]}"
     found.update({f"{launcher}:{case}": json.loads(line) for (case, _), line in zip(cases, lines)})
@@ -171,12 +188,15 @@ def test_rejected_inputs_ran_no_code_and_changed_no_file(outcomes, bad_inputs):
   assert not os.path.exists(bad_inputs["marker"])  # os.system never ran
   assert (pathlib.Path(bad_inputs["root"]) / "foreign" / "grid.png").read_bytes() == (
       b"someone else's picture")
+  assert (pathlib.Path(bad_inputs["root"]) / "e4" / "eval" / "digits-good" / "report.json"
+          ).read_text() == "someone else's report"
   assert os.listdir(bad_inputs["images"]) == ["a.png"]
   assert not os.path.exists(os.path.join(bad_inputs["root"], "diffusers", "converted"))
 
 
-def test_verbose_shows_the_traceback(outcomes):
-  outcome = outcomes[f"{VERBOSE_CASE[0]}:{VERBOSE_CASE[1]}"]
+@pytest.mark.parametrize("case", [case for case, *_ in VERBOSE_CASES])
+def test_verbose_shows_the_traceback(outcomes, case):
+  outcome = outcomes[f"launch.sample:{case}"]
   assert outcome["status"] == 1 and outcome["traceback"]
   assert "NotFoundError: No config.json" in outcome["stderr"]  # files.PathNotFoundError
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +119,31 @@ def test_evaluation_folder_holding_the_samples_file_is_refused(tmp_path):
   with pytest.raises(outputs.OutputConflictError, match="evaluation folder .* contains the input"):
     evaluation.evaluate(config, str(tmp_path), samples_path=str(inside / "samples.npz"))
   assert os.listdir(inside) == ["samples.npz"]
+
+
+def test_evaluation_folder_of_foreign_files_needs_overwrite_and_a_rerun_is_its_own(tmp_path):
+  """A report.json that no evaluation wrote is refused, named, and kept; --overwrite replaces
+  it; the same evaluation again needs no --overwrite; another evaluation of it does."""
+  config = eval_digits.get_config("smoke")
+  config.update(metrics=("nll",), real_floor=False)  # no run to score: only files are written
+  config = evaluation.from_config_dict(config)
+  samples = tmp_path / "samples.npz"
+  np.savez(samples, arr_0=np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1), np.uint8))
+  out_dir = tmp_path / "eval" / f"{config.name}-samples"
+  out_dir.mkdir(parents=True)
+  (out_dir / "report.json").write_text("someone else's report")
+
+  def run(config, **kwargs):
+    return evaluation.evaluate(config, str(tmp_path), samples_path=str(samples), **kwargs)
+
+  with pytest.raises(outputs.OutputConflictError, match=re.escape(
+      f"'{out_dir / 'report.json'}' already exists and this run did not write it: pass"
+      " --overwrite")):
+    run(config)
+  assert (out_dir / "report.json").read_text() == "someone else's report"
+  first = run(config, overwrite=True)
+  assert run(config)["runs"] == first["runs"]  # its own folder now
+  assert json.loads((out_dir / "report.json").read_text())["runs"] == first["runs"]
+  with pytest.raises(outputs.OutputConflictError, match="holds the settings of another run: .*"
+                     " --overwrite; they differ in config.pr_k 3 → 5$"):
+    run(dataclasses.replace(config, pr_k=5))

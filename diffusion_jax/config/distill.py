@@ -135,6 +135,13 @@ SECTION_CLASSES = {"progressive": {**_STUDENT_SECTIONS, "distill": ProgressiveCo
 TASKS = tuple(SECTION_CLASSES)
 
 
+def student_config(teacher: ml_collections.ConfigDict, task: str) -> ml_collections.ConfigDict:
+  """A distillation config's start: seed 0, `task`, and the `teacher` config's data, model and
+  diffusion sections, which the student's config then changes where it differs."""
+  return ml_collections.ConfigDict(dict(seed=0, task=task, data=teacher.data, model=teacher.model,
+                                        diffusion=teacher.diffusion))
+
+
 def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with every field its sections know, as `config.diffusion.complete_config` does.
 

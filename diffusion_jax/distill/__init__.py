@@ -5,4 +5,5 @@ progressive_task.py  the task (`task = "progressive"`): teacher, student, rounds
 consistency_task.py  consistency distillation and iCT (`task = "consistency"`; the maths in
                      diffusion_jax/consistency.py)
 teacher.py           the teacher read from its workdir, checked against the student's config
+student.py           what both tasks share: the student's sections, batches and first state
 """

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -27,19 +26,12 @@ import ml_collections
 import optax
 from clu import metrics
 
-from diffusion_jax import configlib, consistency, data, edm, models, process, runs
-from diffusion_jax.config.data import DataConfig
-from diffusion_jax.config.diffusion import DiffusionConfig
-from diffusion_jax.config.distill import SECTIONS, ConsistencyConfig
-from diffusion_jax.config.optim import OptimConfig
-from diffusion_jax.config.train import TrainConfig
-from diffusion_jax.configlib import from_mapping
-from diffusion_jax.distill import teacher
+from diffusion_jax import consistency, edm, process, runs
+from diffusion_jax.config.distill import ConsistencyConfig
+from diffusion_jax.distill import student, teacher
 from diffusion_jax.evaluation import lpips
 from diffusion_jax.train import optimizer
-from diffusion_jax.train.run_config import FIXED_BY_CHECKPOINT
 from diffusion_jax.train.state import TrainMetrics, TrainState, apply_gradients, masked_average
-from diffusion_jax.train.task import Hook
 
 
 @flax.struct.dataclass
@@ -98,22 +90,18 @@ def metric_fn(distill: ConsistencyConfig, lpips_params: Any
   return consistency.squared_l2
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyFns
-               ) -> tuple[TrainState, TrainMetrics]:
-  """One consistency step on batch {"image": [B, H, W, C] in [-1, 1], "label": [B]}.
+def loss_terms(fns: ConsistencyFns, params, target_params, teacher_params, x: jax.Array,
+               z: jax.Array, sigma: jax.Array, sigma_next: jax.Array, labels: jax.Array | None,
+               dropout_key: jax.Array, lpips_params: Any = ()) -> tuple[jax.Array, jax.Array]:
+  """(lambda(sigma_n) [B], d [B]): CM's loss at levels sigma_n < sigma_{n+1} [B], noise z.
 
-  x_{n+1} = x + sigma_{n+1} z; x_n is one Heun step of the teacher from it (CD),
-  or x + sigma_n z with the same z (iCT); the loss is
-  lambda(sigma_n) d(f_theta(x_{n+1}, sigma_{n+1}), f_theta-(x_n, sigma_n)), d the
-  distill.metric, theta- the target network (CD) or theta without gradient (iCT),
-  lambda 1 (CD) or 1 / (sigma_{n+1} - sigma_n) (iCT). Both calls of f share the
-  dropout mask.
+  x_{n+1} = x + sigma_{n+1} z (x [B, H, W, C] in [-1, 1]); x_n is one Heun step
+  of the teacher (`teacher_params`) from it (CD, Algorithm 2), or x + sigma_n z
+  with the same z (iCT); d is the distill.metric between f_params(x_{n+1},
+  sigma_{n+1}) and f_target_params(x_n, sigma_n) without gradient; lambda is 1
+  (CD) or 1 / (sigma_{n+1} - sigma_n) (iCT). Both calls of f share the dropout mask.
+  `lpips_params`: the LPIPS variables d reads when distill.metric is "lpips".
   """
-  x = batch["image"]
-  labels = batch["label"] if fns.conditional else None
-  level_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
-  sigma, sigma_next, count = _levels(fns, level_key, state.step, x.shape[0])
-  z = jax.random.normal(noise_key, x.shape, x.dtype)
   x_next = x + edm.per_example(sigma_next, x.ndim) * z
 
   def f(params, x_t, levels):
@@ -122,20 +110,39 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyF
     return fns.precond.denoise(net_fn, x_t, levels)
 
   if fns.distill.method == "cd":
-    solver = teacher.denoiser(fns.teacher, state.sampler_state.teacher_params, labels)
+    solver = teacher.denoiser(fns.teacher, teacher_params, labels)
     x_cur = consistency.heun_step(solver.denoise, x_next, sigma_next, sigma)
-    target_params, weight = state.sampler_state.target_params, jnp.ones_like(sigma)
+    weight = jnp.ones_like(sigma)
   else:
     x_cur = x + edm.per_example(sigma, x.ndim) * z
-    target_params, weight = state.params, 1.0 / (sigma_next - sigma)
+    weight = 1.0 / (sigma_next - sigma)
   target = jax.lax.stop_gradient(f(target_params, x_cur, sigma))
-  metric = metric_fn(fns.distill, state.sampler_state.lpips_params)
+  return weight, metric_fn(fns.distill, lpips_params)(f(params, x_next, sigma_next), target)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyFns
+               ) -> tuple[TrainState, TrainMetrics]:
+  """One consistency step on batch {"image": [B, H, W, C] in [-1, 1], "label": [B]}.
+
+  Draws the levels (`_levels`) and the noise z, and descends the mean of
+  `loss_terms`; the target network is theta- (CD: an EMA of theta, updated
+  after the step) or theta itself (iCT).
+  """
+  x = batch["image"]
+  labels = batch["label"] if fns.conditional else None
+  level_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+  sigma, sigma_next, count = _levels(fns, level_key, state.step, x.shape[0])
+  z = jax.random.normal(noise_key, x.shape, x.dtype)
+  target_params = (state.sampler_state.target_params if fns.distill.method == "cd"
+                   else state.params)
 
   def loss_fn(params):
-    distance = metric(f(params, x_next, sigma_next), target)  # [B]
-    return jnp.mean(weight * distance), distance
+    weight, distance = loss_terms(fns, params, target_params, state.sampler_state.teacher_params,
+                                  x, z, sigma, sigma_next, labels, dropout_key,
+                                  state.sampler_state.lpips_params)
+    return jnp.mean(weight * distance), (weight, distance)
 
-  (loss, distance), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (weight, distance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, skipped, grad_norm = apply_gradients(state, grads, jnp.isfinite(loss), fns.tx,
                                                   fns.ema_decay)
   finite = skipped.count == 0
@@ -154,23 +161,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyF
 
 
 @dataclasses.dataclass(frozen=True)
-class ConsistencyExperiment:
-  """A consistency config made concrete: the student, CD's teacher, the discretisation."""
+class ConsistencyExperiment(student.StudentExperiment):
+  """A consistency config made concrete: the student, CD's teacher, the discretisation.
 
-  config: ml_collections.ConfigDict
-  model: nn.Module  # F of the consistency function
-  diffusion: DiffusionConfig  # parameterization "consistency": sigma_data, iCT's p_mean, p_std
-  optim: OptimConfig
-  train: TrainConfig
-  data: DataConfig
+  Its `diffusion` has parameterization "consistency": sigma_data, iCT's p_mean and p_std.
+  """
+
   distill: ConsistencyConfig
   teacher: runs.EmaModel | None  # CD's; None for iCT
   lpips_params: Any  # distill.metric "lpips": the LPIPS network's variables; () otherwise
-
-  resume_rules: ClassVar[Mapping[str, str]] = {  # this task's rows of run_config's rules
-      "diffusion": FIXED_BY_CHECKPOINT,  # how f reads its network
-      "distill": FIXED_BY_CHECKPOINT,  # the teacher, the method and the state it keeps
-  }
 
   def step_fns(self) -> ConsistencyFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
@@ -184,11 +183,6 @@ class ConsistencyExperiment:
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
     return functools.partial(train_step, fns=self.step_fns())
 
-  def counted_step_fn(self):
-    """None: no microbatch loop, so XLA's count of the step is the MFU's (train/task.py); the
-    teacher's network calls count, and with model.remat so do the recomputed passes."""
-    return None
-
   def init_state(self, rng: jax.Array) -> TrainState:
     """CD: the student, its target and EMA start as the teacher; iCT: a fresh network."""
     init_key, state_key = jax.random.split(rng)
@@ -201,17 +195,7 @@ class ConsistencyExperiment:
       params = self.model.init(init_key, *runs.example_inputs(self.model, image_shape))["params"]
       task_state = ConsistencyState(teacher_params=(), target_params=(),
                                     lpips_params=self.lpips_params)
-    return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
-                      opt_state=self.step_fns().tx.init(params), rng=state_key,
-                      sampler_state=task_state)
-
-  def make_train_iterator(self):
-    return data.make_train_iterator(self.data, self.train.batch_size)
-
-  def periodic_hooks(self, mesh, workdir: str) -> list[Hook]:
-    """None: sample the checkpoints with launch.sample --sampler=consistency / launch.evaluate."""
-    del mesh, workdir
-    return []
+    return student.initial_state(params, self.step_fns().tx, state_key, task_state)
 
 
 def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
@@ -220,24 +204,17 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
 
   `model`, when given, replaces building `config.model` with the zoo.
   """
-  configlib.check_known(config, SECTIONS, "config")
-  distill = from_mapping(ConsistencyConfig, config.distill, "distill")
-  diffusion = from_mapping(DiffusionConfig, config.diffusion, "diffusion")
-  if diffusion.parameterization != "consistency":
-    raise ValueError(f"diffusion.parameterization={diffusion.parameterization!r}: a consistency"
+  sections = student.student_sections(config, model, ConsistencyConfig, "consistency training")
+  parameterization = sections["diffusion"].parameterization
+  if parameterization != "consistency":
+    raise ValueError(f"diffusion.parameterization={parameterization!r}: a consistency"
                      " run's network is a consistency function; set it to 'consistency'.")
-  train_config = from_mapping(TrainConfig, config.train, "train")
-  if train_config.grad_accum_steps != 1:
-    raise ValueError("train.grad_accum_steps must be 1 for consistency training, got"
-                     f" {train_config.grad_accum_steps}.")
   frozen = None
-  if distill.method == "cd":
-    frozen = teacher.load(distill.teacher_workdir, config, teacher.CONSISTENCY_SHARED_KEYS)
+  if sections["distill"].method == "cd":
+    frozen = teacher.load(sections["distill"].teacher_workdir, config,
+                          teacher.CONSISTENCY_SHARED_KEYS)
+  distill = sections["distill"]
   lpips_params = ()
   if distill.metric == "lpips":
     lpips_params = lpips.load_lpips(*filter(None, (distill.lpips_weights, distill.vgg_weights)))
-  return ConsistencyExperiment(
-      config=config, model=models.get_model(dict(config.model)) if model is None else model,
-      diffusion=diffusion, optim=OptimConfig.from_mapping(config.optim), train=train_config,
-      data=DataConfig.from_mapping(config.data), distill=distill, teacher=frozen,
-      lpips_params=lpips_params)
+  return ConsistencyExperiment(**sections, teacher=frozen, lpips_params=lpips_params)

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -24,20 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 from clu import metrics
 
-from diffusion_jax import configlib, data, diffusion, models, process, runs
-from diffusion_jax.config.data import DataConfig
-from diffusion_jax.config.diffusion import DiffusionConfig
-from diffusion_jax.config.distill import SECTIONS, ProgressiveConfig
-from diffusion_jax.config.optim import OptimConfig
-from diffusion_jax.config.train import TrainConfig
-from diffusion_jax.configlib import from_mapping
+from diffusion_jax import diffusion, losses, process, runs
+from diffusion_jax.config.distill import ProgressiveConfig
 from diffusion_jax.diffusion import ModelSpec
-from diffusion_jax.distill import progressive, teacher
+from diffusion_jax.distill import progressive, student, teacher
 from diffusion_jax.sampling.loop import SamplingSchedule, noise_levels
 from diffusion_jax.train import optimizer
-from diffusion_jax.train.run_config import FIXED_BY_CHECKPOINT
 from diffusion_jax.train.state import TrainMetrics, TrainState, apply_gradients, masked_average
-from diffusion_jax.train.task import Hook
 
 
 @flax.struct.dataclass
@@ -84,14 +76,40 @@ def _x0(spec: ModelSpec, steps: SamplingSchedule, output, x, index) -> jax.Array
   return diffusion.predict_x0(spec, steps.schedule, mean_output, x, index)
 
 
+def loss_terms(fns: ProgressiveFns, params, teacher_params, x: jax.Array, noise: jax.Array,
+               point: jax.Array, current: jax.Array, labels: jax.Array | None,
+               dropout_key: jax.Array) -> losses.LossTerms:
+  """[B] terms of Algorithm 2's loss in round `current` [] at grid points `point` [B].
+
+  z_p = alpha_p x + sigma_p noise (x, noise [B, H, W, C]); the target is
+  `progressive.two_step_target` of the teacher (`teacher_params`, stride
+  2^current; x_0 clipped as DDIM clips it), the loss max(SNR_p, 1) |x^ - x~|^2
+  of the student (`params`) at p (`progressive.loss_terms`).
+  """
+  alpha, sigma = noise_levels(fns.steps.schedule)
+  z = diffusion.at(alpha, point, x.ndim) * x + diffusion.at(sigma, point, x.ndim) * noise
+
+  def teacher_x0(x_t, index):
+    output = fns.apply(teacher_params, x_t, fns.steps.timesteps[index], labels)
+    x0 = jnp.where(current == 0, _x0(fns.teacher_spec, fns.steps, output, x_t, index),
+                   _x0(fns.student_spec, fns.steps, output, x_t, index))
+    return jnp.clip(x0, -1.0, 1.0) if fns.teacher_spec.clip_x0 else x0
+
+  target = jax.lax.stop_gradient(progressive.two_step_target(
+      teacher_x0, fns.steps, z, point, jnp.left_shift(1, current)))
+  output = fns.apply(params, z, fns.steps.timesteps[point - 1], labels, train=True,
+                     rngs={"dropout": dropout_key})
+  return progressive.loss_terms(_x0(fns.student_spec, fns.steps, output, z, point - 1), target,
+                                alpha[point], sigma[point])
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ProgressiveFns
                ) -> tuple[TrainState, TrainMetrics]:
   """One step of Salimans & Ho's Algorithm 2 on batch {"image": [B, H, W, C], "label": [B]}.
 
   In round r the student has K = start_steps / 2^(r+1) steps; a student point
-  i ~ U{1..K} is grid point p = 2^(r+1) i, z_p = alpha_p x + sigma_p eps, the
-  target is `progressive.two_step_target` of the teacher (stride 2^r; x_0
-  clipped as DDIM clips it), and the loss max(SNR_p, 1) |x^ - x~|^2.
+  i ~ U{1..K} is grid point p = 2^(r+1) i, and the step descends the mean of
+  `loss_terms` there.
   """
   state = _start_round(state, fns)
   x = batch["image"]
@@ -101,25 +119,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ProgressiveF
   stride = jnp.left_shift(1, current)
   num_points = fns.distill.start_steps // (2 * stride)  # K
   point = 2 * stride * jax.random.randint(point_key, x.shape[:1], 1, num_points + 1)
-  alpha, sigma = noise_levels(fns.steps.schedule)
   noise = jax.random.normal(noise_key, x.shape, x.dtype)
-  z = diffusion.at(alpha, point, x.ndim) * x + diffusion.at(sigma, point, x.ndim) * noise
-
-  def teacher_x0(x_t, index):
-    output = fns.apply(state.sampler_state.teacher_params, x_t, fns.steps.timesteps[index],
-                       labels)
-    x0 = jnp.where(current == 0, _x0(fns.teacher_spec, fns.steps, output, x_t, index),
-                   _x0(fns.student_spec, fns.steps, output, x_t, index))
-    return jnp.clip(x0, -1.0, 1.0) if fns.teacher_spec.clip_x0 else x0
-
-  target = jax.lax.stop_gradient(
-      progressive.two_step_target(teacher_x0, fns.steps, z, point, stride))
 
   def loss_fn(params):
-    output = fns.apply(params, z, fns.steps.timesteps[point - 1], labels, train=True,
-                       rngs={"dropout": dropout_key})
-    terms = progressive.loss_terms(_x0(fns.student_spec, fns.steps, output, z, point - 1),
-                                   target, alpha[point], sigma[point])
+    terms = loss_terms(fns, params, state.sampler_state.teacher_params, x, noise, point, current,
+                       labels, dropout_key)
     return jnp.mean(terms.loss), terms
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -136,22 +140,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ProgressiveF
 
 
 @dataclasses.dataclass(frozen=True)
-class ProgressiveExperiment:
-  """A progressive distillation config made concrete: the student, its teacher, the rounds."""
+class ProgressiveExperiment(student.StudentExperiment):
+  """A progressive distillation config made concrete: the student, its teacher, the rounds.
 
-  config: ml_collections.ConfigDict
-  model: nn.Module  # the student's network: the teacher's architecture
-  diffusion: DiffusionConfig  # the student's (its mean_type; the teacher's process)
-  optim: OptimConfig
-  train: TrainConfig
-  data: DataConfig
+  Its `diffusion` is the student's: its mean_type, on the teacher's process.
+  """
+
   distill: ProgressiveConfig
   teacher: runs.EmaModel
-
-  resume_rules: ClassVar[Mapping[str, str]] = {  # this task's rows of run_config's rules
-      "diffusion": FIXED_BY_CHECKPOINT,  # how the student's output is read
-      "distill": FIXED_BY_CHECKPOINT,  # the teacher, and which round each saved step is in
-  }
 
   def step_fns(self) -> ProgressiveFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
@@ -166,25 +162,11 @@ class ProgressiveExperiment:
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
     return functools.partial(train_step, fns=self.step_fns())
 
-  def counted_step_fn(self):
-    """None: no microbatch loop, so XLA's count of the step is the MFU's (train/task.py); the
-    teacher's network calls count, and with model.remat so do the recomputed passes."""
-    return None
-
   def init_state(self, rng: jax.Array) -> TrainState:
     """The student as its teacher: the teacher's EMA parameters, teacher and student alike."""
     params = self.teacher.params
-    return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
-                      opt_state=self.step_fns().tx.init(params), rng=rng,
-                      sampler_state=DistillState(teacher_params=params))
-
-  def make_train_iterator(self):
-    return data.make_train_iterator(self.data, self.train.batch_size)
-
-  def periodic_hooks(self, mesh, workdir: str) -> list[Hook]:
-    """None: sample the student's checkpoints with launch.sample / launch.evaluate."""
-    del mesh, workdir
-    return []
+    return student.initial_state(params, self.step_fns().tx, rng,
+                                 DistillState(teacher_params=params))
 
 
 def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
@@ -193,22 +175,15 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
 
   `model`, when given, replaces building `config.model` with the zoo.
   """
-  configlib.check_known(config, SECTIONS, "config")
-  distill = from_mapping(ProgressiveConfig, config.distill, "distill")
-  train_config = from_mapping(TrainConfig, config.train, "train")
-  if train_config.num_steps > distill.num_steps:
-    raise ValueError(f"train.num_steps={train_config.num_steps} is past the last round:"
+  sections = student.student_sections(config, model, ProgressiveConfig,
+                                       "progressive distillation")
+  distill, num_steps = sections["distill"], sections["train"].num_steps
+  if num_steps > distill.num_steps:
+    raise ValueError(f"train.num_steps={num_steps} is past the last round:"
                      f" {distill.num_rounds} rounds of distill.steps_per_round="
                      f"{distill.steps_per_round} are {distill.num_steps} steps.")
-  if train_config.grad_accum_steps != 1:
-    raise ValueError("train.grad_accum_steps must be 1 for progressive distillation, got"
-                     f" {train_config.grad_accum_steps}.")
   frozen = teacher.load(distill.teacher_workdir, config, teacher.PROGRESSIVE_SHARED_KEYS)
   if distill.start_steps > frozen.schedule.num_timesteps:
     raise ValueError(f"distill.start_steps={distill.start_steps} is more than the teacher's"
                      f" {frozen.schedule.num_timesteps} timesteps.")
-  return ProgressiveExperiment(
-      config=config, model=models.get_model(dict(config.model)) if model is None else model,
-      diffusion=from_mapping(DiffusionConfig, config.diffusion, "diffusion"),
-      optim=OptimConfig.from_mapping(config.optim), train=train_config,
-      data=DataConfig.from_mapping(config.data), distill=distill, teacher=frozen)
+  return ProgressiveExperiment(**sections, teacher=frozen)

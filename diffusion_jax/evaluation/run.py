@@ -53,14 +53,18 @@ class _PhaseTimer:
 
 
 def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = None,
-             reference_path: str | None = None, trust_model_code: bool = False) -> dict:
+             reference_path: str | None = None, trust_model_code: bool = False,
+             overwrite: bool = False) -> dict:
   """Runs `config` on the run in `workdir` (or on `samples_path`); writes and returns the report.
 
   The report goes to WORKDIR/eval/<name>-step<N>/report.json (or
   <name>-<samples file name>/ for a samples file), with TensorBoard scalars and,
   for a sweep over several samplers, fid_vs_nfe.png beside it; a samples or
-  reference file inside that folder is refused. A model factory named in the
-  workdir's config.json is imported only with `trust_model_code`.
+  reference file inside that folder is refused. The folder is claimed with
+  the evaluation's settings (`outputs.claim`): a rerun with the same settings
+  resumes there; files of another evaluation, or files no evaluation wrote,
+  are refused unless `overwrite`. A model factory named in the workdir's
+  config.json is imported only with `trust_model_code`.
   """
   timer = _PhaseTimer()
   with timer("load"):
@@ -77,8 +81,9 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
   out_dir = files.join(workdir, "eval", f"{config.name}-{step_tag}")
   outputs.check_apart(out_dir, [samples_path, reference_path or config.reference_path],
                       what="evaluation folder")
-  if jax.process_index() == 0:
-    files.makedirs(out_dir)
+  _claim(out_dir, {"config": dataclasses.asdict(config), "samples": samples_path,
+                   "reference": reference_path,
+                   "checkpoint_step": None if model is None else model.step}, overwrite)
 
   with timer("reference"):
     references = {name: given_reference if given_reference and name == "inception"
@@ -87,7 +92,8 @@ def evaluate(config: EvalConfig, workdir: str, *, samples_path: str | None = Non
   runs = []
   for sampler, seed in _draws(config, samples is None):
     with timer("sampling"):
-      run_samples = samples if sampler is None else _draw(model, sampler, config, out_dir, seed)
+      run_samples = (samples if sampler is None
+                     else _draw(model, sampler, config, out_dir, seed, overwrite))
     with timer("features"):
       scores = score_samples(run_samples, nets, references, config)
     runs.append({**_describe(sampler, model, samples_path), "num_samples": len(run_samples),
@@ -198,6 +204,24 @@ def _check_samples_fit(samples: np.ndarray, path: str, nets: dict, data_config) 
                      f" metrics need {shape}.")
 
 
+def _claim(out_dir: str, settings: dict, overwrite: bool) -> None:
+  """`outputs.claim` of OUT_DIR by process 0, whatever it holds counted as another's files.
+
+  Every process raises the same refusal, before any of them starts working.
+  """
+  refusal = None
+  if jax.process_index() == 0:
+    found = ([files.join(out_dir, name) for name in files.listdir(out_dir)]
+             if files.exists(out_dir) else [])
+    try:
+      outputs.claim(out_dir, settings, found, overwrite=overwrite)
+    except outputs.OutputConflictError as error:
+      refusal = error
+  if hosts.process_0_says(refusal is not None):
+    raise refusal or outputs.OutputConflictError(
+        f"Process 0 refused the evaluation folder {out_dir} (see process 0's error).")
+
+
 def _file_tag(path: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(path))[0])
 
@@ -269,12 +293,12 @@ def _draws(config: EvalConfig, drawing: bool) -> list[tuple[sampling.SamplerConf
 
 
 def _draw(model: EmaModel, sampler: sampling.SamplerConfig, config: EvalConfig,
-          out_dir: str, seed: int) -> np.ndarray:
+          out_dir: str, seed: int, overwrite: bool) -> np.ndarray:
   """config.num_samples images from one sampler setting, through the resumable sample_to_files."""
   batch_size = -(-config.batch_size // jax.device_count()) * jax.device_count()
   name = f"samples-{sampler.label}-seed{seed}"
   return draw_samples(model, sampler, config.num_samples, batch_size,
-                      files.join(out_dir, name), seed=seed)
+                      files.join(out_dir, name), seed=seed, overwrite=overwrite)
 
 
 def _describe(sampler, model: EmaModel | None, samples_path: str | None) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Callable, Mapping
 
@@ -175,7 +174,8 @@ def _batches_to_draw(out_dir: str, paths: list[str], settings: dict,
   refusal = None
   if jax.process_index() == 0:
     try:
-      resuming = _claim(out_dir, paths, settings, overwrite)
+      resuming = outputs.claim(out_dir, settings, [
+          *paths, *(files.join(out_dir, name) for name in _RESULT_FILES)], overwrite=overwrite)
     except ValueError as error:
       refusal, resuming = error, False
     written = set(files.listdir(out_dir)) if resuming else set()
@@ -196,27 +196,3 @@ def _read_on_process_0(path: str) -> np.ndarray:
                                                         else (0, 0, 0, 0)))
   return multihost_utils.broadcast_one_to_all(batch if batch is not None
                                               else np.zeros(shape, np.uint8))
-
-
-def _claim(out_dir: str, batch_paths: list[str], settings: dict, overwrite: bool) -> bool:
-  """Whether `out_dir` holds this run's earlier batches; if not, claims it by saving `settings`.
-
-  settings.json, written before any batch, tells whose files the folder holds:
-  equal settings are this run's (resume); other settings, or none beside files
-  this run would write, are another's, refused unless `overwrite`.
-  """
-  path = files.join(out_dir, "settings.json")
-  if files.exists(path):
-    previous = files.read_json(path)
-    if previous == json.loads(json.dumps(settings)):
-      return True
-    if not overwrite:
-      raise outputs.OutputConflictError(
-          f"{path} holds the settings of another run: {previous}; this run has "
-          f"{settings}. Use a new output directory, the same settings, or"
-          f" {outputs.OVERWRITE_FLAG}.")
-  else:
-    outputs.check_unclaimed([*batch_paths, *(files.join(out_dir, name)
-                                             for name in _RESULT_FILES)], overwrite=overwrite)
-  files.write_json(path, settings, indent=2, sort_keys=True)
-  return False
