@@ -11,8 +11,12 @@ unit weights, batch 512, 800k steps, lr 4e-4 after a 10 Mimg warmup (19,531
 steps), no gradient clipping, dropout 0, sampling EMA 0.9999.
 
 Where this differs, and why:
-- Metric: l2, not LPIPS (its VGG weights cannot be fetched offline and are not
-  built here); the paper's l2 CD is markedly worse than its LPIPS one.
+- Metric: l2, not the paper's LPIPS, whose weights are files this config cannot
+  name; the paper's l2 CD is markedly worse than its LPIPS one. For LPIPS (the
+  images resized to 224, as CM's code does) add
+    --config.distill.metric=lpips --config.distill.lpips_weights=LPIPS/weights/v0.1/vgg.pth
+    --config.distill.vgg_weights=TORCH_HOME/hub/checkpoints/vgg16-397923af.pth
+  (the lpips wheel's linear layers and torchvision's vgg16 state dict).
 - Adam instead of RAdam (optax has both; the project's optimizer section offers Adam).
 - The teacher and student network is the zoo's DDPM++-layout U-Net of
   configs/cifar10_edm.py, not NCSN++.

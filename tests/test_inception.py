@@ -182,7 +182,7 @@ def broken(state_dict, case):
     return state, "missing key Mixed_6c.branch7x7dbl_4.bn.running_var"
   if case == "unexpected":
     state["AuxLogits.fc.weight"] = np.zeros((1008, 768), np.float32)
-    return state, "unexpected key AuxLogits.fc.weight"
+    return state, "unexpected key 'AuxLogits.fc.weight'"
   state["Mixed_7b.branch3x3_2a.conv.weight"] = np.zeros((384, 384, 3, 1), np.float32)
   return state, (r"wrong shape for Mixed_7b.branch3x3_2a.conv.weight: "
                  r"expected \(384, 384, 1, 3\), got \(384, 384, 3, 1\)")

@@ -71,7 +71,7 @@ class ProgressiveConfig:
 
 
 CONSISTENCY_METHODS = ("cd", "ict")
-CONSISTENCY_METRICS = ("pseudo_huber", "l2")  # consistency.METRICS
+CONSISTENCY_METRICS = ("pseudo_huber", "l2", "lpips")  # distill/consistency_task.metric_fn
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,6 +86,9 @@ class ConsistencyConfig:
   x_{n+1} share the noise, N(k) doubles from scales_start + 1 to scales_end + 1
   (iCT eq. 5), n drawn lognormally (diffusion.p_mean, p_std: iCT uses -1.1, 2.0),
   the target the student itself without gradient, weights 1 / (sigma_{n+1} - sigma_n).
+  The metric d is pseudo-Huber, l2, or LPIPS (CM's best CD numbers:
+  evaluation/lpips.py, on images resized to `lpips_resolution` as CM's code
+  does), whose VGG16 and linear layers are read from the user's torch files.
   """
 
   method: str = "ict"  # "cd" or "ict"
@@ -94,16 +97,25 @@ class ConsistencyConfig:
   target_ema: float = 0.95  # "cd": mu of the target network (CM's CIFAR-10 CD setting)
   scales_start: int = 10  # "ict": s_0
   scales_end: int = 1280  # "ict": s_1
-  metric: str = "pseudo_huber"  # "pseudo_huber" (iCT) or "l2"; LPIPS is not offered
+  metric: str = "pseudo_huber"  # "pseudo_huber" (iCT), "l2" or "lpips" (CM's CD)
   huber_scale: float = 0.00054  # pseudo-Huber c = huber_scale sqrt(H W C) (iCT sec. 3.3)
+  # "lpips": the `lpips` package's weights/v0.1/vgg.pth (its linear layers), or one
+  # LPIPS(net="vgg").state_dict() file holding the VGG16 too
+  lpips_weights: str = ""
+  vgg_weights: str = ""  # "lpips": torchvision's vgg16 state dict, beside lpips' vgg.pth; "" = none
+  lpips_resolution: int = 224  # "lpips": images resized (bilinear) to this square size (CM's 224)
 
   def __post_init__(self):
     configlib.check_ranges(self, "distill", {
         "num_scales": configlib.Range(2), "target_ema": configlib.DECAY,
         "scales_start": configlib.AT_LEAST_ONE, "scales_end": configlib.AT_LEAST_ONE,
-        "huber_scale": configlib.POSITIVE})
+        "huber_scale": configlib.POSITIVE, "lpips_resolution": configlib.Range(16)})
     diffusion.check_name(self.method, CONSISTENCY_METHODS, "distill.method")
     diffusion.check_name(self.metric, CONSISTENCY_METRICS, "distill.metric")
+    if self.metric == "lpips" and not self.lpips_weights:
+      raise ValueError("distill.metric='lpips' needs distill.lpips_weights: the `lpips` package's"
+                       " weights/v0.1/vgg.pth (with distill.vgg_weights, torchvision's vgg16"
+                       " state dict) or one LPIPS(net='vgg') state dict file.")
     if self.method == "ict" and self.scales_end < self.scales_start:
       raise ValueError(f"distill.scales_end={self.scales_end} must be >= scales_start="
                        f"{self.scales_start}.")

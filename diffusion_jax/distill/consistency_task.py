@@ -7,7 +7,9 @@ run whose diffusion.parameterization is "consistency", sampled by
 starts it from a frozen teacher run and keeps an EMA target network; iCT
 (Song & Dhariwal 2023) trains it from scratch against itself. The TrainState's
 `sampler_state` holds this task's state (`ConsistencyState`), checkpointed
-with the rest; its `ema_params` are the sampling EMA.
+with the rest; its `ema_params` are the sampling EMA. With distill.metric
+"lpips" the LPIPS network's variables (evaluation/lpips.py, read from the
+user's torch files when the run starts) are part of that state too.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ from clu import metrics
 from diffusion_jax import consistency, edm, process, runs
 from diffusion_jax.config.distill import ConsistencyConfig
 from diffusion_jax.distill import student, teacher
+from diffusion_jax.evaluation import lpips
 from diffusion_jax.train import optimizer
 from diffusion_jax.train.state import TrainMetrics, TrainState, apply_gradients, masked_average
 
 
 @flax.struct.dataclass
 class ConsistencyState:
-  """The task's part of the TrainState: CD's frozen teacher and target network; () for iCT."""
+  """The task's part of the TrainState: CD's frozen teacher and target network (() for iCT),
+  and the fixed LPIPS variables of distill.metric "lpips" (() for the other metrics)."""
 
   teacher_params: Any
   target_params: Any  # theta^-: an EMA of the student at rate distill.target_ema
+  lpips_params: Any  # distill.metric "lpips": the LPIPS network's variables, fixed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +80,19 @@ def _levels(fns: ConsistencyFns, key: jax.Array, step: jax.Array, batch_size: in
   return sigmas[n], sigmas[n + 1], count
 
 
+def metric_fn(distill: ConsistencyConfig, lpips_params: Any
+              ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """d(x [B, H, W, C], y [B, H, W, C]) -> [B]: distill.metric; LPIPS with `lpips_params`."""
+  if distill.metric == "lpips":
+    return functools.partial(lpips.distance, lpips_params, resolution=distill.lpips_resolution)
+  if distill.metric == "pseudo_huber":
+    return functools.partial(consistency.pseudo_huber, scale=distill.huber_scale)
+  return consistency.squared_l2
+
+
 def loss_terms(fns: ConsistencyFns, params, target_params, teacher_params, x: jax.Array,
                z: jax.Array, sigma: jax.Array, sigma_next: jax.Array, labels: jax.Array | None,
-               dropout_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+               dropout_key: jax.Array, lpips_params: Any = ()) -> tuple[jax.Array, jax.Array]:
   """(lambda(sigma_n) [B], d [B]): CM's loss at levels sigma_n < sigma_{n+1} [B], noise z.
 
   x_{n+1} = x + sigma_{n+1} z (x [B, H, W, C] in [-1, 1]); x_n is one Heun step
@@ -85,6 +100,7 @@ def loss_terms(fns: ConsistencyFns, params, target_params, teacher_params, x: ja
   with the same z (iCT); d is the distill.metric between f_params(x_{n+1},
   sigma_{n+1}) and f_target_params(x_n, sigma_n) without gradient; lambda is 1
   (CD) or 1 / (sigma_{n+1} - sigma_n) (iCT). Both calls of f share the dropout mask.
+  `lpips_params`: the LPIPS variables d reads when distill.metric is "lpips".
   """
   x_next = x + edm.per_example(sigma_next, x.ndim) * z
 
@@ -101,9 +117,7 @@ def loss_terms(fns: ConsistencyFns, params, target_params, teacher_params, x: ja
     x_cur = x + edm.per_example(sigma, x.ndim) * z
     weight = 1.0 / (sigma_next - sigma)
   target = jax.lax.stop_gradient(f(target_params, x_cur, sigma))
-  metric = functools.partial(consistency.pseudo_huber, scale=fns.distill.huber_scale) if (
-      fns.distill.metric == "pseudo_huber") else consistency.squared_l2
-  return weight, metric(f(params, x_next, sigma_next), target)
+  return weight, metric_fn(fns.distill, lpips_params)(f(params, x_next, sigma_next), target)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyFns
@@ -124,7 +138,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyF
 
   def loss_fn(params):
     weight, distance = loss_terms(fns, params, target_params, state.sampler_state.teacher_params,
-                                  x, z, sigma, sigma_next, labels, dropout_key)
+                                  x, z, sigma, sigma_next, labels, dropout_key,
+                                  state.sampler_state.lpips_params)
     return jnp.mean(weight * distance), (weight, distance)
 
   (loss, (weight, distance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -154,6 +169,7 @@ class ConsistencyExperiment(student.StudentExperiment):
 
   distill: ConsistencyConfig
   teacher: runs.EmaModel | None  # CD's; None for iCT
+  lpips_params: Any  # distill.metric "lpips": the LPIPS network's variables; () otherwise
 
   def step_fns(self) -> ConsistencyFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
@@ -172,17 +188,19 @@ class ConsistencyExperiment(student.StudentExperiment):
     init_key, state_key = jax.random.split(rng)
     if self.teacher is not None:
       params = self.teacher.params
-      task_state = ConsistencyState(teacher_params=params, target_params=params)
+      task_state = ConsistencyState(teacher_params=params, target_params=params,
+                                    lpips_params=self.lpips_params)
     else:
       image_shape = runs.image_shape(self.data)
       params = self.model.init(init_key, *runs.example_inputs(self.model, image_shape))["params"]
-      task_state = ConsistencyState(teacher_params=(), target_params=())
+      task_state = ConsistencyState(teacher_params=(), target_params=(),
+                                    lpips_params=self.lpips_params)
     return student.initial_state(params, self.step_fns().tx, state_key, task_state)
 
 
 def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
           ) -> ConsistencyExperiment:
-  """Checks a consistency config, loads CD's teacher, and builds the student's parts.
+  """Checks a consistency config, loads CD's teacher and the LPIPS weights, builds the student.
 
   `model`, when given, replaces building `config.model` with the zoo.
   """
@@ -195,4 +213,8 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
   if sections["distill"].method == "cd":
     frozen = teacher.load(sections["distill"].teacher_workdir, config,
                           teacher.CONSISTENCY_SHARED_KEYS)
-  return ConsistencyExperiment(**sections, teacher=frozen)
+  distill = sections["distill"]
+  lpips_params = ()
+  if distill.metric == "lpips":
+    lpips_params = lpips.load_lpips(*filter(None, (distill.lpips_weights, distill.vgg_weights)))
+  return ConsistencyExperiment(**sections, teacher=frozen, lpips_params=lpips_params)

@@ -338,24 +338,18 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
   [2048, 1008]; `*.num_batches_tracked` is ignored.
 
   Raises:
-    ValueError: naming every missing key, every unexpected key and every key
-      whose shape differs from the network's (expected vs got).
+    ValueError: one line naming every missing key, every unexpected key and every
+      key whose shape differs from the network's (expected vs got).
   """
   variables = _abstract_variables()
-  expected = {_torch_key(path): (path, _layout(leaf.shape).source_shape(leaf.shape))
-              for path, leaf in variables.items()}
+  targets = {_torch_key(path): (path, leaf.shape, _layout(leaf.shape))
+             for path, leaf in variables.items()}
   given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIX)}
-  problems = [f"missing key {k}" for k in expected if k not in given]
-  problems += [f"unexpected key {k}" for k in given if k not in expected]
-  problems += [f"wrong shape for {k}: expected {shape}, got {tuple(np.shape(given[k]))}"
-               for k, (_, shape) in expected.items()
-               if k in given and tuple(np.shape(given[k])) != shape]
-  if problems:
-    raise ValueError("The state dict is not the FID Inception's:\n  " + "\n  ".join(problems))
-  leaf = lambda key, path: _layout(variables[path].shape).convert(
-      np.asarray(given[key], np.float32), variables[path].shape)
-  return traverse_util.unflatten_dict({path: jnp.asarray(leaf(key, path))
-                                       for key, (path, _) in expected.items()})
+  try:
+    leaves = torch_layouts.flax_leaves(targets, given)
+  except ValueError as e:
+    raise ValueError(f"The state dict is not the FID Inception's: {e}") from e
+  return traverse_util.unflatten_dict({path: jnp.asarray(leaf) for path, leaf in leaves.items()})
 
 
 def load_inception(path: str) -> dict:
