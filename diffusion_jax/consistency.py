@@ -110,9 +110,6 @@ def squared_l2(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim)))
 
 
-METRICS = {"pseudo_huber": pseudo_huber, "l2": squared_l2}
-
-
 def heun_step(denoise: ConsistencyFn, x: jax.Array, sigma: jax.Array,
               sigma_next: jax.Array) -> jax.Array:
   """One Heun step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM Alg. 1).
