@@ -91,8 +91,8 @@ def load_inception_net(config: EvalConfig) -> FeatureNet:
                     inception.POOL_FEATURES, spatial_dim, {
       "weights": path, "sha256": digest, "resize": config.resize,
       "published_weights": digest.startswith(inception.WEIGHTS_SHA256_PREFIX)},
-                    _flops_per_device(functools.partial(inception.apply_inception, variables,
-                                                        resize=config.resize), mesh))
+                    _flops_per_device(functools.partial(inception.apply_inception,
+                                                        resize=config.resize), variables, mesh))
 
 
 def load_digits_net(config: EvalConfig) -> FeatureNet:
@@ -111,16 +111,20 @@ def load_digits_net(config: EvalConfig) -> FeatureNet:
                     digits_classifier.FEATURE_DIM, None,
                     {"network": "digits_classifier", "trained_on": "digits train split",
                      "cache": files.default_cache_dir()},
-                    _flops_per_device(functools.partial(digits_classifier.classify, params), mesh))
+                    _flops_per_device(digits_classifier.classify, params, mesh))
 
 
 def _batch_size(config: EvalConfig, mesh: Mesh) -> int:
   return _round_up(config.feature_batch_size, mesh.size)
 
 
-def _flops_per_device(apply: Callable[[jax.Array], dict], mesh: Mesh) -> Callable:
-  """FeatureNet.flops of `apply` (uint8 images -> features): lowered once per batch shape."""
-  return functools.cache(lambda images: perf.lowered_flops(jax.jit(apply).lower(images), mesh.size))
+def _flops_per_device(apply: Callable[..., dict], variables, mesh: Mesh) -> Callable:
+  """FeatureNet.flops of `apply(variables, uint8 images) -> features`: lowered once per shape.
+
+  The variables are an argument of the lowered program, not constants in it.
+  """
+  return functools.cache(
+      lambda images: perf.lowered_flops(jax.jit(apply).lower(variables, images), mesh.size))
 
 
 LOADERS = {"inception": load_inception_net, "digits_classifier": load_digits_net}
