@@ -128,7 +128,7 @@ def _toy_features(images):
 def _toy_net(mesh) -> feature_lib.FeatureNet:
   batch = parallel.batch_sharding(mesh)
   features = jax.jit(_toy_features, in_shardings=batch, out_shardings=batch)
-  return feature_lib.FeatureNet("toy", features, mesh, 16, 5, None, {})
+  return feature_lib.FeatureNet("toy", features, mesh, 16, 5, None, {}, flops=lambda images: 0.0)
 
 
 def test_statistics_of_sharded_batches_equal_those_of_the_whole_set():

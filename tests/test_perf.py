@@ -1,18 +1,27 @@
 """Speed you can see (diffusion_jax/perf.py): FLOPs against a hand count, peaks, the loop's log."""
 
+import json
 import logging
+import os
+import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
 from configs import digits
 from diffusion_jax import data, parallel, perf, runs, sampling
+from diffusion_jax.config.evaluation import EvalConfig
 from diffusion_jax.config.train import TrainConfig
+from diffusion_jax.evaluation import features
 from diffusion_jax.train import loop, tasks
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 64  # over the 8 fake devices of tests/conftest.py: 8 images each
 SIDE, CHANNELS, WIDTH = 8, 1, 64  # the digits' 8x8x1 images; the network's width
 
@@ -130,6 +139,20 @@ def test_sampling_logs_images_per_second(digits_smoke_run, tmp_path, caplog):
                                                           rel=1e-3)
 
 
+def test_feature_extraction_logs_images_per_second(caplog):
+  """Evaluation's features log their rate after the first batch (whose time holds the compile);
+  FLOPs are the network's on the global batch, per device."""
+  net = features.load_digits_net(EvalConfig(name="rate", metrics=("fd_digits",), feature_batch_size=16))
+  images = np.random.default_rng(0).integers(0, 256, (48, 8, 8, 1), np.uint8)
+  with caplog.at_level(logging.INFO):
+    features.summarize(net, features.local_batches(images, 16), desc="digits features")
+  (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("digits features:")]
+  assert "images/s" in line and "MFU unknown" in line and "the 2 batches after the first" in line
+  batch = lambda size: jax.ShapeDtypeStruct((size, 8, 8, 1), jnp.uint8)
+  assert net.flops(batch(16)) > 0
+  assert net.flops(batch(16)) == pytest.approx(2 * net.flops(batch(8)), rel=1e-3)
+
+
 def test_profile_steps_write_a_trace(tmp_path):
   """train.profile_steps="2" traces step 2 into WORKDIR/profile/ (a 2-step run)."""
   config = digits.get_config("smoke")
@@ -145,6 +168,38 @@ def test_profile_steps_write_a_trace(tmp_path):
 def test_bad_profile_steps_are_named(text):
   with pytest.raises(ValueError, match="train.profile_steps"):
     TrainConfig(profile_steps=text)
+
+
+def test_accelerator_benchmark_tiny_writes_every_row(tmp_path):
+  """benchmarks/accelerator.py --tiny on one CPU device: every row measured, MFU against a probe.
+
+  The probe's FLOP/s are a shared CPU's at one moment, not a peak: a busy
+  machine put the tiny Inception at 297% of it, so MFU is only checked positive.
+  """
+  out = tmp_path / "accelerator.json"
+  one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # compiles less
+  result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--tiny",
+                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=one_device, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  measured = [row for row in rows if row["kind"] != "largest_batch"]
+  assert [(row["kind"], row["dtype"]) for row in measured] == [
+      ("train", "float32"), ("train", "bfloat16"), ("train", "bfloat16"),
+      ("sample", "bfloat16"), ("sample", "bfloat16"), ("sample", "bfloat16"),
+      ("inception", "float32")]
+  for row in measured:
+    assert f"{row['kind']} {row['name']}" in result.stdout  # its line of the table
+    assert row["images_per_sec"] > 0 and row["tflops_per_device"] > 0 and row["compile_s"] > 0
+    assert row["peak_source"] == "matmul probe" and 0 < row["mfu"] < float("inf")
+  for row in measured[:3] + measured[-1:]:  # XLA's memory of the compiled program
+    assert row["memory_gib"] > 0
+  searches = [row for row in rows if row["kind"] == "largest_batch"]
+  assert [row["remat"] for row in searches] == [False, True]
+  for row in searches:  # --tiny's one compile each: batch 8 fits 64 MiB
+    assert row["finished"] and row["largest_batch"] == 8
+    assert 0 < row["tried_gib"]["8"] <= row["limit_gib"]
+  assert "largest ddpm_cifar10 bfloat16 train batch with remat" in result.stdout
 
 
 @pytest.mark.parametrize("limit, start, granule, found", [

@@ -97,11 +97,12 @@ def load_or_train(cache_dir: str | None = None, seed: int = 0):
   return params
 
 
-def _classify(params, images_uint8):
+def classify(params, images_uint8):
+  """Pure: uint8 [N, 8, 8, 1] -> {"pool": float32 [N, 64], "logits": float32 [N, 10]}."""
   return DigitsClassifier().apply({"params": params}, images_uint8)
 
 
-_apply = jax.jit(_classify)
+_apply = jax.jit(classify)
 
 
 def sharded_features_fn(params, mesh) -> Callable[[jax.Array], dict]:
@@ -111,10 +112,10 @@ def sharded_features_fn(params, mesh) -> Callable[[jax.Array], dict]:
   several processes; `params` are the same on every process.
   """
   batch = parallel.batch_sharding(mesh)
-  classify = jax.jit(_classify, in_shardings=(parallel.replicated(mesh), batch),
-                     out_shardings=batch)
+  sharded = jax.jit(classify, in_shardings=(parallel.replicated(mesh), batch),
+                    out_shardings=batch)
   return functools.partial(
-      classify, multihost_utils.host_local_array_to_global_array(params, mesh, P()))
+      sharded, multihost_utils.host_local_array_to_global_array(params, mesh, P()))
 
 
 def digits_features(params, images_uint8: np.ndarray,

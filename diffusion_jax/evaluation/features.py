@@ -20,16 +20,20 @@ back in the image set's order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
-from diffusion_jax import files, parallel, weightfiles
+from diffusion_jax import files, parallel, perf, weightfiles
 from diffusion_jax.config.evaluation import EvalConfig
 from diffusion_jax.evaluation import digits_classifier, hosts, inception, metrics
 
@@ -38,7 +42,10 @@ class FeatureNet:
   """A feature network over the devices of every process.
 
   `features` maps a uint8 [B, H, W, C] `jax.Array` sharded over `mesh`'s
-  "data" axis to {"pool", "logits"[, "spatial"]} sharded the same way.
+  "data" axis to {"pool", "logits"[, "spatial"]} sharded the same way;
+  `flops` gives its FLOPs per device on such a batch (a `jax.ShapeDtypeStruct`
+  of the global batch), XLA's count of the lowered programs, for the logged
+  throughput and MFU.
   """
 
   name: str  # "inception" or "digits_classifier"
@@ -48,6 +55,7 @@ class FeatureNet:
   pool_dim: int
   spatial_dim: int | None  # None: no spatial features (no sFID)
   info: dict  # what the report records: weights file, SHA-256, resize mode, ...
+  flops: Callable[[jax.ShapeDtypeStruct], float]
 
   def global_batch_size(self, num_images: int) -> int:
     """Images per batch for a set of `num_images`: a small set is not padded to a full batch."""
@@ -76,12 +84,15 @@ def load_inception_net(config: EvalConfig) -> FeatureNet:
         " comparable with published numbers. Use the published file, or set"
         " --config.inception_sha256_prefix='' to evaluate with these weights anyway.")
   mesh = parallel.make_mesh()
-  features = inception.sharded_features_fn(inception.load_inception(path), config.resize, mesh)
+  variables = inception.load_inception(path)
+  features = inception.sharded_features_fn(variables, config.resize, mesh)
   spatial_dim = 17 * 17 * inception.SPATIAL_CHANNELS
   return FeatureNet("inception", features, mesh, _batch_size(config, mesh),
                     inception.POOL_FEATURES, spatial_dim, {
       "weights": path, "sha256": digest, "resize": config.resize,
-      "published_weights": digest.startswith(inception.WEIGHTS_SHA256_PREFIX)})
+      "published_weights": digest.startswith(inception.WEIGHTS_SHA256_PREFIX)},
+                    _flops_per_device(functools.partial(inception.apply_inception,
+                                                        resize=config.resize), variables, mesh))
 
 
 def load_digits_net(config: EvalConfig) -> FeatureNet:
@@ -94,16 +105,26 @@ def load_digits_net(config: EvalConfig) -> FeatureNet:
   params = (digits_classifier.load_or_train() if jax.process_index() == 0
             else digits_classifier.init_params())
   mesh = parallel.make_mesh()
-  features = digits_classifier.sharded_features_fn(
-      multihost_utils.broadcast_one_to_all(params), mesh)
+  params = multihost_utils.broadcast_one_to_all(params)
+  features = digits_classifier.sharded_features_fn(params, mesh)
   return FeatureNet("digits_classifier", features, mesh, _batch_size(config, mesh),
                     digits_classifier.FEATURE_DIM, None,
                     {"network": "digits_classifier", "trained_on": "digits train split",
-                     "cache": files.default_cache_dir()})
+                     "cache": files.default_cache_dir()},
+                    _flops_per_device(digits_classifier.classify, params, mesh))
 
 
 def _batch_size(config: EvalConfig, mesh: Mesh) -> int:
   return _round_up(config.feature_batch_size, mesh.size)
+
+
+def _flops_per_device(apply: Callable[..., dict], variables, mesh: Mesh) -> Callable:
+  """FeatureNet.flops of `apply(variables, uint8 images) -> features`: lowered once per shape.
+
+  The variables are an argument of the lowered program, not constants in it.
+  """
+  return functools.cache(
+      lambda images: perf.lowered_flops(jax.jit(apply).lower(variables, images), mesh.size))
 
 
 LOADERS = {"inception": load_inception_net, "digits_classifier": load_digits_net}
@@ -142,8 +163,13 @@ def summarize(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]], *,
   pool = metrics.GaussianAccumulator(net.pool_dim)
   spatial = metrics.GaussianAccumulator(net.spatial_dim) if net.spatial_dim else None
   logits, pool_rows, index = [], [], []  # this process's rows, padding included
+  started, timed = None, 0  # the batches after the first, whose time holds the compile
   with tqdm.tqdm(total=total, desc=desc, unit="img", disable=jax.process_index() > 0) as bar:
     for batch, features in _local_features(net, batches):
+      if started is None:
+        started = time.perf_counter()
+      else:
+        timed += 1
       mask = batch["mask"]
       pool.update(features["pool"][mask])
       if spatial is not None:
@@ -154,6 +180,8 @@ def summarize(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]], *,
         pool_rows.append(features["pool"])
       index.append(np.where(mask, batch["index"], -1))
       bar.update(int(mask.sum()) * jax.process_count())
+  if timed:
+    _log_throughput(net, desc, batch["image"].shape, timed, time.perf_counter() - started)
   index = np.concatenate(index)
   in_order = lambda rows: hosts.gather_in_order(np.concatenate(rows), index)
   return FeatureSummary(
@@ -161,6 +189,16 @@ def summarize(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]], *,
       spatial=None if spatial is None else hosts.merge_over_processes(spatial),
       logits=in_order(logits) if keep_logits else None,
       pool_features=in_order(pool_rows) if keep_pool else None)
+
+
+def _log_throughput(net: FeatureNet, desc: str, local_shape: tuple[int, ...], batches: int,
+                    seconds: float) -> None:
+  """Logs images/s, TFLOP/s per device and MFU of `batches` batches of this process's `local_shape`."""
+  shape = (local_shape[0] * jax.process_count(), *local_shape[1:])
+  rates = perf.rates(batches, seconds, net.flops(jax.ShapeDtypeStruct(shape, jnp.uint8)),
+                     shape[0], perf.peak_flops(jax.devices()[0].device_kind, jnp.float32))
+  logging.info("%s: %s (the %d batches after the first).", desc, perf.format_rates(rates),
+               batches)
 
 
 def _local_features(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]]) -> Iterator:
