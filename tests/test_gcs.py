@@ -8,6 +8,7 @@ training on the bucket (launch/tpu_pod.sh) equals the same job on a local disk
 """
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from PIL import Image
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.util import tensor_util
 
-from diffusion_jax import files, weightfiles
+from configs import segmentation_cells
+from diffusion_jax import checkpoint, files, images, runs, weightfiles
 from diffusion_jax.data import sources
-from diffusion_jax import checkpoint, runs
+from diffusion_jax.segmentation import synthetic
+from diffusion_jax.train import loop, run_config
 
 import evaluation_numbers  # tests/evaluation_numbers.py
 import gcs_emulator  # tests/gcs_emulator.py
@@ -46,6 +49,11 @@ def _succeeded(result: subprocess.CompletedProcess) -> str:
   return result.stderr
 
 
+def _png(path: str) -> np.ndarray:
+  """The pixels of the PNG file at `path` (local or gs://)."""
+  return np.asarray(Image.open(io.BytesIO(files.read_bytes(path))))
+
+
 def _ema(workdir: str) -> dict:
   """The EMA parameters and step of `workdir`'s latest checkpoint, read here from the bucket."""
   model = runs.load_ema_for_sampling(workdir)
@@ -54,8 +62,9 @@ def _ema(workdir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(gcs, tmp_path_factory):
-  """gs://bucket/run: the smoke run stopped by SIGTERM after step 2, then resumed to step 4;
-  gs://bucket/unbroken: the same run without the stop. Each launcher ran in an empty directory."""
+  """gs://bucket/run: the smoke run stopped by SIGTERM after step 2, then resumed to step 4
+  logging every step (a change its config_history.jsonl records); gs://bucket/unbroken: the
+  same run without the stop. Each launcher ran in an empty directory."""
   cwd = tmp_path_factory.mktemp("cwd")
   logs = {"unbroken": _succeeded(_launch(cwd, "-m", "launch.train", CONFIG,
                                          "--workdir=gs://bucket/unbroken")),
@@ -63,7 +72,8 @@ def trained(gcs, tmp_path_factory):
                                         CONFIG, "--workdir=gs://bucket/run",
                                         env={"TEST_SIGTERM_AFTER_STEP": "2"})),
           "resumed": _succeeded(_launch(cwd, "-m", "launch.train", CONFIG,
-                                        "--workdir=gs://bucket/run"))}
+                                        "--workdir=gs://bucket/run",
+                                        "--config.train.log_every=1"))}
   return cwd, logs
 
 
@@ -78,6 +88,10 @@ def test_training_is_preempted_and_resumes_from_the_bucket_bit_identically(train
   assert any(name.startswith("events.out.tfevents.") for name in run)  # TensorBoard, without TF
   assert files.listdir("gs://bucket/run/checkpoints") == ["2", "4"]
   assert files.read_json("gs://bucket/run/config.json")["train"]["num_steps"] == 4
+  history = files.read_text(files.join("gs://bucket/run", run_config.HISTORY_FILE))
+  assert [(entry["step"], entry["changes"]) for entry in map(json.loads, history.splitlines())
+          ] == [(2, {"train.log_every": [2, 1]})]  # one line per resume that changed something
+  assert run_config.HISTORY_FILE not in files.listdir("gs://bucket/unbroken")
   assert os.listdir(cwd) == []
 
 
@@ -90,7 +104,7 @@ def test_sampling_reads_and_writes_the_bucket_and_resumes(trained, tmp_path):
   first = files.load_npz(files.join(output, "samples.npz"))["arr_0"]
   assert first.shape == (12, 8, 8, 1) and first.std() > 0
   assert files.read_json(files.join(output, "settings.json"))["workdir"] == "gs://bucket/run"
-  assert Image.open(io.BytesIO(files.read_bytes(files.join(output, "grid.png")))).size[0] > 0
+  assert _png(files.join(output, "grid.png")).size > 0
 
   marked = np.full_like(files.load_npz(files.join(output, "batch_000000.npz"))["arr_0"], 7)
   files.save_npz(files.join(output, "batch_000000.npz"), arr_0=marked)
@@ -211,14 +225,42 @@ def test_folder_source_lists_and_decodes_images_in_the_bucket(gcs):
   pictures = {"b/two.png": rng.integers(0, 256, (5, 6, 3), np.uint8),
               "a.png": rng.integers(0, 256, (4, 4, 3), np.uint8)}
   for name, pixels in pictures.items():
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    files.write_bytes(f"gs://bucket/images/{name}", buffer.getvalue())
+    images.save_png(pixels, f"gs://bucket/images/{name}")
   files.write_bytes("gs://bucket/images/notes.txt", b"not an image")
   source = sources.make_source(sources.DataConfig(source="folder", path="gs://bucket/images"))
   assert source.files == ["a.png", "b/two.png"]
   for index, name in enumerate(source.files):
     np.testing.assert_array_equal(source[index]["image"], pictures[name])
+
+
+def test_lines_appended_to_an_object_in_the_bucket_are_kept(gcs):
+  """An object store cannot append: `files.append_line` rewrites the object, keeping its lines."""
+  path = "gs://bucket/logs/history.jsonl"
+  for line in ("first", "second"):
+    files.append_line(path, line)
+  assert files.read_text(path) == "first\nsecond\n"
+
+
+def test_launch_segment_reads_a_run_and_images_in_the_bucket_and_writes_masks_there(
+    gcs, tmp_path, monkeypatch):
+  """A segmentation run trained on the bucket (smoke, 2 steps, in this process) segments a
+  folder of images in the bucket into it: DIR/NAME.png at each image's size, and a panel."""
+  monkeypatch.chdir(tmp_path)
+  config = segmentation_cells.get_config("smoke")
+  config.train.num_steps = 2
+  loop.train_and_evaluate(config, "gs://bucket/cells")
+  cells = synthetic.make_cells(0, "test", 0, size=64).image[..., 0]  # uint8 [64, 64]
+  sizes = {"square": (64, 64), "scans/wide": (40, 56)}
+  for name, (height, width) in sizes.items():
+    images.save_png(cells[:height, :width], f"gs://bucket/cell_images/{name}.png")
+  output = "gs://bucket/cell_masks"
+  log = _succeeded(_launch(tmp_path, "-m", "launch.segment", "--workdir=gs://bucket/cells",
+                           "--input=gs://bucket/cell_images", f"--output={output}"))
+  for name, size in sizes.items():
+    mask = _png(files.join(output, f"{name}.png"))
+    assert mask.shape == size and set(np.unique(mask)) <= {0, 1}, (name, log)
+    assert _png(files.join(output, f"{name}_panel.png")).shape[0] == size[0]
+  assert os.listdir(tmp_path) == []
 
 
 def test_a_new_run_in_the_bucket_has_no_checkpoint_to_restore(gcs):
