@@ -1,4 +1,5 @@
 """The segmentation task's sections, and `complete_config`, which its config files end with.
+The sections:
 
   data        SegmentationDataConfig: image/mask pairs, tiles, held-out images
   weight_map  WeightMapConfig: the loss's weight map (Ronneberger et al. 2015, eq. 2)

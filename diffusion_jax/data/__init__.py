@@ -1,4 +1,5 @@
 """Input pipelines: TFDS, image folders and in-memory arrays, sharded by host.
+Typical use:
 
     config = DataConfig.from_mapping(cfg.data)
     iterator = make_train_iterator(config, global_batch_size=128)

@@ -1,4 +1,5 @@
 """Evaluation: FID, Inception Score, sFID, precision/recall and NLL in bits/dim.
+Typical use:
 
     variables = evaluation.load_inception("pt_inception-2015-12-05-6726825d.pth")
     feats = evaluation.inception_features(variables, images_uint8_NHWC)   # pool, logits, spatial

@@ -1,4 +1,5 @@
 """Flax U-Nets for diffusion models, and the zoo of published settings.
+What it exports:
 
   UNet             the DDPM / Improved DDPM / ADM noise-prediction U-Net.
   RonnebergerUNet  the classic segmentation U-Net (Ronneberger et al. 2015).

@@ -1,4 +1,5 @@
 """Samplers of the reverse process, each one compiled loop; see docs/sampling.md.
+Typical use:
 
     steps = sampling.respaced(schedule, 50)            # or the plain schedule: all T steps
     images = sampling.ddim_sample(model_fn, spec, steps, key, (16, 32, 32, 3), eta=0.0)
