@@ -47,11 +47,17 @@ _STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps per case (af
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 20, "Sampler steps (EDM-Heun: noise levels).")
 _SEARCH_S = flags.DEFINE_float("search_s", 150.0, "Seconds of compiles per largest-batch search.")
 _MEMORY_GIB = flags.DEFINE_float(
-    "memory_gib", 0.0, "Per-device memory the largest-batch search fits into; 0: the device's"
-    " bytes_limit (64 MiB with --tiny, 16 GiB on a device that reports none).")
+  "memory_gib",
+  0.0,
+  "Per-device memory the largest-batch search fits into; 0: the device's"
+  " bytes_limit (64 MiB with --tiny, 16 GiB on a device that reports none).",
+)
 
-TRAIN_CASES = (("ddpm_cifar10", "float32"), ("ddpm_cifar10", "bfloat16"),
-               ("adm_imagenet64_cond", "bfloat16"))
+TRAIN_CASES = (
+  ("ddpm_cifar10", "float32"),
+  ("ddpm_cifar10", "bfloat16"),
+  ("adm_imagenet64_cond", "bfloat16"),
+)
 SAMPLERS = ("ddim", "dpm_solver", "edm_heun")
 # --tiny: every zoo U-Net at 32 channels, one level of one block, attention at 8x8, 8x8 images:
 # each network compiles in seconds on a CPU.
@@ -62,10 +68,24 @@ TINY_SIDE = 8
 def _sizes() -> dict[str, int]:
   """Batch sizes and counts: the paper's batch on an accelerator, CPU-sized with --tiny."""
   if _TINY.value:
-    return dict(train_batch=8, sample_batch=8, inception_batch=8, steps=2, sample_steps=2,
-                search_from=8, search_to=8)
-  return dict(train_batch=128, sample_batch=128, inception_batch=256, steps=_STEPS.value,
-              sample_steps=_SAMPLE_STEPS.value, search_from=128, search_to=1 << 16)
+    return dict(
+      train_batch=8,
+      sample_batch=8,
+      inception_batch=8,
+      steps=2,
+      sample_steps=2,
+      search_from=8,
+      search_to=8,
+    )
+  return dict(
+    train_batch=128,
+    sample_batch=128,
+    inception_batch=256,
+    steps=_STEPS.value,
+    sample_steps=_SAMPLE_STEPS.value,
+    search_from=128,
+    search_to=1 << 16,
+  )
 
 
 def _experiment(name: str, dtype: str, batch_size: int, **fields) -> diffusion_task.Experiment:
@@ -99,21 +119,39 @@ def _timed(fn) -> tuple[Any, float]:
   return out, time.perf_counter() - start
 
 
-def _row(kind: str, name: str, dtype: str, batch: int, runs_: int, seconds: float, flops: float,
-         compile_s: float, memory: int | None = None) -> dict:
+def _row(
+  kind: str,
+  name: str,
+  dtype: str,
+  batch: int,
+  runs_: int,
+  seconds: float,
+  flops: float,
+  compile_s: float,
+  memory: int | None = None,
+) -> dict:
   """One measured case: throughput (`perf.rates`, MFU against `peak(dtype)`), compile, memory."""
   peak_flops, source = peak(dtype)
-  return dict(kind=kind, name=name, dtype=dtype, batch=batch, compile_s=compile_s,
-              flops_per_run=flops, peak_flops=peak_flops, peak_source=source,
-              memory_gib=None if memory is None else memory / 2**30,
-              **perf.rates(runs_, seconds, flops, batch, peak_flops))
+  return dict(
+    kind=kind,
+    name=name,
+    dtype=dtype,
+    batch=batch,
+    compile_s=compile_s,
+    flops_per_run=flops,
+    peak_flops=peak_flops,
+    peak_source=source,
+    memory_gib=None if memory is None else memory / 2**30,
+    **perf.rates(runs_, seconds, flops, batch, peak_flops),
+  )
 
 
 def _random_batch(exp, batch_size: int, mesh) -> dict:
   x = np.random.default_rng(0).uniform(-1, 1, (batch_size, *exp.image_shape))
-  return jax.device_put({"image": jnp.asarray(x, jnp.float32),
-                         "label": jnp.zeros((batch_size,), jnp.int32)},
-                        parallel.batch_sharding(mesh))
+  return jax.device_put(
+    {"image": jnp.asarray(x, jnp.float32), "label": jnp.zeros((batch_size,), jnp.int32)},
+    parallel.batch_sharding(mesh),
+  )
 
 
 def train_case(name: str, dtype: str, batch_size: int, steps: int) -> dict:
@@ -123,7 +161,8 @@ def train_case(name: str, dtype: str, batch_size: int, steps: int) -> dict:
   state, shardings = loop.create_state(exp, mesh, seed=0)
   batch = _random_batch(exp, batch_size, mesh)
   compiled, compile_s = _timed(
-      lambda: loop.compile_train_step(exp, shardings, mesh).lower(state, batch).compile())
+    lambda: loop.compile_train_step(exp, shardings, mesh).lower(state, batch).compile()
+  )
   flops = loop.step_flops(exp, compiled, state, batch, mesh)
   state = jax.block_until_ready(compiled(state, batch)[0])
 
@@ -134,8 +173,17 @@ def train_case(name: str, dtype: str, batch_size: int, steps: int) -> dict:
     return jax.block_until_ready(state)
 
   _, seconds = _timed(run)
-  return _row("train", name, dtype, batch_size, steps, seconds, flops, compile_s,
-              perf.compiled_memory_bytes(compiled))
+  return _row(
+    "train",
+    name,
+    dtype,
+    batch_size,
+    steps,
+    seconds,
+    flops,
+    compile_s,
+    perf.compiled_memory_bytes(compiled),
+  )
 
 
 def sample_cases(batch_size: int, steps: int) -> list[dict]:
@@ -148,17 +196,29 @@ def sample_cases(batch_size: int, steps: int) -> list[dict]:
   rows = []
   for sampler in SAMPLERS:
     config = sampling.SamplerConfig(sampler, steps)
-    fn = jax.jit(sampling.make_batch_sampler(config, model.apply_fn, model.spec, model.schedule,
-                                             model.image_shape, batch_size),
-                 out_shardings=parallel.batch_sharding(mesh),
-                 compiler_options=parallel.compiler_options(mesh))
+    fn = jax.jit(
+      sampling.make_batch_sampler(
+        config, model.apply_fn, model.spec, model.schedule, model.image_shape, batch_size
+      ),
+      out_shardings=parallel.batch_sharding(mesh),
+      compiler_options=parallel.compiler_options(mesh),
+    )
     key = jax.random.key(1)
     compiled, compile_s = _timed(lambda: fn.lower(params, key).compile())
     jax.block_until_ready(compiled(params, key))
     _, seconds = _timed(lambda: jax.block_until_ready(compiled(params, key)))
-    rows.append(_row("sample", f"ddpm_cifar10 {sampler} x{config.nfe(model.schedule.num_timesteps)}",
-                     "bfloat16", batch_size, 1, seconds,
-                     forward * config.nfe(model.schedule.num_timesteps), compile_s))
+    rows.append(
+      _row(
+        "sample",
+        f"ddpm_cifar10 {sampler} x{config.nfe(model.schedule.num_timesteps)}",
+        "bfloat16",
+        batch_size,
+        1,
+        seconds,
+        forward * config.nfe(model.schedule.num_timesteps),
+        compile_s,
+      )
+    )
   return rows
 
 
@@ -166,16 +226,29 @@ def inception_case(batch_size: int) -> dict:
   """FID Inception features of uint8 32x32 images (resized to 299), random weights."""
   mesh = parallel.make_mesh()
   images = jax.device_put(
-      np.random.default_rng(0).integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
-      parallel.batch_sharding(mesh))
-  variables = random_like(jax.eval_shape(inception.InceptionV3().init, jax.random.key(0),
-                                         inception.preprocess(images[:1], "tf")))
+    np.random.default_rng(0).integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
+    parallel.batch_sharding(mesh),
+  )
+  variables = random_like(
+    jax.eval_shape(
+      inception.InceptionV3().init, jax.random.key(0), inception.preprocess(images[:1], "tf")
+    )
+  )
   fn = jax.jit(inception.apply_inception, compiler_options=parallel.compiler_options(mesh))
   compiled, compile_s = _timed(lambda: fn.lower(variables, images).compile())
   jax.block_until_ready(compiled(variables, images))
   _, seconds = _timed(lambda: jax.block_until_ready(compiled(variables, images)))
-  return _row("inception", "FID Inception 32->299", "float32", batch_size, 1, seconds,
-              perf.compiled_flops(compiled), compile_s, perf.compiled_memory_bytes(compiled))
+  return _row(
+    "inception",
+    "FID Inception 32->299",
+    "float32",
+    batch_size,
+    1,
+    seconds,
+    perf.compiled_flops(compiled),
+    compile_s,
+    perf.compiled_memory_bytes(compiled),
+  )
 
 
 def random_like(abstract: Any) -> Any:
@@ -202,12 +275,16 @@ def step_memory(name: str, dtype: str, batch_size: int, remat: bool) -> int:
   mesh = parallel.make_mesh()
   abstract = jax.eval_shape(exp.init_state, jax.random.key(0))
   shardings = parallel.state_shardings(mesh, abstract)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, shardings)
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   batch_sharding = parallel.batch_sharding(mesh)
-  batch = {"image": jax.ShapeDtypeStruct((batch_size, *exp.image_shape), jnp.float32,
-                                         sharding=batch_sharding),
-           "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding)}
+  batch = {
+    "image": jax.ShapeDtypeStruct(
+      (batch_size, *exp.image_shape), jnp.float32, sharding=batch_sharding
+    ),
+    "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding),
+  }
   compiled = loop.compile_train_step(exp, shardings, mesh).lower(state, batch).compile()
   return perf.compiled_memory_bytes(compiled)
 
@@ -224,36 +301,57 @@ def batch_search(sizes: dict[str, int]) -> list[dict]:
       return tried[batch_size] <= limit
 
     began = time.perf_counter()
-    found, finished = perf.largest_batch(fits, sizes["search_from"], granule,
-                                         deadline=began + _SEARCH_S.value,
-                                         max_batch=sizes["search_to"])
+    found, finished = perf.largest_batch(
+      fits,
+      sizes["search_from"],
+      granule,
+      deadline=began + _SEARCH_S.value,
+      max_batch=sizes["search_to"],
+    )
     seconds = time.perf_counter() - began
-    rows.append(dict(kind="largest_batch", name="ddpm_cifar10", dtype="bfloat16", remat=remat,
-                     limit_gib=limit / 2**30, largest_batch=found, finished=finished,
-                     search_s=seconds,
-                     tried_gib={b: m / 2**30 for b, m in sorted(tried.items())}))
+    rows.append(
+      dict(
+        kind="largest_batch",
+        name="ddpm_cifar10",
+        dtype="bfloat16",
+        remat=remat,
+        limit_gib=limit / 2**30,
+        largest_batch=found,
+        finished=finished,
+        search_s=seconds,
+        tried_gib={b: m / 2**30 for b, m in sorted(tried.items())},
+      )
+    )
   return rows
 
 
 def print_table(result: dict) -> None:
   device = result["device"]
-  print(f"{device['count']} x {device['kind']} ({device['platform']}), JAX {result['jax']}"
-        f"{', tiny' if result['tiny'] else ''}")
-  print(f"{'case':<40}{'dtype':>9}{'batch':>7}{'compile s':>10}{'images/s':>10}"
-        f"{'TFLOP/s/dev':>12}{'MFU':>7}{'GiB/dev':>8}  peak from")
+  print(
+    f"{device['count']} x {device['kind']} ({device['platform']}), JAX {result['jax']}"
+    f"{', tiny' if result['tiny'] else ''}"
+  )
+  print(
+    f"{'case':<40}{'dtype':>9}{'batch':>7}{'compile s':>10}{'images/s':>10}"
+    f"{'TFLOP/s/dev':>12}{'MFU':>7}{'GiB/dev':>8}  peak from"
+  )
   for row in result["rows"]:
     if row["kind"] == "largest_batch":
       continue
     memory = "-" if row["memory_gib"] is None else f"{row['memory_gib']:.2f}"
-    print(f"{row['kind'] + ' ' + row['name']:<40}{row['dtype']:>9}{row['batch']:>7}"
-          f"{row['compile_s']:>10.1f}{row['images_per_sec']:>10.1f}"
-          f"{row['tflops_per_device']:>12.3f}{row['mfu']:>7.1%}{memory:>8}  {row['peak_source']}")
+    print(
+      f"{row['kind'] + ' ' + row['name']:<40}{row['dtype']:>9}{row['batch']:>7}"
+      f"{row['compile_s']:>10.1f}{row['images_per_sec']:>10.1f}"
+      f"{row['tflops_per_device']:>12.3f}{row['mfu']:>7.1%}{memory:>8}  {row['peak_source']}"
+    )
   for row in result["rows"]:
     if row["kind"] == "largest_batch":
-      print(f"largest {row['name']} {row['dtype']} train batch{' with remat' if row['remat'] else ''}"
-            f" within {row['limit_gib']:.2f} GiB per device: {row['largest_batch']}"
-            f"{'' if row['finished'] else ' or more (out of time)'}"
-            f" ({row['search_s']:.0f} s of compiles)")
+      print(
+        f"largest {row['name']} {row['dtype']} train batch{' with remat' if row['remat'] else ''}"
+        f" within {row['limit_gib']:.2f} GiB per device: {row['largest_batch']}"
+        f"{'' if row['finished'] else ' or more (out of time)'}"
+        f" ({row['search_s']:.0f} s of compiles)"
+      )
   print(f"diffusers: {result['diffusers']}")
 
 
@@ -267,20 +365,26 @@ def _logged(label: str, fn):
 def main(argv):
   del argv
   sizes = _sizes()
-  rows = [_logged(f"train {name} {dtype}",
-                  lambda name=name, dtype=dtype: train_case(name, dtype, sizes["train_batch"],
-                                                            sizes["steps"]))
-          for name, dtype in TRAIN_CASES]
+  rows = [
+    _logged(
+      f"train {name} {dtype}",
+      lambda name=name, dtype=dtype: train_case(name, dtype, sizes["train_batch"], sizes["steps"]),
+    )
+    for name, dtype in TRAIN_CASES
+  ]
   rows += _logged("samplers", lambda: sample_cases(sizes["sample_batch"], sizes["sample_steps"]))
   rows.append(_logged("inception", lambda: inception_case(sizes["inception_batch"])))
   rows += _logged("largest batch", lambda: batch_search(sizes))
   device = jax.devices()[0]
   result = dict(
-      jax=jax.__version__, tiny=_TINY.value, rows=rows,
-      device=dict(kind=device.device_kind, platform=device.platform, count=jax.device_count()),
-      peak_memory_gib=perf.max_peak_memory_gib(),
-      diffusers="not run on the accelerator (benchmarks.train_throughput / sample_throughput"
-                " run the PyTorch peer on CPU)")
+    jax=jax.__version__,
+    tiny=_TINY.value,
+    rows=rows,
+    device=dict(kind=device.device_kind, platform=device.platform, count=jax.device_count()),
+    peak_memory_gib=perf.max_peak_memory_gib(),
+    diffusers="not run on the accelerator (benchmarks.train_throughput / sample_throughput"
+    " run the PyTorch peer on CPU)",
+  )
   print_table(result)
   if _OUT.value:
     files.write_json(_OUT.value, result, indent=1)

@@ -21,8 +21,9 @@ from ml_collections import config_flags
 from diffusion_jax import data, parallel
 from diffusion_jax.train import loop, tasks
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py:smoke",
-                                          "The training config whose step is compiled.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/digits.py:smoke", "The training config whose step is compiled."
+)
 
 
 def _timed(fn):
@@ -43,9 +44,11 @@ def main(argv):
   traced, trace_s = _timed(lambda: step.trace(state, batch))
   lowered, lower_s = _timed(traced.lower)
   _, compile_s = _timed(lowered.compile)
-  print(f"{len(jax.devices())} {jax.devices()[0].platform} devices: create_state {create_s:.1f} s,"
-        f" trace {trace_s:.1f} s, lower {lower_s:.1f} s, compile {compile_s:.1f} s,"
-        f" total {create_s + trace_s + lower_s + compile_s:.1f} s")
+  print(
+    f"{len(jax.devices())} {jax.devices()[0].platform} devices: create_state {create_s:.1f} s,"
+    f" trace {trace_s:.1f} s, lower {lower_s:.1f} s, compile {compile_s:.1f} s,"
+    f" total {create_s + trace_s + lower_s + compile_s:.1f} s"
+  )
 
 
 if __name__ == "__main__":

@@ -27,13 +27,21 @@ from diffusion_jax.data import sources
 from diffusion_jax.evaluation import digits_classifier, metrics
 from diffusion_jax.train import tasks
 
-PARAMS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
-                      "data", "quality", "digits_ema.npz")
+PARAMS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  "tests",
+  "data",
+  "quality",
+  "digits_ema.npz",
+)
 NUM_SAMPLES = 300
 SETTINGS = {  # column: SamplerConfig fields besides the steps
-    "DDIM": dict(sampler="ddim"),
-    **{f"DPM++({order}M) {spacing}": dict(sampler="dpm_solver", order=order, spacing=spacing)
-       for order in (2, 3) for spacing in ("log_snr", "time")},
+  "DDIM": dict(sampler="ddim"),
+  **{
+    f"DPM++({order}M) {spacing}": dict(sampler="dpm_solver", order=order, spacing=spacing)
+    for order in (2, 3)
+    for spacing in ("log_snr", "time")
+  },
 }
 
 _STEPS = flags.DEFINE_list("steps", ["5", "10", "20", "50"], "Network calls per image.")
@@ -57,8 +65,11 @@ def main(argv):
   real = _gaussian(features(sources.digits_source("train").images))
 
   def fd_digits(sampler_config: sampling.SamplerConfig) -> float:
-    draw = jax.jit(sampling.make_batch_sampler(sampler_config, exp.apply_fn, exp.spec, exp.schedule,
-                                               exp.image_shape, NUM_SAMPLES))
+    draw = jax.jit(
+      sampling.make_batch_sampler(
+        sampler_config, exp.apply_fn, exp.spec, exp.schedule, exp.image_shape, NUM_SAMPLES
+      )
+    )
     fake = features(images.to_uint8(draw(params, jax.random.key(0))))
     return metrics.frechet_distance(*_gaussian(fake), *real)
 

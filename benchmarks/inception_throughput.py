@@ -35,9 +35,11 @@ _STEPS = flags.DEFINE_integer("steps", 2, "Timed batches per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of `steps` batches, ours then theirs.")
 _RESIZE = flags.DEFINE_enum("resize", "tf", list(inception.RESIZE_MODES), "Our resize mode.")
 _COMPILER_OPTIONS = flags.DEFINE_multi_string(
-    "compiler_option", [], "XLA option for our program, NAME=VALUE, over parallel.compiler_options.")
+  "compiler_option", [], "XLA option for our program, NAME=VALUE, over parallel.compiler_options."
+)
 _XLA_DEFAULTS = flags.DEFINE_bool(
-    "xla_defaults", False, "Compile ours with XLA's defaults, not parallel.compiler_options.")
+  "xla_defaults", False, "Compile ours with XLA's defaults, not parallel.compiler_options."
+)
 _CHANNELS_LAST = flags.DEFINE_bool("torch_channels_last", False, "Run theirs in channels_last.")
 
 
@@ -49,6 +51,7 @@ def import_pytorch_fid():
   except ImportError:
     return None
   import torch  # noqa: PLC0415
+
   torch.set_num_threads(os.cpu_count())
   return pytorch_fid_inception
 
@@ -100,7 +103,8 @@ def main(argv):
   images = np.random.default_rng(0).integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
   options = ({} if _XLA_DEFAULTS.value else parallel.compiler_options(mesh)) | dict(
-      item.split("=", 1) for item in _COMPILER_OPTIONS.value)
+    item.split("=", 1) for item in _COMPILER_OPTIONS.value
+  )
   pytorch_fid_inception = import_pytorch_fid()
   if pytorch_fid_inception is None:
     raise app.UsageError("The peer needs torch, torchvision and pytorch-fid (the `test` extra).")
@@ -114,12 +118,16 @@ def main(argv):
   for _ in range(_ROUNDS.value):
     for name, run in runs.items():
       seconds[name].append(timed(run, _STEPS.value))
-  print(f"batch {batch} of {side}x{side}x3 uint8 -> 299, resize {_RESIZE.value!r} (ours), "
-        f"{os.cpu_count()} cores ({jax.devices()[0].platform}); compiler options {options or 'none'}; "
-        f"our compile {compile_s:.1f} s; torch {'channels_last' if _CHANNELS_LAST.value else 'NCHW'}")
+  print(
+    f"batch {batch} of {side}x{side}x3 uint8 -> 299, resize {_RESIZE.value!r} (ours), "
+    f"{os.cpu_count()} cores ({jax.devices()[0].platform}); compiler options {options or 'none'}; "
+    f"our compile {compile_s:.1f} s; torch {'channels_last' if _CHANNELS_LAST.value else 'NCHW'}"
+  )
   print(f"{'':<22}{'best s/batch':>13}{'median':>9}{'images/s':>10}")
   for name, times in seconds.items():
-    print(f"{name:<22}{min(times):>13.3f}{statistics.median(times):>9.3f}{batch / min(times):>10.1f}")
+    print(
+      f"{name:<22}{min(times):>13.3f}{statistics.median(times):>9.3f}{batch / min(times):>10.1f}"
+    )
   ours_s, theirs_s = (min(times) for times in seconds.values())
   print(f"ratio ours/theirs (images/s): {theirs_s / ours_s:.2f}")
 

@@ -70,8 +70,7 @@ def main(argv):
   if not paths:
     raise app.UsageError("Pass the report.json files to draw.")
   reports = [_read(argument) for argument in paths]
-  labels = _LABELS.value or [report["workdir"].rstrip("/").rsplit("/", 1)[-1]
-                             for report in reports]
+  labels = _LABELS.value or [report["workdir"].rstrip("/").rsplit("/", 1)[-1] for report in reports]
   if len(labels) != len(reports):
     raise app.UsageError(f"--labels has {len(labels)} names for {len(reports)} reports.")
   metric = _metric(reports[0])
@@ -80,13 +79,18 @@ def main(argv):
   for report, label, style in zip(reports, labels, STYLES * len(reports)):
     for index, (name, points) in enumerate(sorted(_curves(report, metric).items())):
       every_curve[f"{label}: {name}"] = points
-      axes.plot(*zip(*sorted(points.items())), style, marker="o", markersize=3,
-                color=f"C{index}", label=f"{label}: {name}")
+      axes.plot(
+        *zip(*sorted(points.items())),
+        style,
+        marker="o",
+        markersize=3,
+        color=f"C{index}",
+        label=f"{label}: {name}",
+      )
     floor = report.get("real_floor", {}).get(metric)
     if floor is not None:
       axes.axhline(floor, color="grey", linestyle=style, linewidth=0.8, label=f"{label}: real data")
-  axes.set(xscale="log", yscale="log", xlabel="NFE (network evaluations per image)",
-           ylabel=metric)
+  axes.set(xscale="log", yscale="log", xlabel="NFE (network evaluations per image)", ylabel=metric)
   axes.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.15))
   figure.savefig(_OUTPUT.value, dpi=120, bbox_inches="tight")
   print(_table(every_curve))

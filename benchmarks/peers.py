@@ -25,6 +25,7 @@ def import_peer():
   """(torch with one thread per core, None), or (None, why there is no PyTorch column)."""
   try:
     import torch  # noqa: PLC0415  (optional peer: the `bench` extra)
+
     if importlib.util.find_spec("torchvision"):  # diffusers' models import it when installed
       import_torchvision()
     import diffusers  # noqa: PLC0415
@@ -49,20 +50,29 @@ def diffusers_kwargs(model: UNet, image_size: int, channels: int) -> dict:
   attends = [side in model.attn_resolutions for side in sides]
   attention_widths = {w for w, a in zip(widths, attends) if a} | {widths[-1]}
   if model.num_heads > 1 and len(attention_widths) > 1:
-    raise ValueError(f"num_heads={model.num_heads} at widths {sorted(attention_widths)}: "
-                     "UNet2DModel takes one head size")
-  head_dim = model.num_head_channels or (widths[-1] // model.num_heads if model.num_heads > 1 else None)
+    raise ValueError(
+      f"num_heads={model.num_heads} at widths {sorted(attention_widths)}: "
+      "UNet2DModel takes one head size"
+    )
+  head_dim = model.num_head_channels or (
+    widths[-1] // model.num_heads if model.num_heads > 1 else None
+  )
   return dict(
-      sample_size=image_size, in_channels=channels,
-      out_channels=channels * (2 if model.learn_sigma else 1),
-      block_out_channels=tuple(widths), layers_per_block=model.num_res_blocks,
-      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attends),
-      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
-      attention_head_dim=head_dim,  # None: one head as wide as the block
-      dropout=model.dropout, norm_eps=model.norm_eps,
-      downsample_padding=0 if model.downsample_padding == "SAME" else model.downsample_padding,
-      flip_sin_to_cos=model.time_embedding == "adm", freq_shift=int(model.time_embedding == "ddpm"),
-      resnet_time_scale_shift="scale_shift" if model.scale_shift_norm else "default")
+    sample_size=image_size,
+    in_channels=channels,
+    out_channels=channels * (2 if model.learn_sigma else 1),
+    block_out_channels=tuple(widths),
+    layers_per_block=model.num_res_blocks,
+    down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+    up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
+    attention_head_dim=head_dim,  # None: one head as wide as the block
+    dropout=model.dropout,
+    norm_eps=model.norm_eps,
+    downsample_padding=0 if model.downsample_padding == "SAME" else model.downsample_padding,
+    flip_sin_to_cos=model.time_embedding == "adm",
+    freq_shift=int(model.time_embedding == "ddpm"),
+    resnet_time_scale_shift="scale_shift" if model.scale_shift_norm else "default",
+  )
 
 
 def diffusers_unet(model: UNet, image_size: int, channels: int):
@@ -109,18 +119,19 @@ def random_inception_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
   exercised; `num_batches_tracked` kept, as in a real state dict.
   """
   torchvision = import_torchvision()
-  shapes = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False,
-                                           init_weights=False).state_dict()
+  shapes = torchvision.models.inception_v3(
+    weights=None, num_classes=1008, aux_logits=False, init_weights=False
+  ).state_dict()
   rng = np.random.default_rng(seed)
   draw = {
-      "conv.weight": lambda s: rng.normal(0, np.sqrt(2 / np.prod(s[1:])), s),
-      "bn.weight": lambda s: rng.uniform(0.5, 1.5, s),
-      "bn.bias": lambda s: rng.normal(0, 0.1, s),
-      "running_mean": lambda s: rng.normal(0, 0.1, s),
-      "running_var": lambda s: rng.uniform(0.5, 1.5, s),
-      "fc.weight": lambda s: rng.normal(0, 1 / np.sqrt(s[1]), s),
-      "fc.bias": lambda s: rng.normal(0, 0.1, s),
-      "num_batches_tracked": lambda s: np.zeros(s, np.int64),
+    "conv.weight": lambda s: rng.normal(0, np.sqrt(2 / np.prod(s[1:])), s),
+    "bn.weight": lambda s: rng.uniform(0.5, 1.5, s),
+    "bn.bias": lambda s: rng.normal(0, 0.1, s),
+    "running_mean": lambda s: rng.normal(0, 0.1, s),
+    "running_var": lambda s: rng.uniform(0.5, 1.5, s),
+    "fc.weight": lambda s: rng.normal(0, 1 / np.sqrt(s[1]), s),
+    "fc.bias": lambda s: rng.normal(0, 0.1, s),
+    "num_batches_tracked": lambda s: np.zeros(s, np.int64),
   }
   state = {}
   for key, value in shapes.items():

@@ -48,8 +48,8 @@ def time_diffusers(torch, model, image_shape, batch_size, steps) -> dict[str, fl
 
   unet = peers.diffusers_unet(model, image_shape[0], image_shape[2]).eval()
   pipelines = {
-      "ddpm": diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler(1000, beta_schedule="linear")),
-      "ddim": diffusers.DDIMPipeline(unet, diffusers.DDIMScheduler(1000, beta_schedule="linear")),
+    "ddpm": diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler(1000, beta_schedule="linear")),
+    "ddim": diffusers.DDIMPipeline(unet, diffusers.DDIMScheduler(1000, beta_schedule="linear")),
   }
   times = {}
   with torch.inference_mode():
@@ -74,25 +74,35 @@ def main(argv):
   jit = functools.partial(jax.jit, compiler_options=parallel.compiler_options(parallel.make_mesh()))
 
   _, forward = best_time(jit(apply_fn), params, x, t, None)
-  print(f"{_MODEL.value} ch={model.ch} batch={shape} steps={_STEPS.value} on "
-        f"{jax.devices()[0].platform}: {forward * 1e3:.1f} ms per forward pass")
+  print(
+    f"{_MODEL.value} ch={model.ch} batch={shape} steps={_STEPS.value} on "
+    f"{jax.devices()[0].platform}: {forward * 1e3:.1f} ms per forward pass"
+  )
   header = f"{'sampler':<24}{'compile s':>10}{'images/s':>10}{'s/image':>9}{'ms/call':>9}"
   print(header + f"{'overhead':>10}")
-  runs = [(name, sampling.SamplerConfig(name, _STEPS.value)) for name in sampling.SAMPLERS
-          if name != "consistency"]  # it samples consistency-trained networks only
+  runs = [
+    (name, sampling.SamplerConfig(name, _STEPS.value))
+    for name in sampling.SAMPLERS
+    if name != "consistency"
+  ]  # it samples consistency-trained networks only
   if model.num_classes:
-    runs.append(("ddim + guidance", sampling.SamplerConfig("ddim", _STEPS.value,
-                                                           guidance_scale=1.0)))
+    runs.append(
+      ("ddim + guidance", sampling.SamplerConfig("ddim", _STEPS.value, guidance_scale=1.0))
+    )
   ours = {}
   for name, config in runs:
-    sample_batch = jit(sampling.make_batch_sampler(
-        config, apply_fn, spec, schedule, entry.input_shape, shape[0],
-        num_classes=model.num_classes))
+    sample_batch = jit(
+      sampling.make_batch_sampler(
+        config, apply_fn, spec, schedule, entry.input_shape, shape[0], num_classes=model.num_classes
+      )
+    )
     first, best = best_time(sample_batch, params, jax.random.key(1))
     ours[name] = best
     per_call = best / _STEPS.value
-    print(f"{name:<24}{first - best:>10.1f}{shape[0] / best:>10.2f}{best / shape[0]:>9.3f}"
-          f"{per_call * 1e3:>9.1f}{per_call / forward - 1:>10.1%}")
+    print(
+      f"{name:<24}{first - best:>10.1f}{shape[0] / best:>10.2f}{best / shape[0]:>9.3f}"
+      f"{per_call * 1e3:>9.1f}{per_call / forward - 1:>10.1%}"
+    )
   torch, why_not = peers.import_peer()
   if model.learn_sigma:
     why_not = "diffusers' DDIM pipeline takes epsilon-only models"
@@ -106,8 +116,10 @@ def main(argv):
     return
   for name, best in theirs.items():
     label = f"diffusers {name.upper()}Pipeline"
-    print(f"{label:<24}{'-':>10}{shape[0] / best:>10.2f}{best / shape[0]:>9.3f}"
-          f"{best / _STEPS.value * 1e3:>9.1f}   ours/theirs images/s: {best / ours[name]:.2f}x")
+    print(
+      f"{label:<24}{'-':>10}{shape[0] / best:>10.2f}{best / shape[0]:>9.3f}"
+      f"{best / _STEPS.value * 1e3:>9.1f}   ours/theirs images/s: {best / ours[name]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -43,12 +43,16 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps before the rounds (af
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds of `steps` steps, ours then theirs.")
 _CH = flags.DEFINE_integer("ch", 0, "Base channels override; 0 keeps the entry's.")
 _OVERRIDES = flags.DEFINE_multi_string(
-    "override", [], "Other UNet field overrides, FIELD=PYTHON_LITERAL, e.g. num_res_blocks=1.")
+  "override", [], "Other UNet field overrides, FIELD=PYTHON_LITERAL, e.g. num_res_blocks=1."
+)
 _COMPILER_OPTIONS = flags.DEFINE_multi_string(
-    "compiler_option", [],
-    "XLA option for compiling our step, NAME=VALUE, over parallel.compiler_options (e.g. xla_cpu_*).")
+  "compiler_option",
+  [],
+  "XLA option for compiling our step, NAME=VALUE, over parallel.compiler_options (e.g. xla_cpu_*).",
+)
 _XLA_DEFAULTS = flags.DEFINE_bool(
-    "xla_defaults", False, "Compile our step with XLA's defaults, not parallel.compiler_options.")
+  "xla_defaults", False, "Compile our step with XLA's defaults, not parallel.compiler_options."
+)
 _CHANNELS_LAST = flags.DEFINE_bool("torch_channels_last", False, "Run theirs in channels_last.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 
@@ -70,15 +74,21 @@ def compiler_options(mesh) -> dict[str, str]:
 def benchmark_config(name: str, overrides: dict, image_shape, batch_size: int):
   """A training config for zoo model `name`: DDPM's process and optimizer (Ho et al. App. B)."""
   learn_sigma = models.get_model(name, **overrides).learn_sigma
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       seed=0,
       # Only the shape is read: the benchmark feeds one fixed batch.
       data=dict(source="digits", image_size=image_shape[0], num_channels=image_shape[2]),
       model=dict(name=name, **overrides),
-      diffusion=dict(schedule="linear", num_timesteps=1000,
-                     **(dict(var_type="learned_range", loss="hybrid") if learn_sigma else {})),
+      diffusion=dict(
+        schedule="linear",
+        num_timesteps=1000,
+        **(dict(var_type="learned_range", loss="hybrid") if learn_sigma else {}),
+      ),
       optim=dict(optimizer="adam", lr=2e-4, warmup_steps=1, grad_clip=1.0),
-      train=dict(batch_size=batch_size, ema_decay=0.9999)))
+      train=dict(batch_size=batch_size, ema_decay=0.9999),
+    )
+  )
 
 
 @dataclasses.dataclass
@@ -97,9 +107,10 @@ def ours(exp: diffusion_task.Experiment, mesh, batch_size: int, options: dict):
   """(run(n) timing n steps into a Result, step FLOPs, compile seconds) for our train step."""
   state, shardings = loop.create_state(exp, mesh, seed=0)
   x_BxHxWxC = np.random.default_rng(0).uniform(-1, 1, (batch_size, *exp.image_shape))
-  batch = jax.device_put({"image": jnp.asarray(x_BxHxWxC, jnp.float32),
-                          "label": jnp.zeros((batch_size,), jnp.int32)},
-                         parallel.batch_sharding(mesh))
+  batch = jax.device_put(
+    {"image": jnp.asarray(x_BxHxWxC, jnp.float32), "label": jnp.zeros((batch_size,), jnp.int32)},
+    parallel.batch_sharding(mesh),
+  )
   start = time.perf_counter()
   step = loop.compile_train_step(exp, shardings, mesh, options).lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -127,7 +138,9 @@ def theirs(torch, exp: diffusion_task.Experiment, batch_size: int, channels_last
   optimizer = torch.optim.Adam(params, lr=exp.optim.lr)
   ema = [p.detach().clone() for p in params]
   alphas_cumprod = torch.tensor(np.asarray(exp.schedule.alphas_cumprod))
-  x_start = (torch.rand(batch_size, channels, height, height) * 2 - 1).contiguous(memory_format=layout)
+  x_start = (torch.rand(batch_size, channels, height, height) * 2 - 1).contiguous(
+    memory_format=layout
+  )
   result = Result(peers.count_torch_params(unet))
 
   def train_step():
@@ -154,34 +167,65 @@ def theirs(torch, exp: diffusion_task.Experiment, batch_size: int, channels_last
   return run, result
 
 
-def summary(name: str, exp, batch_size: int, options: dict, our: Result, flops: float,
-            compile_s: float, their: Result | None, note: str | None) -> dict:
+def summary(
+  name: str,
+  exp,
+  batch_size: int,
+  options: dict,
+  our: Result,
+  flops: float,
+  compile_s: float,
+  their: Result | None,
+  note: str | None,
+) -> dict:
   """Everything measured, as printed by --json."""
   out = dict(
-      model=name, overrides=model_overrides(), image_shape=exp.image_shape, batch_size=batch_size,
-      compiler_options=options, cores=os.cpu_count(), platform=jax.devices()[0].platform,
-      step_flops=flops, compile_s=compile_s, ours_params=our.params,
-      ours_step_s=our.step_times, ours_images_per_s=batch_size / our.best,
-      ours_flops_per_s=flops / our.best)
+    model=name,
+    overrides=model_overrides(),
+    image_shape=exp.image_shape,
+    batch_size=batch_size,
+    compiler_options=options,
+    cores=os.cpu_count(),
+    platform=jax.devices()[0].platform,
+    step_flops=flops,
+    compile_s=compile_s,
+    ours_params=our.params,
+    ours_step_s=our.step_times,
+    ours_images_per_s=batch_size / our.best,
+    ours_flops_per_s=flops / our.best,
+  )
   if their is None:
     return dict(out, peer_note=note)
   return dict(
-      out, theirs_params=their.params, params_match=our.params == their.params,
-      theirs_step_s=their.step_times, theirs_images_per_s=batch_size / their.best,
-      theirs_flops_per_s=flops / their.best, ratio_ours_over_theirs=their.best / our.best)
+    out,
+    theirs_params=their.params,
+    params_match=our.params == their.params,
+    theirs_step_s=their.step_times,
+    theirs_images_per_s=batch_size / their.best,
+    theirs_flops_per_s=flops / their.best,
+    ratio_ours_over_theirs=their.best / our.best,
+  )
 
 
 def print_table(s: dict) -> None:
   h, w, c = s["image_shape"]
-  print(f"{s['model']} {s['overrides']}, batch {s['batch_size']} of {h}x{w}x{c}, "
-        f"{s['cores']} cores ({s['platform']}); compiler options {s['compiler_options'] or 'none'}")
-  print(f"step: {s['step_flops'] / 1e9:.1f} GFLOP (XLA cost analysis); our compile {s['compile_s']:.0f} s")
+  print(
+    f"{s['model']} {s['overrides']}, batch {s['batch_size']} of {h}x{w}x{c}, "
+    f"{s['cores']} cores ({s['platform']}); compiler options {s['compiler_options'] or 'none'}"
+  )
+  print(
+    f"step: {s['step_flops'] / 1e9:.1f} GFLOP (XLA cost analysis); our compile {s['compile_s']:.0f} s"
+  )
   print(f"{'':<26}{'params':>12}{'best s/step':>13}{'median':>9}{'images/s':>10}{'GFLOP/s':>9}")
-  rows = [("ours (jax)", "ours")] + ([("diffusers UNet2DModel", "theirs")] if "theirs_params" in s else [])
+  rows = [("ours (jax)", "ours")] + (
+    [("diffusers UNet2DModel", "theirs")] if "theirs_params" in s else []
+  )
   for label, key in rows:
     times = s[f"{key}_step_s"]
-    print(f"{label:<26}{s[f'{key}_params']:>12,}{min(times):>13.3f}{statistics.median(times):>9.3f}"
-          f"{s[f'{key}_images_per_s']:>10.2f}{s[f'{key}_flops_per_s'] / 1e9:>9.1f}")
+    print(
+      f"{label:<26}{s[f'{key}_params']:>12,}{min(times):>13.3f}{statistics.median(times):>9.3f}"
+      f"{s[f'{key}_images_per_s']:>10.2f}{s[f'{key}_flops_per_s'] / 1e9:>9.1f}"
+    )
   if "theirs_params" in s:
     print(f"param counts match: {'yes' if s['params_match'] else 'NO'}")
     print(f"ratio ours/theirs (images/s): {s['ratio_ours_over_theirs']:.2f}")
@@ -196,7 +240,9 @@ def main(argv):
   entry = models.lookup(name)
   side = _IMAGE_SIZE.value or entry.input_shape[0]
   batch_size = _BATCH_SIZE.value
-  exp = diffusion_task.build(benchmark_config(name, overrides, (side, side, entry.input_shape[2]), batch_size))
+  exp = diffusion_task.build(
+    benchmark_config(name, overrides, (side, side, entry.input_shape[2]), batch_size)
+  )
   run_ours, our, flops, compile_s = ours(exp, mesh, batch_size, options)
   torch, note = peers.import_peer()
   run_theirs, their = None, None

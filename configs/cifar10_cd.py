@@ -36,11 +36,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = distill.student_config(teacher, "consistency")
   config.model.dropout = 0.0
   config.diffusion.parameterization = "consistency"
-  config.optim = dict(optimizer="adam", lr=4e-4, warmup_steps=2 if variant else 19_531,
-                      grad_clip=0.0)
-  config.train = dict(batch_size=8 if variant else 512, num_steps=2 if variant else 800_000,
-                      ema_decay=0.9999, log_every=1 if variant else 100,
-                      checkpoint_every=2 if variant else 10_000, keep_checkpoints=3)
-  config.distill = dict(method="cd", teacher_workdir="", num_scales=18, target_ema=0.95,
-                        metric="l2")
+  config.optim = dict(
+    optimizer="adam", lr=4e-4, warmup_steps=2 if variant else 19_531, grad_clip=0.0
+  )
+  config.train = dict(
+    batch_size=8 if variant else 512,
+    num_steps=2 if variant else 800_000,
+    ema_decay=0.9999,
+    log_every=1 if variant else 100,
+    checkpoint_every=2 if variant else 10_000,
+    keep_checkpoints=3,
+  )
+  config.distill = dict(
+    method="cd", teacher_workdir="", num_scales=18, target_ema=0.95, metric="l2"
+  )
   return distill.complete_config(config)

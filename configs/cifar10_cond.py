@@ -30,8 +30,8 @@ def base() -> ml_collections.ConfigDict:
   config = cifar10_ddpm.base()
   config.model.num_classes = 10  # CIFAR-10's labels; the null label is index 10
   config.train.update(
-      label_dropout=0.1,  # p_uncond, the probability of training a label as the null label
-      num_samples=100,  # a 10x10 grid: one row per class
-      sample_guidance=1.0,  # w of the grids
+    label_dropout=0.1,  # p_uncond, the probability of training a label as the null label
+    num_samples=100,  # a 10x10 grid: one row per class
+    sample_guidance=1.0,  # w of the grids
   )
   return config

@@ -32,44 +32,50 @@ def base() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = dict(
-      source="tfds", name="cifar10", split="train",
-      image_size=32,  # pixels
-      num_channels=3,
-      random_flip=True,  # Ho et al. sec. 4: "random horizontal flips"
-      shuffle=True,
-      num_threads=4,  # decoding threads per host
+    source="tfds",
+    name="cifar10",
+    split="train",
+    image_size=32,  # pixels
+    num_channels=3,
+    random_flip=True,  # Ho et al. sec. 4: "random horizontal flips"
+    shuffle=True,
+    num_threads=4,  # decoding threads per host
   )
 
   config.model = dict(
-      name="ddpm_cifar10",  # 35,746,307 params
-      dropout=0.1,
-      dtype="float32",  # compute dtype; "bfloat16" on TPU/GPU (params stay float32)
-      remat=False,  # gradient checkpointing of residual blocks
+    name="ddpm_cifar10",  # 35,746,307 params
+    dropout=0.1,
+    dtype="float32",  # compute dtype; "bfloat16" on TPU/GPU (params stay float32)
+    remat=False,  # gradient checkpointing of residual blocks
   )
 
   config.diffusion = dict(
-      schedule="linear", num_timesteps=1000,  # beta 1e-4 to 0.02
-      mean_type="epsilon", var_type="fixed_large",
-      loss="simple",  # Ho et al. eq. 14
-      timestep_sampler="uniform",
+    schedule="linear",
+    num_timesteps=1000,  # beta 1e-4 to 0.02
+    mean_type="epsilon",
+    var_type="fixed_large",
+    loss="simple",  # Ho et al. eq. 14
+    timestep_sampler="uniform",
   )
 
   config.optim = dict(
-      optimizer="adam", lr=2e-4,  # App. B: 2e-4 for 32x32
-      warmup_steps=5000,  # linear warmup, steps
-      grad_clip=1.0,  # global norm
+    optimizer="adam",
+    lr=2e-4,  # App. B: 2e-4 for 32x32
+    warmup_steps=5000,  # linear warmup, steps
+    grad_clip=1.0,  # global norm
   )
 
   config.train = dict(
-      batch_size=128,  # global, images per step
-      num_steps=800_000,
-      ema_decay=0.9999,
-      log_every=100,
-      checkpoint_every=10_000,
-      keep_checkpoints=3,
-      sample_every=50_000,
-      num_samples=64,
-      sampler="ddim", sample_steps=100,  # grids only; evaluation samples with all 1000 steps
+    batch_size=128,  # global, images per step
+    num_steps=800_000,
+    ema_decay=0.9999,
+    log_every=100,
+    checkpoint_every=10_000,
+    keep_checkpoints=3,
+    sample_every=50_000,
+    num_samples=64,
+    sampler="ddim",
+    sample_steps=100,  # grids only; evaluation samples with all 1000 steps
   )
   return config
 

@@ -43,25 +43,31 @@ def base() -> ml_collections.ConfigDict:
   """What this config sets; other configs start here."""
   config = cifar10_ddpm.base()
   config.model.update(
-      name="ddpm_cifar10",  # with DDPM++'s layout below: 56,524,291 params
-      ch=128, ch_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
-      resblock_updown=True,
-      dropout=0.13,  # EDM's CIFAR-10 dropout
+    name="ddpm_cifar10",  # with DDPM++'s layout below: 56,524,291 params
+    ch=128,
+    ch_mult=(2, 2, 2),
+    num_res_blocks=4,
+    attn_resolutions=(16,),
+    resblock_updown=True,
+    dropout=0.13,  # EDM's CIFAR-10 dropout
   )
   config.diffusion.update(
-      parameterization="edm",  # the network is fed c_noise = ln(sigma) / 4
-      sigma_data=0.5, p_mean=-1.2, p_std=1.2,  # EDM Table 1
-      var_type="fixed_small",  # only read if the DDPM sampler runs the model
+    parameterization="edm",  # the network is fed c_noise = ln(sigma) / 4
+    sigma_data=0.5,
+    p_mean=-1.2,
+    p_std=1.2,  # EDM Table 1
+    var_type="fixed_small",  # only read if the DDPM sampler runs the model
   )
   config.optim.update(
-      lr=1e-3,
-      warmup_steps=19_531,  # EDM's lr_rampup_kimg = 10,000 at 512 images per step
-      grad_clip=0.0,  # EDM does not clip (it zeroes non-finite gradients)
+    lr=1e-3,
+    warmup_steps=19_531,  # EDM's lr_rampup_kimg = 10,000 at 512 images per step
+    grad_clip=0.0,  # EDM does not clip (it zeroes non-finite gradients)
   )
   config.train.update(
-      batch_size=512,
-      num_steps=390_625,  # 200 Mimg at 512 images per step
-      ema_decay=0.99929,  # half-life 500 kimg: 0.5^(512 / 500,000)
-      sampler="edm_heun", sample_steps=18,  # 35 network calls
+    batch_size=512,
+    num_steps=390_625,  # 200 Mimg at 512 images per step
+    ema_decay=0.99929,  # half-life 500 kimg: 0.5^(512 / 500,000)
+    sampler="edm_heun",
+    sample_steps=18,  # 35 network calls
   )
   return config

@@ -30,13 +30,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   base = cifar10_edm.get_config(variant)
   config = distill.student_config(base, "consistency")
   config.model.dropout = 0.3
-  config.diffusion.update(parameterization="consistency", sigma_data=0.5, p_mean=-1.1,
-                          p_std=2.0)
-  config.optim = dict(optimizer="adam", lr=1e-4, warmup_steps=2 if variant else 0,
-                      grad_clip=0.0)
-  config.train = dict(batch_size=8 if variant else 1024, num_steps=2 if variant else 400_000,
-                      ema_decay=0.99993, log_every=1 if variant else 100,
-                      checkpoint_every=2 if variant else 10_000, keep_checkpoints=3)
-  config.distill = dict(method="ict", scales_start=10, scales_end=1280, metric="pseudo_huber",
-                        huber_scale=0.00054)
+  config.diffusion.update(parameterization="consistency", sigma_data=0.5, p_mean=-1.1, p_std=2.0)
+  config.optim = dict(optimizer="adam", lr=1e-4, warmup_steps=2 if variant else 0, grad_clip=0.0)
+  config.train = dict(
+    batch_size=8 if variant else 1024,
+    num_steps=2 if variant else 400_000,
+    ema_decay=0.99993,
+    log_every=1 if variant else 100,
+    checkpoint_every=2 if variant else 10_000,
+    keep_checkpoints=3,
+  )
+  config.distill = dict(
+    method="ict", scales_start=10, scales_end=1280, metric="pseudo_huber", huber_scale=0.00054
+  )
   return distill.complete_config(config)

@@ -31,10 +31,11 @@ def base() -> ml_collections.ConfigDict:
   config.data.random_flip = False  # improved-diffusion's loader does not flip
   config.model.update(name="iddpm_cifar10", dropout=0.3)  # 52,546,438 params
   config.diffusion.update(
-      schedule="cosine", num_timesteps=4000,
-      var_type="learned_range",
-      loss="hybrid",  # L_simple + 0.001 L_vlb, sec. 3.1
-      rescale_timesteps=True,  # the network sees t * 1000 / T, as improved-diffusion feeds it
+    schedule="cosine",
+    num_timesteps=4000,
+    var_type="learned_range",
+    loss="hybrid",  # L_simple + 0.001 L_vlb, sec. 3.1
+    rescale_timesteps=True,  # the network sees t * 1000 / T, as improved-diffusion feeds it
   )
   config.optim.update(lr=1e-4, warmup_steps=0, grad_clip=0.0)  # improved-diffusion: no clipping
   config.train.update(num_steps=500_000)

@@ -42,23 +42,25 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.dropout = 0.0  # "same as teacher but with 0 dropout"
   config.diffusion.mean_type = "v"
   config.optim = dict(
-      optimizer="adam", lr=5e-5,
-      warmup_steps=0,
-      schedule="linear", decay_steps=steps_per_round,  # to 0 within each round
-      grad_clip=1.0,
+    optimizer="adam",
+    lr=5e-5,
+    warmup_steps=0,
+    schedule="linear",
+    decay_steps=steps_per_round,  # to 0 within each round
+    grad_clip=1.0,
   )
   config.train = dict(
-      batch_size=8 if variant else 128,
-      num_steps=rounds * steps_per_round,
-      ema_decay=0.0,
-      log_every=1 if variant else 100,
-      checkpoint_every=steps_per_round,  # each round's student
-      keep_checkpoints=rounds,
+    batch_size=8 if variant else 128,
+    num_steps=rounds * steps_per_round,
+    ema_decay=0.0,
+    log_every=1 if variant else 100,
+    checkpoint_every=steps_per_round,  # each round's student
+    keep_checkpoints=rounds,
   )
   config.distill = dict(
-      teacher_workdir="",  # the finished cifar10_ddpm run: set it on the command line
-      start_steps=4 if variant else 512,
-      end_steps=1,
-      steps_per_round=steps_per_round,
+    teacher_workdir="",  # the finished cifar10_ddpm run: set it on the command line
+    start_steps=4 if variant else 512,
+    end_steps=1,
+    steps_per_round=steps_per_round,
   )
   return distill.complete_config(config)

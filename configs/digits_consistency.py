@@ -25,8 +25,10 @@ def get_config(variant: str = "cd") -> ml_collections.ConfigDict:
   parts = set(variant.split(",")) - {""}
   methods = parts & {"cd", "ict"}
   if parts - {"cd", "ict", "smoke"} or len(methods) != 1:
-    raise ValueError(f"Unknown variant {variant!r} of configs/digits_consistency.py; known: 'cd'"
-                     " or 'ict', each with ',smoke'.")
+    raise ValueError(
+      f"Unknown variant {variant!r} of configs/digits_consistency.py; known: 'cd'"
+      " or 'ict', each with ',smoke'."
+    )
   [method] = methods
   smoke = "smoke" in parts
   teacher = digits.get_config("edm,smoke" if smoke else "edm")
@@ -34,21 +36,27 @@ def get_config(variant: str = "cd") -> ml_collections.ConfigDict:
   config.diffusion.parameterization = "consistency"  # f(x, sigma), boundary at sigma_min
   if method == "ict":
     config.diffusion.update(p_mean=-1.1, p_std=2.0)  # iCT's lognormal levels
-  config.optim = dict(optimizer="adam", lr=2e-4 if method == "cd" else 1e-3,
-                      warmup_steps=0 if method == "cd" else 100, grad_clip=1.0)
+  config.optim = dict(
+    optimizer="adam",
+    lr=2e-4 if method == "cd" else 1e-3,
+    warmup_steps=0 if method == "cd" else 100,
+    grad_clip=1.0,
+  )
   config.train = dict(
-      batch_size=8 if smoke else 64,
-      num_steps=4 if smoke else (1000 if method == "cd" else 2000),
-      ema_decay=0.995,  # the digits run's short horizon
-      log_every=2 if smoke else 100,
-      checkpoint_every=2 if smoke else 500,
-      keep_checkpoints=2,
+    batch_size=8 if smoke else 64,
+    num_steps=4 if smoke else (1000 if method == "cd" else 2000),
+    ema_decay=0.995,  # the digits run's short horizon
+    log_every=2 if smoke else 100,
+    checkpoint_every=2 if smoke else 500,
+    keep_checkpoints=2,
   )
   config.distill = dict(
-      method=method,
-      teacher_workdir="workdirs/digits_edm" if method == "cd" else "",
-      num_scales=18, target_ema=0.95,  # CD
-      scales_start=10, scales_end=1280,  # iCT
-      metric="pseudo_huber",
+    method=method,
+    teacher_workdir="workdirs/digits_edm" if method == "cd" else "",
+    num_scales=18,
+    target_ema=0.95,  # CD
+    scales_start=10,
+    scales_end=1280,  # iCT
+    metric="pseudo_huber",
   )
   return distill.complete_config(config)

@@ -31,23 +31,25 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.model.dropout = 0.0  # the paper's students train without dropout
   config.diffusion.mean_type = "v"  # the student predicts v (Salimans & Ho sec. 4)
   config.optim = dict(
-      optimizer="adam", lr=5e-4,
-      warmup_steps=0,
-      schedule="linear", decay_steps=steps_per_round,  # annealed to 0 within each round
-      grad_clip=1.0,
+    optimizer="adam",
+    lr=5e-4,
+    warmup_steps=0,
+    schedule="linear",
+    decay_steps=steps_per_round,  # annealed to 0 within each round
+    grad_clip=1.0,
   )
   config.train = dict(
-      batch_size=8 if smoke else 64,
-      num_steps=rounds * steps_per_round,
-      ema_decay=0.0,  # the paper's code: no EMA; each round's teacher is the last student
-      log_every=2 if smoke else 100,
-      checkpoint_every=steps_per_round,  # one checkpoint per round: each K's student
-      keep_checkpoints=rounds,
+    batch_size=8 if smoke else 64,
+    num_steps=rounds * steps_per_round,
+    ema_decay=0.0,  # the paper's code: no EMA; each round's teacher is the last student
+    log_every=2 if smoke else 100,
+    checkpoint_every=steps_per_round,  # one checkpoint per round: each K's student
+    keep_checkpoints=rounds,
   )
   config.distill = dict(
-      teacher_workdir="workdirs/digits",  # the default digits run
-      start_steps=4 if smoke else 64,  # the teacher's DDIM steps in round 0
-      end_steps=1,
-      steps_per_round=steps_per_round,
+    teacher_workdir="workdirs/digits",  # the default digits run
+    start_steps=4 if smoke else 64,  # the teacher's DDIM steps in round 0
+    end_steps=1,
+    steps_per_round=steps_per_round,
   )
   return distill.complete_config(config)

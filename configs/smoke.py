@@ -14,6 +14,13 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.update(image_size=16, num_threads=0)
   config.diffusion.num_timesteps = 100
   config.optim.warmup_steps = 2
-  config.train.update(batch_size=8, num_steps=2, log_every=1, checkpoint_every=2,
-                      sample_every=0, num_samples=4, sample_steps=4)
+  config.train.update(
+    batch_size=8,
+    num_steps=2,
+    log_every=1,
+    checkpoint_every=2,
+    sample_every=0,
+    num_samples=4,
+    sample_steps=4,
+  )
   return config

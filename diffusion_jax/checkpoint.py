@@ -68,8 +68,15 @@ def _agreed(ok: bool) -> bool:
 class Checkpointer:
   """Saves and restores {"state": TrainState, "data": iterator state} in `workdir/checkpoints`."""
 
-  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_saves: bool = True,
-               delete_unfinished: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    every_steps: int,
+    keep: int,
+    async_saves: bool = True,
+    delete_unfinished: bool = False,
+  ):
     """`delete_unfinished`: delete the temporary directories of interrupted saves; only for the
     run that trains in `workdir`, as a reader would delete a live run's save in progress.
     `keep`: how many checkpoints a saving run keeps (`_delete_old_steps`)."""
@@ -82,9 +89,11 @@ class Checkpointer:
     if delete_unfinished:
       self._delete_unfinished_saves()
     self._manager = ocp.CheckpointManager(
-        files.absolute(self.directory),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=True, enable_async_checkpointing=async_saves))
+      files.absolute(self.directory),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=True, enable_async_checkpointing=async_saves
+      ),
+    )
 
   def _step_path(self, step: int) -> epath.Path:
     return files.path(self.directory) / str(step)
@@ -110,8 +119,9 @@ class Checkpointer:
     """Whether `step` is a multiple of every_steps: when `save` saves without `force`."""
     return step % self.every_steps == 0
 
-  def save(self, step: int, state, data_iterator: grain.DatasetIterator | None, *,
-           force=False) -> bool:
+  def save(
+    self, step: int, state, data_iterator: grain.DatasetIterator | None, *, force=False
+  ) -> bool:
     """Saves if `step` is a multiple of every_steps (or `force`); returns whether it did.
 
     A None iterator saves the state alone (a converted checkpoint has no data
@@ -129,11 +139,14 @@ class Checkpointer:
     saved_checksums, non_finite = checksums.array_summaries(state)
     if non_finite:
       raise FloatingPointError(
-          f"Not saving checkpoint {self._step_path(step)}: the state's {non_finite[0]} holds"
-          f" non-finite values ({len(non_finite)} array(s) do); the latest checkpoint is step"
-          f" {self.latest_step()}.")
-    items = {"state": ocp.args.StandardSave(state),
-             INTEGRITY_ITEM: ocp.args.JsonSave({"checksums": saved_checksums})}
+        f"Not saving checkpoint {self._step_path(step)}: the state's {non_finite[0]} holds"
+        f" non-finite values ({len(non_finite)} array(s) do); the latest checkpoint is step"
+        f" {self.latest_step()}."
+      )
+    items = {
+      "state": ocp.args.StandardSave(state),
+      INTEGRITY_ITEM: ocp.args.JsonSave({"checksums": saved_checksums}),
+    }
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.wait()
@@ -150,8 +163,13 @@ class Checkpointer:
       return False
     if step not in self.all_steps():
       what = "a damaged checkpoint" if step in self._damaged else "not a checkpoint"
-      logging.warning("Not saving step %d: %s is in the way (%s) and is left as it is; move it"
-                      " aside to save this step.", step, path, what)
+      logging.warning(
+        "Not saving step %d: %s is in the way (%s) and is left as it is; move it"
+        " aside to save this step.",
+        step,
+        path,
+        what,
+      )
     return True
 
   def _delete_old_steps(self) -> None:
@@ -161,12 +179,12 @@ class Checkpointer:
     verified or saved by this run, and is kept. Steps found damaged, steps
     without checksums and anything else in the directory are left alone.
     """
-    ours = [step for step in self.all_steps()
-            if (self._step_path(step) / INTEGRITY_ITEM).exists()]
-    for step in ours[:-self.keep]:
+    ours = [step for step in self.all_steps() if (self._step_path(step) / INTEGRITY_ITEM).exists()]
+    for step in ours[: -self.keep]:
       self._manager.delete(step)
-      logging.info("Deleted checkpoint %s (train.keep_checkpoints=%d).", self._step_path(step),
-                   self.keep)
+      logging.info(
+        "Deleted checkpoint %s (train.keep_checkpoints=%d).", self._step_path(step), self.keep
+      )
 
   @contextlib.contextmanager
   def _naming_save_failures(self):
@@ -175,8 +193,9 @@ class Checkpointer:
       yield
     except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, ... for I/O errors.
       raise CheckpointError(
-          f"Saving a checkpoint in {self.directory} failed: {type(e).__name__}: {e}. Finished"
-          f" checkpoints: {self.all_steps()}; the unfinished one is never restored.") from e
+        f"Saving a checkpoint in {self.directory} failed: {type(e).__name__}: {e}. Finished"
+        f" checkpoints: {self.all_steps()}; the unfinished one is never restored."
+      ) from e
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
     """Restores the state onto the shardings of `abstract_state`, and the iterator in place.
@@ -202,6 +221,7 @@ class Checkpointer:
     Raises:
       CheckpointError: `step` (or, with None, every checkpoint) is damaged.
     """
+
     def items(step):
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None and self._data_file(step).exists():
@@ -218,15 +238,23 @@ class Checkpointer:
 
   def _data_file(self, step: int) -> epath.Path:
     """Where checkpoint `step` holds this process's data position (grain's file name)."""
-    return (self._step_path(step) / "data" /
-            f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    return (
+      self._step_path(step)
+      / "data"
+      / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    )
 
   def _restart_data_order(self, step: int, data_iterator) -> None:
     saved = " or ".join(map(str, sorted(self.data_process_counts(step)))) or "no"
     logging.warning(
-        "Checkpoint %d has no data position %s (it holds that of %s process(es)): training goes"
-        " on with a fresh data order seeded by step %d (the examples already seen are not taken"
-        " into account).", step, self._data_file(step), saved, step)
+      "Checkpoint %d has no data position %s (it holds that of %s process(es)): training goes"
+      " on with a fresh data order seeded by step %d (the examples already seen are not taken"
+      " into account).",
+      step,
+      self._data_file(step),
+      saved,
+      step,
+    )
     data_iterator.restart_order(step)
 
   def data_process_counts(self, step: int) -> set[int]:
@@ -234,8 +262,9 @@ class Checkpointer:
     data_dir = self._step_path(step) / "data"
     if not data_dir.exists():
       return set()
-    return {int(match[1]) for path in data_dir.iterdir()
-            if (match := _DATA_FILE.fullmatch(path.name))}
+    return {
+      int(match[1]) for path in data_dir.iterdir() if (match := _DATA_FILE.fullmatch(path.name))
+    }
 
   def restore_fields(self, abstract_fields: dict, step: int | None = None) -> dict | None:
     """Restores only the named fields of the saved state, e.g. {"ema_params": ..., "step": ...}.
@@ -247,8 +276,10 @@ class Checkpointer:
     when there is no checkpoint.
     """
     restore = ocp.args.PyTreeRestore(
-        item=abstract_fields, partial_restore=True,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_fields))
+      item=abstract_fields,
+      partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_fields),
+    )
     found = self._restore_verified(lambda _: {"state": restore}, step)
     return None if found is None else found[1].state
 
@@ -299,34 +330,42 @@ class Checkpointer:
       error = e
     if not _agreed(error is None):
       raise error or CheckpointError(
-          f"Checkpoint {self._step_path(step)} failed to restore on another process.")
+        f"Checkpoint {self._step_path(step)} failed to restore on another process."
+      )
     if not has_checksums:
-      logging.warning("Checkpoint %s holds no checksums (saved by an older version): restored"
-                      " unverified.", self._step_path(step))
+      logging.warning(
+        "Checkpoint %s holds no checksums (saved by an older version): restored unverified.",
+        self._step_path(step),
+      )
     logging.info("Restored checkpoint of step %d from %s.", step, self.directory)
     return restored
 
   def _verify(self, step: int, tree, saved: dict[str, int] | None) -> None:
     """Raises DamagedCheckpointError if an array of `tree` is not finite or not as `saved`."""
     found, non_finite = checksums.array_summaries(tree)
-    damaged = [name for name, checksum in found.items()
-               if saved is not None and saved.get(name) != checksum]
+    damaged = [
+      name for name, checksum in found.items() if saved is not None and saved.get(name) != checksum
+    ]
     if damaged:
       raise DamagedCheckpointError(
-          f"Checkpoint {self._step_path(step)} is damaged: array {damaged[0]} differs from what"
-          f" was saved ({len(damaged)} array(s) do).")
+        f"Checkpoint {self._step_path(step)} is damaged: array {damaged[0]} differs from what"
+        f" was saved ({len(damaged)} array(s) do)."
+      )
     if non_finite:
       raise DamagedCheckpointError(
-          f"Checkpoint {self._step_path(step)} holds non-finite values in {non_finite[0]}"
-          f" ({len(non_finite)} array(s) do).")
+        f"Checkpoint {self._step_path(step)} holds non-finite values in {non_finite[0]}"
+        f" ({len(non_finite)} array(s) do)."
+      )
 
   def _restore(self, step: int, items: dict):
     """The manager's restore of `items` at `step`; any failure names the checkpoint."""
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types for damaged files; name the checkpoint.
-      raise CheckpointError(f"Cannot restore checkpoint {self._step_path(step)}:"
-                            f" {type(e).__name__}: {without_tensorstore_specs(str(e))}.") from e
+      raise CheckpointError(
+        f"Cannot restore checkpoint {self._step_path(step)}:"
+        f" {type(e).__name__}: {without_tensorstore_specs(str(e))}."
+      ) from e
 
   def wait(self):
     """Blocks until every asynchronous save has been written, and checks that each finished.
@@ -346,9 +385,10 @@ class Checkpointer:
     unconfirmed, self._unconfirmed = sorted(self._unconfirmed), set()
     if not _agreed(jax.process_index() != 0 or self._listed_in_storage(unconfirmed)):
       raise CheckpointError(
-          f"Saving checkpoint(s) {unconfirmed} in {self.directory} did not finish, though no"
-          f" error was raised (a full disk?). Finished checkpoints: {self.all_steps()}; an"
-          " unfinished one is never restored.")
+        f"Saving checkpoint(s) {unconfirmed} in {self.directory} did not finish, though no"
+        f" error was raised (a full disk?). Finished checkpoints: {self.all_steps()}; an"
+        " unfinished one is never restored."
+      )
 
   def _listed_in_storage(self, steps: list[int]) -> bool:
     """Whether storage lists every one of `steps` as a finished checkpoint (re-read)."""
@@ -365,8 +405,9 @@ class Checkpointer:
       self._manager.close()
 
 
-def _remove_tree_of_a_settling_write(path: epath.Path, attempts: int = 40,
-                                     pause_s: float = 0.25) -> None:
+def _remove_tree_of_a_settling_write(
+  path: epath.Path, attempts: int = 40, pause_s: float = 0.25
+) -> None:
   """Deletes `path`, retrying while writes into it are still landing.
 
   A save that failed in this process (a full disk) leaves TensorStore writes
@@ -382,15 +423,17 @@ def _remove_tree_of_a_settling_write(path: epath.Path, attempts: int = 40,
       return
     except OSError as e:
       if attempt == attempts:
-        raise CheckpointError(f"Cannot delete the unfinished save {path}: {e}. Delete it by"
-                              " hand and start again.") from e
+        raise CheckpointError(
+          f"Cannot delete the unfinished save {path}: {e}. Delete it by hand and start again."
+        ) from e
       time.sleep(pause_s)
 
 
 def restore_target(state, shardings):
   """Each leaf's shape and dtype, placed on the current mesh: what Orbax restores onto."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
 
 
 def check_writable(workdir: str) -> None:
@@ -406,8 +449,10 @@ def check_writable(workdir: str) -> None:
     files.write_text(probe, "")
     files.remove(probe)
   except OSError as e:
-    raise files.PathError(f"Cannot write in workdir {workdir}: {e.strerror or e}. Checkpoints,"
-                          " config and metrics go there: pick a writable --workdir.") from e
+    raise files.PathError(
+      f"Cannot write in workdir {workdir}: {e.strerror or e}. Checkpoints,"
+      " config and metrics go there: pick a writable --workdir."
+    ) from e
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -420,8 +465,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with."""
   path = files.join(workdir, CONFIG_FILE)
   if not files.exists(path):
-    raise files.PathNotFoundError(f"No {CONFIG_FILE} in workdir {workdir!r}: is it a training"
-                                  " run's?")
+    raise files.PathNotFoundError(
+      f"No {CONFIG_FILE} in workdir {workdir!r}: is it a training run's?"
+    )
   return ml_collections.ConfigDict(files.read_json(path))
 
 
@@ -453,8 +499,10 @@ class PreemptionNotice:
       try:  # JAX agrees on step 1 for a notice before this call: see docs/training.md.
         multihost_utils.reached_preemption_sync_point(self._first_step)
       except RuntimeError:
-        logging.warning("JAX's preemption service is off (jax_enable_preemption_service):"
-                        " SIGTERM ends this multi-process run without a checkpoint.")
+        logging.warning(
+          "JAX's preemption service is off (jax_enable_preemption_service):"
+          " SIGTERM ends this multi-process run without a checkpoint."
+        )
         self._jax_sync = False
     elif threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())

@@ -51,7 +51,11 @@ def array_summaries(tree) -> tuple[dict[str, int], list[str]]:
   the devices, one scalar per array comes to the host.
   """
   checksums, finite = jax.device_get(_summarize(tree))
-  names = [jax.tree_util.keystr(path, simple=True, separator="/")
-           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  return ({name: int(c) for name, c in zip(names, jax.tree.leaves(checksums))},
-          [name for name, ok in zip(names, jax.tree.leaves(finite)) if not ok])
+  names = [
+    jax.tree_util.keystr(path, simple=True, separator="/")
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
+  return (
+    {name: int(c) for name, c in zip(names, jax.tree.leaves(checksums))},
+    [name for name, ok in zip(names, jax.tree.leaves(finite)) if not ok],
+  )

@@ -50,8 +50,10 @@ class Range:
   def __str__(self) -> str:
     if self.high == math.inf:
       return f"{'>' if self.low_open else '>='} {self.low:g}"
-    return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-            f"{')' if self.high_open else ']'}")
+    return (
+      f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+      f"{')' if self.high_open else ']'}"
+    )
 
 
 POSITIVE = Range(0, low_open=True)
@@ -85,12 +87,19 @@ def field_names(cls: type) -> list[str]:
 def check_known(values: Mapping[str, Any], known, section: str) -> None:
   """A ValueError naming each key of `values` not in `known`, and the section's known keys."""
   if unknown := sorted(set(values) - set(known)):
-    raise ValueError(f"Unknown config key(s) {[f'{section}.{k}' for k in unknown]};"
-                     f" known in '{section}': {sorted(known)}.")
+    raise ValueError(
+      f"Unknown config key(s) {[f'{section}.{k}' for k in unknown]};"
+      f" known in '{section}': {sorted(known)}."
+    )
 
 
-def section(cls: type, values: Mapping[str, Any] | None = None, *, name: str,
-            defaults: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+def section(
+  cls: type,
+  values: Mapping[str, Any] | None = None,
+  *,
+  name: str,
+  defaults: Mapping[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
   """A config section holding every field of dataclass `cls`: `values` over its defaults.
 
   Args:
@@ -148,8 +157,9 @@ def _optional_type(hint: Any) -> type:
 
 
 def _is_flax_module(cls: type) -> bool:
-  return any(base.__module__.startswith("flax.linen") and base.__name__ == "Module"
-             for base in cls.__mro__)
+  return any(
+    base.__module__.startswith("flax.linen") and base.__name__ == "Module" for base in cls.__mro__
+  )
 
 
 def unknown_key(config: Mapping[str, Any], path: str) -> str | None:
@@ -163,8 +173,10 @@ def unknown_key(config: Mapping[str, Any], path: str) -> str | None:
     if not is_section or key not in node:
       section_name = ".".join(section_path) or "the config"
       known = sorted(node.keys()) if is_section else []
-      return (f"Unknown config key '{'.'.join([*section_path, key])}'; known in"
-              f" '{section_name}': {known}.")
+      return (
+        f"Unknown config key '{'.'.join([*section_path, key])}'; known in"
+        f" '{section_name}': {known}."
+      )
     node = node[key]
     section_path.append(key)
   return None

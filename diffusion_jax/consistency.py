@@ -51,12 +51,18 @@ class ConsistencyPreconditioning(edm.Preconditioning):
     sigma = jnp.asarray(sigma, jnp.float32)
     shifted = sigma - self.sigma_min
     return c._replace(
-        c_skip=self.sigma_data**2 / (jnp.square(shifted) + self.sigma_data**2),
-        c_out=self.sigma_data * shifted * jax.lax.rsqrt(jnp.square(sigma) + self.sigma_data**2))
+      c_skip=self.sigma_data**2 / (jnp.square(shifted) + self.sigma_data**2),
+      c_out=self.sigma_data * shifted * jax.lax.rsqrt(jnp.square(sigma) + self.sigma_data**2),
+    )
 
 
-def karras_boundaries(num_scales: jax.Array | int, size: int, sigma_min: float = SIGMA_MIN,
-                      sigma_max: float = SIGMA_MAX, rho: float = RHO) -> jax.Array:
+def karras_boundaries(
+  num_scales: jax.Array | int,
+  size: int,
+  sigma_min: float = SIGMA_MIN,
+  sigma_max: float = SIGMA_MAX,
+  rho: float = RHO,
+) -> jax.Array:
   """float32 [size]: sigma_1 < ... < sigma_N of CM eq. 5's discretisation, padded past N.
 
   sigma_i = (sigma_min^(1/rho) + (i-1)/(N-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho,
@@ -68,8 +74,9 @@ def karras_boundaries(num_scales: jax.Array | int, size: int, sigma_min: float =
   return jnp.power(lo + fraction * (hi - lo), rho)
 
 
-def ict_num_scales(step: jax.Array | int, total_steps: int, start: int = 10,
-                   end: int = 1280) -> jax.Array:
+def ict_num_scales(
+  step: jax.Array | int, total_steps: int, start: int = 10, end: int = 1280
+) -> jax.Array:
   """iCT's discretisation curriculum (Song & Dhariwal 2023, eq. 5): int32 [] N(k).
 
   N(k) = min(s_0 2^floor(k / K'), s_1) + 1, K' = floor(K / (log2 floor(s_1 / s_0) + 1)),
@@ -80,8 +87,9 @@ def ict_num_scales(step: jax.Array | int, total_steps: int, start: int = 10,
   return jnp.minimum(start * jnp.left_shift(1, doublings), end) + 1
 
 
-def lognormal_level_logits(sigmas: jax.Array, num_scales: jax.Array | int, p_mean: float,
-                           p_std: float) -> jax.Array:
+def lognormal_level_logits(
+  sigmas: jax.Array, num_scales: jax.Array | int, p_mean: float, p_std: float
+) -> jax.Array:
   """float32 [size]: log p(i) of iCT's level i (sigma_i -> sigma_{i+1}), i = 0..N-2 (0-based).
 
   p(sigma_i) ∝ erf((ln sigma_{i+1} - P_mean) / (sqrt(2) P_std)) - erf((ln sigma_i - P_mean) /
@@ -110,8 +118,9 @@ def squared_l2(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim)))
 
 
-def heun_step(denoise: ConsistencyFn, x: jax.Array, sigma: jax.Array,
-              sigma_next: jax.Array) -> jax.Array:
+def heun_step(
+  denoise: ConsistencyFn, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array
+) -> jax.Array:
   """One Heun step of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (EDM Alg. 1).
 
   x [B, ...] at noise levels sigma [B] -> sigma_next [B] (both > 0): CD's
@@ -122,4 +131,3 @@ def heun_step(denoise: ConsistencyFn, x: jax.Array, sigma: jax.Array,
   x_euler = x + level(sigma_next - sigma) * slope
   slope_next = (x_euler - denoise(x_euler, sigma_next)) / level(sigma_next)
   return x + level(sigma_next - sigma) * 0.5 * (slope + slope_next)
-

@@ -88,24 +88,34 @@ def q_mean_variance(schedule: Schedule, x_start, t):
   """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. eq. 4) -> (mean, var, logvar)."""
   n = x_start.ndim
   mean = at(schedule.sqrt_alphas_cumprod, t, n) * x_start
-  return (mean, at(1.0 - schedule.alphas_cumprod, t, n),
-          at(schedule.log_one_minus_alphas_cumprod, t, n))
+  return (
+    mean,
+    at(1.0 - schedule.alphas_cumprod, t, n),
+    at(schedule.log_one_minus_alphas_cumprod, t, n),
+  )
 
 
 def q_sample(schedule: Schedule, x_start, t, noise):
   """Draws x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. eq. 4) for given noise eps."""
   n = x_start.ndim
-  return (at(schedule.sqrt_alphas_cumprod, t, n) * x_start
-          + at(schedule.sqrt_one_minus_alphas_cumprod, t, n) * noise)
+  return (
+    at(schedule.sqrt_alphas_cumprod, t, n) * x_start
+    + at(schedule.sqrt_one_minus_alphas_cumprod, t, n) * noise
+  )
 
 
 def q_posterior(schedule: Schedule, x_start, x_t, t):
   """q(x_{t-1} | x_t, x_0) (Ho et al. eq. 6-7) -> (mean, variance, clipped log variance)."""
   n = x_t.ndim
-  mean = (at(schedule.posterior_mean_coef1, t, n) * x_start
-          + at(schedule.posterior_mean_coef2, t, n) * x_t)
-  return (mean, at(schedule.posterior_variance, t, n),
-          at(schedule.posterior_log_variance_clipped, t, n))
+  mean = (
+    at(schedule.posterior_mean_coef1, t, n) * x_start
+    + at(schedule.posterior_mean_coef2, t, n) * x_t
+  )
+  return (
+    mean,
+    at(schedule.posterior_variance, t, n),
+    at(schedule.posterior_log_variance_clipped, t, n),
+  )
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -114,29 +124,36 @@ def q_posterior(schedule: Schedule, x_start, x_t, t):
 def x0_from_eps(schedule: Schedule, x_t, t, eps):
   """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
   n = x_t.ndim
-  return (at(schedule.sqrt_recip_alphas_cumprod, t, n) * x_t
-          - at(schedule.sqrt_recipm1_alphas_cumprod, t, n) * eps)
+  return (
+    at(schedule.sqrt_recip_alphas_cumprod, t, n) * x_t
+    - at(schedule.sqrt_recipm1_alphas_cumprod, t, n) * eps
+  )
 
 
 def eps_from_x0(schedule: Schedule, x_t, t, x_start):
   """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
   n = x_t.ndim
-  return ((at(schedule.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start)
-          / at(schedule.sqrt_recipm1_alphas_cumprod, t, n))
+  return (at(schedule.sqrt_recip_alphas_cumprod, t, n) * x_t - x_start) / at(
+    schedule.sqrt_recipm1_alphas_cumprod, t, n
+  )
 
 
 def x0_from_v(schedule: Schedule, x_t, t, v):
   """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (Salimans & Ho 2022)."""
   n = x_t.ndim
-  return (at(schedule.sqrt_alphas_cumprod, t, n) * x_t
-          - at(schedule.sqrt_one_minus_alphas_cumprod, t, n) * v)
+  return (
+    at(schedule.sqrt_alphas_cumprod, t, n) * x_t
+    - at(schedule.sqrt_one_minus_alphas_cumprod, t, n) * v
+  )
 
 
 def v_target(schedule: Schedule, x_start, t, noise):
   """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the v-prediction target."""
   n = x_start.ndim
-  return (at(schedule.sqrt_alphas_cumprod, t, n) * noise
-          - at(schedule.sqrt_one_minus_alphas_cumprod, t, n) * x_start)
+  return (
+    at(schedule.sqrt_alphas_cumprod, t, n) * noise
+    - at(schedule.sqrt_one_minus_alphas_cumprod, t, n) * x_start
+  )
 
 
 def mean_target(spec: ModelSpec, schedule: Schedule, x_start, t, noise):
@@ -192,14 +209,16 @@ def model_log_variance(spec: ModelSpec, schedule: Schedule, var_output, t, ndim)
     return min_log
   if spec.var_type is VarType.FIXED_LARGE:
     # log beta_t, with beta~_1 at t=1 so that the decoder's variance stays small.
-    return at(jnp.log(jnp.concatenate(
-        [schedule.posterior_variance[1:2], schedule.betas[1:]])), t, ndim)
+    return at(
+      jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])), t, ndim
+    )
   frac = (var_output + 1.0) / 2.0  # Improved DDPM eq. 15: v in [-1, 1] -> [0, 1]
   return frac * at(jnp.log(schedule.betas), t, ndim) + (1.0 - frac) * min_log
 
 
-def p_mean_variance(spec: ModelSpec, schedule: Schedule, model_output, x_t, t,
-                    clip_x0: bool | None = None) -> PMeanVariance:
+def p_mean_variance(
+  spec: ModelSpec, schedule: Schedule, model_output, x_t, t, clip_x0: bool | None = None
+) -> PMeanVariance:
   """Turns a model output into p(x_{t-1} | x_t) (Ho et al. eq. 11; Improved DDPM eq. 15).
 
   Args:

@@ -64,9 +64,12 @@ class Preconditioning:
     c_in = 1 / sqrt(sigma^2 + s_d^2), c_noise = ln(sigma) / 4; each [B] for sigma [B]."""
     sigma = jnp.asarray(sigma, jnp.float32)
     total = jnp.square(sigma) + self.sigma_data**2
-    return Coefficients(c_skip=self.sigma_data**2 / total,
-                        c_out=sigma * self.sigma_data * jax.lax.rsqrt(total),
-                        c_in=jax.lax.rsqrt(total), c_noise=0.25 * jnp.log(sigma))
+    return Coefficients(
+      c_skip=self.sigma_data**2 / total,
+      c_out=sigma * self.sigma_data * jax.lax.rsqrt(total),
+      c_in=jax.lax.rsqrt(total),
+      c_noise=0.25 * jnp.log(sigma),
+    )
 
   def denoise(self, net_fn: NetFn, x: jax.Array, sigma: jax.Array) -> jax.Array:
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (eq. 7) for x [B, ...], sigma [B]."""
@@ -113,8 +116,9 @@ class LogNormalSigmas:
     return jnp.searchsorted(jnp.array([-quartile, 0.0, quartile]), z).astype(jnp.int32)
 
 
-def training_losses(net_fn: NetFn, precond: Preconditioning, y: jax.Array, sigma: jax.Array,
-                    noise: jax.Array) -> losses.LossTerms:
+def training_losses(
+  net_fn: NetFn, precond: Preconditioning, y: jax.Array, sigma: jax.Array, noise: jax.Array
+) -> losses.LossTerms:
   """EDM's loss (eq. 8, Table 1) at noise levels sigma [B] for unit noise n [B, H, W, C]: [B] terms.
 
   loss = lambda(sigma) mean ||D(y + sigma n; sigma) - y||^2 over the pixels.
@@ -127,8 +131,9 @@ def training_losses(net_fn: NetFn, precond: Preconditioning, y: jax.Array, sigma
   return losses.LossTerms(precond.loss_weight(sigma) * mse, mse, jnp.zeros_like(mse))
 
 
-def karras_sigmas(num_steps: int, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
-                  rho: float = RHO) -> jax.Array:
+def karras_sigmas(
+  num_steps: int, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho: float = RHO
+) -> jax.Array:
   """EDM eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < N.
 
   float32 [N], from sigma_max down to sigma_min (sigma_min, sigma_max may be traced

@@ -82,8 +82,9 @@ def naming_failures(p: PathLike) -> Iterator[None]:
       error = PathDeniedError if isinstance(e, PermissionError) else PathError
       raise error(f"{os.fspath(p)}: {reason}") from e
     if reason.startswith("Forbidden"):
-      raise PathDeniedError(f"{os.fspath(p)}: access denied to the credentials in use"
-                            f" ({reason})") from e
+      raise PathDeniedError(
+        f"{os.fspath(p)}: access denied to the credentials in use ({reason})"
+      ) from e
     raise PathError(f"{os.fspath(p)}: {reason}") from e
 
 
@@ -165,8 +166,11 @@ def find_files(root: PathLike, suffixes: tuple[str, ...]) -> list[str]:
     for directory, _, names in path(root).walk():  # top-down: the root comes first
       top = top or directory  # fsspec's walk drops the "gs://": relate to its own spelling
       relative = directory.relative_to(top)
-      found.extend((relative / name).as_posix() for name in names
-                   if os.path.splitext(name)[1].lower() in suffixes)
+      found.extend(
+        (relative / name).as_posix()
+        for name in names
+        if os.path.splitext(name)[1].lower() in suffixes
+      )
   return sorted(found)
 
 
@@ -313,37 +317,50 @@ def load_npz(p: PathLike, names: Iterable[str] | None = None) -> dict[str, np.nd
 def _check_stated_sizes(infos: list[zipfile.ZipInfo], file_size: int) -> None:
   """Refuses records whose stated sizes exceed what `file_size` bytes can hold or inflate to."""
   if sum(info.compress_size for info in infos) > file_size:
-    raise ValueError(f"its records state {sum(info.compress_size for info in infos):,} stored"
-                     f" bytes in a file of {file_size:,}")
+    raise ValueError(
+      f"its records state {sum(info.compress_size for info in infos):,} stored"
+      f" bytes in a file of {file_size:,}"
+    )
   for info in infos:
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-      raise ValueError(f"array {info.filename!r} is compressed with zip method"
-                       f" {info.compress_type}; np.savez stores or deflates")
-    most = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED
-                                 else _DEFLATE_MAX_RATIO)
+      raise ValueError(
+        f"array {info.filename!r} is compressed with zip method"
+        f" {info.compress_type}; np.savez stores or deflates"
+      )
+    most = info.compress_size * (
+      1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO
+    )
     if info.file_size > most:
-      raise ValueError(f"array {info.filename!r} states {info.file_size:,} bytes; its"
-                       f" {info.compress_size:,} stored bytes hold at most {most:,}")
+      raise ValueError(
+        f"array {info.filename!r} states {info.file_size:,} bytes; its"
+        f" {info.compress_size:,} stored bytes hold at most {most:,}"
+      )
 
 
 def _read_npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
   """One array of an .npz archive, its header checked against its stored size first."""
   with archive.open(info) as f:
     version = np.lib.format.read_magic(f)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0)
+    read_header = (
+      np.lib.format.read_array_header_1_0
+      if version == (1, 0)
+      else np.lib.format.read_array_header_2_0
+    )
     shape, _, dtype = read_header(f)
     claimed, stored = math.prod(shape) * dtype.itemsize, info.file_size - f.tell()
   if dtype.hasobject:
     raise ValueError(f"array {info.filename!r} holds Python objects (a pickle), not numbers")
   if claimed != stored:
-    raise ValueError(f"array {info.filename!r} claims shape {shape} of {dtype} ({claimed:,} bytes)"
-                     f" but {stored:,} bytes are stored")
+    raise ValueError(
+      f"array {info.filename!r} claims shape {shape} of {dtype} ({claimed:,} bytes)"
+      f" but {stored:,} bytes are stored"
+    )
   with archive.open(info) as f:
     return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def default_cache_dir() -> str:
   """$DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax: cached models and compiled programs."""
-  return os.environ.get("DIFFUSION_JAX_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))
+  return os.environ.get(
+    "DIFFUSION_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax")
+  )

@@ -28,15 +28,16 @@ def make_image_grid(images: np.ndarray, ncols: int | None = None, padding: int =
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3, 4):
-    raise ValueError("Expected uint8 images [N, H, W, C] with C in (1, 3, 4), got "
-                     f"{images.dtype} {images.shape}.")
+    raise ValueError(
+      f"Expected uint8 images [N, H, W, C] with C in (1, 3, 4), got {images.dtype} {images.shape}."
+    )
   n, h, w, c = images.shape
   ncols = ncols or grid_columns(n)
   nrows = math.ceil(n / ncols)
   grid = np.zeros((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c), np.uint8)
   for k, image in enumerate(images):
     top, left = padding + (k // ncols) * (h + padding), padding + (k % ncols) * (w + padding)
-    grid[top:top + h, left:left + w] = image
+    grid[top : top + h, left : left + w] = image
   return grid
 
 
@@ -60,8 +61,13 @@ def save_png(image: np.ndarray, path: files.PathLike) -> None:
   files.write_bytes(path, encode_png(image))
 
 
-def save_image_grid(images: np.ndarray, path: files.PathLike, ncols: int | None = None,
-                    padding: int = 2, min_size: int = 0) -> None:
+def save_image_grid(
+  images: np.ndarray,
+  path: files.PathLike,
+  ncols: int | None = None,
+  padding: int = 2,
+  min_size: int = 0,
+) -> None:
   """Writes uint8 [N, H, W, C] images as one PNG grid (see `make_image_grid`).
 
   Images smaller than `min_size` pixels are enlarged (nearest neighbour) so
@@ -87,12 +93,15 @@ def to_8_bit(image: Image.Image, path: files.PathLike) -> Image.Image:
       have no one 8-bit reading.
   """
   if image.mode == "F":
-    raise ValueError(f"image file '{path}' holds 32-bit float pixels: save it with 8 or 16 bits"
-                     " per channel")
+    raise ValueError(
+      f"image file '{path}' holds 32-bit float pixels: save it with 8 or 16 bits per channel"
+    )
   if image.mode not in _SIXTEEN_BIT_MODES:
     return image
   pixels = np.asarray(image).astype(np.int64)
   if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-    raise ValueError(f"image file '{path}' holds 32-bit integer pixels outside 0..65535: save it"
-                     " with 8 or 16 bits per channel")
+    raise ValueError(
+      f"image file '{path}' holds 32-bit integer pixels outside 0..65535: save it"
+      " with 8 or 16 bits per channel"
+    )
   return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), mode="L")

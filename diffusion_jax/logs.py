@@ -11,12 +11,14 @@ class _QuietLibraries(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or not any(
-        lib in record.pathname for lib in _CHATTY_LIBRARIES)
+      lib in record.pathname for lib in _CHATTY_LIBRARIES
+    )
 
 
 def quiet_library_logs() -> None:
   """Installs the filter on absl's handler (call from an entry point's main)."""
   from absl import logging as absl_logging
+
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
 

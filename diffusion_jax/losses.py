@@ -33,8 +33,13 @@ def mean_flat(x: jax.Array) -> jax.Array:
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats, elementwise."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (
+    -1.0
+    + logvar2
+    - logvar1
+    + jnp.exp(logvar1 - logvar2)
+    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+  )
 
 
 def _approx_cdf_logit(x):
@@ -69,8 +74,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 # ----------------------------------------------------------------------------- bound terms
 
 
-def vb_term_bits(spec: ModelSpec, schedule: Schedule, model_output, x_start, x_t, t,
-                 clip_x0: bool = False):
+def vb_term_bits(
+  spec: ModelSpec, schedule: Schedule, model_output, x_start, x_t, t, clip_x0: bool = False
+):
   """L_{t-1} of the variational bound (Ho et al. eq. 5) in bits/dim: [B].
 
   KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, and the decoder's
@@ -80,8 +86,9 @@ def vb_term_bits(spec: ModelSpec, schedule: Schedule, model_output, x_start, x_t
   true_mean, _, true_log_var = diffusion.q_posterior(schedule, x_start, x_t, t)
   p = diffusion.p_mean_variance(spec, schedule, model_output, x_t, t, clip_x0=clip_x0)
   kl = mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / LOG2
-  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-      x_start, p.mean, 0.5 * p.log_variance)) / LOG2
+  decoder_nll = (
+    -mean_flat(discretized_gaussian_log_likelihood(x_start, p.mean, 0.5 * p.log_variance)) / LOG2
+  )
   return jnp.where(t == 0, decoder_nll, kl)
 
 
@@ -132,8 +139,17 @@ def min_snr_weights(spec: ModelSpec, schedule: Schedule, t, gamma: float) -> jax
   return clipped
 
 
-def training_losses(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, loss_type,
-                    x_start, t, noise, *, min_snr_gamma: float | None = None) -> LossTerms:
+def training_losses(
+  model_fn: ModelFn,
+  spec: ModelSpec,
+  schedule: Schedule,
+  loss_type,
+  x_start,
+  t,
+  noise,
+  *,
+  min_snr_gamma: float | None = None,
+) -> LossTerms:
   """The per-example training loss at timesteps t [B] for noise eps [B, H, W, C].
 
   L_hybrid = L_simple + lambda * L_vlb (Improved DDPM sec. 3.1) with
@@ -152,8 +168,9 @@ def training_losses(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, loss
   mean_output, var_output = diffusion.split_output(spec, output)
   target = diffusion.mean_target(spec, schedule, x_start, t, noise)
   mse = mean_flat(jnp.square(target - mean_output))
-  weighted_mse = mse if min_snr_gamma is None else (
-      min_snr_weights(spec, schedule, t, min_snr_gamma) * mse)
+  weighted_mse = (
+    mse if min_snr_gamma is None else (min_snr_weights(spec, schedule, t, min_snr_gamma) * mse)
+  )
   num_timesteps = schedule.num_timesteps
   if loss_type is LossType.SIMPLE:
     return LossTerms(weighted_mse, mse, jnp.zeros_like(mse))
@@ -167,17 +184,23 @@ def training_losses(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, loss
 
 def _check_discrete_time(spec: ModelSpec, name: str):
   if spec.edm is not None:
-    raise ValueError(f"{name} reads a discrete-time model's output; this model is"
-                     " EDM-preconditioned (use edm.training_losses; it has no DDPM bound).")
+    raise ValueError(
+      f"{name} reads a discrete-time model's output; this model is"
+      " EDM-preconditioned (use edm.training_losses; it has no DDPM bound)."
+    )
 
 
 def _check_loss_fits(loss_type: LossType, spec: ModelSpec):
   if loss_type is LossType.SIMPLE and spec.learns_variance:
-    raise ValueError(f"loss 'simple' leaves the {spec.var_type.value!r} variance untrained;"
-                     " use loss 'hybrid' or 'vlb'.")
+    raise ValueError(
+      f"loss 'simple' leaves the {spec.var_type.value!r} variance untrained;"
+      " use loss 'hybrid' or 'vlb'."
+    )
   if loss_type is LossType.HYBRID and not spec.learns_variance:
-    raise ValueError("loss 'hybrid' needs a learned variance (var_type 'learned' or"
-                     f" 'learned_range'), got {spec.var_type.value!r}.")
+    raise ValueError(
+      "loss 'hybrid' needs a learned variance (var_type 'learned' or"
+      f" 'learned_range'), got {spec.var_type.value!r}."
+    )
 
 
 # ----------------------------------------------------------------------------- timestep samplers
@@ -227,8 +250,10 @@ class LossAwareSampler:
   uniform_prob: float = 0.001
 
   def init(self) -> LossHistory:
-    return LossHistory(jnp.zeros((self.num_timesteps, self.history_per_term), jnp.float32),
-                       jnp.zeros((self.num_timesteps,), jnp.int32))
+    return LossHistory(
+      jnp.zeros((self.num_timesteps, self.history_per_term), jnp.float32),
+      jnp.zeros((self.num_timesteps,), jnp.int32),
+    )
 
   def probabilities(self, state: LossHistory) -> jax.Array:
     """p_t [T]: uniform while warming up, else the mixed second-moment rule."""
@@ -249,6 +274,7 @@ class LossAwareSampler:
 
   def update(self, state: LossHistory, t, losses) -> LossHistory:
     """Pushes each example's loss into its timestep's history, oldest dropped, in batch order."""
+
     def push(state, t_and_loss):
       t, loss = t_and_loss
       row = jnp.roll(state.history[t], -1).at[-1].set(loss)
@@ -281,8 +307,9 @@ class NLLResult(NamedTuple):
   mse: jax.Array  # [B, T] squared error of the predicted eps
 
 
-def nll_bpd(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, x_start, key, *,
-            clip_x0: bool = False) -> NLLResult:
+def nll_bpd(
+  model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, x_start, key, *, clip_x0: bool = False
+) -> NLLResult:
   """Negative log-likelihood bound of x_start [B, H, W, C] in bits/dim, over all T steps.
 
   One compiled loop over t with fresh noise per step, as for the NLL tables
@@ -309,8 +336,11 @@ def nll_bpd(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule, x_start, key
     if clip_x0:
       pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
     pred_eps = diffusion.eps_from_x0(schedule, x_t, t, pred_x0)
-    return carry, (vb, mean_flat(jnp.square(pred_x0 - x_start)),
-                   mean_flat(jnp.square(pred_eps - noise)))
+    return carry, (
+      vb,
+      mean_flat(jnp.square(pred_x0 - x_start)),
+      mean_flat(jnp.square(pred_eps - noise)),
+    )
 
   ts = jnp.arange(schedule.num_timesteps, dtype=jnp.int32)
   keys = jax.random.split(key, schedule.num_timesteps)

@@ -39,12 +39,12 @@ METHODS = ("dopri5", "fixed")
 # weights, over the 7 stages (the last one f(t + h, y_new)).
 _C = np.array([0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0])
 _A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+  (),
+  (1 / 5,),
+  (3 / 40, 9 / 40),
+  (44 / 45, -56 / 15, 32 / 9),
+  (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+  (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
 )
 _B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
 _E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
@@ -65,10 +65,16 @@ class SolverConfig:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"Unknown ODE solver {self.method!r}; known: {list(METHODS)}.")
-    configlib.check_ranges(self, "solver", {"rtol": configlib.POSITIVE,
-                                            "atol": configlib.POSITIVE,
-                                            "steps": configlib.AT_LEAST_ONE,
-                                            "max_steps": configlib.AT_LEAST_ONE})
+    configlib.check_ranges(
+      self,
+      "solver",
+      {
+        "rtol": configlib.POSITIVE,
+        "atol": configlib.POSITIVE,
+        "steps": configlib.AT_LEAST_ONE,
+        "max_steps": configlib.AT_LEAST_ONE,
+      },
+    )
 
 
 class Solution(NamedTuple):
@@ -91,9 +97,11 @@ def rms_norm(tree: Pytree) -> jax.Array:
 
 def _axpy(y: Pytree, h: jax.Array, coefficients, ks) -> Pytree:
   """y + h sum_i c_i k_i, leafwise (zero coefficients skipped)."""
+
   def leaf(y_leaf, *k_leaves):
     terms = [c * k for c, k in zip(coefficients, k_leaves) if c != 0.0]
     return y_leaf + h * sum(terms) if terms else y_leaf
+
   return jax.tree.map(leaf, y, *ks)
 
 
@@ -109,8 +117,9 @@ def _dopri_step(fn: OdeFn, t, y, f0, h):
 
 
 def _scaled(tree, y, y_new, rtol, atol):
-  return jax.tree.map(lambda e, a, b: e / (atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b))),
-                      tree, y, y_new)
+  return jax.tree.map(
+    lambda e, a, b: e / (atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b))), tree, y, y_new
+  )
 
 
 def _initial_step(fn: OdeFn, t0, y0, f0, t1, rtol, atol, norm: NormFn):
@@ -122,13 +131,21 @@ def _initial_step(fn: OdeFn, t0, y0, f0, t1, rtol, atol, norm: NormFn):
   f1 = fn(t0 + h0, _axpy(y0, h0, (1.0,), [f0]))
   d2 = norm(scale(jax.tree.map(jnp.subtract, f1, f0))) / h0
   d12 = jnp.maximum(d1, d2)
-  h1 = jnp.where(d12 <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3),
-                 (0.01 / jnp.maximum(d12, 1e-30)) ** (1 / 5))
+  h1 = jnp.where(
+    d12 <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3), (0.01 / jnp.maximum(d12, 1e-30)) ** (1 / 5)
+  )
   return jnp.minimum(jnp.minimum(100 * h0, h1), t1 - t0)
 
 
-def solve(fn: OdeFn, y0: Pytree, t0: float, t1: float, config: SolverConfig = SolverConfig(), *,
-          norm: NormFn = rms_norm) -> Solution:
+def solve(
+  fn: OdeFn,
+  y0: Pytree,
+  t0: float,
+  t1: float,
+  config: SolverConfig = SolverConfig(),
+  *,
+  norm: NormFn = rms_norm,
+) -> Solution:
   """Integrates dy/dt = fn(t, y) from t0 to t1 > t0 in one `lax.while_loop` (jit-able, pure).
 
   Args:
@@ -160,14 +177,24 @@ def solve(fn: OdeFn, y0: Pytree, t0: float, t1: float, config: SolverConfig = So
     y_new, f_new, error = _dopri_step(fn, t, y, f, h)
     error_norm = norm(_scaled(error, y, y_new, rtol, atol))
     ok = error_norm < 1.0
-    grow = jnp.where(error_norm == 0.0, _MAX_FACTOR, jnp.minimum(
-        _MAX_FACTOR, _SAFETY * jnp.maximum(error_norm, 1e-30) ** _ERROR_EXPONENT))
+    grow = jnp.where(
+      error_norm == 0.0,
+      _MAX_FACTOR,
+      jnp.minimum(_MAX_FACTOR, _SAFETY * jnp.maximum(error_norm, 1e-30) ** _ERROR_EXPONENT),
+    )
     grow = jnp.where(rejected_before, jnp.minimum(1.0, grow), grow)
     shrink = jnp.maximum(_MIN_FACTOR, _SAFETY * jnp.maximum(error_norm, 1e-30) ** _ERROR_EXPONENT)
     pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    return (jnp.where(ok, t_new, t), pick(y_new, y), pick(f_new, f),
-            h * jnp.where(ok, grow, shrink), ~ok, nfe + 6,
-            accepted + ok.astype(jnp.int32), rejected + (~ok).astype(jnp.int32))
+    return (
+      jnp.where(ok, t_new, t),
+      pick(y_new, y),
+      pick(f_new, f),
+      h * jnp.where(ok, grow, shrink),
+      ~ok,
+      nfe + 6,
+      accepted + ok.astype(jnp.int32),
+      rejected + (~ok).astype(jnp.int32),
+    )
 
   t, y, _, _, _, nfe, accepted, rejected = jax.lax.while_loop(running, attempt, state)
   return Solution(y, t, nfe, accepted, rejected, t >= t1)

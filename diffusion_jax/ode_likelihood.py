@@ -140,13 +140,16 @@ def vp_sde_of(schedule: Schedule, t_min: float = 1e-5) -> VPSDE | CosineVPSDE:
   betas = np.asarray(schedule.betas, np.float64)
   T = betas.size
   if T >= 2 and np.allclose(betas, np.linspace(betas[0], betas[-1], T), rtol=1e-5, atol=0.0):
-    return VPSDE(beta_min=float(betas[0] * T), beta_max=float(betas[-1] * T), t_min=t_min,
-                 num_timesteps=T)
+    return VPSDE(
+      beta_min=float(betas[0] * T), beta_max=float(betas[-1] * T), t_min=t_min, num_timesteps=T
+    )
   if T >= 2 and np.allclose(betas, schedules.cosine_betas(T), rtol=1e-4, atol=1e-7):
     return CosineVPSDE(t_min=t_min, num_timesteps=T)
-  raise ValueError("nll_ode maps a linear beta schedule (as score_sde does) or the cosine one to"
-                   " a VP SDE; this schedule's betas are neither (quadratic, sigmoid, respaced or"
-                   " foreign), and no VP SDE is defined for them here.")
+  raise ValueError(
+    "nll_ode maps a linear beta schedule (as score_sde does) or the cosine one to"
+    " a VP SDE; this schedule's betas are neither (quadratic, sigmoid, respaced or"
+    " foreign), and no VP SDE is defined for them here."
+  )
 
 
 def per_example(values: jax.Array, ndim: int) -> jax.Array:
@@ -164,6 +167,7 @@ def score_from_model(model_fn: ModelFn, spec: ModelSpec, sde: VPSDE | CosineVPSD
   ODE needs a smooth field). An EDM-preconditioned network (spec.edm) is
   D(y; s) at s = sigma / alpha, y = x / alpha: score = (alpha D - x) / sigma^2.
   """
+
   def score(x, t):
     alpha_t, sigma_t = sde.alpha_sigma(t)  # [B]
     alpha, sigma = per_example(alpha_t, x.ndim), per_example(sigma_t, x.ndim)
@@ -184,9 +188,11 @@ def score_from_model(model_fn: ModelFn, spec: ModelSpec, sde: VPSDE | CosineVPSD
 
 def probability_flow(score_fn: ScoreFn, sde: VPSDE | CosineVPSDE):
   """f~(x, t) = -1/2 beta(t) (x + score(x, t)) for x [B, ...] and a scalar t."""
+
   def drift(x, t):
     t = jnp.full(x.shape[:1], t, jnp.float32)
     return -0.5 * per_example(sde.beta(t), x.ndim) * (x + score_fn(x, t))
+
   return drift
 
 
@@ -202,8 +208,9 @@ def draw_probes(key: jax.Array, shape: tuple[int, ...], kind: str, count: int) -
   raise ValueError(f"Unknown probe {kind!r}; known: {list(PROBES)}.")
 
 
-def drift_and_divergence(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
-                         probes: jax.Array | None):
+def drift_and_divergence(
+  fn: Callable[[jax.Array], jax.Array], x: jax.Array, probes: jax.Array | None
+):
   """(fn(x) [B, ...], div fn(x) [B]) for a map fn that treats each example of x alone.
 
   `probes` [K, B, ...]: Hutchinson-Skilling, mean_k eps_k^T J eps_k, each by
@@ -238,8 +245,10 @@ class DivergenceConfig:
   probes: int = 1  # score_sde draws one per example
 
   def __post_init__(self):
-    for name, value, known in (("divergence", self.divergence, DIVERGENCES),
-                               ("probe", self.probe, PROBES)):
+    for name, value, known in (
+      ("divergence", self.divergence, DIVERGENCES),
+      ("probe", self.probe, PROBES),
+    ):
       if value not in known:
         raise ValueError(f"Unknown {name} {value!r}; known: {list(known)}.")
     configlib.check_ranges(self, "divergence", {"probes": configlib.AT_LEAST_ONE})
@@ -255,11 +264,18 @@ class Likelihood(NamedTuple):
   solution: ode.Solution  # counters: nfe (each one network call and its divergence), steps
 
 
-def log_likelihood(score_fn: ScoreFn, sde: VPSDE | CosineVPSDE, x: jax.Array, key: jax.Array, *,
-                   divergence: DivergenceConfig = DivergenceConfig(),
-                   solver: ode.SolverConfig = ode.SolverConfig(),
-                   weights: jax.Array | None = None, probes: jax.Array | None = None,
-                   prior_log_p: Callable[[jax.Array], jax.Array] | None = None) -> Likelihood:
+def log_likelihood(
+  score_fn: ScoreFn,
+  sde: VPSDE | CosineVPSDE,
+  x: jax.Array,
+  key: jax.Array,
+  *,
+  divergence: DivergenceConfig = DivergenceConfig(),
+  solver: ode.SolverConfig = ode.SolverConfig(),
+  weights: jax.Array | None = None,
+  probes: jax.Array | None = None,
+  prior_log_p: Callable[[jax.Array], jax.Array] | None = None,
+) -> Likelihood:
   """log p(x) [B] of continuous data x [B, ...] under the probability-flow ODE of `score_fn`.
 
   Args:
@@ -275,8 +291,9 @@ def log_likelihood(score_fn: ScoreFn, sde: VPSDE | CosineVPSDE, x: jax.Array, ke
     probes = None
   elif probes is None:
     if _per_example(key):
-      probes = jax.vmap(lambda k: draw_probes(k, x.shape[1:], divergence.probe,
-                                              divergence.probes), out_axes=1)(key)
+      probes = jax.vmap(
+        lambda k: draw_probes(k, x.shape[1:], divergence.probe, divergence.probes), out_axes=1
+      )(key)
     else:
       probes = draw_probes(key, x.shape, divergence.probe, divergence.probes)
   drift = probability_flow(score_fn, sde)
@@ -296,7 +313,8 @@ def standard_normal_log_p(z: jax.Array) -> jax.Array:
   """log N(z; 0, I) [B] of z [B, ...]."""
   dims = math.prod(z.shape[1:])
   return -0.5 * dims * math.log(2 * math.pi) - 0.5 * jnp.sum(
-      jnp.square(z).reshape(z.shape[0], -1), axis=-1)
+    jnp.square(z).reshape(z.shape[0], -1), axis=-1
+  )
 
 
 def _per_example(key: jax.Array) -> bool:

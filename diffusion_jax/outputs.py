@@ -33,8 +33,11 @@ def _resolved(path: str | os.PathLike) -> pathlib.PurePath:
   return pathlib.Path(path).resolve()
 
 
-def check_apart(output_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
-                what: str = "output folder") -> None:
+def check_apart(
+  output_dir: str | os.PathLike,
+  inputs: Iterable[str | os.PathLike | None],
+  what: str = "output folder",
+) -> None:
   """Refuses an output folder equal to, inside or containing any of `inputs` (files or folders).
 
   None or "" entries (an input that is not given) are skipped.
@@ -55,8 +58,10 @@ def check_apart(output_dir: str | os.PathLike, inputs: Iterable[str | os.PathLik
       relation = "contains"
     else:
       continue
-    raise OutputConflictError(f"{what} {os.fspath(output_dir)!r} {relation} the input"
-                              f" {os.fspath(given)!r}: pick a folder apart from the inputs")
+    raise OutputConflictError(
+      f"{what} {os.fspath(output_dir)!r} {relation} the input"
+      f" {os.fspath(given)!r}: pick a folder apart from the inputs"
+    )
 
 
 def check_unclaimed(paths: Iterable[str | os.PathLike], *, overwrite: bool) -> None:
@@ -72,13 +77,20 @@ def check_unclaimed(paths: Iterable[str | os.PathLike], *, overwrite: bool) -> N
   existing = [os.fspath(path) for path in paths if files.exists(path)]
   if existing:
     others = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-    raise OutputConflictError(f"{existing[0]!r}{others} already exists and this run did not"
-                              f" write it: pass {OVERWRITE_FLAG} to replace it, or pick another"
-                              " output folder")
+    raise OutputConflictError(
+      f"{existing[0]!r}{others} already exists and this run did not"
+      f" write it: pass {OVERWRITE_FLAG} to replace it, or pick another"
+      " output folder"
+    )
 
 
-def claim(folder: str | os.PathLike, settings: Mapping[str, Any],
-          paths: Iterable[str | os.PathLike], *, overwrite: bool) -> bool:
+def claim(
+  folder: str | os.PathLike,
+  settings: Mapping[str, Any],
+  paths: Iterable[str | os.PathLike],
+  *,
+  overwrite: bool,
+) -> bool:
   """Whether `folder` holds the earlier outputs of a run with `settings`; if not, claims it.
 
   FOLDER/settings.json, written before anything else, says whose files the
@@ -98,8 +110,9 @@ def claim(folder: str | os.PathLike, settings: Mapping[str, Any],
       return True
     if not overwrite:
       raise OutputConflictError(
-          f"{path} holds the settings of another run: use a new output folder, the same"
-          f" settings, or {OVERWRITE_FLAG}; they differ in {'; '.join(_changes(previous, settings))}")
+        f"{path} holds the settings of another run: use a new output folder, the same"
+        f" settings, or {OVERWRITE_FLAG}; they differ in {'; '.join(_changes(previous, settings))}"
+      )
   else:
     check_unclaimed(paths, overwrite=overwrite)
   files.write_json(path, settings, indent=2, sort_keys=True)
@@ -109,6 +122,9 @@ def claim(folder: str | os.PathLike, settings: Mapping[str, Any],
 def _changes(old: Any, new: Any, key: str = "") -> list[str]:
   """'key old → new' for each value that differs between two JSON values, dicts key by key."""
   if isinstance(old, dict) and isinstance(new, dict):
-    return [change for name in sorted(old.keys() | new.keys())
-            for change in _changes(old.get(name), new.get(name), f"{key}.{name}".lstrip("."))]
+    return [
+      change
+      for name in sorted(old.keys() | new.keys())
+      for change in _changes(old.get(name), new.get(name), f"{key}.{name}".lstrip("."))
+    ]
   return [] if old == new else [f"{key} {old!r} → {new!r}"]

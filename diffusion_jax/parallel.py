@@ -25,7 +25,7 @@ MODEL_AXIS = "model"
 # run the U-Nets' train step ~1.7x faster (benchmarks/train_throughput.py),
 # while dots and reductions stay fastest in YNNPACK.
 CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
 
 
@@ -45,18 +45,26 @@ def maybe_initialize_distributed(multihost: bool = False) -> None:
   """
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
     if missing := [name for name in COORDINATOR_VARIABLES if name not in os.environ]:
-      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but not {', '.join(missing)}: a"
-                       f" multi-process launch sets all of {', '.join(COORDINATOR_VARIABLES)}.")
+      raise ValueError(
+        f"JAX_COORDINATOR_ADDRESS is set but not {', '.join(missing)}: a"
+        f" multi-process launch sets all of {', '.join(COORDINATOR_VARIABLES)}."
+      )
     jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
   elif multihost or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize()
   else:
     return
-  logging.info("Process %d of %d, %d local / %d global devices.", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "Process %d of %d, %d local / %d global devices.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
@@ -76,8 +84,9 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
     jax.config.update("jax_enable_compilation_cache", False)
     return None
   if cache_dir is None:
-    cache_dir = (jax.config.jax_compilation_cache_dir
-                 or os.path.join(files.default_cache_dir(), "xla"))
+    cache_dir = jax.config.jax_compilation_cache_dir or os.path.join(
+      files.default_cache_dir(), "xla"
+    )
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   return cache_dir
 
@@ -86,8 +95,9 @@ def make_mesh(model_parallelism: int = 1, devices=None) -> Mesh:
   """A (data, model) mesh over all devices; model_parallelism=1 is pure data parallelism."""
   devices = np.asarray(jax.devices() if devices is None else devices)
   if devices.size % model_parallelism:
-    raise ValueError(f"model_parallelism={model_parallelism} does not divide the"
-                     f" {devices.size} devices.")
+    raise ValueError(
+      f"model_parallelism={model_parallelism} does not divide the {devices.size} devices."
+    )
   grid = devices.reshape(devices.size // model_parallelism, model_parallelism)
   return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
@@ -115,11 +125,12 @@ def _accepted_cpu_options(options: tuple[tuple[str, str], ...]) -> tuple[tuple[s
   for name, value in options:
     try:
       jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(
-          jax.ShapeDtypeStruct((), np.float32,
-                               sharding=SingleDeviceSharding(jax.devices("cpu")[0]))).compile()
+        jax.ShapeDtypeStruct((), np.float32, sharding=SingleDeviceSharding(jax.devices("cpu")[0]))
+      ).compile()
     except jax.errors.JaxRuntimeError as error:
-      logging.warning("XLA:CPU rejects compiler option %s=%s (%s); compiling without it.", name,
-                      value, error)
+      logging.warning(
+        "XLA:CPU rejects compiler option %s=%s (%s); compiling without it.", name, value, error
+      )
       continue
     accepted.append((name, value))
   return tuple(accepted)
@@ -150,5 +161,4 @@ def state_shardings(mesh: Mesh, abstract_state):
   model axis of size > 1. Scalars and the rng are always replicated.
   """
   axis_size = mesh.shape[MODEL_AXIS]
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, axis_size)),
-                      abstract_state)
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, axis_size)), abstract_state)

@@ -46,10 +46,20 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 
 # device_kind as JAX spells it (lowercased) -> PEAK_FLOPS' key; the first match wins.
 _KIND_PATTERNS = (
-  ("v5 lite", "TPU v5e"), ("v5e", "TPU v5e"), ("v5p", "TPU v5p"), ("tpu v5", "TPU v5p"),
-  ("v6 lite", "TPU v6e"), ("v6e", "TPU v6e"), ("tpu v4", "TPU v4"), ("tpu v3", "TPU v3"),
-  ("tpu v2", "TPU v2"), ("h200", "H200"), ("h100 pcie", "H100 PCIe"), ("h100", "H100"),
-  ("a100", "A100"))
+  ("v5 lite", "TPU v5e"),
+  ("v5e", "TPU v5e"),
+  ("v5p", "TPU v5p"),
+  ("tpu v5", "TPU v5p"),
+  ("v6 lite", "TPU v6e"),
+  ("v6e", "TPU v6e"),
+  ("tpu v4", "TPU v4"),
+  ("tpu v3", "TPU v3"),
+  ("tpu v2", "TPU v2"),
+  ("h200", "H200"),
+  ("h100 pcie", "H100 PCIe"),
+  ("h100", "H100"),
+  ("a100", "A100"),
+)
 
 
 def device_peak_name(device_kind: str) -> str | None:
@@ -97,8 +107,9 @@ def lowered_flops(lowered: jax.stages.Lowered, num_devices: int) -> float:
   return float((lowered.cost_analysis() or {}).get("flops", 0.0)) / num_devices
 
 
-def rates(steps: int, seconds: float, flops_per_step: float, batch_size: int,
-          peak: float | None) -> dict[str, float]:
+def rates(
+  steps: int, seconds: float, flops_per_step: float, batch_size: int, peak: float | None
+) -> dict[str, float]:
   """Throughput of `steps` steps of `batch_size` images in `seconds`, each `flops_per_step` per device.
 
   -> steps_per_sec, images_per_sec, tflops_per_device and (when `peak`, FLOP/s
@@ -106,8 +117,11 @@ def rates(steps: int, seconds: float, flops_per_step: float, batch_size: int,
   """
   steps_per_sec = steps / seconds
   achieved = flops_per_step * steps_per_sec
-  out = {"steps_per_sec": steps_per_sec, "images_per_sec": batch_size * steps_per_sec,
-         "tflops_per_device": achieved / 1e12}
+  out = {
+    "steps_per_sec": steps_per_sec,
+    "images_per_sec": batch_size * steps_per_sec,
+    "tflops_per_device": achieved / 1e12,
+  }
   if peak:
     out["mfu"] = achieved / peak
   return out
@@ -135,12 +149,14 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int:
   XLA's `memory_analysis` of the compiled program (also on a CPU), before running it.
   """
   m = compiled.memory_analysis()
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+  return int(
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
 
 
-def largest_batch(fits, start: int, granule: int, deadline: float,
-                  max_batch: int = 1 << 16) -> tuple[int, bool]:
+def largest_batch(
+  fits, start: int, granule: int, deadline: float, max_batch: int = 1 << 16
+) -> tuple[int, bool]:
   """(a multiple of `granule` for which `fits(batch)`, whether the search finished); 0: none fits.
 
   Doubles from `start` until a batch does not fit (or passes `max_batch`), then
@@ -164,8 +180,10 @@ def largest_batch(fits, start: int, granule: int, deadline: float,
 
 def format_rates(values: dict[str, float]) -> str:
   """E.g. "3.1 steps/s, 396 images/s, 12.3 TFLOP/s per device, MFU 41.0%" (no MFU when unknown)."""
-  text = (f"{values['steps_per_sec']:.3g} steps/s, {values['images_per_sec']:.4g} images/s,"
-          f" {values['tflops_per_device']:.3g} TFLOP/s per device")
+  text = (
+    f"{values['steps_per_sec']:.3g} steps/s, {values['images_per_sec']:.4g} images/s,"
+    f" {values['tflops_per_device']:.3g} TFLOP/s per device"
+  )
   return text + (f", MFU {values['mfu']:.1%}" if "mfu" in values else ", MFU unknown")
 
 
@@ -196,8 +214,13 @@ class Meter:
   def read(self, step: int) -> dict[str, float]:
     """`rates` of the steps after `last_step` up to `step`; starts the next window."""
     now = time.perf_counter()
-    out = rates(step - self.last_step, now - self._start - self._excluded, self.flops_per_step,
-                self.batch_size, self.peak)
+    out = rates(
+      step - self.last_step,
+      now - self._start - self._excluded,
+      self.flops_per_step,
+      self.batch_size,
+      self.peak,
+    )
     self.last_step, self._start, self._excluded = step, now, 0.0
     return out
 

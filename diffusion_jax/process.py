@@ -25,8 +25,11 @@ def model_spec(config: DiffusionConfig) -> ModelSpec:
   """
   precond = None
   if config.parameterization in ("edm", "consistency"):
-    cls = (edm.Preconditioning if config.parameterization == "edm"
-           else consistency.ConsistencyPreconditioning)
+    cls = (
+      edm.Preconditioning
+      if config.parameterization == "edm"
+      else consistency.ConsistencyPreconditioning
+    )
     precond = cls(config.sigma_data, config.p_mean, config.p_std)
   return ModelSpec(config.mean_type, config.var_type, config.clip_x0, edm=precond)
 

@@ -52,8 +52,11 @@ class EmaModel:
 def example_inputs(model: nn.Module, image_shape: tuple[int, int, int]):
   """(x [1, H, W, C], t [1], y [1] or None): the inputs a diffusion model's `init` traces with."""
   conditional = getattr(model, "num_classes", None) is not None
-  return (jnp.zeros((1, *image_shape), jnp.float32), jnp.zeros((1,), jnp.int32),
-          jnp.zeros((1,), jnp.int32) if conditional else None)
+  return (
+    jnp.zeros((1, *image_shape), jnp.float32),
+    jnp.zeros((1,), jnp.int32),
+    jnp.zeros((1,), jnp.int32) if conditional else None,
+  )
 
 
 def diffusion_apply_fn(model: nn.Module, diffusion: DiffusionConfig) -> ApplyFn:
@@ -62,9 +65,11 @@ def diffusion_apply_fn(model: nn.Module, diffusion: DiffusionConfig) -> ApplyFn:
   The network is fed `process.network_timesteps(diffusion, t)`, as in training;
   keyword arguments (train, rngs) go to model.apply.
   """
+
   def apply_fn(params, x_t, t, y=None, **kwargs):
-    return model.apply({"params": params}, x_t, process.network_timesteps(diffusion, t), y,
-                       **kwargs)
+    return model.apply(
+      {"params": params}, x_t, process.network_timesteps(diffusion, t), y, **kwargs
+    )
 
   return apply_fn
 
@@ -74,18 +79,25 @@ def image_shape(data: DataConfig) -> tuple[int, int, int]:
   return (data.image_size, data.image_size, data.num_channels)
 
 
-def ema_model(config: ml_collections.ConfigDict, params: Any, step: int,
-              model: nn.Module | None = None) -> EmaModel:
+def ema_model(
+  config: ml_collections.ConfigDict, params: Any, step: int, model: nn.Module | None = None
+) -> EmaModel:
   """The EmaModel of a diffusion run's `config` with parameters `params` at `step`.
 
   `model`, when given, replaces building `config.model` with the zoo.
   """
   diffusion = from_mapping(DiffusionConfig, config.diffusion, "diffusion")
   model = models.get_model(dict(config.model)) if model is None else model
-  return EmaModel(diffusion_apply_fn(model, diffusion), params, process.model_spec(diffusion),
-                  process.schedule(diffusion), image_shape(DataConfig.from_mapping(config.data)),
-                  getattr(model, "num_classes", None), step,
-                  jnp.dtype(getattr(model, "dtype", jnp.float32)))
+  return EmaModel(
+    diffusion_apply_fn(model, diffusion),
+    params,
+    process.model_spec(diffusion),
+    process.schedule(diffusion),
+    image_shape(DataConfig.from_mapping(config.data)),
+    getattr(model, "num_classes", None),
+    step,
+    jnp.dtype(getattr(model, "dtype", jnp.float32)),
+  )
 
 
 def restore_ema(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
@@ -99,23 +111,24 @@ def restore_ema(workdir: str, abstract_params: Any, step: int | None = None) -> 
     FileNotFoundError: the workdir has no checkpoint.
   """
   # Closed on errors too: an open manager's threads fail noisily at exit.
-  with contextlib.closing(checkpoint.Checkpointer(workdir, every_steps=1,
-                                                  keep=1 << 30)) as checkpointer:
+  with contextlib.closing(
+    checkpoint.Checkpointer(workdir, every_steps=1, keep=1 << 30)
+  ) as checkpointer:
     if checkpointer.latest_step() is None:
       raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first.")
-    fields = {"ema_params": abstract_params,
-              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    fields = {"ema_params": abstract_params, "step": jax.ShapeDtypeStruct((), jnp.int32)}
     replicated = parallel.replicated(parallel.make_mesh())
     restored = checkpointer.restore_fields(
-        checkpoint.restore_target(fields, jax.tree.map(lambda _: replicated, fields)), step=step)
+      checkpoint.restore_target(fields, jax.tree.map(lambda _: replicated, fields)), step=step
+    )
   return restored["ema_params"], int(restored["step"])
 
 
 # The train.* keys that today's segmentation section no longer has: a segmentation run's
 # config.json written before the task-neutral TrainConfig holds them at their defaults.
 _DIFFUSION_ONLY_TRAIN_KEYS = frozenset(
-    f.name for f in dataclasses.fields(DiffusionTrainConfig)) - frozenset(
-        f.name for f in dataclasses.fields(TrainConfig))
+  f.name for f in dataclasses.fields(DiffusionTrainConfig)
+) - frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def load_run_config(workdir: str, *, trust_model_code: bool = False) -> ml_collections.ConfigDict:
@@ -131,19 +144,22 @@ def load_run_config(workdir: str, *, trust_model_code: bool = False) -> ml_colle
     models.UntrustedModelCodeError: it names a factory and trust_model_code is False.
   """
   config = checkpoint.load_config(workdir)
-  models.check_trusted(config.get("model", {}), trust_model_code,
-                       os.path.join(workdir, checkpoint.CONFIG_FILE))
+  models.check_trusted(
+    config.get("model", {}), trust_model_code, os.path.join(workdir, checkpoint.CONFIG_FILE)
+  )
   if config.get("task") == "segmentation" and "train" in config:
-    config.train = {key: value for key, value in config.train.items()
-                    if key not in _DIFFUSION_ONLY_TRAIN_KEYS}
+    config.train = {
+      key: value for key, value in config.train.items() if key not in _DIFFUSION_ONLY_TRAIN_KEYS
+    }
   return config
 
 
 SAMPLED_TASKS = ("diffusion", "progressive", "consistency")  # tasks whose runs are diffusion models
 
 
-def load_ema_for_sampling(workdir: str, step: int | None = None, *,
-                          trust_model_code: bool = False) -> EmaModel:
+def load_ema_for_sampling(
+  workdir: str, step: int | None = None, *, trust_model_code: bool = False
+) -> EmaModel:
   """The EMA parameters of a run's latest checkpoint (or `step`), replicated over all devices.
 
   Reads only the EMA parameters and the step, never the optimizer state. A
@@ -188,9 +204,17 @@ def on_grid(model: EmaModel, timesteps: str) -> EmaModel:
   return dataclasses.replace(model, apply_fn=apply_on_grid, schedule=steps.schedule)
 
 
-def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: int,
-                 batch_size: int, out_dir: str, *, seed: int,
-                 settings: Mapping[str, Any] | None = None, overwrite: bool = False) -> np.ndarray:
+def draw_samples(
+  model: EmaModel,
+  config: sampling.SamplerConfig,
+  num_samples: int,
+  batch_size: int,
+  out_dir: str,
+  *,
+  seed: int,
+  settings: Mapping[str, Any] | None = None,
+  overwrite: bool = False,
+) -> np.ndarray:
   """`sampling.sample_to_files` of `model`: resumable, every batch split over all devices.
 
   Batch b is drawn with fold_in(key(seed), b) on the devices of every process
@@ -205,9 +229,18 @@ def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: i
   if batch_size % mesh.size:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the {mesh.size} devices.")
   sample_batch = jax.jit(
-      sampling.make_batch_sampler(config, model.apply_fn, model.spec, model.schedule,
-                                  model.image_shape, batch_size, num_classes=model.num_classes),
-      out_shardings=parallel.batch_sharding(mesh), compiler_options=parallel.compiler_options(mesh))
+    sampling.make_batch_sampler(
+      config,
+      model.apply_fn,
+      model.spec,
+      model.schedule,
+      model.image_shape,
+      batch_size,
+      num_classes=model.num_classes,
+    ),
+    out_shardings=parallel.batch_sharding(mesh),
+    compiler_options=parallel.compiler_options(mesh),
+  )
   compiled, meter, batches = None, None, 0
 
   def draw(key):  # compiles at the first batch left to draw: not at all when none is
@@ -215,15 +248,21 @@ def draw_samples(model: EmaModel, config: sampling.SamplerConfig, num_samples: i
     if compiled is None:
       compiled = sample_batch.lower(model.params, key).compile()
       flops = forward_flops(model, batch_size, mesh.size) * config.nfe(model.schedule.num_timesteps)
-      meter = perf.Meter(flops, batch_size, perf.peak_flops(jax.devices()[0].device_kind,
-                                                             model.dtype), last_step=0)
+      meter = perf.Meter(
+        flops, batch_size, perf.peak_flops(jax.devices()[0].device_kind, model.dtype), last_step=0
+      )
     batches += 1
     return compiled(model.params, key)
 
   samples = sampling.sample_to_files(
-      draw, num_samples, batch_size, out_dir, key=jax.random.key(seed),
-      settings={**(settings or {}), "checkpoint_step": model.step, **dataclasses.asdict(config)},
-      overwrite=overwrite)
+    draw,
+    num_samples,
+    batch_size,
+    out_dir,
+    key=jax.random.key(seed),
+    settings={**(settings or {}), "checkpoint_step": model.step, **dataclasses.asdict(config)},
+    overwrite=overwrite,
+  )
   if meter is not None:
     logging.info("Sampled %d batches: %s.", batches, perf.format_rates(meter.read(batches)))
   return samples

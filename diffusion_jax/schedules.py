@@ -58,23 +58,26 @@ def from_betas(betas: np.ndarray | Iterable[float]) -> Schedule:
   posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
   # The variance at index 0 is 0; clip the log so it stays finite (Nichol & Dhariwal).
   posterior_log_variance_clipped = np.log(
-      np.append(posterior_variance[1], posterior_variance[1:])
-      if betas.size > 1 else np.maximum(posterior_variance, 1e-20))
+    np.append(posterior_variance[1], posterior_variance[1:])
+    if betas.size > 1
+    else np.maximum(posterior_variance, 1e-20)
+  )
   terms = dict(
-      betas=betas,
-      alphas_cumprod=alphas_cumprod,
-      alphas_cumprod_prev=alphas_cumprod_prev,
-      alphas_cumprod_next=alphas_cumprod_next,
-      sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-      sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-      log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-      sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-      sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-      posterior_variance=posterior_variance,
-      posterior_log_variance_clipped=posterior_log_variance_clipped,
-      posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-      posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas)
-      / (1.0 - alphas_cumprod),
+    betas=betas,
+    alphas_cumprod=alphas_cumprod,
+    alphas_cumprod_prev=alphas_cumprod_prev,
+    alphas_cumprod_next=alphas_cumprod_next,
+    sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+    sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+    log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+    sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+    sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+    posterior_variance=posterior_variance,
+    posterior_log_variance_clipped=posterior_log_variance_clipped,
+    posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+    posterior_mean_coef2=(1.0 - alphas_cumprod_prev)
+    * np.sqrt(1.0 - betas)
+    / (1.0 - alphas_cumprod),
   )
   return Schedule(**{k: jnp.asarray(v, jnp.float32) for k, v in terms.items()})
 
@@ -98,7 +101,8 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
   beta_t = 1 - alpha_bar(t)/alpha_bar(t-1), clipped at `max_beta` near t = T.
   """
   return betas_from_alpha_bar(
-      num_timesteps, lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2, max_beta)
+    num_timesteps, lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2, max_beta
+  )
 
 
 def quadratic_betas(num_timesteps: int) -> np.ndarray:
@@ -115,8 +119,9 @@ def sigmoid_betas(num_timesteps: int) -> np.ndarray:
   return sigmoid * (0.02 - 1e-4) + 1e-4
 
 
-def betas_from_alpha_bar(num_timesteps: int, alpha_bar: Callable[[float], float],
-                         max_beta: float = 0.999) -> np.ndarray:
+def betas_from_alpha_bar(
+  num_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> np.ndarray:
   """Discretises a continuous alpha_bar(u), u in [0, 1], into T betas."""
   steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
   abar = np.array([alpha_bar(u) for u in steps]) / alpha_bar(0.0)
@@ -124,10 +129,10 @@ def betas_from_alpha_bar(num_timesteps: int, alpha_bar: Callable[[float], float]
 
 
 BETA_SCHEDULES: dict[str, Callable[[int], np.ndarray]] = {
-    "linear": linear_betas,
-    "cosine": cosine_betas,
-    "quadratic": quadratic_betas,
-    "sigmoid": sigmoid_betas,
+  "linear": linear_betas,
+  "cosine": cosine_betas,
+  "quadratic": quadratic_betas,
+  "sigmoid": sigmoid_betas,
 }
 
 
@@ -174,8 +179,7 @@ def space_timesteps(num_timesteps: int, spec: str | int | Iterable[int]) -> list
       raise ValueError(f"Cannot take {spec!r} from {num_timesteps} steps.")
     return (np.round(np.arange(1, count + 1) * (num_timesteps / count)).astype(int) - 1).tolist()
   if not re.fullmatch(r"\d+(,\d+)*", spec):
-    raise ValueError(f"Bad timestep spec {spec!r}; expected 'N', 'ddimN', 'trailingN' or"
-                     " 'a,b,c'.")
+    raise ValueError(f"Bad timestep spec {spec!r}; expected 'N', 'ddimN', 'trailingN' or 'a,b,c'.")
   counts = [int(c) for c in spec.split(",")]
   sizes = np.full(len(counts), num_timesteps // len(counts))
   sizes[: num_timesteps % len(counts)] += 1
@@ -189,8 +193,9 @@ def space_timesteps(num_timesteps: int, spec: str | int | Iterable[int]) -> list
   return steps
 
 
-def respace(schedule: Schedule, use_timesteps: str | int | Iterable[int]
-            ) -> tuple[Schedule, jax.Array]:
+def respace(
+  schedule: Schedule, use_timesteps: str | int | Iterable[int]
+) -> tuple[Schedule, jax.Array]:
   """Restricts `schedule` to a subset of its timesteps (Improved DDPM sec. 4).
 
   The kept steps t_0 < t_1 < ... keep their alpha_bar; the new betas are

@@ -31,8 +31,7 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-from tensorboard.compat.proto import (event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2,
-                                      types_pb2)
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -69,8 +68,9 @@ class EventWriter:
   `clu.metric_writers.MultiWriter` can pair it with clu's `LoggingWriter`.
   """
 
-  def __init__(self, logdir: str, *, flush_every_secs: float = 10.0,
-               max_file_bytes: int = 16 << 20):
+  def __init__(
+    self, logdir: str, *, flush_every_secs: float = 10.0, max_file_bytes: int = 16 << 20
+  ):
     self.logdir = logdir
     self.flush_every_secs = flush_every_secs
     self.max_file_bytes = max_file_bytes
@@ -79,10 +79,17 @@ class EventWriter:
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """One event at `step` holding every `tag: value` of `scalars`."""
-    self._write_values(step, [summary_pb2.Summary.Value(
-        tag=tag, tensor=_float32_scalar(value),
-        metadata=scalar_metadata.create_summary_metadata(display_name=None, description=None))
-                              for tag, value in scalars.items()])
+    self._write_values(
+      step,
+      [
+        summary_pb2.Summary.Value(
+          tag=tag,
+          tensor=_float32_scalar(value),
+          metadata=scalar_metadata.create_summary_metadata(display_name=None, description=None),
+        )
+        for tag, value in scalars.items()
+      ],
+    )
 
   def write_images(self, step: int, images_by_tag: Mapping[str, np.ndarray]) -> None:
     """One event at `step` with each uint8 [N, H, W, C] batch as N PNG images.
@@ -94,11 +101,17 @@ class EventWriter:
     for tag, batch in images_by_tag.items():
       batch = np.asarray(batch)
       for i, image in enumerate(batch):
-        values.append(summary_pb2.Summary.Value(
+        values.append(
+          summary_pb2.Summary.Value(
             tag=tag if len(batch) == 1 else f"{tag}/image/{i}",
-            image=summary_pb2.Summary.Image(height=image.shape[0], width=image.shape[1],
-                                            colorspace=image.shape[2],
-                                            encoded_image_string=images.encode_png(image))))
+            image=summary_pb2.Summary.Image(
+              height=image.shape[0],
+              width=image.shape[1],
+              colorspace=image.shape[2],
+              encoded_image_string=images.encode_png(image),
+            ),
+          )
+        )
     self._write_values(step, values)
 
   def flush(self) -> None:
@@ -117,18 +130,24 @@ class EventWriter:
 
   def _start_file(self) -> None:
     """A new event file: its name, and the version record every event file starts with."""
-    self.path = files.join(self.logdir, f"events.out.tfevents.{int(time.time()):010d}"
-                           f".{socket.gethostname()}.{os.getpid()}.{next(_FILE_COUNTER):06d}.v2")
+    self.path = files.join(
+      self.logdir,
+      f"events.out.tfevents.{int(time.time()):010d}"
+      f".{socket.gethostname()}.{os.getpid()}.{next(_FILE_COUNTER):06d}.v2",
+    )
     self._records = _Records()
     self._record_writer = RecordWriter(self._records)
-    self._record_writer.write(event_pb2.Event(
-        wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+    self._record_writer.write(
+      event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()
+    )
     self.flush()
 
   def _write_values(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
-    self._record_writer.write(event_pb2.Event(
-        wall_time=time.time(), step=step,
-        summary=summary_pb2.Summary(value=values)).SerializeToString())
+    self._record_writer.write(
+      event_pb2.Event(
+        wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)
+      ).SerializeToString()
+    )
     if time.monotonic() - self._last_flush >= self.flush_every_secs:
       self.flush()
     if self._records.size >= self.max_file_bytes:
@@ -137,5 +156,8 @@ class EventWriter:
 
 
 def _float32_scalar(value: float) -> tensor_pb2.TensorProto:
-  return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[float(value)],
-                                tensor_shape=tensor_shape_pb2.TensorShapeProto())
+  return tensor_pb2.TensorProto(
+    dtype=types_pb2.DT_FLOAT,
+    float_val=[float(value)],
+    tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+  )

@@ -48,6 +48,7 @@ def dense(in_dims: int = 1, trailing: int = 0) -> Layout:
   output ([heads, head_channels, C]). `trailing` counts the unit axes of a 1x1
   Conv1d (1) or Conv2d (2) used as a linear map.
   """
+
   def source_shape(shape: Shape) -> Shape:
     return (math.prod(shape[in_dims:]), math.prod(shape[:in_dims])) + (1,) * trailing
 
@@ -58,8 +59,9 @@ def dense(in_dims: int = 1, trailing: int = 0) -> Layout:
 Target = tuple[tuple[str, ...], Shape, Layout]
 
 
-def flax_leaves(targets: Mapping[str, Target], state_dict: Mapping[str, np.ndarray]
-                ) -> dict[tuple[str, ...], np.ndarray]:
+def flax_leaves(
+  targets: Mapping[str, Target], state_dict: Mapping[str, np.ndarray]
+) -> dict[tuple[str, ...], np.ndarray]:
   """{Flax path: float32 leaf}: each tensor `state_dict[key]` through `targets[key]`'s layout.
 
   Args:
@@ -73,14 +75,20 @@ def flax_leaves(targets: Mapping[str, Target], state_dict: Mapping[str, np.ndarr
   """
   shape_of = {key: layout.source_shape(shape) for key, (_, shape, layout) in targets.items()}
   problems = [f"missing key {key}" for key in targets if key not in state_dict]
-  problems += [f"unexpected key {weightfiles.quote(key)}" for key in state_dict
-               if key not in targets]
-  problems += [f"wrong shape for {key}: expected {shape_of[key]}, got {np.shape(state_dict[key])}"
-               for key in targets
-               if key in state_dict and np.shape(state_dict[key]) != shape_of[key]]
+  problems += [
+    f"unexpected key {weightfiles.quote(key)}" for key in state_dict if key not in targets
+  ]
+  problems += [
+    f"wrong shape for {key}: expected {shape_of[key]}, got {np.shape(state_dict[key])}"
+    for key in targets
+    if key in state_dict and np.shape(state_dict[key]) != shape_of[key]
+  ]
   if problems:
     more = len(problems) - _LISTED_PROBLEMS
-    raise ValueError("; ".join(problems[:_LISTED_PROBLEMS]) + (f"; and {more} more" if more > 0
-                                                               else ""))
-  return {path: layout.convert(np.asarray(state_dict[key], np.float32), shape)
-          for key, (path, shape, layout) in targets.items()}
+    raise ValueError(
+      "; ".join(problems[:_LISTED_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
+    )
+  return {
+    path: layout.convert(np.asarray(state_dict[key], np.float32), shape)
+    for key, (path, shape, layout) in targets.items()
+  }

@@ -79,16 +79,16 @@ from diffusion_jax import files
 
 # Typed storage classes, as torch pickles them (`torch.FloatStorage`), and their element types.
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64,
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
+  "DoubleStorage": np.float64,
+  "FloatStorage": np.float32,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": ml_dtypes.bfloat16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy torch.save file
 _LEGACY_PROTOCOL = 1001
@@ -128,7 +128,7 @@ def quote(value: Any) -> str:
     text = _REPR.repr(value)
   except Exception:  # pylint: disable=broad-except  (e.g. an int too long to format)
     text = f"<{type(value).__name__}>"
-  return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS - 3] + "..."
+  return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 3] + "..."
 
 
 def sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
@@ -160,13 +160,16 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
   elif head.startswith(b"\x80"):  # the PROTO opcode that starts a binary pickle
     reader, kind = _load_torch_legacy, "legacy torch file"
   else:
-    raise WeightFileError(f"{path}: not a weight file: expected {_FORMATS};"
-                          f" it starts with {head!r}.")
+    raise WeightFileError(
+      f"{path}: not a weight file: expected {_FORMATS}; it starts with {head!r}."
+    )
   try:
     return reader(path, size)
   except WeightFileError:
     raise
-  except Exception as e:  # Damaged bytes break zipfile, pickle and numpy in many ways; name the file.
+  except (
+    Exception
+  ) as e:  # Damaged bytes break zipfile, pickle and numpy in many ways; name the file.
     raise WeightFileError(f"{path}: damaged {kind}: {type(e).__name__}: {quote(str(e))}") from e
 
 
@@ -174,8 +177,10 @@ def _load_safetensors(path: str, size: int) -> dict[str, np.ndarray]:
   with files.open_for_read(path) as f:
     header_bytes = int.from_bytes(f.read(8), "little")
   if header_bytes > _MAX_SAFETENSORS_HEADER:
-    raise WeightFileError(f"{path}: safetensors header of {header_bytes} bytes; at most"
-                          f" {_MAX_SAFETENSORS_HEADER} are read.")
+    raise WeightFileError(
+      f"{path}: safetensors header of {header_bytes} bytes; at most"
+      f" {_MAX_SAFETENSORS_HEADER} are read."
+    )
   if files.is_local(path):
     return dict(safetensors.numpy.load_file(path))
   return dict(safetensors.numpy.load(files.read_bytes(path)))
@@ -189,12 +194,14 @@ def _load_safetensors(path: str, size: int) -> dict[str, np.ndarray]:
 @dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class _StorageType:
   """Stands for a torch typed storage class, e.g. torch.FloatStorage."""
+
   dtype: np.dtype
 
 
 @dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class _Storage:
   """The storage record `key`: `numel` elements of `dtype`."""
+
   key: str
   dtype: np.dtype
   numel: int
@@ -203,6 +210,7 @@ class _Storage:
 @dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class _TensorRecord:
   """torch._utils._rebuild_tensor_v2's arguments, unchecked."""
+
   storage: Any
   offset: Any
   size: Any
@@ -227,37 +235,50 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     self.path = path
     self.storages: dict[str, _Storage] = {}  # record key -> the storage its persistent ids state
     self._allowed = {
-        ("collections", "OrderedDict"): self._ordered_dict,
-        ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
+      ("collections", "OrderedDict"): self._ordered_dict,
+      ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
+      ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
+      ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
     }
-    self._allowed.update({("torch", name): _StorageType(np.dtype(dtype))
-                          for name, dtype in _STORAGE_DTYPES.items()})
+    self._allowed.update(
+      {("torch", name): _StorageType(np.dtype(dtype)) for name, dtype in _STORAGE_DTYPES.items()}
+    )
 
   def find_class(self, module: str, name: str):
     if (module, name) in self._allowed:
       return self._allowed[module, name]
     raise UnsafeWeightFileError(
-        f"{self.path}: refused to unpickle the global {quote(f'{module}.{name}')}: a weight file"
-        f" needs only {', '.join(sorted(f'{m}.{n}' for m, n in self._allowed))}. torch.load(...,"
-        " weights_only=False) would call it: convert the file in a sandbox, or get safetensors.")
+      f"{self.path}: refused to unpickle the global {quote(f'{module}.{name}')}: a weight file"
+      f" needs only {', '.join(sorted(f'{m}.{n}' for m, n in self._allowed))}. torch.load(...,"
+      " weights_only=False) would call it: convert the file in a sandbox, or get safetensors."
+    )
 
   def persistent_load(self, pid) -> _Storage:
     """Zip: ('storage', type, key, location, numel); legacy adds view_metadata, always None."""
-    if (type(pid) is not tuple or len(pid) not in (5, 6) or pid[0] != "storage"  # pylint: disable=unidiomatic-typecheck
-        or not isinstance(pid[1], _StorageType) or type(pid[2]) is not str
-        or not _is_index(pid[4])):
-      raise WeightFileError(f"{self.path}: persistent id {quote(pid)} is not a torch storage"
-                            " ('storage', type, key, location, element count).")
+    if (
+      type(pid) is not tuple
+      or len(pid) not in (5, 6)
+      or pid[0] != "storage"  # pylint: disable=unidiomatic-typecheck
+      or not isinstance(pid[1], _StorageType)
+      or type(pid[2]) is not str
+      or not _is_index(pid[4])
+    ):
+      raise WeightFileError(
+        f"{self.path}: persistent id {quote(pid)} is not a torch storage"
+        " ('storage', type, key, location, element count)."
+      )
     if len(pid) == 6 and pid[5] is not None:  # written for views of storages, not of tensors
-      raise WeightFileError(f"{self.path}: storage {quote(pid[2])} is a view of another storage;"
-                            " such legacy storage views are not supported.")
+      raise WeightFileError(
+        f"{self.path}: storage {quote(pid[2])} is a view of another storage;"
+        " such legacy storage views are not supported."
+      )
     storage = _Storage(pid[2], pid[1].dtype, pid[4])
     if self.storages.setdefault(storage.key, storage) != storage:
       known = self.storages[storage.key]
-      raise WeightFileError(f"{self.path}: storage {quote(storage.key)} is stated both as"
-                            f" {known.numel} {known.dtype} and {storage.numel} {storage.dtype}.")
+      raise WeightFileError(
+        f"{self.path}: storage {quote(storage.key)} is stated both as"
+        f" {known.numel} {known.dtype} and {storage.numel} {storage.dtype}."
+      )
     return storage
 
   # The admitted callables.
@@ -271,8 +292,9 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   def _rebuild_tensor(self, storage, storage_offset, size, stride) -> _TensorRecord:
     return _TensorRecord(storage, storage_offset, size, stride, None)
 
-  def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad,
-                         backward_hooks, metadata=None) -> _TensorRecord:
+  def _rebuild_tensor_v2(
+    self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None
+  ) -> _TensorRecord:
     """torch._utils._rebuild_tensor_v2; requires_grad and (data-only) backward_hooks are dropped."""
     del requires_grad, backward_hooks
     return _TensorRecord(storage, storage_offset, size, stride, metadata)
@@ -281,16 +303,19 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     """torch._utils._rebuild_parameter: an nn.Parameter is its data here."""
     del requires_grad, backward_hooks
     if type(data) is not _TensorRecord:  # pylint: disable=unidiomatic-typecheck
-      raise WeightFileError(f"{self.path}: a parameter of a {type(data).__name__}, not of a"
-                            " tensor.")
+      raise WeightFileError(
+        f"{self.path}: a parameter of a {type(data).__name__}, not of a tensor."
+      )
     return data
 
   # The opcodes that build or change containers, checking keys and what they act on.
 
   def _key(self, key):
     if type(key) not in _KEY_TYPES:
-      raise WeightFileError(f"{self.path}: a dict key of type {type(key).__name__}; keys are"
-                            f" {', '.join(t.__name__ for t in _KEY_TYPES)}.")
+      raise WeightFileError(
+        f"{self.path}: a dict key of type {type(key).__name__}; keys are"
+        f" {', '.join(t.__name__ for t in _KEY_TYPES)}."
+      )
     return key
 
   def _pairs(self, items: list) -> Iterator[tuple[Any, Any]]:
@@ -302,8 +327,9 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
     target = self.stack[-1]
     if type(target) not in kinds:
       raise UnsafeWeightFileError(
-          f"{self.path}: the pickle's {opcode} acts on a {type(target).__name__}; it may act only"
-          f" on a {' or '.join(kind.__name__ for kind in kinds)}.")
+        f"{self.path}: the pickle's {opcode} acts on a {type(target).__name__}; it may act only"
+        f" on a {' or '.join(kind.__name__ for kind in kinds)}."
+      )
     return target
 
   def load_dict(self):
@@ -332,29 +358,87 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
 
 def _refusal(opcode: str):
   def refuse(unpickler: _Unpickler):
-    raise UnsafeWeightFileError(f"{unpickler.path}: refused the pickle opcode {opcode}: a state"
-                                " dict needs none.")
+    raise UnsafeWeightFileError(
+      f"{unpickler.path}: refused the pickle opcode {opcode}: a state dict needs none."
+    )
+
   return refuse
 
 
 def _opcode_table() -> dict[int, Any]:
   """Opcode byte -> how `_Unpickler` reads it: pickle's own reader, ours, or a refusal."""
-  ours = {"DICT": _Unpickler.load_dict, "SETITEM": _Unpickler.load_setitem,
-          "SETITEMS": _Unpickler.load_setitems, "APPEND": _Unpickler.load_append,
-          "APPENDS": _Unpickler.load_appends, "BUILD": _Unpickler.load_build}
-  plain = ("PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "NONE", "NEWTRUE",
-           "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
-           "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
-           "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
-           "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_LIST", "LIST",
-           "EMPTY_DICT", "GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT",
-           "MEMOIZE", "GLOBAL", "STACK_GLOBAL", "REDUCE", "BINPERSID")
-  names = {getattr(pickle, name)[0]: name for name in dir(pickle)
-           if name.isupper() and isinstance(getattr(pickle, name), bytes)
-           and len(getattr(pickle, name)) == 1}
+  ours = {
+    "DICT": _Unpickler.load_dict,
+    "SETITEM": _Unpickler.load_setitem,
+    "SETITEMS": _Unpickler.load_setitems,
+    "APPEND": _Unpickler.load_append,
+    "APPENDS": _Unpickler.load_appends,
+    "BUILD": _Unpickler.load_build,
+  }
+  plain = (
+    "PROTO",
+    "FRAME",
+    "STOP",
+    "MARK",
+    "POP",
+    "POP_MARK",
+    "DUP",
+    "NONE",
+    "NEWTRUE",
+    "NEWFALSE",
+    "INT",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "LONG",
+    "LONG1",
+    "LONG4",
+    "FLOAT",
+    "BINFLOAT",
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+    "BINBYTES",
+    "SHORT_BINBYTES",
+    "BINBYTES8",
+    "EMPTY_TUPLE",
+    "TUPLE",
+    "TUPLE1",
+    "TUPLE2",
+    "TUPLE3",
+    "EMPTY_LIST",
+    "LIST",
+    "EMPTY_DICT",
+    "GET",
+    "BINGET",
+    "LONG_BINGET",
+    "PUT",
+    "BINPUT",
+    "LONG_BINPUT",
+    "MEMOIZE",
+    "GLOBAL",
+    "STACK_GLOBAL",
+    "REDUCE",
+    "BINPERSID",
+  )
+  names = {
+    getattr(pickle, name)[0]: name
+    for name in dir(pickle)
+    if name.isupper()
+    and isinstance(getattr(pickle, name), bytes)
+    and len(getattr(pickle, name)) == 1
+  }
   table = {op: _refusal(names.get(op, f"byte {op:#04x}")) for op in range(256)}
-  table.update({getattr(pickle, name)[0]: pickle._Unpickler.dispatch[getattr(pickle, name)[0]]  # pylint: disable=protected-access
-                for name in plain})
+  table.update(
+    {
+      getattr(pickle, name)[0]: pickle._Unpickler.dispatch[getattr(pickle, name)[0]]  # pylint: disable=protected-access
+      for name in plain
+    }
+  )
   table.update({getattr(pickle, name)[0]: reader for name, reader in ours.items()})
   return table
 
@@ -381,12 +465,15 @@ def _flat_tensors(obj, path: str) -> dict[str, _TensorRecord]:
       name = _name(prefix, key, path)
       if type(value) is _TensorRecord:  # pylint: disable=unidiomatic-typecheck
         if name in flat:
-          raise WeightFileError(f"{path}: the name {quote(name)} occurs twice once nested dicts"
-                                " are flattened.")
+          raise WeightFileError(
+            f"{path}: the name {quote(name)} occurs twice once nested dicts are flattened."
+          )
         flat[name] = value
       elif id(value) in seen:
-        raise WeightFileError(f"{path}: the dict at {quote(name)} is also at"
-                              f" {quote(seen[id(value)])}: shared or recursive dicts are refused.")
+        raise WeightFileError(
+          f"{path}: the dict at {quote(name)} is also at"
+          f" {quote(seen[id(value)])}: shared or recursive dicts are refused."
+        )
       else:
         seen[id(value)] = name
         visit(value, name + ".", depth + 1)
@@ -400,17 +487,22 @@ def _name(prefix: str, key, path: str) -> str:
   if type(key) is int and abs(key) < 2**64:  # pylint: disable=unidiomatic-typecheck
     key = str(key)
   if type(key) is not str:  # pylint: disable=unidiomatic-typecheck
-    raise WeightFileError(f"{path}: the key {quote(key)} under {quote(prefix)} names a tensor or"
-                          " dict; such keys are str or int.")
+    raise WeightFileError(
+      f"{path}: the key {quote(key)} under {quote(prefix)} names a tensor or"
+      " dict; such keys are str or int."
+    )
   if len(prefix) + len(key) > _MAX_NAME_CHARS:
-    raise WeightFileError(f"{path}: the name {quote(prefix + key[:_QUOTE_CHARS])} is longer than"
-                          f" {_MAX_NAME_CHARS} characters.")
+    raise WeightFileError(
+      f"{path}: the name {quote(prefix + key[:_QUOTE_CHARS])} is longer than"
+      f" {_MAX_NAME_CHARS} characters."
+    )
   return prefix + key
 
 
 @dataclasses.dataclass(frozen=True)
 class _View:
   """A checked tensor: `shape` elements of storage `key` from `offset`, `strides` apart (elements)."""
+
   key: str
   dtype: np.dtype
   offset: int
@@ -431,6 +523,7 @@ def _index_tuple(x) -> tuple[int, ...] | None:
 
 def _checked_view(record: _TensorRecord, name: str, path: str) -> _View:
   """The one check of a tensor record against its storage, once the whole pickle is read."""
+
   def fail(problem: str):
     raise WeightFileError(f"{path}: tensor {quote(name)}: {problem}.")
 
@@ -439,25 +532,36 @@ def _checked_view(record: _TensorRecord, name: str, path: str) -> _View:
     fail(f"its storage is a {type(storage).__name__}, not a torch storage")
   offset, shape, strides = record.offset, _index_tuple(record.size), _index_tuple(record.stride)
   if not _is_index(offset) or shape is None or strides is None or len(shape) != len(strides):
-    fail(f"storage offset {quote(offset)}, size {quote(record.size)} and stride"
-         f" {quote(record.stride)}: expected non-negative int64 integers, size and stride of one"
-         f" length (at most {_MAX_DIMS})")
+    fail(
+      f"storage offset {quote(offset)}, size {quote(record.size)} and stride"
+      f" {quote(record.stride)}: expected non-negative int64 integers, size and stride of one"
+      f" length (at most {_MAX_DIMS})"
+    )
   metadata = {} if record.metadata is None else record.metadata
   if type(metadata) not in _MAPPINGS or {k for k, v in metadata.items() if v} - {"neg"}:
     fail(f"metadata {quote(metadata)}: only torch's neg bit is supported")  # conj: complex only
   count = math.prod(shape)
   if count > storage.numel:
-    fail(f"{count} elements from a storage of {storage.numel}: a view larger than its storage"
-         " (an expanded, stride-0 tensor) is not materialised")
+    fail(
+      f"{count} elements from a storage of {storage.numel}: a view larger than its storage"
+      " (an expanded, stride-0 tensor) is not materialised"
+    )
   if not count and math.prod(n or 1 for n in shape) > _MAX_EMPTY_EXTENT:
     fail(f"an empty tensor of size {shape}: its other dims multiply to over {_MAX_EMPTY_EXTENT}")
   last = offset + sum((n - 1) * s for n, s in zip(shape, strides)) if count else offset - 1
   if last >= storage.numel:  # as_strided does not check: reading past would read foreign memory.
-    fail(f"offset {offset}, size {shape} and stride {strides} reach element {last} of a storage"
-         f" of {storage.numel}")
-  return _View(storage.key, storage.dtype, offset, shape,
-               tuple(s if n > 1 else 0 for n, s in zip(shape, strides)),
-               negate=bool(metadata.get("neg")))
+    fail(
+      f"offset {offset}, size {shape} and stride {strides} reach element {last} of a storage"
+      f" of {storage.numel}"
+    )
+  return _View(
+    storage.key,
+    storage.dtype,
+    offset,
+    shape,
+    tuple(s if n > 1 else 0 for n, s in zip(shape, strides)),
+    negate=bool(metadata.get("neg")),
+  )
 
 
 def _checked_views(obj, path: str, file_size: int) -> dict[str, _View]:
@@ -467,8 +571,10 @@ def _checked_views(obj, path: str, file_size: int) -> dict[str, _View]:
     views[name] = _checked_view(record, name, path)
     total += views[name].nbytes
     if total > file_size:
-      raise WeightFileError(f"{path}: the tensors up to {quote(name)} need {total} bytes, more"
-                            f" than the file's {file_size}: a file yields at most its own size.")
+      raise WeightFileError(
+        f"{path}: the tensors up to {quote(name)} need {total} bytes, more"
+        f" than the file's {file_size}: a file yields at most its own size."
+      )
   return views
 
 
@@ -477,14 +583,18 @@ def _tensor_array(storage: np.ndarray, view: _View) -> np.ndarray:
   if 0 in view.shape:
     return np.zeros(view.shape, storage.dtype)
   strided = np.lib.stride_tricks.as_strided(
-      storage[view.offset:], view.shape, [s * storage.itemsize for s in view.strides],
-      writeable=False)
+    storage[view.offset :],
+    view.shape,
+    [s * storage.itemsize for s in view.strides],
+    writeable=False,
+  )
   array = np.array(strided, order="C")
   return np.negative(array, out=array) if view.negate else array
 
 
-def _build_arrays(views: dict[str, _View], storages: Iterator[tuple[str, np.ndarray]],
-                  path: str) -> dict[str, np.ndarray]:
+def _build_arrays(
+  views: dict[str, _View], storages: Iterator[tuple[str, np.ndarray]], path: str
+) -> dict[str, np.ndarray]:
   """Arrays of `views`, in their order; `storages` yields each needed record once, in any order."""
   names_by_key = collections.defaultdict(list)
   for name, view in views.items():
@@ -494,16 +604,20 @@ def _build_arrays(views: dict[str, _View], storages: Iterator[tuple[str, np.ndar
     for name in names_by_key.pop(key, []):
       arrays[name] = _tensor_array(storage, views[name])
   if names_by_key:
-    raise WeightFileError(f"{path}: no data for the storages {quote(sorted(names_by_key))} of"
-                          f" tensors {quote(sorted(n for ns in names_by_key.values() for n in ns))}.")
+    raise WeightFileError(
+      f"{path}: no data for the storages {quote(sorted(names_by_key))} of"
+      f" tensors {quote(sorted(n for ns in names_by_key.values() for n in ns))}."
+    )
   return {name: arrays[name] for name in views}
 
 
 def _storage_array(data: bytes, storage: _Storage, big_endian: bool, path: str) -> np.ndarray:
   """The storage's elements from its record's bytes, swapped to native order when big-endian."""
   if len(data) != storage.numel * storage.dtype.itemsize:
-    raise WeightFileError(f"{path}: storage {quote(storage.key)} has {len(data)} bytes, its"
-                          f" pickle states {storage.numel} elements of {storage.dtype}.")
+    raise WeightFileError(
+      f"{path}: storage {quote(storage.key)} has {len(data)} bytes, its"
+      f" pickle states {storage.numel} elements of {storage.dtype}."
+    )
   if big_endian and storage.dtype.itemsize > 1:
     data = np.frombuffer(data, np.uint8).reshape(-1, storage.dtype.itemsize)[:, ::-1].tobytes()
   return np.frombuffer(data, storage.dtype)
@@ -515,8 +629,10 @@ def _zip_record(archive: zipfile.ZipFile, name: str, max_bytes: int, path: str) 
   if info is None:
     raise WeightFileError(f"{path}: no zip record {quote(name)}.")
   if info.file_size > max_bytes:
-    raise WeightFileError(f"{path}: zip record {quote(name)} states {info.file_size} bytes;"
-                          f" at most {max_bytes} are read.")
+    raise WeightFileError(
+      f"{path}: zip record {quote(name)} states {info.file_size} bytes;"
+      f" at most {max_bytes} are read."
+    )
   with archive.open(info) as f:  # zipfile stops inflating at the header's file_size
     return f.read(max_bytes)
 
@@ -525,14 +641,18 @@ def _load_torch_zip(path: str, file_size: int) -> dict[str, np.ndarray]:
   with files.open_for_read(path) as f:
     is_zip = zipfile.is_zipfile(f)
   if not is_zip:
-    raise WeightFileError(f"{path}: starts like a zip file (a torch.save file) but has no"
-                          " zip directory: truncated or damaged.")
+    raise WeightFileError(
+      f"{path}: starts like a zip file (a torch.save file) but has no"
+      " zip directory: truncated or damaged."
+    )
   with files.open_for_read(path) as f, zipfile.ZipFile(f) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
-      raise WeightFileError(f"{path}: a zip file but not a torch.save file: expected one"
-                            f" <prefix>/data.pkl, found {quote(pickles)}.")
-    prefix = pickles[0][:-len("data.pkl")]
+      raise WeightFileError(
+        f"{path}: a zip file but not a torch.save file: expected one"
+        f" <prefix>/data.pkl, found {quote(pickles)}."
+      )
+    prefix = pickles[0][: -len("data.pkl")]
     byteorder = b"little"
     if prefix + "byteorder" in archive.NameToInfo:
       byteorder = _zip_record(archive, prefix + "byteorder", _MAX_BYTEORDER_BYTES, path)
@@ -544,8 +664,9 @@ def _load_torch_zip(path: str, file_size: int) -> dict[str, np.ndarray]:
     def storages():
       for key in dict.fromkeys(view.key for view in views.values()):
         storage = unpickler.storages[key]
-        data = _zip_record(archive, f"{prefix}data/{key}", storage.numel * storage.dtype.itemsize,
-                           path)
+        data = _zip_record(
+          archive, f"{prefix}data/{key}", storage.numel * storage.dtype.itemsize, path
+        )
         yield key, _storage_array(data, storage, byteorder == b"big", path)
 
     return _build_arrays(views, storages(), path)
@@ -560,8 +681,10 @@ class _FileEnd:
 
   def read(self, n: int) -> bytes:
     if n > self.size - self.file.tell():
-      raise WeightFileError(f"{self.path}: the pickle reads {n} bytes at byte {self.file.tell()}"
-                            f" of {self.size}: truncated.")
+      raise WeightFileError(
+        f"{self.path}: the pickle reads {n} bytes at byte {self.file.tell()}"
+        f" of {self.size}: truncated."
+      )
     return self.file.read(n)
 
 
@@ -573,27 +696,36 @@ def _load_torch_legacy(path: str, file_size: int) -> dict[str, np.ndarray]:
       return _Unpickler(reader, path).load()
 
     if next_pickle() != _LEGACY_MAGIC:
-      raise WeightFileError(f"{path}: a pickle but not a torch.save file (no magic number);"
-                            f" expected {_FORMATS}.")
+      raise WeightFileError(
+        f"{path}: a pickle but not a torch.save file (no magic number); expected {_FORMATS}."
+      )
     if (protocol := next_pickle()) != _LEGACY_PROTOCOL:
-      raise WeightFileError(f"{path}: legacy torch protocol {quote(protocol)}, expected"
-                            f" {_LEGACY_PROTOCOL}.")
+      raise WeightFileError(
+        f"{path}: legacy torch protocol {quote(protocol)}, expected {_LEGACY_PROTOCOL}."
+      )
     next_pickle()  # sys_info: the writer's byte order; storages are written little-endian anyway.
     unpickler = _Unpickler(reader, path)
     views = _checked_views(unpickler.load(), path, file_size)
     keys = next_pickle()
-    if (type(keys) is not list or not all(type(k) is str for k in keys)  # pylint: disable=unidiomatic-typecheck
-        or sorted(set(keys)) != sorted(keys) or not set(keys) <= set(unpickler.storages)):
-      raise WeightFileError(f"{path}: storage keys {quote(keys)} do not match the storages"
-                            " pickled.")
+    if (
+      type(keys) is not list
+      or not all(type(k) is str for k in keys)  # pylint: disable=unidiomatic-typecheck
+      or sorted(set(keys)) != sorted(keys)
+      or not set(keys) <= set(unpickler.storages)
+    ):
+      raise WeightFileError(
+        f"{path}: storage keys {quote(keys)} do not match the storages pickled."
+      )
     needed = {view.key for view in views.values()}
 
     def storages():
       for key in keys:
         storage = unpickler.storages[key]
         if int.from_bytes(reader.read(8), "little") != storage.numel:
-          raise WeightFileError(f"{path}: storage {quote(key)}'s record does not hold the"
-                                f" {storage.numel} elements its pickle states.")
+          raise WeightFileError(
+            f"{path}: storage {quote(key)}'s record does not hold the"
+            f" {storage.numel} elements its pickle states."
+          )
         nbytes = storage.numel * storage.dtype.itemsize
         if key in needed:
           yield key, _storage_array(reader.read(nbytes), storage, False, path)

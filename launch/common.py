@@ -31,16 +31,28 @@ MAX_MESSAGE_CHARS = 600  # a longer message is cut, so an error never floods the
 # (ConvertError, ConfigChangeError, WeightFileError, OutputConflictError,
 # UntrustedModelCodeError) and json.JSONDecodeError; OSError covers missing files and
 # Pillow's UnidentifiedImageError; EOFError and BadZipFile are numpy's truncated .npy / .npz.
-USER_ERRORS = (app.UsageError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile,
-               CheckpointError, DatasetUnavailableError)
+USER_ERRORS = (
+  app.UsageError,
+  ValueError,
+  KeyError,
+  OSError,
+  EOFError,
+  zipfile.BadZipFile,
+  CheckpointError,
+  DatasetUnavailableError,
+)
 
 
 _COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", None, "Directory of JAX's persistent compilation cache, which lets a"
-    " restarted run skip compiling; default $JAX_COMPILATION_CACHE_DIR, else"
-    " $DIFFUSION_JAX_CACHE/xla or ~/.cache/diffusion_jax/xla; '' turns it off.")
+  "compilation_cache",
+  None,
+  "Directory of JAX's persistent compilation cache, which lets a"
+  " restarted run skip compiling; default $JAX_COMPILATION_CACHE_DIR, else"
+  " $DIFFUSION_JAX_CACHE/xla or ~/.cache/diffusion_jax/xla; '' turns it off.",
+)
 _VERBOSE = flags.DEFINE_bool(
-    "verbose", False, f"Show an error's traceback instead of one line (or set {VERBOSE_ENV}=1).")
+  "verbose", False, f"Show an error's traceback instead of one line (or set {VERBOSE_ENV}=1)."
+)
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -54,7 +66,7 @@ def one_line(error: BaseException) -> str:
   if isinstance(error, KeyError):  # str(KeyError("x")) is "'x'": say what it is
     text = f"missing key {text}"
   if len(text) > MAX_MESSAGE_CHARS:
-    text = text[:MAX_MESSAGE_CHARS - 1] + "…"
+    text = text[: MAX_MESSAGE_CHARS - 1] + "…"
   return text
 
 
@@ -118,28 +130,38 @@ def define_multihost_flag() -> flags.FlagHolder:
   `parallel.maybe_initialize_distributed`.
   """
   return flags.DEFINE_bool(
-      "multihost", False, "Join a multi-process run (TPU pod slice); Slurm and"
-      " JAX_COORDINATOR_ADDRESS are detected without it.")
+    "multihost",
+    False,
+    "Join a multi-process run (TPU pod slice); Slurm and"
+    " JAX_COORDINATOR_ADDRESS are detected without it.",
+  )
 
 
 def define_trust_model_code_flag() -> flags.FlagHolder:
   """--trust_model_code, for the launchers that build a model from a workdir's config.json."""
   return flags.DEFINE_bool(
-      "trust_model_code", False, "Import and run the model factory ('package.module:factory')"
-      " that the workdir's config.json names; only for workdirs whose code you trust.")
+    "trust_model_code",
+    False,
+    "Import and run the model factory ('package.module:factory')"
+    " that the workdir's config.json names; only for workdirs whose code you trust.",
+  )
 
 
 def define_overwrite_flag() -> flags.FlagHolder:
   """--overwrite, for the launchers that write files into a folder the user names."""
   return flags.DEFINE_bool(
-      "overwrite", False, "Replace files in the output folder that this run did not write.")
+    "overwrite", False, "Replace files in the output folder that this run did not write."
+  )
 
 
 def define_profile_flag() -> flags.FlagHolder:
   """--profile_dir, for the launchers whose whole run one jax.profiler trace may capture."""
   return flags.DEFINE_string(
-      "profile_dir", None, "Write a jax.profiler trace of the whole run into this folder"
-      " (TensorBoard's profile plugin, or its perfetto_trace.json.gz in ui.perfetto.dev).")
+    "profile_dir",
+    None,
+    "Write a jax.profiler trace of the whole run into this folder"
+    " (TensorBoard's profile plugin, or its perfetto_trace.json.gz in ui.perfetto.dev).",
+  )
 
 
 def profiled(profile_dir: str | None) -> contextlib.AbstractContextManager:

@@ -26,18 +26,21 @@ from launch import common
 
 _INPUT = flags.DEFINE_string("input", None, "A diffusers directory or a checkpoint file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The new workdir (must not hold a run).")
-_FORMAT = flags.DEFINE_enum("format", None, sorted(convert.FORMATS),
-                            "The source; told from the content when not given.")
-_PRESET = flags.DEFINE_string("preset", None, "A released checkpoint's settings, e.g."
-                              " cifar10_uncond_50M_500K or ema_cifar10.")
+_FORMAT = flags.DEFINE_enum(
+  "format", None, sorted(convert.FORMATS), "The source; told from the content when not given."
+)
+_PRESET = flags.DEFINE_string(
+  "preset", None, "A released checkpoint's settings, e.g. cifar10_uncond_50M_500K or ema_cifar10."
+)
 flags.mark_flags_as_required(["input", "workdir"])
 
 
 def main(argv):
   logs.quiet_library_logs()
   outputs.check_apart(_WORKDIR.value, [_INPUT.value], what="--workdir")  # before a long read
-  converted = convert.convert(_INPUT.value, _FORMAT.value, _PRESET.value,
-                              **convert.parse_source_flags(argv[1:]))
+  converted = convert.convert(
+    _INPUT.value, _FORMAT.value, _PRESET.value, **convert.parse_source_flags(argv[1:])
+  )
   record = convert.write_workdir(converted, _WORKDIR.value)
   print(json.dumps(record, indent=2, default=str))
 

@@ -27,13 +27,21 @@ from ml_collections import config_flags
 from diffusion_jax import evaluation, parallel
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run; the report goes to WORKDIR/eval/.")
-_SAMPLES = flags.DEFINE_string("samples", None, "Evaluate this .npz ('arr_0': uint8 NHWC) instead"
-                               " of sampling the run.")
-_REFERENCE = flags.DEFINE_string("reference", None, "Reference statistics .npz (pytorch-fid's or"
-                                 " the ADM evaluator's format) instead of the config's.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Evaluation config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "The training run; the report goes to WORKDIR/eval/."
+)
+_SAMPLES = flags.DEFINE_string(
+  "samples", None, "Evaluate this .npz ('arr_0': uint8 NHWC) instead of sampling the run."
+)
+_REFERENCE = flags.DEFINE_string(
+  "reference",
+  None,
+  "Reference statistics .npz (pytorch-fid's or"
+  " the ADM evaluator's format) instead of the config's.",
+)
 _MULTIHOST = common.define_multihost_flag()
 _TRUST_MODEL_CODE = common.define_trust_model_code_flag()
 _OVERWRITE = common.define_overwrite_flag()
@@ -46,9 +54,14 @@ def main(argv):
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
   config = evaluation.from_config_dict(_CONFIG.value)
   with common.profiled(_PROFILE_DIR.value):
-    evaluation.evaluate(config, _WORKDIR.value, samples_path=_SAMPLES.value,
-                        reference_path=_REFERENCE.value, trust_model_code=_TRUST_MODEL_CODE.value,
-                        overwrite=_OVERWRITE.value)
+    evaluation.evaluate(
+      config,
+      _WORKDIR.value,
+      samples_path=_SAMPLES.value,
+      reference_path=_REFERENCE.value,
+      trust_model_code=_TRUST_MODEL_CODE.value,
+      overwrite=_OVERWRITE.value,
+    )
 
 
 if __name__ == "__main__":

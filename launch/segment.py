@@ -39,8 +39,13 @@ def main(argv):
   if jax.process_count() > 1:
     raise app.UsageError("launch.segment runs on one host.")
   jobs = inference.plan_outputs(_INPUT.value, _OUTPUT.value, overwrite=_OVERWRITE.value)
-  segmenter = inference.load(_WORKDIR.value, _STEP.value, _TILE_SIZE.value, _BATCH_SIZE.value,
-                             trust_model_code=_TRUST_MODEL_CODE.value)
+  segmenter = inference.load(
+    _WORKDIR.value,
+    _STEP.value,
+    _TILE_SIZE.value,
+    _BATCH_SIZE.value,
+    trust_model_code=_TRUST_MODEL_CODE.value,
+  )
   written = inference.segment_files(segmenter, jobs)
   print(f"Segmented {len(written)} image(s) with step {segmenter.step} into {_OUTPUT.value}.")
 

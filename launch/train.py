@@ -24,8 +24,9 @@ from diffusion_jax import parallel
 from diffusion_jax.train import loop
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
 _MULTIHOST = common.define_multihost_flag()
 flags.mark_flags_as_required(["config", "workdir"])

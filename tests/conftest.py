@@ -13,14 +13,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The digits classifier of the offline evaluation is trained once and cached here (subprocesses too).
-os.environ.setdefault("DIFFUSION_JAX_CACHE",
-                      os.path.join(tempfile.gettempdir(), "diffusion_jax_test_models"))
+os.environ.setdefault(
+  "DIFFUSION_JAX_CACHE", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_models")
+)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 # Training tests compile the same small programs in several runs; reuse them.
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), "diffusion_jax_test_cache"))
+jax.config.update(
+  "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_cache")
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # configs/ and launch/ live at the repository root, beside the installed package.
@@ -45,8 +47,7 @@ def random_inception_weights(tmp_path_factory) -> str:
   from benchmarks import peers  # pylint: disable=g-import-not-at-top
 
   path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-  torch.save({k: torch.from_numpy(v) for k, v in peers.random_inception_state_dict().items()},
-             path)
+  torch.save({k: torch.from_numpy(v) for k, v in peers.random_inception_state_dict().items()}, path)
   return str(path)
 
 
@@ -55,9 +56,17 @@ def random_inception_weights(tmp_path_factory) -> str:
 # the machine to itself (`_machine`): gloo gives up after 30 s when one process of a job
 # reaches its first collective that much later than another, as it does when a test on
 # the other xdist worker starves one process of CPU while it compiles.
-MULTIPROCESS_MODULES = frozenset({
-    "test_cluster_launchers", "test_elastic", "test_evaluate_hosts", "test_gcs", "test_launch",
-    "test_resilience", "test_sample_hosts"})
+MULTIPROCESS_MODULES = frozenset(
+  {
+    "test_cluster_launchers",
+    "test_elastic",
+    "test_evaluate_hosts",
+    "test_gcs",
+    "test_launch",
+    "test_resilience",
+    "test_sample_hosts",
+  }
+)
 
 
 def _module(item) -> str:
@@ -85,8 +94,10 @@ def _machine(exclusive: bool) -> Iterator[None]:
   for the test running beside it to end. Without xdist it costs two flock calls.
   """
   run = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
-  paths = [os.path.join(tempfile.gettempdir(), f"diffusion_jax_tests_{run}.{name}.lock")
-           for name in ("turnstile", "machine")]
+  paths = [
+    os.path.join(tempfile.gettempdir(), f"diffusion_jax_tests_{run}.{name}.lock")
+    for name in ("turnstile", "machine")
+  ]
   with open(paths[0], "a") as turnstile, open(paths[1], "a") as machine:
     fcntl.flock(turnstile, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
     if not exclusive:

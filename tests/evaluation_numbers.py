@@ -93,7 +93,7 @@ def inception_score(logits, splits: int) -> tuple[float, float]:
   num = len(probabilities)
   scores = []
   for i in range(splits):
-    chunk = probabilities[i * num // splits:(i + 1) * num // splits]
+    chunk = probabilities[i * num // splits : (i + 1) * num // splits]
     kl = scipy.special.rel_entr(chunk, chunk.mean(axis=0)).sum(axis=1)
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
@@ -123,9 +123,13 @@ def digits_scores(images, reference_images, is_splits: int) -> dict:
   reference = digits_classifier.digits_features(params, reference_images)["pool"]
   reference = reference.astype(np.float64)
   score, spread = inception_score(features["logits"], is_splits)
-  return {"fd_digits": frechet_distance(features["pool"], reference.mean(axis=0),
-                                        np.cov(reference, rowvar=False)),
-          "is_digits": score, "is_digits_std": spread}
+  return {
+    "fd_digits": frechet_distance(
+      features["pool"], reference.mean(axis=0), np.cov(reference, rowvar=False)
+    ),
+    "is_digits": score,
+    "is_digits_std": spread,
+  }
 
 
 def assert_scores_are(*comparisons: tuple[str, dict, dict]) -> None:

@@ -29,12 +29,12 @@ _READY_ATTEMPTS = 300  # polls 0.1 s apart: the binary answers within a second w
 def environment(url: str) -> dict[str, str]:
   """The variables that send gcsfs and TensorStore to the server at `url`, with no credentials."""
   return {
-      "STORAGE_EMULATOR_HOST": url,  # gcsfs, google-cloud-storage
-      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no bucket-type lookups the fake lacks
-      "FSSPEC_GCS_TOKEN": "anon",  # no credential or metadata-server calls
-      "TENSORSTORE_GCS_HTTP_URL": url,
-      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",  # TensorStore's: skips looking for credentials
-      "EPATH_USE_TF": "false",  # TensorFlow's GCS client cannot be pointed at a local server
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs, google-cloud-storage
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no bucket-type lookups the fake lacks
+    "FSSPEC_GCS_TOKEN": "anon",  # no credential or metadata-server calls
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",  # TensorStore's: skips looking for credentials
+    "EPATH_USE_TF": "false",  # TensorFlow's GCS client cannot be pointed at a local server
   }
 
 
@@ -47,9 +47,20 @@ class GcsEmulator:
     # The server logs every request: to a file, as a full pipe would stall every request.
     self._log = tempfile.TemporaryFile()  # pylint: disable=consider-using-with
     self._process = subprocess.Popen(  # pylint: disable=consider-using-with
-        [str(_server._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",  # pylint: disable=protected-access
-         "-port", port, "-backend", "memory"],
-        stdout=subprocess.DEVNULL, stderr=self._log)
+      [
+        str(_server._get_binary_path()),
+        "-scheme",
+        "http",
+        "-host",
+        "127.0.0.1",  # pylint: disable=protected-access
+        "-port",
+        port,
+        "-backend",
+        "memory",
+      ],
+      stdout=subprocess.DEVNULL,
+      stderr=self._log,
+    )
     self._wait_until_ready()
 
   def _wait_until_ready(self) -> None:
@@ -67,8 +78,11 @@ class GcsEmulator:
 
   def create_bucket(self, name: str) -> None:
     request = urllib.request.Request(
-        f"{self.url}/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
+      f"{self.url}/storage/v1/b?project=test",
+      data=json.dumps({"name": name}).encode(),
+      headers={"Content-Type": "application/json"},
+      method="POST",
+    )
     urllib.request.urlopen(request, timeout=30).close()
 
   def stop(self) -> None:
@@ -99,8 +113,11 @@ class _ReadOnly(_Forbidden):
   writes are refused (403)."""
 
   def _nothing(self):
-    body = json.dumps({"kind": "storage#objects", "items": []} if "/o?" in self.path
-                      else {"error": {"code": 404, "message": "No such object"}})
+    body = json.dumps(
+      {"kind": "storage#objects", "items": []}
+      if "/o?" in self.path
+      else {"error": {"code": 404, "message": "No such object"}}
+    )
     self.send_response(200 if "/o?" in self.path else 404)
     self.send_header("Content-Type", "application/json")
     self.send_header("Content-Length", str(len(body)))

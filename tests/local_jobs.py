@@ -26,15 +26,24 @@ def job_env(num_processes: int = 2, devices_per_process: int = 2) -> dict[str, s
   process 1, on a job's second run), and gloo gives up waiting in the first
   collective after 30 s.
   """
-  return dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-              JAX_ENABLE_COMPILATION_CACHE="false", JAX_NUM_PROCESSES=str(num_processes),
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}")
+  return dict(
+    os.environ,
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    JAX_ENABLE_COMPILATION_CACHE="false",
+    JAX_NUM_PROCESSES=str(num_processes),
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+  )
 
 
-def run_job(args: list[str], num_processes: int = 2, devices_per_process: int = 2,
-            timeout: float = 600, cwd: str = REPO,
-            extra_env: dict[str, str] | None = None) -> list[str]:
+def run_job(
+  args: list[str],
+  num_processes: int = 2,
+  devices_per_process: int = 2,
+  timeout: float = 600,
+  cwd: str = REPO,
+  extra_env: dict[str, str] | None = None,
+) -> list[str]:
   """Runs `python ARGS` as every process of one job; asserts each exits 0; their stderr.
 
   The processes run in `cwd` with `extra_env` added to `job_env`'s variables.
@@ -50,9 +59,16 @@ def run_job(args: list[str], num_processes: int = 2, devices_per_process: int = 
     try:
       for i, log_path in enumerate(log_paths):
         with open(log_path, "w") as log:
-          workers.append(subprocess.Popen(
-              [sys.executable, *args], cwd=cwd, env=dict(env, JAX_PROCESS_ID=str(i)),
-              stdout=subprocess.DEVNULL, stderr=log, text=True))
+          workers.append(
+            subprocess.Popen(
+              [sys.executable, *args],
+              cwd=cwd,
+              env=dict(env, JAX_PROCESS_ID=str(i)),
+              stdout=subprocess.DEVNULL,
+              stderr=log,
+              text=True,
+            )
+          )
       for worker in workers:
         worker.wait(timeout=timeout)
     finally:
@@ -68,4 +84,4 @@ def run_job(args: list[str], num_processes: int = 2, devices_per_process: int = 
 def _first_error(log: str) -> str:
   """The log from its first traceback on: what failed, rather than an abort's module list."""
   start = log.find("Traceback")
-  return log[start:start + 3000] if start >= 0 else log[-3000:]
+  return log[start : start + 3000] if start >= 0 else log[-3000:]

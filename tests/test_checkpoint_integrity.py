@@ -42,8 +42,11 @@ def _entries(workdir) -> list[str]:
 
 def _digest(path) -> str:
   """SHA-256 of a file, or of every file under a directory."""
-  paths = ([os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-           if os.path.isdir(path) else [path])
+  paths = (
+    [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    if os.path.isdir(path)
+    else [path]
+  )
   digest = hashlib.sha256()
   for file in sorted(paths):
     with open(file, "rb") as f:
@@ -53,8 +56,12 @@ def _digest(path) -> str:
 
 def _flip_one_byte(step_dir) -> None:
   """Flips one bit in the middle of the largest array data file of the checkpoint."""
-  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
-           for name in names if os.path.basename(root) == "d"]
+  files = [
+    os.path.join(root, name)
+    for root, _, names in os.walk(os.path.join(step_dir, "state"))
+    for name in names
+    if os.path.basename(root) == "d"
+  ]
   largest = max(files, key=os.path.getsize)
   with open(largest, "r+b") as f:
     f.seek(os.path.getsize(largest) // 2)
@@ -105,18 +112,22 @@ def test_a_file_and_an_unrestorable_step_are_reported_and_left_in_place(workdir,
 def test_when_no_checkpoint_restores_the_run_stops_and_deletes_nothing(workdir):
   for step in ("2", "4"):
     _flip_one_byte(os.path.join(workdir, "checkpoints", step))
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r"No checkpoint in .*checkpoints restores: .*/4 is damaged.*/2 is dam"):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r"No checkpoint in .*checkpoints restores: .*/4 is damaged.*/2 is dam",
+  ):
     loop.train_and_evaluate(_config(6), workdir)
   assert _entries(workdir) == ["2", "4"]
 
 
 def test_a_checkpoint_without_its_data_position_restarts_the_order_with_a_warning(
-    workdir, caplog, monkeypatch):
+  workdir, caplog, monkeypatch
+):
   shutil.rmtree(os.path.join(workdir, "checkpoints", "4", "data"))
   restarts = []
-  monkeypatch.setattr(pipeline.TrainIterator, "restart_order",
-                      lambda iterator, step: restarts.append(step))
+  monkeypatch.setattr(
+    pipeline.TrainIterator, "restart_order", lambda iterator, step: restarts.append(step)
+  )
   with caplog.at_level(logging.WARNING):
     loop.train_and_evaluate(_config(5), workdir)
   missing = os.path.join(workdir, "checkpoints", "4", "data", "process_0-of-1.json")
@@ -127,8 +138,11 @@ def test_a_checkpoint_without_its_data_position_restarts_the_order_with_a_warnin
 def test_a_state_with_a_non_finite_value_is_never_saved(tmp_path):
   checkpointer = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2)
   state = {"params": {"w": jnp.array([1.0, jnp.nan])}, "step": jnp.array(1)}
-  with pytest.raises(FloatingPointError, match=r"checkpoints/1: the state's params/w holds"
-                                               r" non-finite values"):
+  with pytest.raises(
+    FloatingPointError,
+    match=r"checkpoints/1: the state's params/w holds"
+    r" non-finite values",
+  ):
     checkpointer.save(1, state, None, force=True)
   checkpointer.close()
   assert _entries(tmp_path) == []
@@ -159,8 +173,9 @@ def test_an_unfinished_save_still_being_written_is_deleted_once_its_writes_end(t
   with subprocess.Popen([sys.executable, "-c", _WRITER, str(data_dir)]) as writer:
     while writer.poll() is None and len(os.listdir(data_dir)) < 100:  # delete amid the writes
       time.sleep(0.01)
-    checkpointer = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2,
-                                           delete_unfinished=True)
+    checkpointer = checkpoint.Checkpointer(
+      str(tmp_path), every_steps=1, keep=2, delete_unfinished=True
+    )
   assert not unfinished.exists()
   checkpointer.save(6, _small_state(6), None, force=True)
   checkpointer.close()
@@ -172,9 +187,11 @@ def test_a_save_that_is_dropped_without_an_error_is_reported(tmp_path, monkeypat
   checkpointer.save(1, _small_state(1), None, force=True)
   monkeypatch.setattr(checkpointer._manager, "save", lambda step, **_: True)  # writes nothing
   checkpointer.save(2, _small_state(2), None, force=True)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=rf"Saving checkpoint\(s\) \[2\] in {tmp_path}/checkpoints did not"
-                           r" finish, though no error was raised .* Finished checkpoints: \[1\]"):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=rf"Saving checkpoint\(s\) \[2\] in {tmp_path}/checkpoints did not"
+    r" finish, though no error was raised .* Finished checkpoints: \[1\]",
+  ):
     checkpointer.wait()
   checkpointer.close()
   assert _entries(tmp_path) == ["1"]

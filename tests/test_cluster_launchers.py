@@ -55,21 +55,24 @@ def _cluster_env(**extra: str) -> dict[str, str]:
   for name in parallel.COORDINATOR_VARIABLES:  # the launchers' own, not this process's
     env.pop(name, None)
   env.update(
-      PATH=os.pathsep.join([STANDINS, os.path.dirname(sys.executable), env["PATH"]]),
-      JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      # No persistent compilation cache: JAX's CPU cache keys hold each process's view of the
-      # topology, so only process 0, the writer, ever hits it. The others would compile while
-      # it waits in the first collective, and gloo gives up after 30 s on a loaded machine.
-      JAX_ENABLE_COMPILATION_CACHE="false")
+    PATH=os.pathsep.join([STANDINS, os.path.dirname(sys.executable), env["PATH"]]),
+    JAX_PLATFORMS="cpu",
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    # No persistent compilation cache: JAX's CPU cache keys hold each process's view of the
+    # topology, so only process 0, the writer, ever hits it. The others would compile while
+    # it waits in the first collective, and gloo gives up after 30 s on a loaded machine.
+    JAX_ENABLE_COMPILATION_CACHE="false",
+  )
   return env
 
 
 def _run(command: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen:
   """Starts `command` in its own process group, its output in `log_path`."""
   with open(log_path, "w") as log:
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+      command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _finish(process: subprocess.Popen) -> int:
@@ -108,18 +111,38 @@ def pod_run(gcs, tmp_path_factory) -> dict:
   is the compilation cache's directory, which launch.train logs (the cache is off).
   """
   root = tmp_path_factory.mktemp("pod")
-  workdir = "gs://bucket/pod runs/it's \"smoke\""
+  workdir = 'gs://bucket/pod runs/it\'s "smoke"'
   cache = root / "xla cache, 'quoted'"
   gcloud_log, output = str(root / "gcloud.jsonl"), str(root / "launch.log")
-  env = _cluster_env(GCLOUD_STANDIN_LOG=gcloud_log, GCLOUD_STANDIN_ROOT=str(root / "tpus"),
-                     GCLOUD_STANDIN_WORKERS="2",
-                     DIFFUSION_JAX_SETUP=f". {shlex.quote(sys.prefix)}/bin/activate")
-  process = _run(["bash", "launch/tpu_pod.sh", "pod-1", "europe-west4-a", SMOKE, workdir,
-                  f"--compilation_cache={cache}"], env, output)
+  env = _cluster_env(
+    GCLOUD_STANDIN_LOG=gcloud_log,
+    GCLOUD_STANDIN_ROOT=str(root / "tpus"),
+    GCLOUD_STANDIN_WORKERS="2",
+    DIFFUSION_JAX_SETUP=f". {shlex.quote(sys.prefix)}/bin/activate",
+  )
+  process = _run(
+    [
+      "bash",
+      "launch/tpu_pod.sh",
+      "pod-1",
+      "europe-west4-a",
+      SMOKE,
+      workdir,
+      f"--compilation_cache={cache}",
+    ],
+    env,
+    output,
+  )
   workers = [root / "tpus" / "pod-1" / f"worker-{i}" for i in range(2)]
-  return dict(returncode=_finish(process), output=_read(output), workdir=workdir, cache=str(cache),
-              calls=[record["argv"] for record in _records(gcloud_log)], workers=workers,
-              worker_logs=[_read(f"{worker}.log") for worker in workers])
+  return dict(
+    returncode=_finish(process),
+    output=_read(output),
+    workdir=workdir,
+    cache=str(cache),
+    calls=[record["argv"] for record in _records(gcloud_log)],
+    workers=workers,
+    worker_logs=[_read(f"{worker}.log") for worker in workers],
+  )
 
 
 def test_tpu_pod_trains_on_two_workers_with_flags_intact(pod_run):
@@ -128,12 +151,22 @@ def test_tpu_pod_trains_on_two_workers_with_flags_intact(pod_run):
   assert scp[:4] == ["compute", "tpus", "tpu-vm", "scp"]
   assert scp[4].endswith("/diffusion_jax.tar.gz")
   assert scp[5:] == ["pod-1:~/diffusion_jax.tar.gz", "--worker=all", "--zone=europe-west4-a"]
-  assert ssh[:7] == ["compute", "tpus", "tpu-vm", "ssh", "pod-1", "--worker=all",
-                     "--zone=europe-west4-a"] and len(ssh) == 8
+  assert (
+    ssh[:7]
+    == ["compute", "tpus", "tpu-vm", "ssh", "pod-1", "--worker=all", "--zone=europe-west4-a"]
+    and len(ssh) == 8
+  )
   launch_line = ssh[7].removeprefix("--command=").splitlines()[-1]
   assert shlex.split(launch_line) == [
-      "exec", "python", "-m", "launch.train", f"--config={SMOKE}",
-      f"--workdir={pod_run['workdir']}", "--multihost", f"--compilation_cache={pod_run['cache']}"]
+    "exec",
+    "python",
+    "-m",
+    "launch.train",
+    f"--config={SMOKE}",
+    f"--workdir={pod_run['workdir']}",
+    "--multihost",
+    f"--compilation_cache={pod_run['cache']}",
+  ]
 
   for i, log in enumerate(pod_run["worker_logs"]):  # the values arrived intact on both workers
     assert f"Process {i} of 2, 2 local / 4 global devices" in log
@@ -151,9 +184,12 @@ def test_tpu_pod_trains_on_two_workers_with_flags_intact(pod_run):
 
 def _files_besides_bytecode(root) -> set[str]:
   """The files under `root`, relative to it, less Python's __pycache__ folders."""
-  return {os.path.relpath(os.path.join(folder, name), root)
-          for folder, dirs, names in os.walk(root) if "__pycache__" not in folder.split(os.sep)
-          for name in names}
+  return {
+    os.path.relpath(os.path.join(folder, name), root)
+    for folder, dirs, names in os.walk(root)
+    if "__pycache__" not in folder.split(os.sep)
+    for name in names
+  }
 
 
 def test_a_partial_coordinator_override_is_named(monkeypatch):
@@ -165,23 +201,30 @@ def test_a_partial_coordinator_override_is_named(monkeypatch):
 
 
 def _git(repo, *args: str) -> str:
-  return subprocess.run(["git", "-C", str(repo), "-c", "user.name=test", "-c",
-                         "user.email=test@example.com", *args],
-                        check=True, capture_output=True, text=True).stdout
+  return subprocess.run(
+    ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout
 
 
 def _shipped_files(home) -> dict[str, bytes]:
   """The files of the archive tpu_pod.sh copied to a worker's home, by path."""
   with tarfile.open(home / "diffusion_jax.tar.gz") as archive:
-    return {member.name.removeprefix("./"): archive.extractfile(member).read()
-            for member in archive.getmembers() if member.isfile()}
+    return {
+      member.name.removeprefix("./"): archive.extractfile(member).read()
+      for member in archive.getmembers()
+      if member.isfile()
+    }
 
 
 def test_tpu_pod_ships_the_checkout_or_a_pinned_ref_and_installs_it(tmp_path):
   repo = tmp_path / "checkout"
   (repo / "launch").mkdir(parents=True)
   (repo / "launch" / "tpu_pod.sh").write_bytes(
-      open(os.path.join(REPO, "launch", "tpu_pod.sh"), "rb").read())
+    open(os.path.join(REPO, "launch", "tpu_pod.sh"), "rb").read()
+  )
   (repo / ".gitignore").write_text(".venv/\n")
   (repo / "notes.txt").write_text("v1")
   (repo / "gone.txt").write_text("deleted after v1")
@@ -200,26 +243,39 @@ def test_tpu_pod_ships_the_checkout_or_a_pinned_ref_and_installs_it(tmp_path):
   def launch(name, checkout=repo, **extra):
     """Runs the script with ssh left out: (exit code, output, the calls, worker 0's home)."""
     log = tmp_path / f"{name}.jsonl"
-    env = _cluster_env(GCLOUD_STANDIN_LOG=str(log), GCLOUD_STANDIN_DRY_RUN="1",
-                       GCLOUD_STANDIN_ROOT=str(tmp_path / "tpus" / name))
+    env = _cluster_env(
+      GCLOUD_STANDIN_LOG=str(log),
+      GCLOUD_STANDIN_DRY_RUN="1",
+      GCLOUD_STANDIN_ROOT=str(tmp_path / "tpus" / name),
+    )
     for variable in ("DIFFUSION_JAX_SETUP", "DIFFUSION_JAX_REF"):
       env.pop(variable, None)
     env.update(extra)
     result = subprocess.run(
-        ["bash", "launch/tpu_pod.sh", "pod", "zone", "configs/x.py", "gs://b/r"], cwd=checkout,
-        env=env, capture_output=True, text=True, timeout=60)
+      ["bash", "launch/tpu_pod.sh", "pod", "zone", "configs/x.py", "gs://b/r"],
+      cwd=checkout,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     calls = [record["argv"] for record in _records(log)] if log.exists() else []
     return result.returncode, result.stderr, calls, tmp_path / "tpus" / name / "pod" / "worker-0"
 
   code, output, calls, home = launch("checkout")
   assert code == 0, output
-  assert _shipped_files(home) == {".gitignore": b".venv/\n", "launch/tpu_pod.sh": (
-      repo / "launch" / "tpu_pod.sh").read_bytes(), "notes.txt": b"v3, not committed",
-                                  "new.py": b"untracked"}
+  assert _shipped_files(home) == {
+    ".gitignore": b".venv/\n",
+    "launch/tpu_pod.sh": (repo / "launch" / "tpu_pod.sh").read_bytes(),
+    "notes.txt": b"v3, not committed",
+    "new.py": b"untracked",
+  }
   remote = calls[1][-1].removeprefix("--command=").splitlines()
   assert remote[3:6] == [  # the default set-up, as documented
-      "python3 -m venv ~/diffusion_jax_venv", ". ~/diffusion_jax_venv/bin/activate",
-      "pip install -q -e . 'jax[tpu]'"]
+    "python3 -m venv ~/diffusion_jax_venv",
+    ". ~/diffusion_jax_venv/bin/activate",
+    "pip install -q -e . 'jax[tpu]'",
+  ]
 
   code, output, _, home = launch("pinned", DIFFUSION_JAX_REF="v1")
   assert code == 0 and _git(repo, "rev-parse", "v1").strip() in output, output
@@ -255,10 +311,17 @@ def _slurm_job_id() -> str:
 def _batch_environment(tmp_path, job_id: str) -> dict[str, str]:
   """What sbatch --nodes=2 gives launch/slurm.sbatch (a task per node, 2 GPUs each), + stand-ins."""
   return _cluster_env(
-      SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="localhost,127.0.0.1", SLURM_JOB_NUM_NODES="2",
-      SLURM_NNODES="2", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="2",
-      SLURM_SUBMIT_DIR=REPO, SRUN_STANDIN_LOG=str(tmp_path / "srun.jsonl"),
-      DIFFUSION_JAX_VENV=sys.prefix)  # no .venv in the checkout: the test's own venv
+    SLURM_JOB_ID=job_id,
+    SLURM_JOB_NODELIST="localhost,127.0.0.1",
+    SLURM_JOB_NUM_NODES="2",
+    SLURM_NNODES="2",
+    SLURM_NTASKS="2",
+    SLURM_NTASKS_PER_NODE="1",
+    SLURM_GPUS_ON_NODE="2",
+    SLURM_SUBMIT_DIR=REPO,
+    SRUN_STANDIN_LOG=str(tmp_path / "srun.jsonl"),
+    DIFFUSION_JAX_VENV=sys.prefix,
+  )  # no .venv in the checkout: the test's own venv
 
 
 def _wait_for(text: str, count: int, log_path, process: subprocess.Popen) -> None:
@@ -278,7 +341,8 @@ def _final_parameters(workdir: str) -> dict:
   replicated = parallel.replicated(parallel.make_mesh())
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=1 << 30)
   restored = checkpointer.restore_fields(
-      checkpoint.restore_target(fields, jax.tree.map(lambda _: replicated, fields)))
+    checkpoint.restore_target(fields, jax.tree.map(lambda _: replicated, fields))
+  )
   checkpointer.close()
   return jax.device_get(restored)
 
@@ -294,13 +358,22 @@ def test_slurm_preempted_job_saves_and_its_requeue_ends_as_an_unbroken_run(pod_r
   assert _finish(job) == 0, _read(first_log)[-5000:]
 
   start, end = _records(tmp_path / "srun.jsonl")
-  assert start["argv"] == ["--kill-on-bad-exit=1", "python", "-m", "launch.train",
-                           f"--config={SMOKE}", f"--workdir={workdir}"]
-  assert [(task["SLURM_PROCID"], task["SLURM_LOCALID"], task["JAX_LOCAL_DEVICE_IDS"])
-          for task in start["tasks"]] == [("0", "0", "0,1"), ("1", "0", "0,1")]
+  assert start["argv"] == [
+    "--kill-on-bad-exit=1",
+    "python",
+    "-m",
+    "launch.train",
+    f"--config={SMOKE}",
+    f"--workdir={workdir}",
+  ]
+  assert [
+    (task["SLURM_PROCID"], task["SLURM_LOCALID"], task["JAX_LOCAL_DEVICE_IDS"])
+    for task in start["tasks"]
+  ] == [("0", "0", "0,1"), ("1", "0", "0,1")]
   assert end["exit_codes"] == [0, 0]  # both tasks stopped cleanly...
-  stopped = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
-                if name.isdigit())
+  stopped = max(
+    int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()
+  )
   assert 0 < stopped < 4 and _saved_by_both_processes(workdir, stopped)  # ...after saving one step
 
   env["SLURM_RESTART_COUNT"] = "1"  # Slurm requeues the job under its id: the same script again
@@ -316,7 +389,13 @@ def test_slurm_preempted_job_saves_and_its_requeue_ends_as_an_unbroken_run(pod_r
 def test_slurm_without_a_virtualenv_says_where_it_looked(tmp_path):
   env = _batch_environment(tmp_path, "1")
   env["DIFFUSION_JAX_VENV"] = str(tmp_path / "no venv")
-  result = subprocess.run(["bash", "launch/slurm.sbatch", SMOKE, str(tmp_path / "run")], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    ["bash", "launch/slurm.sbatch", SMOKE, str(tmp_path / "run")],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 1 and f"no virtualenv at {tmp_path / 'no venv'}" in result.stderr
   assert not os.path.exists(tmp_path / "srun.jsonl")  # srun never ran

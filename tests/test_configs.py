@@ -26,10 +26,12 @@ from diffusion_jax.config.evaluation import EvalConfig, NllConfig, NllOdeConfig
 from diffusion_jax.train import run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TRAIN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py")
-                       if p.name not in ("__init__.py", "smoke.py"))
-EVAL_CONFIGS = sorted(p.name for p in (REPO / "configs" / "eval").glob("*.py")
-                      if p.name != "__init__.py")
+TRAIN_CONFIGS = sorted(
+  p.name for p in (REPO / "configs").glob("*.py") if p.name not in ("__init__.py", "smoke.py")
+)
+EVAL_CONFIGS = sorted(
+  p.name for p in (REPO / "configs" / "eval").glob("*.py") if p.name != "__init__.py"
+)
 # Each section's dataclass: the fields its config section must hold.
 EVAL_SECTIONS = {"": EvalConfig, "nll": NllConfig, "nll_ode": NllOdeConfig, "data": DataConfig}
 
@@ -43,8 +45,16 @@ def _config_text(path: str) -> str:
   """The text of config file `path` and of the config files it builds on."""
   text = (REPO / path).read_text()
   parents = re.findall(r"^from (configs(?:\.eval)?) import (.+)$", text, re.MULTILINE)
-  return "\n".join([text, *(_config_text(f"{package.replace('.', '/')}/{name.strip()}.py")
-                            for package, names in parents for name in names.split(","))])
+  return "\n".join(
+    [
+      text,
+      *(
+        _config_text(f"{package.replace('.', '/')}/{name.strip()}.py")
+        for package, names in parents
+        for name in names.split(",")
+      ),
+    ]
+  )
 
 
 def _load(path: str):
@@ -73,6 +83,7 @@ def test_eval_config_holds_every_field_of_its_sections(name):
 
 def test_completing_keeps_what_the_file_sets_and_is_idempotent():
   from configs import cifar10_iddpm
+
   config = cifar10_iddpm.get_config()
   assert config.model.name == "iddpm_cifar10" and config.model.dropout == 0.3
   assert config.model.ch_mult == models.lookup("iddpm_cifar10").kwargs["ch_mult"]
@@ -83,6 +94,7 @@ def test_completing_keeps_what_the_file_sets_and_is_idempotent():
 
 def test_unknown_key_in_a_config_file_is_named():
   from configs import cifar10_ddpm
+
   raw = cifar10_ddpm.base()
   raw.train.batch_sise = 4
   with pytest.raises(ValueError, match=r"train\.batch_sise.*known in 'train'.*batch_size"):
@@ -106,8 +118,12 @@ def _unset_field_overrides(path, sections):
   overrides = {}
   for section in sections:
     node = config[section] if section else config
-    candidates = {key: value for key in sorted(node.keys()) if key != "name"
-                  if (value := _override_value(node[key], node.get_type(key))) is not None}
+    candidates = {
+      key: value
+      for key in sorted(node.keys())
+      if key != "name"
+      if (value := _override_value(node[key], node.get_type(key))) is not None
+    }
     unset = [key for key in candidates if not re.search(rf"\b{key}\s*=", text)]
     key = (unset or list(candidates))[0]
     overrides[f"{section}.{key}" if section else key] = candidates[key]
@@ -133,17 +149,33 @@ print(json.dumps(results))
 
 def test_command_line_overrides_a_field_of_every_section_no_config_sets():
   """In a subprocess, as the launchers parse flags; the fields are chosen by the test."""
-  requests = {f"configs/{name}": _unset_field_overrides(
-      f"configs/{name}", [*_train_sections(_load(f"configs/{name}")), "model"])
-              for name in TRAIN_CONFIGS}
-  requests.update({f"configs/eval/{name}": _unset_field_overrides(f"configs/eval/{name}",
-                                                                 list(EVAL_SECTIONS))
-                   for name in EVAL_CONFIGS})
-  requests["configs/digits.py"].update({  # None-valued (typed placeholder) fields; the README's
-      "train.label_dropout": "0.25", "model.num_classes": "10",  # bf16 and remat switches
-      "model.dtype": "bfloat16", "model.remat": "True"})
-  result = subprocess.run([sys.executable, "-c", _PARSE, json.dumps(requests)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+  requests = {
+    f"configs/{name}": _unset_field_overrides(
+      f"configs/{name}", [*_train_sections(_load(f"configs/{name}")), "model"]
+    )
+    for name in TRAIN_CONFIGS
+  }
+  requests.update(
+    {
+      f"configs/eval/{name}": _unset_field_overrides(f"configs/eval/{name}", list(EVAL_SECTIONS))
+      for name in EVAL_CONFIGS
+    }
+  )
+  requests["configs/digits.py"].update(
+    {  # None-valued (typed placeholder) fields; the README's
+      "train.label_dropout": "0.25",
+      "model.num_classes": "10",  # bf16 and remat switches
+      "model.dtype": "bfloat16",
+      "model.remat": "True",
+    }
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", _PARSE, json.dumps(requests)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   parsed = json.loads(result.stdout.strip().splitlines()[-1])
   for path, overrides in requests.items():
@@ -152,21 +184,40 @@ def test_command_line_overrides_a_field_of_every_section_no_config_sets():
   assert len(parsed) == len(TRAIN_CONFIGS) + len(EVAL_CONFIGS)
 
 
-@pytest.mark.parametrize("override, message, a_known_key", [
-    ("--config.model.dtyp=bfloat16", "Unknown config key 'model.dtyp'; known in 'model'", "'dtype'"),
+@pytest.mark.parametrize(
+  "override, message, a_known_key",
+  [
+    (
+      "--config.model.dtyp=bfloat16",
+      "Unknown config key 'model.dtyp'; known in 'model'",
+      "'dtype'",
+    ),
     ("--config.trian.num_steps=3", "Unknown config key 'trian'; known in 'the config'", "'train'"),
-])
+  ],
+)
 def test_unknown_override_is_one_line(override, message, a_known_key):
   result = subprocess.run(
-      [sys.executable, "-m", "launch.train", "--config=configs/digits.py:smoke",
-       "--workdir=/nonexistent/never-written", override],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "launch.train",
+      "--config=configs/digits.py:smoke",
+      "--workdir=/nonexistent/never-written",
+      override,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1 and "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("launch.train: flags:")]
   assert len(errors) == 1 and message in errors[0] and a_known_key in errors[0]
 
 
-@pytest.mark.parametrize("section,key,value,expected", [
+@pytest.mark.parametrize(
+  "section,key,value,expected",
+  [
     ("optim", "lr", float("nan"), "a finite number > 0, got nan"),
     ("optim", "lr", 0.0, "a finite number > 0, got 0.0"),
     ("optim", "lr", float("inf"), "a finite number > 0, got inf"),
@@ -176,20 +227,25 @@ def test_unknown_override_is_one_line(override, message, a_known_key):
     ("train", "num_steps", 0, "a finite number >= 1, got 0"),
     ("train", "sample_guidance", float("nan"), "a finite number >= 0, got nan"),
     ("diffusion", "min_snr_gamma", float("inf"), "a finite number > 0, got inf"),
-])
-def test_impossible_numeric_setting_is_named_when_the_config_is_completed(section, key, value,
-                                                                          expected):
+  ],
+)
+def test_impossible_numeric_setting_is_named_when_the_config_is_completed(
+  section, key, value, expected
+):
   config = digits.get_config("smoke")
   config[section][key] = value
   with pytest.raises(ValueError, match=f"^{section}.{key} must be {expected}.$"):
     diffusion_config.complete_config(config)
 
 
-@pytest.mark.parametrize("sampler,expected", [
+@pytest.mark.parametrize(
+  "sampler,expected",
+  [
     ({"sampler": "ddim", "eta": 1.5}, r"sampler.eta must be a finite number in \[0, 1\], got 1.5"),
     ({"guidance": float("nan")}, "sampler.guidance_scale must be a finite number >= 0, got nan"),
     ({"steps": -2}, "sampler.steps must be a finite number >= 1, got -2"),
-])
+  ],
+)
 def test_impossible_sampler_setting_is_named_when_an_eval_config_is_completed(sampler, expected):
   config = eval_digits.get_config()
   config.samplers = (sampler,)

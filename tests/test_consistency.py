@@ -19,7 +19,13 @@ from diffusion_jax.train.state import TrainState
 from diffusion_jax.sampling import denoisers
 from diffusion_jax.sampling.consistency_sampler import consistency_levels, consistency_sample
 from distill_common import (  # tests/distill_common.py
-    MU, STD, exact_denoiser, exact_f, leaves_equal, on_teacher)
+  MU,
+  STD,
+  exact_denoiser,
+  exact_f,
+  leaves_equal,
+  on_teacher,
+)
 
 SIGMA_MIN = consistency.SIGMA_MIN
 
@@ -29,10 +35,14 @@ def test_the_boundary_condition_holds_for_any_network():
   c = precond.coefficients(jnp.array([SIGMA_MIN, 1.0, 80.0]))
   np.testing.assert_allclose(c.c_skip[0], 1.0, rtol=1e-6)
   np.testing.assert_allclose(c.c_out[0], 0.0, atol=1e-7)
-  np.testing.assert_allclose(c.c_skip[1:], 0.25 / ((np.array([1.0, 80.0]) - SIGMA_MIN)**2 + 0.25),
-                             rtol=1e-5)
-  np.testing.assert_allclose(c.c_out[1:], 0.5 * (np.array([1.0, 80.0]) - SIGMA_MIN)
-                             / np.sqrt(np.array([1.0, 6400.0]) + 0.25), rtol=1e-5)
+  np.testing.assert_allclose(
+    c.c_skip[1:], 0.25 / ((np.array([1.0, 80.0]) - SIGMA_MIN) ** 2 + 0.25), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    c.c_out[1:],
+    0.5 * (np.array([1.0, 80.0]) - SIGMA_MIN) / np.sqrt(np.array([1.0, 6400.0]) + 0.25),
+    rtol=1e-5,
+  )
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
   f = precond.denoise(lambda x_in, c_noise: 7.0 + x_in, x, jnp.full((2,), SIGMA_MIN))
   np.testing.assert_allclose(f, x, atol=1e-6)
@@ -44,9 +54,19 @@ def test_the_discretisation_is_edms_in_increasing_order_padded_with_sigma_max():
   np.testing.assert_allclose([sigmas[0], sigmas[17], sigmas[19]], [0.002, 80.0, 80.0], rtol=1e-5)
 
 
-@pytest.mark.parametrize("step, expected", [(0, 11), (49_999, 11), (50_000, 21), (100_000, 41),
-                                            (150_000, 81), (300_000, 641), (350_000, 1281),
-                                            (399_999, 1281)])
+@pytest.mark.parametrize(
+  "step, expected",
+  [
+    (0, 11),
+    (49_999, 11),
+    (50_000, 21),
+    (100_000, 41),
+    (150_000, 81),
+    (300_000, 641),
+    (350_000, 1281),
+    (399_999, 1281),
+  ],
+)
 def test_ict_curriculum_doubles_the_levels_every_k_prime_steps(step, expected):
   # iCT eq. 5 at K = 400k, s0 = 10, s1 = 1280: K' = floor(400k / (log2(128) + 1)) = 50k.
   assert int(consistency.ict_num_scales(step, 400_000)) == expected
@@ -117,27 +137,49 @@ def test_cd_trained_on_the_exact_teacher_learns_the_exact_consistency_function()
   f = c_skip x) misses all three by far (measured: 1.29 from f*, samples' mean 0, std 0.003;
   trained: 0.054, 0.298, 0.532)."""
   from diffusion_jax.distill import consistency_task  # pylint: disable=g-import-not-at-top
+
   teacher = runs.EmaModel(
-      apply_fn=_exact_teacher_net, params=(), image_shape=(1, 1, 1), num_classes=None, step=0,
-      spec=process.model_spec(DiffusionConfig(parameterization="edm", sigma_data=STD,
-                                              clip_x0=False)), schedule=None)
+    apply_fn=_exact_teacher_net,
+    params=(),
+    image_shape=(1, 1, 1),
+    num_classes=None,
+    step=0,
+    spec=process.model_spec(DiffusionConfig(parameterization="edm", sigma_data=STD, clip_x0=False)),
+    schedule=None,
+  )
   tx = optax.adam(1e-2)
   fns = consistency_task.ConsistencyFns(
-      apply=_affine_net, precond=consistency.ConsistencyPreconditioning(sigma_data=STD), tx=tx,
-      lr_schedule=optax.constant_schedule(1e-2), ema_decay=0.0,
-      distill=ConsistencyConfig(method="cd", metric="l2"), total_steps=800, teacher=teacher,
-      conditional=False)
-  params = dict(w1=2.0 * jax.random.normal(jax.random.key(0), (16,)), b1=jnp.linspace(-2, 2, 16),
-                w2=jnp.zeros((16, 2)), b2=jnp.zeros(2))
-  state = TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
-                     opt_state=tx.init(params), rng=jax.random.key(1),
-                     sampler_state=consistency_task.ConsistencyState((), params))
+    apply=_affine_net,
+    precond=consistency.ConsistencyPreconditioning(sigma_data=STD),
+    tx=tx,
+    lr_schedule=optax.constant_schedule(1e-2),
+    ema_decay=0.0,
+    distill=ConsistencyConfig(method="cd", metric="l2"),
+    total_steps=800,
+    teacher=teacher,
+    conditional=False,
+  )
+  params = dict(
+    w1=2.0 * jax.random.normal(jax.random.key(0), (16,)),
+    b1=jnp.linspace(-2, 2, 16),
+    w2=jnp.zeros((16, 2)),
+    b2=jnp.zeros(2),
+  )
+  state = TrainState(
+    step=jnp.array(0, jnp.int32),
+    params=params,
+    ema_params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.key(1),
+    sampler_state=consistency_task.ConsistencyState((), params),
+  )
 
   @jax.jit
   def train(state):
     def step(state, key):
       batch = {"image": MU + STD * jax.random.normal(key, (256, 1, 1, 1)), "label": None}
       return consistency_task.train_step(state, batch, fns)[0], None
+
     return jax.lax.scan(step, state, jax.random.split(jax.random.key(2), 800))[0]
 
   sigma = jnp.array([0.01, 0.1, 0.5, 1.0, 3.0, 10.0, 80.0])
@@ -146,11 +188,13 @@ def test_cd_trained_on_the_exact_teacher_learns_the_exact_consistency_function()
   z = jax.random.normal(jax.random.key(3), (4096, 1, 1, 1))
 
   def errors(params):
-    f = lambda x, sigma: fns.precond.denoise(lambda x_in, c: _affine_net(params, x_in, c), x,
-                                             sigma)
+    f = lambda x, sigma: fns.precond.denoise(lambda x_in, c: _affine_net(params, x_in, c), x, sigma)
     samples = f(80.0 * z, jnp.full((4096,), 80.0))
-    return (float(jnp.max(jnp.abs(f(x, sigma) - exact_f(x, sigma)))),
-            abs(float(samples.mean()) - MU), abs(float(samples.std()) - STD))
+    return (
+      float(jnp.max(jnp.abs(f(x, sigma) - exact_f(x, sigma)))),
+      abs(float(samples.mean()) - MU),
+      abs(float(samples.std()) - STD),
+    )
 
   bounds = (0.1, 0.03, 0.06)
   assert all(error > 2 * bound for error, bound in zip(errors(params), bounds))
@@ -166,6 +210,7 @@ def edm_teacher(tmp_path_factory) -> str:
   """The workdir of a finished configs/digits.py:edm,smoke run (4 steps): CD's teacher."""
   from configs import digits  # pylint: disable=g-import-not-at-top
   from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path_factory.mktemp("digits_edm"))
   loop.train_and_evaluate(digits.get_config("edm,smoke"), workdir)
   return workdir
@@ -173,29 +218,40 @@ def edm_teacher(tmp_path_factory) -> str:
 
 def _config(method, teacher="", **train):
   from configs import digits_consistency  # pylint: disable=g-import-not-at-top
+
   return on_teacher(digits_consistency.get_config(f"{method},smoke"), teacher, **train)
 
 
 @pytest.fixture(scope="module")
 def cd_run(edm_teacher, tmp_path_factory):
   from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path_factory.mktemp("cd"))
   return workdir, loop.train_and_evaluate(_config("cd", edm_teacher), workdir)
 
 
 def _samples(workdir, steps):
   from diffusion_jax import runs, sampling  # pylint: disable=g-import-not-at-top
+
   model = runs.load_ema_for_sampling(workdir)
-  draw = sampling.make_batch_sampler(sampling.SamplerConfig("consistency", steps), model.apply_fn,
-                                     model.spec, model.schedule, model.image_shape, 4)
+  draw = sampling.make_batch_sampler(
+    sampling.SamplerConfig("consistency", steps),
+    model.apply_fn,
+    model.spec,
+    model.schedule,
+    model.image_shape,
+    4,
+  )
   return draw(model.params, jax.random.key(0))
 
 
 def test_cd_keeps_its_teacher_and_target_and_samples_in_one_or_two_steps(cd_run, edm_teacher):
   from diffusion_jax import runs  # pylint: disable=g-import-not-at-top
+
   workdir, state = cd_run
-  assert leaves_equal(state.sampler_state.teacher_params,
-                       runs.load_ema_for_sampling(edm_teacher).params)
+  assert leaves_equal(
+    state.sampler_state.teacher_params, runs.load_ema_for_sampling(edm_teacher).params
+  )
   # theta- moved from the teacher towards the student, by 1 - mu = 5% a step.
   assert not leaves_equal(state.sampler_state.target_params, state.params)
   assert not leaves_equal(state.sampler_state.target_params, state.sampler_state.teacher_params)
@@ -206,6 +262,7 @@ def test_cd_keeps_its_teacher_and_target_and_samples_in_one_or_two_steps(cd_run,
 
 def test_cd_resumed_equals_an_unbroken_run(cd_run, edm_teacher, tmp_path):
   from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(_config("cd", edm_teacher, num_steps=2), workdir)
   resumed = loop.train_and_evaluate(_config("cd", edm_teacher), workdir)
@@ -215,6 +272,7 @@ def test_cd_resumed_equals_an_unbroken_run(cd_run, edm_teacher, tmp_path):
 
 def test_ict_trains_without_a_teacher_and_samples(tmp_path):
   from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   state = loop.train_and_evaluate(_config("ict"), str(tmp_path))
   assert int(state.step) == 4 and state.sampler_state.teacher_params == ()
   images = _samples(str(tmp_path), 2)
@@ -223,8 +281,14 @@ def test_ict_trains_without_a_teacher_and_samples(tmp_path):
 
 def test_the_consistency_sampler_refuses_a_diffusion_model(digits_smoke_run):
   from diffusion_jax import runs, sampling  # pylint: disable=g-import-not-at-top
+
   model = runs.load_ema_for_sampling(digits_smoke_run)
   with pytest.raises(ValueError, match="needs a consistency model"):
-    sampling.make_batch_sampler(sampling.SamplerConfig("consistency", 1), model.apply_fn,
-                                model.spec, model.schedule, model.image_shape, 4)(
-                                    model.params, jax.random.key(0))
+    sampling.make_batch_sampler(
+      sampling.SamplerConfig("consistency", 1),
+      model.apply_fn,
+      model.spec,
+      model.schedule,
+      model.image_shape,
+      4,
+    )(model.params, jax.random.key(0))

@@ -5,7 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from diffusion_jax.convert import ConvertError, diffusers_unet, mapping, openai_unet, pytorch_diffusion
+from diffusion_jax.convert import (
+  ConvertError,
+  diffusers_unet,
+  mapping,
+  openai_unet,
+  pytorch_diffusion,
+)
 
 ESCAPES = "\x1b[2J\x1b]0;pwned\x07\n"
 
@@ -20,16 +26,25 @@ def _assert_one_short_line(message: str):
   assert message.isprintable() and len(message) < 20 * 200 + 300, message
 
 
-@pytest.mark.parametrize("config, message", [
-    (dict(layers_per_block=10**8), r"layers_per_block 100000000 is out of bounds: expected integers"
-                                   r" in \[1, 16\]"),
-    (dict(block_out_channels=[32] * 100), r"block_out_channels \[32, 32, .*\] is out of bounds:"
-                                          r" expected integers in \[1, 8192\], at most 8 of them"),
+@pytest.mark.parametrize(
+  "config, message",
+  [
+    (
+      dict(layers_per_block=10**8),
+      r"layers_per_block 100000000 is out of bounds: expected integers"
+      r" in \[1, 16\]",
+    ),
+    (
+      dict(block_out_channels=[32] * 100),
+      r"block_out_channels \[32, 32, .*\] is out of bounds:"
+      r" expected integers in \[1, 8192\], at most 8 of them",
+    ),
     (dict(block_out_channels=[32, 10**9]), r"block_out_channels \[32, 1000000000\] is out of"),
     (dict(sample_size="x" * 10**5), r"sample_size 'x+\.\.\.x+' is out of bounds"),
     (dict(in_channels=True), r"in_channels True is out of bounds"),
     (dict(num_class_embeds=10**12), r"num_class_embeds 1000000000000 is out of bounds"),
-])
+  ],
+)
 def test_diffusers_config_numbers_are_bounded_before_anything_is_built(tmp_path, config, message):
   with pytest.raises(ConvertError, match=message) as error:
     diffusers_unet.convert(_diffusers_dir(tmp_path, **config))  # no weight file: never reached
@@ -57,12 +72,18 @@ def test_diffusers_json_is_bounded(tmp_path):
     diffusers_unet.read_scheduler(str(tmp_path), str(tmp_path), learned=False)
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (dict(num_res_blocks=10**8), r"num_res_blocks 100000000 is out of bounds"),
-    (dict(image_size=1 << 20), r"image_size 1048576 is out of bounds: expected integers in"
-                               r" \[1, 4096\]"),
+    (
+      dict(image_size=1 << 20),
+      r"image_size 1048576 is out of bounds: expected integers in"
+      r" \[1, 4096\]",
+    ),
     (dict(num_head_channels=-5), r"num_head_channels -5 is out of bounds"),
-])
+  ],
+)
 def test_openai_flags_are_bounded_before_the_file_is_read(flags, message):
   with pytest.raises(ConvertError, match=message):
     openai_unet.convert("/nonexistent.pt", repo="improved", flags=flags)
@@ -70,10 +91,14 @@ def test_openai_flags_are_bounded_before_the_file_is_read(flags, message):
 
 def test_architecture_read_from_tensors_is_bounded():
   """A state dict of shapes only (nothing allocated) asking for a 9000-channel U-Net."""
-  shapes = {"conv_in.weight": (9000, 3, 3, 3), "conv_out.weight": (3, 9000, 3, 3),
-            "down.0.block.0.conv1.weight": (9000, 9000, 3, 3)}
-  state = mapping.StateDict({k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()},
-                            "small.ckpt")
+  shapes = {
+    "conv_in.weight": (9000, 3, 3, 3),
+    "conv_out.weight": (3, 9000, 3, 3),
+    "down.0.block.0.conv1.weight": (9000, 9000, 3, 3),
+  }
+  state = mapping.StateDict(
+    {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}, "small.ckpt"
+  )
   with pytest.raises(ConvertError, match=r"small.ckpt: ch 9000 is out of bounds"):
     pytorch_diffusion.convert("small.ckpt", flags={"resolution": 32}, state=state)
 

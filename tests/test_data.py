@@ -14,13 +14,13 @@ from PIL import Image
 from sklearn import datasets as sk_datasets
 
 from diffusion_jax.data import (
-    DataConfig,
-    make_eval_iterator,
-    make_global_batch,
-    make_train_iterator,
-    num_examples,
-    pipeline,
-    sources,
+  DataConfig,
+  make_eval_iterator,
+  make_global_batch,
+  make_train_iterator,
+  num_examples,
+  pipeline,
+  sources,
 )
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -67,14 +67,14 @@ def test_config_from_mapping_names_unknown_key():
 
 
 @pytest.mark.parametrize(
-    "fields, message",
-    [
-        (dict(source="imagenet"), "unknown data source 'imagenet'"),
-        (dict(image_size=0), "image_size"),
-        (dict(num_channels=2), "num_channels"),
-        (dict(source="folder"), "needs a `path`"),
-        (dict(source="tfds"), "needs a dataset `name`"),
-    ],
+  "fields, message",
+  [
+    (dict(source="imagenet"), "unknown data source 'imagenet'"),
+    (dict(image_size=0), "image_size"),
+    (dict(num_channels=2), "num_channels"),
+    (dict(source="folder"), "needs a `path`"),
+    (dict(source="tfds"), "needs a dataset `name`"),
+  ],
 )
 def test_config_rejects_bad_values(fields, message):
   with pytest.raises(ValueError, match=message):
@@ -186,9 +186,7 @@ def test_each_process_reads_its_own_half():
   images, labels = _digits_in_model_range()
   half = 1497 // 2  # of the train split
   for index in (0, 1):
-    options = grain.sharding.ShardOptions(
-        shard_index=index, shard_count=2, drop_remainder=True
-    )
+    options = grain.sharding.ShardOptions(shard_index=index, shard_count=2, drop_remainder=True)
     (batch,) = _take(config, 16, 1, shard_options=options)
     rows = slice(index * half, index * half + 8)
     assert batch["image"].shape == (8, 8, 8, 1)
@@ -219,8 +217,9 @@ def test_eval_iterator_yields_every_example_once_over_all_processes(process_coun
   per_process = []
   for index in range(process_count):
     options = grain.sharding.ShardOptions(index, process_count, drop_remainder=False)
-    per_process.append(list(make_eval_iterator(_digits(split="test"), 48, options,
-                                               num_examples=num_examples)))
+    per_process.append(
+      list(make_eval_iterator(_digits(split="test"), 48, options, num_examples=num_examples))
+    )
   assert len({len(batches) for batches in per_process}) == 1  # hosts stay in step
   batches = [b for process_batches in per_process for b in process_batches]
   seen = np.concatenate([b["image"][b["mask"]] for b in batches])
@@ -228,19 +227,20 @@ def test_eval_iterator_yields_every_example_once_over_all_processes(process_coun
   np.testing.assert_allclose(seen, images[:expected], atol=1e-6)  # in order, none twice
   np.testing.assert_array_equal(seen_labels, labels[:expected])
   index = np.concatenate([b["index"] for b in batches])
-  np.testing.assert_array_equal(index[np.concatenate([b["mask"] for b in batches])],
-                                np.arange(expected))  # each example's position in the split
+  np.testing.assert_array_equal(
+    index[np.concatenate([b["mask"] for b in batches])], np.arange(expected)
+  )  # each example's position in the split
   assert (index[~np.concatenate([b["mask"] for b in batches])] == -1).all()
   last = per_process[-1][-1]
   assert last["image"].shape == (48 // process_count, 8, 8, 1) and not last["mask"].all()
 
 
 @pytest.mark.parametrize(
-    "drop_remainder, want",
-    [
-        (True, [[0, 1, 2], [3, 4, 5], [6, 7, 8]]),
-        (False, [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]),
-    ],
+  "drop_remainder, want",
+  [
+    (True, [[0, 1, 2], [3, 4, 5], [6, 7, 8]]),
+    (False, [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]),
+  ],
 )
 def test_shards_are_contiguous_and_disjoint(drop_remainder, want):
   dataset = grain.MapDataset.range(10)
@@ -271,9 +271,7 @@ def test_make_global_batch_shards_rows_over_data_axis():
 
 @pytest.mark.parametrize("image_size", [32, 20])
 def test_tfds_cifar10(image_size):
-  config = DataConfig(
-      source="tfds", name="cifar10", image_size=image_size, num_threads=2
-  )
+  config = DataConfig(source="tfds", name="cifar10", image_size=image_size, num_threads=2)
   with tfds.testing.mock_data(num_examples=12):
     assert num_examples(config) == 12
     (batch,) = _take(config, 8, 1)
@@ -284,9 +282,7 @@ def test_tfds_cifar10(image_size):
 
 
 def test_tfds_unflipped_unresized_images_are_the_records():
-  config = DataConfig(
-      source="tfds", name="cifar10", shuffle=False, random_flip=False
-  )
+  config = DataConfig(source="tfds", name="cifar10", shuffle=False, random_flip=False)
   with tfds.testing.mock_data(num_examples=4):
     source = tfds.data_source("cifar10", split="train")
     records = [source[i] for i in range(4)]
@@ -298,9 +294,7 @@ def test_tfds_unflipped_unresized_images_are_the_records():
 
 @pytest.mark.parametrize("num_channels", [1, 3])
 def test_tfds_mnist_channels(num_channels):
-  config = DataConfig(
-      source="tfds", name="mnist", image_size=28, num_channels=num_channels
-  )
+  config = DataConfig(source="tfds", name="mnist", image_size=28, num_channels=num_channels)
   with tfds.testing.mock_data(num_examples=8):
     (batch,) = _take(config, 4, 1)
   assert batch["image"].shape == (4, 28, 28, num_channels)
@@ -331,8 +325,12 @@ def _assert_filled_with(image_HxWxC, colour):
 
 def _folder(tmp_path, **overrides) -> DataConfig:
   fields = dict(
-      source="folder", path=str(tmp_path), image_size=16, num_threads=2,
-      shuffle=False, random_flip=False,
+    source="folder",
+    path=str(tmp_path),
+    image_size=16,
+    num_threads=2,
+    shuffle=False,
+    random_flip=False,
   )
   return DataConfig(**{**fields, **overrides})
 
@@ -342,9 +340,7 @@ def test_folder_finds_images_recursively_and_crops_the_centre(tmp_path):
   # Only the middle of each image survives: a crop of the edges would show
   # red or blue (wide), blue or green (tall), and so would a squashed resize.
   _stripes([RED] + [GREEN] * 4 + [BLUE], 120, 30).save(tmp_path / "a_wide.png")
-  _stripes([BLUE] + [RED] * 4 + [GREEN], 30, 120, vertical=False).save(
-      tmp_path / "b" / "tall.PNG"
-  )
+  _stripes([BLUE] + [RED] * 4 + [GREEN], 30, 120, vertical=False).save(tmp_path / "b" / "tall.PNG")
   Image.new("L", (40, 40), 51).save(tmp_path / "b" / "c" / "gray.bmp")
   (tmp_path / "notes.txt").write_text("not an image")
   config = _folder(tmp_path)

@@ -35,8 +35,9 @@ def test_true_target_recovers_x0(mean_type):
   x_t = diffusion.q_sample(SCHED, x0, T_, noise)
   target = diffusion.mean_target(spec, SCHED, x0, T_, noise)
   np.testing.assert_allclose(diffusion.predict_x0(spec, SCHED, target, x_t, T_), x0, atol=2e-3)
-  np.testing.assert_allclose(diffusion.eps_from_x0(SCHED, x_t[1:], T_[1:], x0[1:]),
-                             noise[1:], atol=2e-3)
+  np.testing.assert_allclose(
+    diffusion.eps_from_x0(SCHED, x_t[1:], T_[1:], x0[1:]), noise[1:], atol=2e-3
+  )
 
 
 @pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned", "learned_range"])
@@ -55,19 +56,28 @@ def test_perfect_model_mean_is_the_true_posterior_mean(var_type):
 def test_variance_types_closed_forms():
   x = jnp.zeros((4, 2, 2, 1))
   get = lambda var_type, v: diffusion.p_mean_variance(
-      ModelSpec(var_type=var_type), SCHED, jnp.concatenate([x, jnp.full_like(x, v)], -1)
-      if ModelSpec(var_type=var_type).learns_variance else x, x, T_).log_variance[:, 0, 0, 0]
+    ModelSpec(var_type=var_type),
+    SCHED,
+    jnp.concatenate([x, jnp.full_like(x, v)], -1)
+    if ModelSpec(var_type=var_type).learns_variance
+    else x,
+    x,
+    T_,
+  ).log_variance[:, 0, 0, 0]
   betas, post = np.asarray(SCHED.betas), np.asarray(SCHED.posterior_variance)
   t = np.asarray(T_)
-  np.testing.assert_allclose(get("fixed_small", 0), np.log(np.append(post[1], post[1:]))[t],
-                             rtol=1e-5)
-  np.testing.assert_allclose(get("fixed_large", 0), np.log(np.append(post[1], betas[1:]))[t],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    get("fixed_small", 0), np.log(np.append(post[1], post[1:]))[t], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    get("fixed_large", 0), np.log(np.append(post[1], betas[1:]))[t], rtol=1e-5
+  )
   # Improved DDPM eq. 15: v = -1 -> log beta~_t, v = 1 -> log beta_t, v = 0 -> the midpoint.
   np.testing.assert_allclose(get("learned_range", -1.0), get("fixed_small", 0), rtol=1e-5)
   np.testing.assert_allclose(get("learned_range", 1.0), np.log(betas[t]), rtol=1e-5)
-  np.testing.assert_allclose(get("learned_range", 0.0),
-                             0.5 * (np.log(betas[t]) + get("fixed_small", 0)), rtol=1e-5)
+  np.testing.assert_allclose(
+    get("learned_range", 0.0), 0.5 * (np.log(betas[t]) + get("fixed_small", 0)), rtol=1e-5
+  )
   np.testing.assert_allclose(get("learned", -3.0), -3.0)
 
 
@@ -92,13 +102,24 @@ def test_spec_rejects_unknown_names_and_counts_channels():
 def test_functions_run_under_jit():
   spec = ModelSpec(var_type="learned_range")
   x0, noise = _images(0), _images(1)
-  f = jax.jit(lambda s, x0, n, t: diffusion.p_mean_variance(
-      spec, s, jnp.concatenate([n, n], -1), diffusion.q_sample(s, x0, t, n), t))
+  f = jax.jit(
+    lambda s, x0, n, t: diffusion.p_mean_variance(
+      spec, s, jnp.concatenate([n, n], -1), diffusion.q_sample(s, x0, t, n), t
+    )
+  )
   out = f(SCHED, x0, noise, T_)
   assert all(jnp.all(jnp.isfinite(v)) for v in out)
-  jitted = [jax.jit(fn)(SCHED, x0, T_, noise) for fn in (
-      diffusion.v_target, diffusion.x0_from_v, diffusion.x0_from_eps, diffusion.eps_from_x0)]
+  jitted = [
+    jax.jit(fn)(SCHED, x0, T_, noise)
+    for fn in (
+      diffusion.v_target,
+      diffusion.x0_from_v,
+      diffusion.x0_from_eps,
+      diffusion.eps_from_x0,
+    )
+  ]
   assert all(j.shape == x0.shape for j in jitted)
   q = jax.jit(diffusion.q_posterior)(SCHED, x0, noise, T_)
-  np.testing.assert_allclose(q[0], diffusion.q_posterior(SCHED, x0, noise, T_)[0],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    q[0], diffusion.q_posterior(SCHED, x0, noise, T_)[0], rtol=1e-5, atol=1e-6
+  )

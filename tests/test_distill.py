@@ -25,7 +25,8 @@ def test_the_target_is_the_x0_whose_one_ddim_step_lands_on_two_exact_teacher_ste
     return exact_x0(level(alpha), level(sigma), x)
 
   target = progressive.two_step_target(
-      x0_fn, steps, jnp.asarray(z, jnp.float32), jnp.full((3,), point), jnp.full((3,), stride))
+    x0_fn, steps, jnp.asarray(z, jnp.float32), jnp.full((3,), point), jnp.full((3,), stride)
+  )
   # Two DDIM steps (Song et al. eq. 12, eta = 0) in float64, by hand.
   x = z
   for p, q in ((point, point - stride), (point - stride, point - 2 * stride)):
@@ -44,15 +45,16 @@ def test_trailing_grids_halve_by_keeping_every_other_timestep():
   assert fine[-1] == 999 and fine[0] == 3 and len(set(fine)) == 256
   for count in (128, 64, 8, 2, 1):
     stride = 256 // count
-    assert schedules.space_timesteps(1000, f"trailing{count}") == fine[stride - 1::stride]
+    assert schedules.space_timesteps(1000, f"trailing{count}") == fine[stride - 1 :: stride]
   assert schedules.space_timesteps(1000, "trailing1") == [999]
 
 
 def test_truncated_snr_weight_is_max_of_snr_and_one():
   alpha = jnp.array([0.99, 0.6, 0.1])
   sigma = jnp.sqrt(1 - alpha**2)
-  np.testing.assert_allclose(progressive.truncated_snr_weight(alpha, sigma),
-                             [0.99**2 / (1 - 0.99**2), 1.0, 1.0], rtol=1e-5)
+  np.testing.assert_allclose(
+    progressive.truncated_snr_weight(alpha, sigma), [0.99**2 / (1 - 0.99**2), 1.0, 1.0], rtol=1e-5
+  )
 
 
 def test_rounds_halve_the_student_steps():
@@ -68,6 +70,7 @@ def test_rounds_halve_the_student_steps():
 
 def _progressive_config(teacher_workdir, **train):
   from configs import digits_progressive  # pylint: disable=g-import-not-at-top
+
   return on_teacher(digits_progressive.get_config("smoke"), teacher_workdir, **train)
 
 
@@ -75,18 +78,26 @@ def _progressive_config(teacher_workdir, **train):
 def progressive_run(digits_smoke_run, tmp_path_factory):
   """(workdir, final state) of configs/digits_progressive.py:smoke: rounds 4 -> 2 -> 1 steps."""
   from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path_factory.mktemp("progressive"))
   return workdir, loop.train_and_evaluate(_progressive_config(digits_smoke_run), workdir)
 
 
 def test_each_round_samples_as_a_model_of_its_steps(progressive_run):
   from diffusion_jax import runs, sampling  # pylint: disable=g-import-not-at-top
+
   workdir, state = progressive_run
   for checkpoint_step, steps in ((2, 2), (4, 1)):
     student = runs.load_ema_for_sampling(workdir, checkpoint_step)
     assert student.schedule.num_timesteps == steps and student.spec.mean_type.value == "v"
-    draw = sampling.make_batch_sampler(sampling.SamplerConfig("ddim", steps), student.apply_fn,
-                                       student.spec, student.schedule, student.image_shape, 4)
+    draw = sampling.make_batch_sampler(
+      sampling.SamplerConfig("ddim", steps),
+      student.apply_fn,
+      student.spec,
+      student.schedule,
+      student.image_shape,
+      4,
+    )
     images = draw(student.params, jax.random.key(0))
     assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(images))
   # Round 1's teacher is round 0's last student (EMA decay 0: its parameters).
@@ -95,9 +106,11 @@ def test_each_round_samples_as_a_model_of_its_steps(progressive_run):
   assert not leaves_equal(state.params, round0.params)
 
 
-def test_a_run_resumed_at_a_round_boundary_equals_an_unbroken_one(progressive_run,
-                                                                  digits_smoke_run, tmp_path):
+def test_a_run_resumed_at_a_round_boundary_equals_an_unbroken_one(
+  progressive_run, digits_smoke_run, tmp_path
+):
   from diffusion_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(_progressive_config(digits_smoke_run, num_steps=2), workdir)
   resumed = loop.train_and_evaluate(_progressive_config(digits_smoke_run), workdir)
@@ -111,6 +124,7 @@ def test_the_distillation_loss_falls(digits_smoke_run):
   """The loss of one fixed batch, noise and grid point (step 1's), before and after 30 steps."""
   from diffusion_jax import data, parallel  # pylint: disable=g-import-not-at-top
   from diffusion_jax.train import loop, tasks  # pylint: disable=g-import-not-at-top
+
   config = _progressive_config(digits_smoke_run, num_steps=60)
   config.distill.steps_per_round = 30
   config.optim.update(lr=2e-3, decay_steps=30)
@@ -133,11 +147,15 @@ def test_the_distillation_loss_falls(digits_smoke_run):
 
 def test_a_student_that_is_not_its_teachers_network_is_refused(digits_smoke_run):
   from diffusion_jax.train import tasks  # pylint: disable=g-import-not-at-top
+
   config = _progressive_config(digits_smoke_run)
   config.model.ch = 16
   config.diffusion.schedule = "linear"
-  with pytest.raises(ValueError, match=r"model\.ch: 32 -> 16.*diffusion\.schedule: 'cosine' ->"
-                                       r" 'linear'"):
+  with pytest.raises(
+    ValueError,
+    match=r"model\.ch: 32 -> 16.*diffusion\.schedule: 'cosine' ->"
+    r" 'linear'",
+  ):
     tasks.build(config)
   with pytest.raises(ValueError, match="distill.teacher_workdir is empty"):
     tasks.build(_progressive_config(""))

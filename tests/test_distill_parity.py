@@ -48,8 +48,9 @@ def _apply(params, x_in, level, labels=None, **unused_train_and_rngs):
   return _network(params, x_in, jnp.asarray(level, jnp.float32))
 
 
-STUDENT, TARGET, TEACHER = (jnp.array(p) for p in ([0.8, 0.3, 0.1], [0.7, -0.2, 0.15],
-                                                    [1.1, 0.5, -0.05]))
+STUDENT, TARGET, TEACHER = (
+  jnp.array(p) for p in ([0.8, 0.3, 0.1], [0.7, -0.2, 0.15], [1.1, 0.5, -0.05])
+)
 
 # ----------------------------------------------------------------------------- CM's formulas
 
@@ -63,10 +64,10 @@ def _cm_time(index, num_scales):
 def _cm_precond(params, x, t, shift):
   """jcm/models/utils.py: get_denoiser_fn (shift 0) and get_distiller_fn (shift = pred_t = t_min)."""
   t = t.reshape(-1, 1, 1, 1)
-  out = _network(np.asarray(params, np.float64), x / np.sqrt(t**2 + DATA_STD**2),
-                 0.25 * np.log(t))
-  return (x * DATA_STD**2 / ((t - shift) ** 2 + DATA_STD**2)
-          + out * (t - shift) * DATA_STD / np.sqrt(t**2 + DATA_STD**2))
+  out = _network(np.asarray(params, np.float64), x / np.sqrt(t**2 + DATA_STD**2), 0.25 * np.log(t))
+  return x * DATA_STD**2 / ((t - shift) ** 2 + DATA_STD**2) + out * (
+    t - shift
+  ) * DATA_STD / np.sqrt(t**2 + DATA_STD**2)
 
 
 def _cm_heun(denoise, x, t, next_t):
@@ -91,18 +92,32 @@ def _cm_loss(x, z, indices, num_scales, denoise, params, target_params):
 
 def _consistency_fns(method, metric, teacher=None):
   return consistency_task.ConsistencyFns(
-      apply=_apply, precond=consistency.ConsistencyPreconditioning(sigma_data=DATA_STD),
-      tx=None, lr_schedule=None, ema_decay=0.0,
-      distill=ConsistencyConfig(method=method, metric=metric), total_steps=1, teacher=teacher,
-      conditional=False)
+    apply=_apply,
+    precond=consistency.ConsistencyPreconditioning(sigma_data=DATA_STD),
+    tx=None,
+    lr_schedule=None,
+    ema_decay=0.0,
+    distill=ConsistencyConfig(method=method, metric=metric),
+    total_steps=1,
+    teacher=teacher,
+    conditional=False,
+  )
 
 
 def _ours(fns, x, z, t, t2, params, target_params, teacher_params=()):
   """Our loss at sigma_{n+1} = t, sigma_n = t2: mean lambda d, and d [B]."""
   weight, distance = consistency_task.loss_terms(
-      fns, params, target_params, teacher_params, jnp.asarray(x, jnp.float32),
-      jnp.asarray(z, jnp.float32), jnp.asarray(t2, jnp.float32), jnp.asarray(t, jnp.float32),
-      None, jax.random.key(0))
+    fns,
+    params,
+    target_params,
+    teacher_params,
+    jnp.asarray(x, jnp.float32),
+    jnp.asarray(z, jnp.float32),
+    jnp.asarray(t2, jnp.float32),
+    jnp.asarray(t, jnp.float32),
+    None,
+    jax.random.key(0),
+  )
   return float(jnp.mean(weight * distance)), np.asarray(distance)
 
 
@@ -120,8 +135,10 @@ def test_consistency_function_and_edm_denoiser_are_cms():
   x, _ = _data()
   t = np.array([T_MIN, 0.01, 1.3, 80.0])
   net = lambda x_in, c_noise: _apply(STUDENT, x_in, c_noise)
-  for precond, shift in ((consistency.ConsistencyPreconditioning(sigma_data=DATA_STD), T_MIN),
-                         (edm.Preconditioning(sigma_data=DATA_STD), 0.0)):
+  for precond, shift in (
+    (consistency.ConsistencyPreconditioning(sigma_data=DATA_STD), T_MIN),
+    (edm.Preconditioning(sigma_data=DATA_STD), 0.0),
+  ):
     ours = precond.denoise(net, jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32))
     np.testing.assert_allclose(ours, _cm_precond(STUDENT, x, t, shift), atol=TOLERANCE)
 
@@ -131,13 +148,27 @@ def test_cd_loss_is_cms():
   x, z = _data()
   indices = np.array([0, 5, 11, 16])  # of N = 18: the top pair to the bottom one
   teacher_spec = process.model_spec(DiffusionConfig(parameterization="edm", clip_x0=False))
-  teacher = runs.EmaModel(apply_fn=_apply, params=TEACHER, spec=teacher_spec, schedule=None,
-                          image_shape=SHAPE[1:], num_classes=None, step=0)
-  reference, t, t2 = _cm_loss(x, z, indices, 18,
-                              lambda samples, level: _cm_precond(TEACHER, samples, level, 0.0),
-                              STUDENT, TARGET)
-  loss, distance = _ours(_consistency_fns("cd", "l2", teacher), x, z, t, t2, STUDENT, TARGET,
-                         TEACHER)
+  teacher = runs.EmaModel(
+    apply_fn=_apply,
+    params=TEACHER,
+    spec=teacher_spec,
+    schedule=None,
+    image_shape=SHAPE[1:],
+    num_classes=None,
+    step=0,
+  )
+  reference, t, t2 = _cm_loss(
+    x,
+    z,
+    indices,
+    18,
+    lambda samples, level: _cm_precond(TEACHER, samples, level, 0.0),
+    STUDENT,
+    TARGET,
+  )
+  loss, distance = _ours(
+    _consistency_fns("cd", "l2", teacher), x, z, t, t2, STUDENT, TARGET, TEACHER
+  )
   np.testing.assert_allclose(distance, reference, rtol=TOLERANCE, atol=1e-7)
   np.testing.assert_allclose(loss, np.mean(reference), rtol=TOLERANCE)
 
@@ -159,6 +190,7 @@ def test_ict_loss_is_cms_ct_with_icts_weight_and_metric(metric):
   loss, ours = _ours(_consistency_fns("ict", metric), x, z, t, t2, STUDENT, STUDENT)
   np.testing.assert_allclose(ours, distance, rtol=TOLERANCE, atol=1e-7)
   np.testing.assert_allclose(loss, reference, rtol=TOLERANCE)
+
 
 # --------------------------------------------------------- progressive distillation's formulas
 
@@ -223,15 +255,37 @@ def test_progressive_distillation_loss_is_the_papers_codes(current):
   apply = lambda params, x_t, t, labels=None, **kw: _network(params, x_t, table[t])
   spec = lambda mean_type: process.model_spec(DiffusionConfig(mean_type=mean_type, clip_x0=False))
   fns = progressive_task.ProgressiveFns(
-      apply=apply, tx=None, lr_schedule=None, ema_decay=0.0,
-      teacher_spec=spec("epsilon" if current == 0 else "v"), student_spec=spec("v"), steps=steps,
-      distill=ProgressiveConfig(start_steps=8, end_steps=1, steps_per_round=1), conditional=False)
+    apply=apply,
+    tx=None,
+    lr_schedule=None,
+    ema_decay=0.0,
+    teacher_spec=spec("epsilon" if current == 0 else "v"),
+    student_spec=spec("v"),
+    steps=steps,
+    distill=ProgressiveConfig(start_steps=8, end_steps=1, steps_per_round=1),
+    conditional=False,
+  )
   stride = 1 << current
   point = np.array({0: [2, 4, 6, 8], 1: [4, 8, 4, 8]}[current])  # the student's step i = point - 1
   x, noise = _data(2)
   ours = progressive_task.loss_terms(
-      fns, STUDENT, TEACHER, jnp.asarray(x, jnp.float32), jnp.asarray(noise, jnp.float32),
-      jnp.asarray(point), jnp.asarray(current), None, jax.random.key(0))
-  reference = _pd_loss(x, noise, logsnr[point], logsnr[point - stride], logsnr[point - 2 * stride],
-                       point == 2 * stride, "eps" if current == 0 else "v")
+    fns,
+    STUDENT,
+    TEACHER,
+    jnp.asarray(x, jnp.float32),
+    jnp.asarray(noise, jnp.float32),
+    jnp.asarray(point),
+    jnp.asarray(current),
+    None,
+    jax.random.key(0),
+  )
+  reference = _pd_loss(
+    x,
+    noise,
+    logsnr[point],
+    logsnr[point - stride],
+    logsnr[point - 2 * stride],
+    point == 2 * stride,
+    "eps" if current == 0 else "v",
+  )
   np.testing.assert_allclose(ours.loss, reference, rtol=TOLERANCE, atol=1e-7)

@@ -74,8 +74,15 @@ def blocks(document: pathlib.Path) -> list[Block]:
     if match := re.match(r"^```(\w*)\s*$", lines[i]):
       end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
       mark = NOT_RUN.match(lines[i - 1].strip()) if i else None
-      found.append(Block(document, i + 1, match.group(1), "\n".join(lines[i + 1:end]),
-                         mark.group(1) if mark else None))
+      found.append(
+        Block(
+          document,
+          i + 1,
+          match.group(1),
+          "\n".join(lines[i + 1 : end]),
+          mark.group(1) if mark else None,
+        )
+      )
       i = end
     i += 1
   return found
@@ -88,18 +95,21 @@ def commands(block: Block) -> list[list[str]]:
   for line in text.splitlines():
     words = shlex.split(line, comments=True)
     while words:
-      head, words = (words[:words.index("&&")], words[words.index("&&") + 1:]) if "&&" in words \
-          else (words, [])
+      head, words = (
+        (words[: words.index("&&")], words[words.index("&&") + 1 :])
+        if "&&" in words
+        else (words, [])
+      )
       result.append(head)
   return result
 
 
 def _starts_with(argv: list[str], prefixes) -> bool:
-  return any(tuple(argv[:len(prefix)]) == prefix for prefix in prefixes)
+  return any(tuple(argv[: len(prefix)]) == prefix for prefix in prefixes)
 
 
 def _module(argv: list[str], package: str = "") -> str | None:
-  """"launch.train" for `python -m launch.train ...` (with `package` "launch."), else None."""
+  """ "launch.train" for `python -m launch.train ...` (with `package` "launch."), else None."""
   if argv[:2] == ["python", "-m"] and len(argv) > 2 and argv[2].startswith(package):
     return argv[2]
   return None
@@ -119,12 +129,17 @@ def test_the_documents_have_blocks_to_check():
 
 def test_an_unmarked_command_the_test_cannot_run_fails_it(tmp_path):
   document = tmp_path / "doc.md"
-  document.write_text("Text.\n\n```sh\npython3 -m venv .venv && . .venv/bin/activate && \\\n"
-                      "    tensorboard --logdir=w  # watch\n```\n\n<!-- not run by tests: a pod -->\n"
-                      "```sh\nlaunch/tpu_pod.sh TPU ZONE c w\n```\n")
+  document.write_text(
+    "Text.\n\n```sh\npython3 -m venv .venv && . .venv/bin/activate && \\\n"
+    "    tensorboard --logdir=w  # watch\n```\n\n<!-- not run by tests: a pod -->\n"
+    "```sh\nlaunch/tpu_pod.sh TPU ZONE c w\n```\n"
+  )
   first, second = blocks(document)
-  assert commands(first) == [["python3", "-m", "venv", ".venv"], [".", ".venv/bin/activate"],
-                             ["tensorboard", "--logdir=w"]]
+  assert commands(first) == [
+    ["python3", "-m", "venv", ".venv"],
+    [".", ".venv/bin/activate"],
+    ["tensorboard", "--logdir=w"],
+  ]
   assert first.not_run is None and second.not_run == "a pod"
   with pytest.raises(AssertionError, match="tensorboard --logdir=w.*is not a launch"):
     _run_block_commands(first, Workspace(tmp_path, str(tmp_path), ""))
@@ -195,15 +210,19 @@ def _run_block_commands(block: Block, workspace: Workspace) -> None:
   for argv in commands(block):
     if _starts_with(argv, SETUP) or _starts_with(argv, (SUITE,)):
       continue
-    assert _launcher(argv), (f"{block}: `{shlex.join(argv)}` is not a launch.* command, and its"
-                             " block is not marked `<!-- not run by tests: REASON -->`")
+    assert _launcher(argv), (
+      f"{block}: `{shlex.join(argv)}` is not a launch.* command, and its"
+      " block is not marked `<!-- not run by tests: REASON -->`"
+    )
     if shlex.join(argv) in workspace.ran:
       continue
     command = workspace.smoke_form(argv)
-    result = subprocess.run(command, cwd=workspace.cwd, env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, (f"{block}: `{shlex.join(command)}` failed:\n"
-                                    f"{result.stderr[-3000:]}")
+    result = subprocess.run(
+      command, cwd=workspace.cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, (
+      f"{block}: `{shlex.join(command)}` failed:\n{result.stderr[-3000:]}"
+    )
     workspace.ran.add(shlex.join(argv))
 
 
@@ -226,9 +245,11 @@ def workspace(tmp_path_factory, digits_smoke_run, segment_input) -> Workspace:
   return Workspace(cwd, digits_smoke_run, segment_input)
 
 
-@pytest.mark.parametrize("document", [d for d in DOCUMENTS
-                                      if any(b.document == d for b in SH_BLOCKS)],
-                         ids=lambda d: d.name)
+@pytest.mark.parametrize(
+  "document",
+  [d for d in DOCUMENTS if any(b.document == d for b in SH_BLOCKS)],
+  ids=lambda d: d.name,
+)
 def test_commands_of_the_document_run(document, workspace):
   for block in (b for b in SH_BLOCKS if b.document == document and not b.not_run):
     _run_block_commands(block, workspace)
@@ -273,8 +294,13 @@ def test_commands_not_run_parse():
         script = next(a for a in argv if a.endswith((".sh", ".sbatch")))
         assert (REPO / script).is_file(), f"{block}: {script} does not exist"
   for launcher, argvs in by_launcher.items():
-    result = subprocess.run([sys.executable, "-c", _PARSE_FLAGS, json.dumps([launcher, argvs])],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+      [sys.executable, "-c", _PARSE_FLAGS, json.dumps([launcher, argvs])],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert result.returncode == 0, f"{launcher}: {result.stderr[-3000:]}"
     assert f"parsed {len(argvs)}" in result.stdout
 
@@ -313,40 +339,61 @@ def _placeholders(document: pathlib.Path, directory: pathlib.Path) -> dict:
   params = model.init(key, jnp.zeros(shape), jnp.zeros((2,)))
   cfg = digits.get_config("smoke")
   names = dict(
-      jax=jax, jnp=jnp, np=np, key=key, shape=shape, model=model, params=params,
-      x_start=jax.random.normal(key, shape), t=jnp.array([10, 500]),
-      noise=jax.random.normal(jax.random.key(1), shape),
-      model_fn=lambda x, t: jnp.concatenate([model.apply(params, x, t), jnp.zeros_like(x)], -1),
-      cond_model_fn=lambda x, t, y: model.apply(params, x, t, y),
-      labels=jnp.array([0, 1]), w=1.0, num_classes=10,
-      steps=sampling.respaced(schedules.get_schedule("linear", 1000), 10),
-      cfg=cfg, batch_sharding=parallel.batch_sharding(parallel.make_mesh()))
+    jax=jax,
+    jnp=jnp,
+    np=np,
+    key=key,
+    shape=shape,
+    model=model,
+    params=params,
+    x_start=jax.random.normal(key, shape),
+    t=jnp.array([10, 500]),
+    noise=jax.random.normal(jax.random.key(1), shape),
+    model_fn=lambda x, t: jnp.concatenate([model.apply(params, x, t), jnp.zeros_like(x)], -1),
+    cond_model_fn=lambda x, t, y: model.apply(params, x, t, y),
+    labels=jnp.array([0, 1]),
+    w=1.0,
+    num_classes=10,
+    steps=sampling.respaced(schedules.get_schedule("linear", 1000), 10),
+    cfg=cfg,
+    batch_sharding=parallel.batch_sharding(parallel.make_mesh()),
+  )
   text = document.read_text()
   if "manager.save" in text:  # docs/data.md: saving the data iterator beside the state
     train_state = diffusion_task.build(cfg).init_state(jax.random.PRNGKey(0))
     names.update(
-        ocp=ocp, grain=grain, step=1, train_state=train_state,
-        manager=ocp.CheckpointManager(directory / "checkpoints"),
-        iterator=data.make_train_iterator(data.DataConfig.from_mapping(cfg.data), 8),
-        abstract_state=jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), train_state))
+      ocp=ocp,
+      grain=grain,
+      step=1,
+      train_state=train_state,
+      manager=ocp.CheckpointManager(directory / "checkpoints"),
+      iterator=data.make_train_iterator(data.DataConfig.from_mapping(cfg.data), 8),
+      abstract_state=jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), train_state
+      ),
+    )
   if "load_inception" in text:  # docs/evaluation.md: the published file's name, random weights
     import torch  # noqa: PLC0415
 
     from benchmarks import peers  # noqa: PLC0415
     from diffusion_jax.evaluation import inception  # noqa: PLC0415
+
     weights = peers.random_inception_state_dict()
-    torch.save({k: torch.from_numpy(v) for k, v in weights.items()},
-               directory / inception.WEIGHTS_FILE)
+    torch.save(
+      {k: torch.from_numpy(v) for k, v in weights.items()}, directory / inception.WEIGHTS_FILE
+    )
     rng = np.random.default_rng(0)
-    names.update(images_uint8_NHWC=rng.integers(0, 256, (10, 32, 32, 3), np.uint8),
-                 real_pool=rng.normal(size=(10, 2048)).astype(np.float32),
-                 reference=types.SimpleNamespace(mu=np.zeros(2048), sigma=np.eye(2048)))
+    names.update(
+      images_uint8_NHWC=rng.integers(0, 256, (10, 32, 32, 3), np.uint8),
+      real_pool=rng.normal(size=(10, 2048)).astype(np.float32),
+      reference=types.SimpleNamespace(mu=np.zeros(2048), sigma=np.eye(2048)),
+    )
   return names
 
 
-@pytest.mark.parametrize("document", sorted({b.document for b in PYTHON_BLOCKS}),
-                         ids=lambda d: d.name)
+@pytest.mark.parametrize(
+  "document", sorted({b.document for b in PYTHON_BLOCKS}), ids=lambda d: d.name
+)
 def test_python_blocks_of_the_document_run(document, tmp_path, monkeypatch):
   """The document's blocks in order, in one namespace (later blocks use earlier ones' names)."""
   monkeypatch.chdir(tmp_path)

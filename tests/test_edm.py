@@ -76,13 +76,14 @@ IDDPM_SPEC = ModelSpec(var_type="learned_range", clip_x0=False)
 def test_preconditioners_equal_edm_networks(ref):
   x, sigma = jnp.asarray(nhwc(ref["precond_x"])), jnp.asarray(ref["precond_sigma"])
   denoisers_ = {
-      "edm": denoisers.from_edm(analytic_net, EDM_SPEC),
-      "vp": denoisers.from_vp(analytic_net, ModelSpec(clip_x0=False)),
-      "iddpm": denoisers.from_discrete(learned_variance_net, IDDPM_SPEC, COSINE),
+    "edm": denoisers.from_edm(analytic_net, EDM_SPEC),
+    "vp": denoisers.from_vp(analytic_net, ModelSpec(clip_x0=False)),
+    "iddpm": denoisers.from_discrete(learned_variance_net, IDDPM_SPEC, COSINE),
   }
   for name, denoiser in denoisers_.items():
-    np.testing.assert_allclose(denoiser.denoise(x, sigma), nhwc(ref[f"precond_{name}"]),
-                               rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+      denoiser.denoise(x, sigma), nhwc(ref[f"precond_{name}"]), rtol=1e-5, atol=1e-5, err_msg=name
+    )
 
 
 def test_discrete_cosine_sigmas_are_iddpm_precond_grid(ref):
@@ -99,28 +100,44 @@ def test_discrete_cosine_sigmas_are_iddpm_precond_grid(ref):
   alpha_bar = lambda j: np.sin(0.5 * np.pi * j / 1000 / 1.008) ** 2
   u = np.zeros(1001)
   for j in range(1000, 0, -1):
-    u[j - 1] = np.sqrt((u[j]**2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), 0.001) - 1)
+    u[j - 1] = np.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), 0.001) - 1)
   np.testing.assert_allclose(ours, u[:-1][::-1], rtol=1e-6)
 
 
 def test_loss_equals_edm_loss(ref):
   precond = edm.Preconditioning()
   sigma = precond.sigma_from_normal(jnp.asarray(ref["loss_rnd_normal"]).reshape(-1))
-  terms = edm.training_losses(analytic_net, precond, jnp.asarray(nhwc(ref["loss_images"])),
-                              sigma, jnp.asarray(nhwc(ref["loss_noise"])))
+  terms = edm.training_losses(
+    analytic_net,
+    precond,
+    jnp.asarray(nhwc(ref["loss_images"])),
+    sigma,
+    jnp.asarray(nhwc(ref["loss_noise"])),
+  )
   # EDMLoss returns the per-pixel loss; ours is its mean over the pixels of each image.
   np.testing.assert_allclose(terms.loss, ref["loss"].mean(axis=(1, 2, 3)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["mixture", "mixture_churn", "iddpm"])
 def test_sampler_equals_edm_sampler(ref, case):
-  denoiser = (denoisers.from_discrete(learned_variance_net, IDDPM_SPEC, COSINE)
-              if case == "iddpm" else MIXTURE_DENOISER)
+  denoiser = (
+    denoisers.from_discrete(learned_variance_net, IDDPM_SPEC, COSINE)
+    if case == "iddpm"
+    else MIXTURE_DENOISER
+  )
   noise = jnp.asarray(nhwc(ref[f"sampler_{case}_noise"]), jnp.float32)
   x_T = jnp.asarray(nhwc(ref[f"sampler_{case}_latents"]), jnp.float32)
-  x = jit(lambda x_T, noise: sampling.edm_sample(
-      denoiser, jax.random.key(0), x_T.shape, num_steps=noise.shape[0], x_T=x_T,
-      churn_noise=noise, **(CHURN if case == "mixture_churn" else {})))(x_T, noise)
+  x = jit(
+    lambda x_T, noise: sampling.edm_sample(
+      denoiser,
+      jax.random.key(0),
+      x_T.shape,
+      num_steps=noise.shape[0],
+      x_T=x_T,
+      churn_noise=noise,
+      **(CHURN if case == "mixture_churn" else {}),
+    )
+  )(x_T, noise)
   np.testing.assert_allclose(x, nhwc(ref[f"sampler_{case}"]), rtol=1e-5, atol=1e-5)
 
 
@@ -133,8 +150,11 @@ def mixture_cdf(x):
 
 def sample_mixture(num_steps, **options):
   """Sorted float64 pixels of 32k samples drawn from the exact MIXTURE denoiser."""
-  x = jit(lambda key: sampling.edm_sample(MIXTURE_DENOISER, key, (8192, 2, 2, 1),
-                                          num_steps=num_steps, **options))(jax.random.key(1))
+  x = jit(
+    lambda key: sampling.edm_sample(
+      MIXTURE_DENOISER, key, (8192, 2, 2, 1), num_steps=num_steps, **options
+    )
+  )(jax.random.key(1))
   return np.sort(np.asarray(x, np.float64).ravel())
 
 
@@ -172,8 +192,11 @@ def test_network_calls_are_2n_minus_1():
   denoiser = sampling.Denoiser(counted, 0.0, float("inf"))
   for num_steps, options in ((18, {}), (5, CHURN), (1, {})):
     calls.clear()
-    jax.block_until_ready(jit(lambda key: sampling.edm_sample(
-        denoiser, key, (2, 1, 1, 1), num_steps=num_steps, **options))(jax.random.key(0)))
+    jax.block_until_ready(
+      jit(
+        lambda key: sampling.edm_sample(denoiser, key, (2, 1, 1, 1), num_steps=num_steps, **options)
+      )(jax.random.key(0))
+    )
     jax.effects_barrier()
     assert len(calls) == edm_network_calls(num_steps) == 2 * num_steps - 1
 
@@ -193,18 +216,26 @@ def test_noise_levels_follow_eq5_within_the_models_range():
 
 def test_sharded_sampling_equals_one_device():
   mesh = jax.make_mesh((8,), ("data",))
-  run = lambda key: sampling.edm_sample(MIXTURE_DENOISER, key, (16, 2, 2, 1), num_steps=6,
-                                        **CHURN)
+  run = lambda key: sampling.edm_sample(MIXTURE_DENOISER, key, (16, 2, 2, 1), num_steps=6, **CHURN)
   sharded = jit(run, out_shardings=NamedSharding(mesh, P("data")))(jax.random.key(3))
   assert [shard.data.shape[0] for shard in sharded.addressable_shards] == [2] * 8
   np.testing.assert_allclose(sharded, jit(run)(jax.random.key(3)), atol=1e-6)
 
 
 def test_churn_noise_of_the_wrong_shape_is_named():
-  with pytest.raises(ValueError, match=r"churn_noise has shape \(3, 2, 1, 1, 1\), expected"
-                                       r" \(4, 2, 1, 1, 1\)"):
-    sampling.edm_sample(MIXTURE_DENOISER, jax.random.key(0), (2, 1, 1, 1), num_steps=4,
-                        churn_noise=jnp.zeros((3, 2, 1, 1, 1)), **CHURN)
+  with pytest.raises(
+    ValueError,
+    match=r"churn_noise has shape \(3, 2, 1, 1, 1\), expected"
+    r" \(4, 2, 1, 1, 1\)",
+  ):
+    sampling.edm_sample(
+      MIXTURE_DENOISER,
+      jax.random.key(0),
+      (2, 1, 1, 1),
+      num_steps=4,
+      churn_noise=jnp.zeros((3, 2, 1, 1, 1)),
+      **CHURN,
+    )
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -222,6 +253,7 @@ def exact_model(mean_type, schedule, rescale=1.0):
     x0 = MU + jnp.sqrt(a) * S**2 / (a * S**2 + 1 - a) * (x_t - jnp.sqrt(a) * MU)
     eps = (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
     return {"epsilon": eps, "x0": x0, "v": jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0}[mean_type]
+
   return model_fn
 
 
@@ -236,20 +268,27 @@ def test_discrete_models_denoise_exactly_on_their_grid(mean_type):
   sigmas = np.asarray(denoisers.discrete_sigmas(schedule))
   x = np.random.default_rng(0).standard_normal((3, 2, 2, 1)).astype(np.float32) * 4
   t = np.array([3, 400, 990])
-  denoiser = denoisers.from_discrete(exact_model(mean_type, schedule), ModelSpec(
-      mean_type=mean_type, clip_x0=False), schedule)
-  np.testing.assert_allclose(denoiser.denoise(x, jnp.asarray(sigmas[t])),
-                             exact_denoise(x, sigmas[t][:, None, None, None]), rtol=2e-4, atol=2e-4)
+  denoiser = denoisers.from_discrete(
+    exact_model(mean_type, schedule), ModelSpec(mean_type=mean_type, clip_x0=False), schedule
+  )
+  np.testing.assert_allclose(
+    denoiser.denoise(x, jnp.asarray(sigmas[t])),
+    exact_denoise(x, sigmas[t][:, None, None, None]),
+    rtol=2e-4,
+    atol=2e-4,
+  )
   between = 0.6 * sigmas[t] + 0.4 * sigmas[t + 1]  # nearer to sigma_t
   np.testing.assert_array_equal(denoiser.round_sigma(jnp.asarray(between)), sigmas[t])
   # A respaced grid (network timesteps t * 1000 / 1000 rescaled as the model_fn says).
   steps = sampling.respaced(schedule, 50)
-  respaced = denoisers.from_discrete(exact_model(mean_type, schedule), ModelSpec(
-      mean_type=mean_type, clip_x0=False), steps)
+  respaced = denoisers.from_discrete(
+    exact_model(mean_type, schedule), ModelSpec(mean_type=mean_type, clip_x0=False), steps
+  )
   kept = np.asarray(steps.timesteps)
-  np.testing.assert_array_equal(respaced.round_sigma(jnp.asarray(sigmas[t])),
-                                sigmas[kept[np.abs(sigmas[kept][None] - sigmas[t][:, None])
-                                            .argmin(1)]])
+  np.testing.assert_array_equal(
+    respaced.round_sigma(jnp.asarray(sigmas[t])),
+    sigmas[kept[np.abs(sigmas[kept][None] - sigmas[t][:, None]).argmin(1)]],
+  )
 
 
 def test_learned_variance_channels_are_ignored_and_x0_clipped():
@@ -259,8 +298,9 @@ def test_learned_variance_channels_are_ignored_and_x0_clipped():
   sigma = denoisers.discrete_sigmas(schedule)[jnp.array([10, 60])]
   x = jnp.full((2, 2, 2, 1), 5.0)
   plain = denoisers.from_discrete(eps_model, ModelSpec(clip_x0=False), schedule)
-  learned = denoisers.from_discrete(with_variance, ModelSpec(var_type="learned", clip_x0=False),
-                                    schedule)
+  learned = denoisers.from_discrete(
+    with_variance, ModelSpec(var_type="learned", clip_x0=False), schedule
+  )
   np.testing.assert_array_equal(learned.denoise(x, sigma), plain.denoise(x, sigma))
   clipped = denoisers.from_discrete(eps_model, ModelSpec(), schedule).denoise(x, sigma)
   assert float(plain.denoise(x, sigma).max()) > 1.5 and float(clipped.max()) == 1.0
@@ -280,8 +320,12 @@ def test_edm_network_denoises_exactly_and_as_a_discrete_x0_model():
   spec = ModelSpec(clip_x0=False, edm=precond)
   denoiser = denoisers.from_edm(ideal_net, spec)
   x, sigma = np.linspace(-3, 3, 8, dtype=np.float32).reshape(2, 2, 2, 1), np.array([0.05, 7.0])
-  np.testing.assert_allclose(denoiser.denoise(x, jnp.asarray(sigma, jnp.float32)),
-                             exact_denoise(x, sigma[:, None, None, None]), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    denoiser.denoise(x, jnp.asarray(sigma, jnp.float32)),
+    exact_denoise(x, sigma[:, None, None, None]),
+    rtol=1e-4,
+    atol=1e-5,
+  )
   schedule = schedules.get_schedule("linear", 1000)
   model_fn, x0_spec = denoisers.as_discrete_model(denoiser, spec, schedule)
   assert x0_spec.mean_type is diffusion.MeanType.X0 and x0_spec.edm is None
@@ -310,8 +354,9 @@ def test_coefficients_are_table_1_and_the_loss_weight_is_unit():
   np.testing.assert_allclose(c.c_in, 1 / np.sqrt(total), rtol=1e-6)
   np.testing.assert_allclose(c.c_noise, np.log(sigma) / 4, rtol=1e-6)
   # lambda(sigma) c_out^2 = 1: the effective target of F has unit weight at every sigma.
-  np.testing.assert_allclose(precond.loss_weight(jnp.asarray(sigma)) * np.square(c.c_out), 1.0,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    precond.loss_weight(jnp.asarray(sigma)) * np.square(c.c_out), 1.0, rtol=1e-5
+  )
   with pytest.raises(ValueError, match="EDM sigma_data must be positive, got 0"):
     edm.Preconditioning(sigma_data=0)
 
@@ -332,14 +377,17 @@ def test_training_sigmas_are_lognormal_and_quartered():
 def test_edm_settings_that_do_not_apply_are_named():
   with pytest.raises(ValueError, match="Unknown diffusion.parameterization 'karras'"):
     DiffusionConfig(parameterization="karras")
-  with pytest.raises(ValueError, match="diffusion.loss='hybrid' does not apply with"
-                                       " diffusion.parameterization='edm'"):
+  with pytest.raises(
+    ValueError, match="diffusion.loss='hybrid' does not apply with diffusion.parameterization='edm'"
+  ):
     DiffusionConfig(parameterization="edm", loss="hybrid", var_type="learned_range")
   with pytest.raises(ValueError, match="diffusion.var_type='learned'.*predicts no variance"):
     DiffusionConfig(parameterization="edm", var_type="learned")
   with pytest.raises(ValueError, match="diffusion.rescale_timesteps=True does not apply"):
     DiffusionConfig(parameterization="edm", rescale_timesteps=True)
-  with pytest.raises(ValueError, match=r"diffusion.sigma_data must be a finite number > 0, got -1.0"):
+  with pytest.raises(
+    ValueError, match=r"diffusion.sigma_data must be a finite number > 0, got -1.0"
+  ):
     DiffusionConfig(parameterization="edm", sigma_data=-1.0)
   spec = process.model_spec(DiffusionConfig(parameterization="edm", sigma_data=0.75))
   assert spec.edm == edm.Preconditioning(sigma_data=0.75)
@@ -364,18 +412,33 @@ def test_edm_run_trains_checkpoints_and_samples_with_every_sampler(tmp_path):
   assert int(state.step) == 4
   model = runs.load_ema_for_sampling(workdir)
   assert model.spec.edm == edm.Preconditioning(sigma_data=0.75)
-  for config in (sampling.SamplerConfig("ddim", steps=3), sampling.SamplerConfig("dpm_solver",
-                                                                                 steps=3)):
+  for config in (
+    sampling.SamplerConfig("ddim", steps=3),
+    sampling.SamplerConfig("dpm_solver", steps=3),
+  ):
     samples = runs.draw_samples(model, config, 8, 8, str(tmp_path / config.sampler), seed=0)
     assert samples.shape == (8, 8, 8, 1) and samples.std() > 0
 
   output = tmp_path / "samples"
   result = subprocess.run(
-      [sys.executable, "-m", "launch.sample", f"--workdir={workdir}", "--num_samples=8",
-       "--batch_size=8", "--sampler=edm_heun", "--steps=3", "--s_churn=5", f"--output={output}",
-       "--compilation_cache="],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-      text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "launch.sample",
+      f"--workdir={workdir}",
+      "--num_samples=8",
+      "--batch_size=8",
+      "--sampler=edm_heun",
+      "--steps=3",
+      "--s_churn=5",
+      f"--output={output}",
+      "--compilation_cache=",
+    ],
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   samples = np.load(output / "samples.npz")["arr_0"]
   assert samples.shape == (8, 8, 8, 1) and samples.std() > 0

@@ -50,25 +50,59 @@ def _history(workdir: str) -> list[dict]:
 
 
 def test_resume_rules_and_fields_missing_on_one_side():
-  keys = ("model.ch", "model.remat", "diffusion.loss", "optim.optimizer", "optim.lr", "seed",
-          "data.seed", "data.num_threads", "train.batch_size", "train.num_steps", "new.key")
+  keys = (
+    "model.ch",
+    "model.remat",
+    "diffusion.loss",
+    "optim.optimizer",
+    "optim.lr",
+    "seed",
+    "data.seed",
+    "data.num_threads",
+    "train.batch_size",
+    "train.num_steps",
+    "new.key",
+  )
   assert [run_config.rule(key) for key in keys] == [
-      run_config.FIXED_BY_CHECKPOINT, run_config.MAY_CHANGE, run_config.FIXED_BY_CHECKPOINT,
-      run_config.FIXED_BY_CHECKPOINT, run_config.MAY_CHANGE, run_config.FIXED_BY_RUN,
-      run_config.FIXED_BY_RUN, run_config.MAY_CHANGE, run_config.FIXED_BY_RUN,
-      run_config.MAY_CHANGE, run_config.FIXED_BY_CHECKPOINT]
+    run_config.FIXED_BY_CHECKPOINT,
+    run_config.MAY_CHANGE,
+    run_config.FIXED_BY_CHECKPOINT,
+    run_config.FIXED_BY_CHECKPOINT,
+    run_config.MAY_CHANGE,
+    run_config.FIXED_BY_RUN,
+    run_config.FIXED_BY_RUN,
+    run_config.MAY_CHANGE,
+    run_config.FIXED_BY_RUN,
+    run_config.MAY_CHANGE,
+    run_config.FIXED_BY_CHECKPOINT,
+  ]
   defaults = run_config.default_values("ddpm_cifar10")
   assert defaults["model.dtype"] == "float32" and defaults["model.ch"] == 128  # the zoo entry's
   saved = {"model.name": "ddpm_cifar10", "model.ch": 32, "train.num_steps": 4, "data.seed": 0}
-  new_at_defaults = {**saved, "model.dtype": "float32", "model.remat": False,
-                     "train.label_dropout": None, "optim.b2": 0.999}
+  new_at_defaults = {
+    **saved,
+    "model.dtype": "float32",
+    "model.remat": False,
+    "train.label_dropout": None,
+    "optim.b2": 0.999,
+  }
   assert run_config.changes(saved, new_at_defaults, defaults) == []  # new fields, at defaults
-  new = {**new_at_defaults, "model.dtype": "bfloat16", "train.num_steps": 8, "model.ch": 64,
-         "model.made_up": 1, "data.seed": 1}
+  new = {
+    **new_at_defaults,
+    "model.dtype": "bfloat16",
+    "train.num_steps": 8,
+    "model.ch": 64,
+    "model.made_up": 1,
+    "data.seed": 1,
+  }
   found = run_config.changes(saved, new, defaults)
   assert [str(change) for change in found] == [
-      "data.seed 0 → 1", "model.ch 32 → 64", 'model.dtype "float32" → "bfloat16"',
-      "model.made_up (unset) → 1", "train.num_steps 4 → 8"]
+    "data.seed 0 → 1",
+    "model.ch 32 → 64",
+    'model.dtype "float32" → "bfloat16"',
+    "model.made_up (unset) → 1",
+    "train.num_steps 4 → 8",
+  ]
 
   def refused(holds):
     return [change.key for change in run_config.refused_changes(found, holds)]
@@ -78,23 +112,36 @@ def test_resume_rules_and_fields_missing_on_one_side():
   assert refused("no checkpoint") == []
 
 
-def test_changed_model_width_is_refused_in_one_line_and_nothing_is_written(digits_smoke_run,
-                                                                             tmp_path):
+def test_changed_model_width_is_refused_in_one_line_and_nothing_is_written(
+  digits_smoke_run, tmp_path
+):
   workdir = str(tmp_path / "run")
   shutil.copytree(digits_smoke_run, workdir)
   before = _files(workdir)
   result = subprocess.run(
-      [sys.executable, "-m", "launch.train", "--config=configs/digits.py:smoke",
-       f"--workdir={workdir}", "--config.model.ch=64", "--config.diffusion.num_timesteps=500",
-       "--config.train.num_steps=6"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "launch.train",
+      "--config=configs/digits.py:smoke",
+      f"--workdir={workdir}",
+      "--config.model.ch=64",
+      "--config.diffusion.num_timesteps=500",
+      "--config.train.num_steps=6",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   message = result.stderr.strip().splitlines()[-1]
   assert message == (
-      f"launch.train: Cannot resume {workdir}: the config changes fields that its checkpoint"
-      " (a trained run) fixes: diffusion.num_timesteps 1000 → 500, model.ch 32 → 64. Start a"
-      f" new workdir, or rerun with the values in {workdir}/config.json; nothing was written.")
+    f"launch.train: Cannot resume {workdir}: the config changes fields that its checkpoint"
+    " (a trained run) fixes: diffusion.num_timesteps 1000 → 500, model.ch 32 → 64. Start a"
+    f" new workdir, or rerun with the values in {workdir}/config.json; nothing was written."
+  )
   assert _files(workdir) == before  # config.json's bytes included; no history, no checkpoint
 
 
@@ -119,15 +166,15 @@ def _saved_state(workdir: str, step: int) -> dict:
   """Checkpoint `step`'s train state as numpy arrays, read without any mesh."""
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   reader = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          reader.metadata(path).item_metadata.tree)
+  as_numpy = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), reader.metadata(path).item_metadata.tree
+  )
   return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 def _assert_bit_equal(restored, saved: dict):
   for field, value in saved.items():
-    for x, y in zip(jax.tree.leaves(getattr(restored, field)), jax.tree.leaves(value),
-                    strict=True):
+    for x, y in zip(jax.tree.leaves(getattr(restored, field)), jax.tree.leaves(value), strict=True):
       np.testing.assert_array_equal(x, y, err_msg=field)
 
 
@@ -152,22 +199,30 @@ _MAKE_MESH = parallel.make_mesh
 
 def _train_on_devices(monkeypatch, count: int):
   """Makes the loop's mesh from the first `count` of the 8 fake devices."""
-  monkeypatch.setattr(loop.parallel, "make_mesh",
-                      lambda model_parallelism=1: _MAKE_MESH(model_parallelism,
-                                                             jax.devices()[:count]))
+  monkeypatch.setattr(
+    loop.parallel,
+    "make_mesh",
+    lambda model_parallelism=1: _MAKE_MESH(model_parallelism, jax.devices()[:count]),
+  )
 
 
 def _logged_losses(caplog) -> dict[int, float]:
   """{step: loss} from the metric writer's log lines ("[4] ... loss=0.93, ...")."""
-  return {int(match[1]): float(match[2]) for record in caplog.records
-          if (match := re.match(r"\[(\d+)\].* loss=([^,\s]+)", record.getMessage()))}
+  return {
+    int(match[1]): float(match[2])
+    for record in caplog.records
+    if (match := re.match(r"\[(\d+)\].* loss=([^,\s]+)", record.getMessage()))
+  }
 
 
 def _data_state(workdir: str, step: int) -> dict[str, dict]:
   """Checkpoint `step`'s data positions, by grain's file name (one file per process)."""
   directory = os.path.join(workdir, "checkpoints", str(step), "data")
-  return {name: json.loads(content) for name, content in _files(directory).items()
-          if name.endswith(".json")}
+  return {
+    name: json.loads(content)
+    for name, content in _files(directory).items()
+    if name.endswith(".json")
+  }
 
 
 def test_checkpoint_on_8_devices_resumes_on_4_and_then_on_1(tmp_path, monkeypatch, caplog):
@@ -183,8 +238,9 @@ def test_checkpoint_on_8_devices_resumes_on_4_and_then_on_1(tmp_path, monkeypatc
   state, num_devices = restores[-1]
   assert num_devices == 4 and int(state.step) == 2
   _assert_bit_equal(state, saved)
-  assert _data_state(workdir, 4) == {"process_0-of-1.json": {"next_index": 4,
-                                                             "order_start_step": 0}}
+  assert _data_state(workdir, 4) == {
+    "process_0-of-1.json": {"next_index": 4, "order_start_step": 0}
+  }
   saved = _saved_state(workdir, 4)
 
   _train_on_devices(monkeypatch, 1)
@@ -196,16 +252,19 @@ def test_checkpoint_on_8_devices_resumes_on_4_and_then_on_1(tmp_path, monkeypatc
   losses = _logged_losses(caplog)
   assert {4, 5} <= set(losses) and np.all(np.isfinite(list(losses.values()))), losses
   assert [entry["changes"] for entry in _history(workdir)] == [
-      {"train.model_parallelism": [2, 1], "train.num_steps": [2, 4]},
-      {"train.num_steps": [4, 5]}]
+    {"train.model_parallelism": [2, 1], "train.num_steps": [2, 4]},
+    {"train.num_steps": [4, 5]},
+  ]
 
 
-def test_two_process_checkpoint_resumes_in_one_process_with_a_warning(tmp_path, monkeypatch,
-                                                                      caplog):
+def test_two_process_checkpoint_resumes_in_one_process_with_a_warning(
+  tmp_path, monkeypatch, caplog
+):
   caplog.set_level(logging.INFO)
   workdir = str(tmp_path)
-  local_jobs.run_job(["-m", "launch.train", "--config=configs/digits.py:smoke",
-                      f"--workdir={workdir}"])  # 2 processes x 2 CPU devices, 4 steps
+  local_jobs.run_job(
+    ["-m", "launch.train", "--config=configs/digits.py:smoke", f"--workdir={workdir}"]
+  )  # 2 processes x 2 CPU devices, 4 steps
   assert set(_data_state(workdir, 4)) == {"process_0-of-2.json", "process_1-of-2.json"}
   saved = _saved_state(workdir, 4)
   restores = _record_restores(monkeypatch)
@@ -214,15 +273,19 @@ def test_two_process_checkpoint_resumes_in_one_process_with_a_warning(tmp_path, 
   [(state, num_devices)] = restores
   assert num_devices == 8
   _assert_bit_equal(state, saved)
-  assert re.search(r"Checkpoint 4 has no data position \S+/process_0-of-1\.json \(it holds that of"
-                   r" 2 process\(es\)\)", caplog.text)
-  assert ("fresh data order seeded by step 4" in caplog.text)
+  assert re.search(
+    r"Checkpoint 4 has no data position \S+/process_0-of-1\.json \(it holds that of"
+    r" 2 process\(es\)\)",
+    caplog.text,
+  )
+  assert "fresh data order seeded by step 4" in caplog.text
   assert int(final.step) == 6
   losses = _logged_losses(caplog)
   assert {6} <= set(losses) and np.all(np.isfinite(list(losses.values()))), losses
   # The fresh order is named in the checkpoint, so the next resume continues it exactly.
-  assert _data_state(workdir, 6) == {"process_0-of-1.json": {"next_index": 2,
-                                                             "order_start_step": 4}}
+  assert _data_state(workdir, 6) == {
+    "process_0-of-1.json": {"next_index": 2, "order_start_step": 4}
+  }
 
 
 def test_fresh_data_order_is_deterministic_and_resumes_exactly():

@@ -70,7 +70,8 @@ def _npy_header(count: int) -> bytes:
   """The .npy header of a uint8 [count] array."""
   header = io.BytesIO()
   np.lib.format.write_array_header_1_0(
-      header, {"descr": "|u1", "fortran_order": False, "shape": (count,)})
+    header, {"descr": "|u1", "fortran_order": False, "shape": (count,)}
+  )
   return header.getvalue()
 
 
@@ -82,7 +83,7 @@ def _claiming_npz(path: pathlib.Path, compression: int) -> pathlib.Path:
   data = bytearray(path.read_bytes())
   for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # local, central headers
     at = data.index(signature) + offset
-    data[at:at + 4] = struct.pack("<I", STATED_BYTES)
+    data[at : at + 4] = struct.pack("<I", STATED_BYTES)
   path.write_bytes(bytes(data))
   return path
 
@@ -90,16 +91,22 @@ def _claiming_npz(path: pathlib.Path, compression: int) -> pathlib.Path:
 def test_an_npz_stating_more_than_its_bytes_hold_is_refused_before_allocating(tmp_path):
   """A stored or deflated array stating 4 GB in a file of a few hundred bytes: one line naming
   the file, under a 1.5 GiB address-space limit; a deflated file of zeros (ratio ~1000) loads."""
-  paths = [_claiming_npz(tmp_path / f"{name}.npz", compression)
-           for name, compression in (("stored", zipfile.ZIP_STORED),
-                                     ("deflated", zipfile.ZIP_DEFLATED))]
+  paths = [
+    _claiming_npz(tmp_path / f"{name}.npz", compression)
+    for name, compression in (("stored", zipfile.ZIP_STORED), ("deflated", zipfile.ZIP_DEFLATED))
+  ]
   np.savez_compressed(tmp_path / "zeros.npz", x=np.zeros(1 << 22, np.uint8))
-  run = subprocess.run([sys.executable, "-c", _LIMITED_LOADER, *map(str, paths),
-                        str(tmp_path / "zeros.npz")], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
+  run = subprocess.run(
+    [sys.executable, "-c", _LIMITED_LOADER, *map(str, paths), str(tmp_path / "zeros.npz")],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   lines = run.stdout.splitlines()
   assert run.returncode == 0 and len(lines) == 3, run.stderr[-3000:]
   for path, line in zip(paths, lines):
-    assert line.startswith(f"{path} is not an .npz file: array 'arr_0.npy' states"
-                           f" {STATED_BYTES:,} bytes"), line
+    assert line.startswith(
+      f"{path} is not an .npz file: array 'arr_0.npy' states {STATED_BYTES:,} bytes"
+    ), line
   assert lines[2] == "{'x': (4194304,)}"

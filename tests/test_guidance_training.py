@@ -54,18 +54,23 @@ def exact_apply(params, x_t, t, y):
   abar = SCHEDULE.alphas_cumprod[t][:, None, None, None]
   var = abar * S**2 + 1.0 - abar  # of x_t given the class
   centred = [x_t - jnp.sqrt(abar) * m for m in MEANS]
-  log_likelihood = jnp.stack([-jnp.sum(c**2, (1, 2, 3)) / (2 * var[:, 0, 0, 0]) for c in centred], -1)
+  log_likelihood = jnp.stack(
+    [-jnp.sum(c**2, (1, 2, 3)) / (2 * var[:, 0, 0, 0]) for c in centred], -1
+  )
   prior = jnp.where((y == NULL)[:, None], 1.0 / NUM_CLASSES, jax.nn.one_hot(y, NUM_CLASSES))
   posterior = jax.nn.softmax(log_likelihood + jnp.log(prior + 1e-30), axis=-1)  # p(c | x_t, y)
-  return sum(posterior[:, c, None, None, None] * jnp.sqrt(1.0 - abar) * centred[c] / var
-             for c in range(NUM_CLASSES))
+  return sum(
+    posterior[:, c, None, None, None] * jnp.sqrt(1.0 - abar) * centred[c] / var
+    for c in range(NUM_CLASSES)
+  )
 
 
 def toy_batch(key, batch_size):
   label_key, noise_key = jax.random.split(key)
   labels = jax.random.randint(label_key, (batch_size,), 0, NUM_CLASSES)
   images = jnp.asarray(MEANS, jnp.float32)[labels][:, None, None, None] + S * jax.random.normal(
-      noise_key, (batch_size, *SHAPE))
+    noise_key, (batch_size, *SHAPE)
+  )
   return {"image": images, "label": labels}
 
 
@@ -73,14 +78,28 @@ def toy_batch(key, batch_size):
 def trained_params(label_dropout: float, steps: int = 1500, batch_size: int = 256):
   """The toy trained by train_step with `label_dropout`, all steps in one lax.scan."""
   tx = optax.adam(2e-3)
-  fns = StepFns(apply=apply, tx=tx, lr_schedule=optax.constant_schedule(2e-3), spec=SPEC,
-                      schedule=SCHEDULE, loss_type=losses.LossType.SIMPLE,
-                      timestep_sampler=losses.UniformSampler(T), ema_decay=0.0,
-                      num_classes=NUM_CLASSES, label_dropout=label_dropout)
+  fns = StepFns(
+    apply=apply,
+    tx=tx,
+    lr_schedule=optax.constant_schedule(2e-3),
+    spec=SPEC,
+    schedule=SCHEDULE,
+    loss_type=losses.LossType.SIMPLE,
+    timestep_sampler=losses.UniformSampler(T),
+    ema_decay=0.0,
+    num_classes=NUM_CLASSES,
+    label_dropout=label_dropout,
+  )
   zeros = jnp.zeros((1,), jnp.int32)
   params = ToyDenoiser().init(jax.random.key(0), jnp.zeros((1, *SHAPE)), zeros, zeros)["params"]
-  state = TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
-                           opt_state=tx.init(params), rng=jax.random.PRNGKey(1), sampler_state=())
+  state = TrainState(
+    step=jnp.array(0, jnp.int32),
+    params=params,
+    ema_params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(1),
+    sampler_state=(),
+  )
 
   def step(state, key):
     return train_step(state, toy_batch(key, batch_size), fns)[0], None
@@ -98,12 +117,15 @@ def null_label_errors(params):
   t = jax.random.randint(t_key, (n,), 0, T)
   x_t = jnp.sqrt(SCHEDULE.alphas_cumprod[t])[:, None, None, None] * toy_batch(data_key, n)["image"]
   x_t += jnp.sqrt(1.0 - SCHEDULE.alphas_cumprod[t])[:, None, None, None] * jax.random.normal(
-      noise_key, x_t.shape)
+    noise_key, x_t.shape
+  )
   label = lambda c: jnp.full((n,), c)
-  null_error = jnp.mean(jnp.square(apply(params, x_t, t, label(NULL))
-                                   - exact_apply(None, x_t, t, label(NULL))))
-  label_effect = jnp.mean(jnp.square(exact_apply(None, x_t, t, label(0))
-                                     - exact_apply(None, x_t, t, label(1))))
+  null_error = jnp.mean(
+    jnp.square(apply(params, x_t, t, label(NULL)) - exact_apply(None, x_t, t, label(NULL)))
+  )
+  label_effect = jnp.mean(
+    jnp.square(exact_apply(None, x_t, t, label(0)) - exact_apply(None, x_t, t, label(1)))
+  )
   return null_error, label_effect
 
 
@@ -115,9 +137,10 @@ def guided_sampler(guidance_scale: float):
 
   @functools.partial(jax.jit, static_argnums=0)
   def sample(apply_fn, params):
-    return sampling.make_batch_sampler(config, apply_fn, SPEC, SCHEDULE, SHAPE, labels.size,
-                                       num_classes=NUM_CLASSES, labels=labels)(
-                                           params, jax.random.key(7))
+    return sampling.make_batch_sampler(
+      config, apply_fn, SPEC, SCHEDULE, SHAPE, labels.size, num_classes=NUM_CLASSES, labels=labels
+    )(params, jax.random.key(7))
+
   return sample
 
 
@@ -134,10 +157,14 @@ def test_label_dropout_drops_p_uncond_of_the_labels_to_the_null_label_only():
   np.testing.assert_array_equal(dropped[~is_null], labels[~is_null])  # the rest are kept
   # The count of dropped labels is Binomial(n, p): within 5 standard deviations (~95) of n p.
   assert abs(is_null.sum() - n * p_uncond) < 5 * math.sqrt(n * p_uncond * (1 - p_uncond)), (
-      is_null.sum())
+    is_null.sum()
+  )
   for p, expected in ((0.0, labels), (1.0, np.full(n, NULL))):
-    np.testing.assert_array_equal(drop_labels(jnp.asarray(labels), jax.random.key(1), p, NULL),
-                                  expected, err_msg=f"p_uncond={p}")
+    np.testing.assert_array_equal(
+      drop_labels(jnp.asarray(labels), jax.random.key(1), p, NULL),
+      expected,
+      err_msg=f"p_uncond={p}",
+    )
 
 
 def test_label_dropout_trains_the_null_label_as_the_unconditional_denoiser():

@@ -31,10 +31,13 @@ def test_image_folder_scales_sixteen_bit_pngs(tmp_path):
     np.testing.assert_array_equal(source[index]["image"], np.repeat(EIGHT_BIT[..., None], 3, -1))
 
 
-@pytest.mark.parametrize("pixels, mode, message", [
+@pytest.mark.parametrize(
+  "pixels, mode, message",
+  [
     (np.ones((2, 2), np.float32), "F", "32-bit float pixels"),
     (np.full((2, 2), 70000, np.int32), "I", "32-bit integer pixels outside 0..65535"),
-])
+  ],
+)
 def test_pixels_without_an_eight_bit_reading_are_refused(tmp_path, pixels, mode, message):
   image = Image.fromarray(pixels, mode=mode)
   with pytest.raises(ValueError, match=f"'{tmp_path / 'x.tif'}' holds {message}"):
@@ -69,7 +72,10 @@ def test_gray_palette_and_sixteen_bit_masks_keep_their_indices(tmp_path, mode):
 
 def test_multichannel_mask_records_are_refused_naming_the_record():
   source = seg_sources.CheckedSource(
-      lambda i: (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)), 1,
-      lambda i: f"TFDS pets/train[{i}]", num_classes=2)
+    lambda i: (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)),
+    1,
+    lambda i: f"TFDS pets/train[{i}]",
+    num_classes=2,
+  )
   with pytest.raises(ValueError, match=r"TFDS pets/train\[0\]: the mask has 3 channels"):
     source[0]  # pylint: disable=pointless-statement

@@ -70,8 +70,10 @@ def pytorch_fid_outputs(model, images_NxHxWx3):
 def one_device_features(variables):
   """Our features of SMALL and LARGE in "pytorch-fid" mode on one device (one compile: batch 3)."""
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
-  return [inception.inception_features(variables, images, "pytorch-fid", batch_size=3, mesh=mesh)
-          for images in (SMALL, LARGE)]
+  return [
+    inception.inception_features(variables, images, "pytorch-fid", batch_size=3, mesh=mesh)
+    for images in (SMALL, LARGE)
+  ]
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["upsample_32", "downsample_320x300"])
@@ -87,11 +89,15 @@ def test_features_match_pytorch_fid(pytorch_fid_model, state_dict, one_device_fe
   spatial = branch1x1[..., :7].reshape(len(images), 17 * 17 * 7)
   assert relative_error(ours["spatial"], spatial) < 1e-4
   assert {k: v.shape for k, v in ours.items()} == {
-      "pool": (len(images), 2048), "logits": (len(images), 1008), "spatial": (len(images), 2023)}
+    "pool": (len(images), 2048),
+    "logits": (len(images), 1008),
+    "spatial": (len(images), 2023),
+  }
 
 
-def test_fid_and_is_of_two_image_sets_match_the_originals(pytorch_fid_model, state_dict,
-                                                          variables, one_device_features):
+def test_fid_and_is_of_two_image_sets_match_the_originals(
+  pytorch_fid_model, state_dict, variables, one_device_features
+):
   """Ours end to end (network + metrics) against pytorch-fid's FID and torch-fidelity's IS."""
   peers.import_torchvision()
   from pytorch_fid.fid_score import calculate_frechet_distance  # noqa: PLC0415
@@ -99,8 +105,10 @@ def test_fid_and_is_of_two_image_sets_match_the_originals(pytorch_fid_model, sta
 
   other = uint8_images(5, SMALL.shape)
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
-  ours = [one_device_features[0], inception.inception_features(
-      variables, other, "pytorch-fid", batch_size=3, mesh=mesh)]
+  ours = [
+    one_device_features[0],
+    inception.inception_features(variables, other, "pytorch-fid", batch_size=3, mesh=mesh),
+  ]
   theirs = [pytorch_fid_outputs(pytorch_fid_model, images)[0] for images in (SMALL, other)]
   gaussians = lambda pools: [s for p in pools for s in (np.mean(p, 0), np.cov(p, rowvar=False))]
   fid = metrics.frechet_distance(*gaussians([o["pool"].astype(np.float64) for o in ours]))
@@ -127,7 +135,8 @@ def test_sharded_features_equal_one_device(variables, one_device_features):
 
 def test_apply_inception_under_jit_equals_batched_runs(variables, one_device_features):
   ours = jax.jit(inception.apply_inception, static_argnames="resize")(
-      variables, LARGE, resize="pytorch-fid")
+    variables, LARGE, resize="pytorch-fid"
+  )
   for name, value in one_device_features[1].items():
     assert relative_error(np.asarray(ours[name]), value) < 1e-5, name
 
@@ -139,8 +148,9 @@ RESIZE_SHAPES = [(32, 32), (320, 300), (17, 450), (299, 299)]
 def test_tf_resize_equals_tf1_resize_bilinear(height, width):
   tf = pytest.importorskip("tensorflow")
   images = uint8_images(height * width, (2, height, width, 3))
-  resized = tf.compat.v1.image.resize_bilinear(images.astype(np.float32), [299, 299],
-                                               align_corners=False, half_pixel_centers=False)
+  resized = tf.compat.v1.image.resize_bilinear(
+    images.astype(np.float32), [299, 299], align_corners=False, half_pixel_centers=False
+  )
   expected = (resized.numpy() - 128) / 128
   np.testing.assert_allclose(inception.preprocess(images, "tf"), expected, rtol=0, atol=1e-5)
 
@@ -149,22 +159,30 @@ def test_tf_resize_equals_tf1_resize_bilinear(height, width):
 def test_pytorch_fid_resize_equals_torch_interpolate(height, width):
   images = uint8_images(height * width, (2, height, width, 3))
   x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-  resized = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+  resized = torch.nn.functional.interpolate(
+    x, size=(299, 299), mode="bilinear", align_corners=False
+  )
   expected = (2 * resized - 1).permute(0, 2, 3, 1).numpy()
-  np.testing.assert_allclose(inception.preprocess(images, "pytorch-fid"), expected, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(
+    inception.preprocess(images, "pytorch-fid"), expected, rtol=0, atol=1e-5
+  )
 
 
 def test_grayscale_is_three_equal_channels():
   gray = uint8_images(3, (2, 20, 24, 1))
-  np.testing.assert_array_equal(inception.preprocess(gray),
-                                inception.preprocess(np.repeat(gray, 3, axis=-1)))
+  np.testing.assert_array_equal(
+    inception.preprocess(gray), inception.preprocess(np.repeat(gray, 3, axis=-1))
+  )
 
 
-@pytest.mark.parametrize("images,message", [
+@pytest.mark.parametrize(
+  "images,message",
+  [
     (np.zeros((2, 32, 32, 3), np.float32), "float32 (2, 32, 32, 3)"),
     (np.zeros((32, 32, 3), np.uint8), "uint8 (32, 32, 3)"),
     (np.zeros((2, 32, 32, 4), np.uint8), "uint8 (2, 32, 32, 4)"),
-])
+  ],
+)
 def test_bad_images_are_named(images, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     inception.preprocess(images)
@@ -184,8 +202,10 @@ def broken(state_dict, case):
     state["AuxLogits.fc.weight"] = np.zeros((1008, 768), np.float32)
     return state, "unexpected key 'AuxLogits.fc.weight'"
   state["Mixed_7b.branch3x3_2a.conv.weight"] = np.zeros((384, 384, 3, 1), np.float32)
-  return state, (r"wrong shape for Mixed_7b.branch3x3_2a.conv.weight: "
-                 r"expected \(384, 384, 1, 3\), got \(384, 384, 3, 1\)")
+  return state, (
+    r"wrong shape for Mixed_7b.branch3x3_2a.conv.weight: "
+    r"expected \(384, 384, 1, 3\), got \(384, 384, 3, 1\)"
+  )
 
 
 @pytest.mark.parametrize("case", ["missing", "unexpected", "wrong_shape"])
@@ -197,10 +217,14 @@ def test_state_dict_errors_name_the_key(state_dict, case):
 
 def test_parameter_tree_mirrors_torch_names(variables, state_dict):
   assert variables["batch_stats"]["Mixed_5b"]["branch_pool"]["bn"]["var"].shape == (32,)
-  np.testing.assert_array_equal(variables["batch_stats"]["Mixed_5b"]["branch_pool"]["bn"]["var"],
-                                state_dict["Mixed_5b.branch_pool.bn.running_var"])
-  np.testing.assert_array_equal(variables["params"]["Conv2d_1a_3x3"]["conv"]["kernel"],
-                                state_dict["Conv2d_1a_3x3.conv.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    variables["batch_stats"]["Mixed_5b"]["branch_pool"]["bn"]["var"],
+    state_dict["Mixed_5b.branch_pool.bn.running_var"],
+  )
+  np.testing.assert_array_equal(
+    variables["params"]["Conv2d_1a_3x3"]["conv"]["kernel"],
+    state_dict["Conv2d_1a_3x3.conv.weight"].transpose(2, 3, 1, 0),
+  )
   np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], state_dict["fc.weight"].T)
 
 

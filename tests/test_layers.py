@@ -19,8 +19,17 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ROOTS = ("diffusion_jax", "launch", "configs")
-HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "clu",
-         "grain")
+HEAVY = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax",
+  "tensorflow",
+  "tensorflow_datasets",
+  "clu",
+  "grain",
+)
 
 
 def _module_names() -> dict[str, pathlib.Path]:
@@ -39,8 +48,9 @@ MODULES = _module_names()
 def _is_type_checking(node: ast.AST) -> bool:
   test = getattr(node, "test", None)
   return isinstance(node, ast.If) and (
-      (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or
-      (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+    (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+    or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+  )
 
 
 def _walk(node: ast.AST):
@@ -64,12 +74,20 @@ def imported_names(name: str) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:
-        base = ".".join([*package.split(".")[:len(package.split(".")) - node.level + 1],
-                         *([base] if base else [])])
+        base = ".".join(
+          [
+            *package.split(".")[: len(package.split(".")) - node.level + 1],
+            *([base] if base else []),
+          ]
+        )
       found.update(f"{base}.{alias.name}" for alias in node.names)
       found.add(base)
-    elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", ""))
-          == "import_module" and node.args and isinstance(node.args[0], ast.Constant)):
+    elif (
+      isinstance(node, ast.Call)
+      and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+      and node.args
+      and isinstance(node.args[0], ast.Constant)
+    ):
       found.add(node.args[0].value)
   return found
 
@@ -94,8 +112,11 @@ def module_graph() -> dict[str, set[str]]:
       if target is None:
         continue
       parts = target.split(".")
-      edges.update(p for p in (".".join(parts[:end]) for end in range(1, len(parts) + 1))
-                   if p in MODULES and p not in own_packages)
+      edges.update(
+        p
+        for p in (".".join(parts[:end]) for end in range(1, len(parts) + 1))
+        if p in MODULES and p not in own_packages
+      )
     edges.discard(name)
     graph[name] = edges
   return graph
@@ -110,7 +131,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for nxt in sorted(graph[node]):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state and (cycle := visit(nxt)):
         return cycle
     state[node] = "done"
@@ -130,11 +151,14 @@ def test_the_module_graph_is_a_dag():
 def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
   assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
-  tree = ast.parse("def f():\n  import x.y\nif TYPE_CHECKING:\n  import z\n"
-                   "importlib.import_module('w')\n")
-  assert {getattr(n, "names", [None])[0].name if isinstance(n, ast.Import) else n.args[0].value
-          for n in _walk(tree) if isinstance(n, ast.Import) or (
-              isinstance(n, ast.Call) and n.args)} == {"x.y", "w"}
+  tree = ast.parse(
+    "def f():\n  import x.y\nif TYPE_CHECKING:\n  import z\nimportlib.import_module('w')\n"
+  )
+  assert {
+    getattr(n, "names", [None])[0].name if isinstance(n, ast.Import) else n.args[0].value
+    for n in _walk(tree)
+    if isinstance(n, ast.Import) or (isinstance(n, ast.Call) and n.args)
+  } == {"x.y", "w"}
 
 
 def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -149,15 +173,27 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 @pytest.mark.parametrize("config", sorted(m for m in MODULES if m.startswith("configs")))
 def test_configs_reach_no_jax_flax_or_tensorflow(config):
   """Every module a config can import, in any function, imports none of HEAVY."""
-  heavy = {f"{module}: {dotted}" for module in _reachable(module_graph(), config)
-           for dotted in imported_names(module) if dotted.partition(".")[0] in HEAVY}
+  heavy = {
+    f"{module}: {dotted}"
+    for module in _reachable(module_graph(), config)
+    for dotted in imported_names(module)
+    if dotted.partition(".")[0] in HEAVY
+  }
   assert not heavy
 
 
 def test_loading_a_config_imports_no_jax():
-  code = ("import sys; import configs.digits as c; c.get_config('smoke'); print(sorted({m.partition("
-          f"'.')[0] for m in sys.modules}} & {set(HEAVY)!r}))")
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+  code = (
+    "import sys; import configs.digits as c; c.get_config('smoke'); print(sorted({m.partition("
+    f"'.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "PYTHONPATH": str(REPO)},
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "[]"

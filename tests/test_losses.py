@@ -36,16 +36,19 @@ def test_standard_normal_cdf_approximation():
 
 def _noise_model(noise, var_channels=None):
   """A model that outputs the true noise (and, optionally, variance channels)."""
+
   def model_fn(x_t, t):
     del t
     if var_channels is None:
       return noise
     return jnp.concatenate([noise, jnp.full_like(x_t, var_channels)], -1)
+
   return model_fn
 
 
-@pytest.mark.parametrize("loss_type,var_type", [("simple", "fixed_small"),
-                                                ("hybrid", "learned_range")])
+@pytest.mark.parametrize(
+  "loss_type,var_type", [("simple", "fixed_small"), ("hybrid", "learned_range")]
+)
 def test_loss_of_true_noise_model(loss_type, var_type):
   spec = ModelSpec(var_type=var_type)
   k0, k1 = jax.random.split(jax.random.key(0))
@@ -68,8 +71,9 @@ def test_hybrid_bound_does_not_reach_the_mean():
   t = jnp.array([3, 30, 300, 900])
 
   def loss(params, loss_type):
-    model = lambda x_t, t: jnp.concatenate([params["a"] * x_t, params["b"] * jnp.ones_like(x_t)],
-                                           -1)
+    model = lambda x_t, t: jnp.concatenate(
+      [params["a"] * x_t, params["b"] * jnp.ones_like(x_t)], -1
+    )
     return losses.training_losses(model, spec, SCHED, loss_type, x0, t, noise)
 
   params = {"a": 0.3, "b": 0.2}
@@ -97,9 +101,9 @@ def test_hybrid_scales_vlb_by_lambda_times_T(num_timesteps):
 # Independent of the library: SNR_t = abar_t / (1 - abar_t) of Ho et al.'s linear betas, float64.
 ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
 MIN_SNR_FORMULA = {  # Hang et al. 2023 for each target, gamma = 5
-    "epsilon": lambda snr: np.minimum(snr, 5.0) / snr,
-    "v": lambda snr: np.minimum(snr, 5.0) / (snr + 1.0),
-    "x0": lambda snr: np.minimum(snr, 5.0),
+  "epsilon": lambda snr: np.minimum(snr, 5.0) / snr,
+  "v": lambda snr: np.minimum(snr, 5.0) / (snr + 1.0),
+  "x0": lambda snr: np.minimum(snr, 5.0),
 }
 
 
@@ -115,8 +119,9 @@ def test_min_snr_weights_follow_the_formula(mean_type):
   x0 = jax.random.uniform(jax.random.key(0), (5, 2, 2, 1), minval=-1, maxval=1)
   noise = jax.random.normal(jax.random.key(1), x0.shape)
   model = lambda x_t, t: 0.5 * x_t
-  terms = losses.training_losses(model, spec, SCHED, "simple", x0, jnp.asarray(t), noise,
-                                 min_snr_gamma=5.0)
+  terms = losses.training_losses(
+    model, spec, SCHED, "simple", x0, jnp.asarray(t), noise, min_snr_gamma=5.0
+  )
   np.testing.assert_allclose(terms.loss, weights * terms.mse, rtol=1e-6)
   with pytest.raises(ValueError, match="'vlb' does not use"):
     losses.training_losses(model, spec, SCHED, "vlb", x0, jnp.asarray(t), noise, min_snr_gamma=5.0)
@@ -128,8 +133,9 @@ def test_loss_type_must_fit_the_variance():
   with pytest.raises(ValueError, match="hybrid"):
     losses.training_losses(model, ModelSpec(), SCHED, "hybrid", x, jnp.array([1]), x)
   with pytest.raises(ValueError, match="untrained"):
-    losses.training_losses(model, ModelSpec(var_type="learned"), SCHED, "simple", x,
-                           jnp.array([1]), x)
+    losses.training_losses(
+      model, ModelSpec(var_type="learned"), SCHED, "simple", x, jnp.array([1]), x
+    )
   with pytest.raises(ValueError, match="loss_type 'l2'"):
     losses.training_losses(model, ModelSpec(), SCHED, "l2", x, jnp.array([1]), x)
 
@@ -148,7 +154,7 @@ def test_loss_aware_sampler_follows_second_moments():
   np.testing.assert_allclose(sampler.probabilities(state), 1 / T)
   losses_per_t = np.array([1.0, 2.0, 4.0, 8.0])
   t = jnp.repeat(jnp.arange(T), K + 1)  # K+1 pushes per t: the oldest is dropped
-  values = jnp.asarray(np.repeat(losses_per_t, K + 1)).at[::K + 1].set(100.0)
+  values = jnp.asarray(np.repeat(losses_per_t, K + 1)).at[:: K + 1].set(100.0)
   state = jax.jit(sampler.update)(state, t, values)
   np.testing.assert_array_equal(state.counts, K + 1)
   np.testing.assert_allclose(state.history, np.repeat(losses_per_t[:, None], K, 1))
@@ -157,8 +163,9 @@ def test_loss_aware_sampler_follows_second_moments():
   ts, w = sampler.sample(state, jax.random.key(0), 20000)
   np.testing.assert_allclose(np.bincount(ts, minlength=T) / 20000, expected, atol=0.015)
   # Importance weights make the weighted loss unbiased for the uniform mean.
-  np.testing.assert_allclose(np.mean(np.asarray(w) * losses_per_t[ts]), losses_per_t.mean(),
-                             rtol=0.03)
+  np.testing.assert_allclose(
+    np.mean(np.asarray(w) * losses_per_t[ts]), losses_per_t.mean(), rtol=0.03
+  )
 
 
 def test_unknown_timestep_sampler():
@@ -216,34 +223,41 @@ def test_nll_clip_x0_bounds_the_clipped_sampler():
   np.testing.assert_allclose(clipped.x0_mse, reference.x0_mse, rtol=1e-4, atol=1e-6)
   assert np.all(clipped.x0_mse <= 4.0 + 1e-6)  # (c - [-1, 1])^2 <= 4 once clipped
   assert float(unclipped.x0_mse.max()) > 10.0 and float(clipped.total_bpd.max()) < float(
-      unclipped.total_bpd.min())
+    unclipped.total_bpd.min()
+  )
 
 
 def test_public_functions_run_under_jit():
   spec = ModelSpec(var_type="learned_range")
-  x0 = jnp.round(jax.random.uniform(jax.random.key(0), (2, 4, 4, 3), minval=-1, maxval=1)
-                 * 127.5) / 127.5
+  x0 = (
+    jnp.round(jax.random.uniform(jax.random.key(0), (2, 4, 4, 3), minval=-1, maxval=1) * 127.5)
+    / 127.5
+  )
   noise = jax.random.normal(jax.random.key(1), x0.shape)
   t = jnp.array([0, 500])
   model = lambda x_t, t: jnp.concatenate([0.5 * x_t, jnp.zeros_like(x_t)], -1)
   eager_and_jitted = [
-      (losses.normal_kl, (x0, 0.1, noise, -0.2)),
-      (losses.discretized_gaussian_log_likelihood, (x0, noise, -2.0)),
-      (losses.prior_bits, (SCHED, x0)),
-      (lambda s, x, n: losses.vb_term_bits(spec, s, model(x, t), x, n, t), (SCHED, x0, noise)),
-      (lambda s, x, n: losses.training_losses(model, spec, s, "hybrid", x, t, n),
-       (SCHED, x0, noise)),
+    (losses.normal_kl, (x0, 0.1, noise, -0.2)),
+    (losses.discretized_gaussian_log_likelihood, (x0, noise, -2.0)),
+    (losses.prior_bits, (SCHED, x0)),
+    (lambda s, x, n: losses.vb_term_bits(spec, s, model(x, t), x, n, t), (SCHED, x0, noise)),
+    (lambda s, x, n: losses.training_losses(model, spec, s, "hybrid", x, t, n), (SCHED, x0, noise)),
   ]
   for fn, args in eager_and_jitted:
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 fn(*args), jax.jit(fn)(*args))
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      fn(*args),
+      jax.jit(fn)(*args),
+    )
 
 
 def test_discretized_decoder_matches_the_cdf_difference_and_keeps_tail_precision():
   grid = np.arange(256) / 127.5 - 1.0
   mean, scale = 0.1, np.exp(-2.5)
-  log_p = np.asarray(losses.discretized_gaussian_log_likelihood(
-      jnp.asarray(grid, jnp.float32), mean, -2.5), np.float64)
+  log_p = np.asarray(
+    losses.discretized_gaussian_log_likelihood(jnp.asarray(grid, jnp.float32), mean, -2.5),
+    np.float64,
+  )
   # Reference: the bin mass as a difference of float64 CDFs, taken on the side of the
   # mean where both CDFs are small, so that it does not cancel.
   logit = lambda z: 2 * np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)

@@ -51,14 +51,18 @@ def combined_file(torch_lpips, tmp_path_factory) -> str:
 
 def torchvision_file(state_dict, path) -> str:
   """The random VGG16 saved under torchvision's vgg16 names (features.{i}.*), with a classifier."""
-  features = {re.sub(r"net\.slice\d\.", "features.", k): torch.from_numpy(v)
-              for k, v in state_dict.items() if k.startswith("net.")}
+  features = {
+    re.sub(r"net\.slice\d\.", "features.", k): torch.from_numpy(v)
+    for k, v in state_dict.items()
+    if k.startswith("net.")
+  }
   torch.save({**features, "classifier.0.weight": torch.zeros(4, 2)}, path)
   return str(path)
 
 
 def shipped_lin_file() -> str:
   import lpips as lpips_package  # noqa: PLC0415
+
   return f"{lpips_package.__path__[0]}/{SHIPPED}"
 
 
@@ -75,8 +79,11 @@ def torch_distance(model, x_NxHxWx3, y_NxHxWx3) -> np.ndarray:
 
 @pytest.mark.parametrize("files", ["combined", "lin+torchvision"])
 def test_lpips_matches_the_lpips_package(torch_lpips, state_dict, combined_file, files, tmp_path):
-  paths = ((combined_file,) if files == "combined" else
-           (shipped_lin_file(), torchvision_file(state_dict, tmp_path / "vgg16.pth")))
+  paths = (
+    (combined_file,)
+    if files == "combined"
+    else (shipped_lin_file(), torchvision_file(state_dict, tmp_path / "vgg16.pth"))
+  )
   variables = lpips.load_lpips(*paths)
   x, y = images(0, (3, 64, 48, 3)), images(1, (3, 64, 48, 3))
   ours = np.asarray(jax.jit(lpips.LPIPS().apply)(variables, x, y))
@@ -97,8 +104,11 @@ def test_distance_is_lpips_of_the_bilinear_resize(combined_file):
   variables = lpips.load_lpips(combined_file)
   x, y = images(3, (2, 8, 8, 1)), images(4, (2, 8, 8, 1))
   resized = lambda a: jnp.repeat(jax.image.resize(a, (2, 40, 40, 1), "bilinear"), 3, axis=-1)
-  np.testing.assert_allclose(lpips.distance(variables, x, y, 40),
-                             lpips.LPIPS().apply(variables, resized(x), resized(y)), rtol=1e-6)
+  np.testing.assert_allclose(
+    lpips.distance(variables, x, y, 40),
+    lpips.LPIPS().apply(variables, resized(x), resized(y)),
+    rtol=1e-6,
+  )
 
 
 def test_the_gradient_is_finite_where_features_are_all_zero():
@@ -110,8 +120,10 @@ def test_the_gradient_is_finite_where_features_are_all_zero():
 
 def test_files_that_are_not_lpips_weights_are_named(state_dict, tmp_path):
   lin_only = shipped_lin_file()
-  with pytest.raises(ValueError, match=re.escape(f"{lin_only}: not the weights of lpips'") +
-                     ".*missing key net.slice1.0.weight"):
+  with pytest.raises(
+    ValueError,
+    match=re.escape(f"{lin_only}: not the weights of lpips'") + ".*missing key net.slice1.0.weight",
+  ):
     lpips.load_lpips(lin_only)
   vgg = torchvision_file(state_dict, tmp_path / "vgg16.pth")
   with pytest.raises(ValueError, match="missing key lin0.model.1.weight"):
@@ -125,6 +137,7 @@ def test_files_that_are_not_lpips_weights_are_named(state_dict, tmp_path):
 
 def _consistency_config(**distill):
   from configs import digits_consistency  # noqa: PLC0415
+
   config = digits_consistency.get_config("ict,smoke")
   config.distill.update(distill)
   return config
@@ -132,6 +145,7 @@ def _consistency_config(**distill):
 
 def test_the_lpips_metric_needs_its_weights():
   from diffusion_jax.distill import consistency_task  # noqa: PLC0415
+
   with pytest.raises(ValueError, match="distill.metric='lpips' needs distill.lpips_weights"):
     consistency_task.build(_consistency_config(metric="lpips"))
 
@@ -139,6 +153,7 @@ def test_the_lpips_metric_needs_its_weights():
 def test_a_consistency_step_with_the_lpips_metric(combined_file):
   """One jitted iCT step on the digits with LPIPS (random VGG16) at 16 x 16: finite, and it moves."""
   from diffusion_jax.distill import consistency_task  # noqa: PLC0415
+
   config = _consistency_config(metric="lpips", lpips_weights=combined_file, lpips_resolution=16)
   config.optim.warmup_steps = 0  # the first step's learning rate is then not 0
   experiment = consistency_task.build(config)
@@ -148,8 +163,12 @@ def test_a_consistency_step_with_the_lpips_metric(combined_file):
   loss, grad_norm = metrics["loss"].compute(), metrics["grad_norm"].compute()
   assert np.isfinite(loss) and loss > 0 and np.isfinite(grad_norm) and grad_norm > 0
   assert int(metrics["skipped_steps"].count) == 0
-  moved = jax.tree.map(lambda new, old: not np.array_equal(new, old), new_state.params,
-                       state.params)
+  moved = jax.tree.map(
+    lambda new, old: not np.array_equal(new, old), new_state.params, state.params
+  )
   assert any(jax.tree.leaves(moved))
-  jax.tree.map(np.testing.assert_array_equal, new_state.sampler_state.lpips_params,
-               state.sampler_state.lpips_params)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    new_state.sampler_state.lpips_params,
+    state.sampler_state.lpips_params,
+  )

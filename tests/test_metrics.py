@@ -47,10 +47,15 @@ def test_frechet_distance_of_full_covariances_against_sqrtm():
   a, b = rng.normal(size=(2, 8, 8))
   sigma1, sigma2 = a @ a.T + np.eye(8), b @ b.T + np.eye(8)  # well conditioned
   mu1, mu2 = rng.normal(size=(2, 8))
-  expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
-              - 2 * np.trace(scipy.linalg.sqrtm(sigma1 @ sigma2).real))
-  np.testing.assert_allclose(metrics.frechet_distance(mu1, sigma1, mu2, sigma2), expected,
-                             rtol=1e-10)
+  expected = (
+    np.sum((mu1 - mu2) ** 2)
+    + np.trace(sigma1)
+    + np.trace(sigma2)
+    - 2 * np.trace(scipy.linalg.sqrtm(sigma1 @ sigma2).real)
+  )
+  np.testing.assert_allclose(
+    metrics.frechet_distance(mu1, sigma1, mu2, sigma2), expected, rtol=1e-10
+  )
 
 
 @pytest.mark.parametrize("num", [2000, 40])  # 40 < 64: a singular covariance
@@ -63,6 +68,7 @@ def test_frechet_distance_of_a_set_with_itself_is_zero(num):
 @pytest.mark.parametrize("rank", [None, 20])
 def test_frechet_distance_matches_pytorch_fid(rank):
   from pytorch_fid.fid_score import calculate_frechet_distance as original  # noqa: PLC0415
+
   first, second = _feature_sets(rank)
   stats = (*_statistics(first), *_statistics(second))
   with warnings.catch_warnings():
@@ -104,8 +110,11 @@ def test_merged_accumulators_equal_one():
   whole = GaussianAccumulator(16).update(features).statistics()
   left = GaussianAccumulator(16).update(features[:123])
   right = GaussianAccumulator(16).update(features[123:300]).update(features[300:])
-  for merged in (left.merge(right), right.merge(left),
-                 left.merge(right).merge(GaussianAccumulator(16))):
+  for merged in (
+    left.merge(right),
+    right.merge(left),
+    left.merge(right).merge(GaussianAccumulator(16)),
+  ):
     assert merged.count == 500
     for got, expected in zip(merged.statistics(), whole):
       np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
@@ -139,6 +148,7 @@ def test_inception_score_of_identical_predictions_is_one():
 
 def test_inception_score_matches_torch_fidelity():
   from torch_fidelity.metric_isc import isc_features_to_metric as original  # noqa: PLC0415
+
   logits = np.random.default_rng(6).normal(size=(1003, 1008)).astype(np.float32) * 4
   expected = original(torch.from_numpy(logits), splits=10, shuffle=False)
   mean, std = metrics.inception_score(logits, splits=10)
@@ -157,6 +167,7 @@ def test_inception_score_rejects_bad_splits():
 
 def _brute_force_precision_recall(real, fake, k):
   """Precision and recall from full float64 distance matrices."""
+
   def radii(points):  # the k-th nearest other point: column k of the sorted distances
     return np.sort(np.sum((points[:, None] - points[None]) ** 2, -1), axis=1)[:, k]
 
@@ -201,9 +212,11 @@ def test_precision_recall_matches_brute_force_and_torch_fidelity(k):
   got = metrics.precision_recall(real, fake, k=k, block_size=64)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
   from torch_fidelity.metric_prc import calculate_precision_recall_full as original  # noqa: PLC0415
+
   # torch-fidelity's first argument is the generated set.
   np.testing.assert_allclose(
-      got, original(torch.from_numpy(fake), torch.from_numpy(real), neighborhood=k), atol=1e-12)
+    got, original(torch.from_numpy(fake), torch.from_numpy(real), neighborhood=k), atol=1e-12
+  )
 
 
 def test_precision_recall_does_not_depend_on_the_block_size():
@@ -230,8 +243,11 @@ def _full_stats(dim=8, spatial_dim=6):
   pool = GaussianAccumulator(dim).update(rng.normal(size=(30, dim)))
   spatial = GaussianAccumulator(spatial_dim).update(rng.normal(size=(30, spatial_dim)))
   return reference.ReferenceStats.from_accumulators(
-      pool, spatial, features=rng.normal(size=(12, dim)).astype(np.float32),
-      source={"dataset": "cifar10", "split": "train", "weights_sha256": "ab" * 32})
+    pool,
+    spatial,
+    features=rng.normal(size=(12, dim)).astype(np.float32),
+    source={"dataset": "cifar10", "split": "train", "weights_sha256": "ab" * 32},
+  )
 
 
 def test_reference_round_trip(tmp_path):
@@ -272,7 +288,12 @@ def test_pytorch_fid_statistics_load(tmp_path):
   np.testing.assert_allclose(loaded.sigma, sigma, rtol=1e-6)
   assert loaded.sigma.dtype == np.float64
   assert (loaded.mu_s, loaded.features, loaded.images, loaded.num_images, loaded.source) == (
-      None, None, None, None, {})
+    None,
+    None,
+    None,
+    None,
+    {},
+  )
 
 
 def test_adm_reference_batch_loads(tmp_path):
@@ -302,20 +323,29 @@ def test_bad_reference_files_name_the_path_and_key(tmp_path):
   np.save(single, np.zeros(3))
   with pytest.raises(ValueError, match="single array"):
     reference.load_reference(single)
-  cases = {"no_sigma": dict(mu=np.zeros(4)),
-           "mu_2d": dict(mu=np.zeros((4, 1)), sigma=np.eye(4)),
-           "sigma_shape": dict(mu=np.zeros(4), sigma=np.eye(3)),
-           "sigma_s_shape": dict(mu=np.zeros(4), sigma=np.eye(4), mu_s=np.zeros(2),
-                                 sigma_s=np.eye(3)),
-           "features_dim": dict(mu=np.zeros(4), sigma=np.eye(4), features=np.zeros((5, 3)))}
-  messages = {"no_sigma": "has no 'sigma' array", "mu_2d": "mu must be a 1-D",
-              "sigma_shape": r"sigma has shape \(3, 3\), expected \(4, 4\)",
-              "sigma_s_shape": "sigma_s has shape", "features_dim": "features has shape"}
+  cases = {
+    "no_sigma": dict(mu=np.zeros(4)),
+    "mu_2d": dict(mu=np.zeros((4, 1)), sigma=np.eye(4)),
+    "sigma_shape": dict(mu=np.zeros(4), sigma=np.eye(3)),
+    "sigma_s_shape": dict(mu=np.zeros(4), sigma=np.eye(4), mu_s=np.zeros(2), sigma_s=np.eye(3)),
+    "features_dim": dict(mu=np.zeros(4), sigma=np.eye(4), features=np.zeros((5, 3))),
+  }
+  messages = {
+    "no_sigma": "has no 'sigma' array",
+    "mu_2d": "mu must be a 1-D",
+    "sigma_shape": r"sigma has shape \(3, 3\), expected \(4, 4\)",
+    "sigma_s_shape": "sigma_s has shape",
+    "features_dim": "features has shape",
+  }
   for name, arrays in cases.items():
     path = str(tmp_path / f"{name}.npz")
     np.savez(path, **arrays)
-    with pytest.raises(ValueError, match=f"reference {path}: {messages[name]}"
-                       if name != "no_sigma" else f"reference {path} {messages[name]}"):
+    with pytest.raises(
+      ValueError,
+      match=f"reference {path}: {messages[name]}"
+      if name != "no_sigma"
+      else f"reference {path} {messages[name]}",
+    ):
       reference.load_reference(path)
 
 
@@ -324,11 +354,13 @@ def test_check_dimension_gives_one_clear_error(tmp_path):
   reference.save_reference(path, _full_stats(dim=64))
   stats = reference.load_reference(path)
   reference.check_dimension(stats, 64, spatial_dim=6)
-  with pytest.raises(ValueError, match=f"reference {path} has 64-dim statistics, the features"
-                     " are 2048-dim"):
+  with pytest.raises(
+    ValueError, match=f"reference {path} has 64-dim statistics, the features are 2048-dim"
+  ):
     reference.check_dimension(stats, 2048)
-  with pytest.raises(ValueError, match="6-dim spatial statistics, the spatial features are"
-                     " 2023-dim"):
+  with pytest.raises(
+    ValueError, match="6-dim spatial statistics, the spatial features are 2023-dim"
+  ):
     reference.check_dimension(stats, 64, spatial_dim=2023)
   pool_only = reference.ReferenceStats(mu=stats.mu, sigma=stats.sigma)
   with pytest.raises(ValueError, match="in-memory reference has no spatial statistics"):
@@ -340,5 +372,4 @@ def test_source_metadata_is_json_in_the_file(tmp_path):
   reference.save_reference(path, _full_stats())
   with np.load(path, allow_pickle=False) as npz:
     assert json.loads(str(npz["source"]))["dataset"] == "cifar10"
-    assert set(npz.files) == {"mu", "sigma", "mu_s", "sigma_s", "features", "num_images",
-                              "source"}
+    assert set(npz.files) == {"mu", "sigma", "mu_s", "sigma_s", "features", "num_images", "source"}

@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 
 from diffusion_jax.models import (
-    MODEL_ZOO,
-    RonnebergerUNet,
-    TimeEmbedding,
-    UNet,
-    abstract_init,
-    center_crop,
-    count_params,
-    entry_shapes,
-    get_model,
-    param_count,
-    timestep_embedding,
-    valid_output_size,
-    zoo_table,
+  MODEL_ZOO,
+  RonnebergerUNet,
+  TimeEmbedding,
+  UNet,
+  abstract_init,
+  center_crop,
+  count_params,
+  entry_shapes,
+  get_model,
+  param_count,
+  timestep_embedding,
+  valid_output_size,
+  zoo_table,
 )
 from diffusion_jax.models import __main__ as models_main
 from diffusion_jax.models.layers import AttentionBlock, GroupNorm
@@ -203,7 +203,10 @@ def test_remat_gives_the_same_gradients():
   # The smallest U-Net: conv_in, the middle, one up block (3 ResBlocks).
   config = dict(ch=32, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(), dropout=0.1)
   x = X[:, :8, :8]
-  plain, remat = get_model("ddpm_cifar10", **config), get_model("ddpm_cifar10", **config, remat=True)
+  plain, remat = (
+    get_model("ddpm_cifar10", **config),
+    get_model("ddpm_cifar10", **config, remat=True),
+  )
   params = random_params(plain, x, T)
 
   def loss(params, model):
@@ -222,7 +225,9 @@ def test_remat_gives_the_same_gradients():
 
 def test_unet_rejects_indivisible_sizes():
   with pytest.raises(ValueError, match="divisible by 8"):
-    jax.eval_shape(get_model("ddpm_cifar10").init, jax.random.key(0), jnp.zeros((1, 20, 20, 3)), T[:1])
+    jax.eval_shape(
+      get_model("ddpm_cifar10").init, jax.random.key(0), jnp.zeros((1, 20, 20, 3)), T[:1]
+    )
 
 
 # ---- the zoo's interface ------------------------------------------------------
@@ -295,7 +300,9 @@ def test_ronneberger_rejects_sizes_with_odd_pooling():
   with pytest.raises(ValueError, match="odd"):
     valid_output_size(570)
   with pytest.raises(ValueError, match="divisible by 16"):
-    jax.eval_shape(RonnebergerUNet(padding="SAME").init, jax.random.key(0), jnp.zeros((1, 40, 40, 1)))
+    jax.eval_shape(
+      RonnebergerUNet(padding="SAME").init, jax.random.key(0), jnp.zeros((1, 40, 40, 1))
+    )
 
 
 def test_center_crop_is_centred():
@@ -325,8 +332,9 @@ def test_group_norm_matches_flax_values_and_gradients(shape, implementation):
   ours = GroupNorm(epsilon=1e-5, implementation=implementation)
   flax_gn = nn.GroupNorm(epsilon=1e-5)
   params = jax.tree.map(
-      lambda p: p + jnp.asarray(rng.normal(size=p.shape), jnp.float32),  # non-trivial affine
-      flax_gn.init(jax.random.key(0), x))
+    lambda p: p + jnp.asarray(rng.normal(size=p.shape), jnp.float32),  # non-trivial affine
+    flax_gn.init(jax.random.key(0), x),
+  )
   assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
 
   def loss(module, params, x):
@@ -341,7 +349,7 @@ def test_group_norm_matches_flax_values_and_gradients(shape, implementation):
 
 @pytest.mark.parametrize("platform,matmuls", [("cpu", True), ("tpu", False), ("cuda", False)])
 def test_group_norm_uses_matmul_statistics_on_cpu_only(platform, matmuls):
-  """"auto" lowers to the HIGHEST-precision matmuls for a CPU and to reductions elsewhere."""
+  """ "auto" lowers to the HIGHEST-precision matmuls for a CPU and to reductions elsewhere."""
   x = jnp.ones((2, 4, 4, 64))
   module = GroupNorm()
   params = module.init(jax.random.key(0), x)
@@ -385,7 +393,8 @@ def _attention_blocks(dtype, num_heads: int, implementation: str):
       b, height, width, c = x.shape
       h = GroupNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
       attention = nn.MultiHeadDotProductAttention(
-          num_heads=self.num_heads, dtype=self.dtype, force_fp32_for_softmax=True, name="attn")
+        num_heads=self.num_heads, dtype=self.dtype, force_fp32_for_softmax=True, name="attn"
+      )
       return x + attention(h.reshape(b, height * width, c)).reshape(x.shape)
 
   return ours, FlaxAttention(num_heads=num_heads, dtype=dtype)
@@ -401,14 +410,15 @@ def test_fused_attention_equals_flax_attention(num_heads):
   for implementation in ("xla", "auto"):
     ours, theirs = _attention_blocks(jnp.float32, num_heads, implementation)
     params = jax.tree.map(  # a non-zero output projection, so attention shows in the output
-        lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), jnp.float32),
-        theirs.init(jax.random.key(0), x))
+      lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+      theirs.init(jax.random.key(0), x),
+    )
     assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
-    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
     grad = lambda module: jax.grad(lambda p: jnp.sum(module.apply(p, x) * cotangent))(params)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4),
-                 grad(ours), grad(theirs))
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4), grad(ours), grad(theirs)
+    )
 
 
 def test_fused_attention_keeps_a_float32_softmax_in_bfloat16():
@@ -416,8 +426,10 @@ def test_fused_attention_keeps_a_float32_softmax_in_bfloat16():
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 64)), jnp.float32)
   ours, theirs = _attention_blocks(jnp.bfloat16, 1, "xla")
-  params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), jnp.float32),
-                        ours.init(jax.random.key(0), x))
+  params = jax.tree.map(
+    lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+    ours.init(jax.random.key(0), x),
+  )
   reference = _attention_blocks(jnp.float32, 1, "xla")[0].apply(params, x)
   error = lambda module: float(jnp.max(jnp.abs(module.apply(params, x) - reference)))
   assert error(ours) <= 2 * error(theirs) + 1e-3 and error(ours) < 0.05 * float(jnp.max(reference))

@@ -46,10 +46,12 @@ def mixture_score(means, scales, weights):
     alpha, sigma = SDE.alpha_sigma(t)  # [B]
     var = jnp.square(alpha[:, None] * scales) + jnp.square(sigma)[:, None]  # [B, K]
     diff = x[:, None, :] - alpha[:, None, None] * means  # [B, K, D]
-    log_n = (-0.5 * x.shape[-1] * jnp.log(2 * jnp.pi * var)
-             - 0.5 * jnp.sum(jnp.square(diff), -1) / var)
+    log_n = (
+      -0.5 * x.shape[-1] * jnp.log(2 * jnp.pi * var) - 0.5 * jnp.sum(jnp.square(diff), -1) / var
+    )
     r = jax.nn.softmax(jnp.log(weights) + log_n, axis=-1)
     return jnp.einsum("bk,bkd->bd", r, -diff / var[..., None])
+
   return score
 
 
@@ -69,9 +71,12 @@ def mixture(refs):
 def gaussian_score_of(sde, mu, s):
   def score(x, t):
     alpha, sigma = sde.alpha_sigma(t)
-    alpha, var = odl.per_example(alpha, x.ndim), odl.per_example(
-        jnp.square(alpha * s) + jnp.square(sigma), x.ndim)
+    alpha, var = (
+      odl.per_example(alpha, x.ndim),
+      odl.per_example(jnp.square(alpha * s) + jnp.square(sigma), x.ndim),
+    )
     return -(x - alpha * mu) / var
+
   return score
 
 
@@ -83,9 +88,11 @@ def gaussian_case(request):
   x = mu + s * jax.random.normal(jax.random.key(1), (6, 2, 2, 2))
   alpha1, sigma1 = sde.alpha_sigma(jnp.float32(sde.t_max))
   prior = lambda z: gaussian_log_density(z, alpha1 * mu, alpha1**2 * s**2 + sigma1**2)
-  result = jax.jit(lambda x: odl.log_likelihood(
-      gaussian_score_of(sde, mu, s), sde, x, jax.random.key(0), divergence=EXACT,
-      prior_log_p=prior))(x)
+  result = jax.jit(
+    lambda x: odl.log_likelihood(
+      gaussian_score_of(sde, mu, s), sde, x, jax.random.key(0), divergence=EXACT, prior_log_p=prior
+    )
+  )(x)
   return sde, mu, s, x, result
 
 
@@ -98,15 +105,17 @@ def test_gaussian_data_density_in_nats_and_bits_per_dim(gaussian_case):
   np.testing.assert_allclose(result.log_p, p_eps, rtol=1e-4)
   p_data = gaussian_log_density(x, mu, s**2)
   np.testing.assert_allclose(result.log_p, p_data, rtol=1e-3)
-  np.testing.assert_allclose(odl.bits_per_dim(result.log_p, 8, 0.0), -p_data / (8 * math.log(2)),
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+    odl.bits_per_dim(result.log_p, 8, 0.0), -p_data / (8 * math.log(2)), rtol=1e-3
+  )
 
 
 def test_gaussian_with_the_standard_normal_prior_is_close(gaussian_case):
   """score_sde's N(0, I) prior instead of p_1: off by log N(z; 0, I) - log p_1(z), nothing else."""
   sde, mu, s, x, exact_prior = gaussian_case
-  result = odl.log_likelihood(gaussian_score_of(sde, mu, s), sde, x, jax.random.key(0),
-                              divergence=EXACT)
+  result = odl.log_likelihood(
+    gaussian_score_of(sde, mu, s), sde, x, jax.random.key(0), divergence=EXACT
+  )
   np.testing.assert_allclose(result.delta_log_p, exact_prior.delta_log_p, rtol=1e-5)
   np.testing.assert_allclose(result.prior_log_p, odl.standard_normal_log_p(result.z), rtol=1e-6)
 
@@ -119,9 +128,10 @@ def test_hutchinson_is_unbiased(mixture, refs, probe):
   """256 copies of one mixture point, each its own probe: the mean is the exact value within 3 SE"""
   x = jnp.broadcast_to(jnp.asarray(refs["x"][:1], jnp.float32), (256, 6))
   keys = jax.random.split(jax.random.key(7), 256)
-  solve = jax.jit(lambda x, keys, config: odl.log_likelihood(mixture, SDE, x, keys,
-                                                             divergence=config),
-                  static_argnums=2)
+  solve = jax.jit(
+    lambda x, keys, config: odl.log_likelihood(mixture, SDE, x, keys, divergence=config),
+    static_argnums=2,
+  )
   exact = solve(x[:1], keys[:1], EXACT).log_p[0]
   estimates = np.asarray(solve(x, keys, odl.DivergenceConfig(probe=probe)).log_p)
   standard_error = estimates.std(ddof=1) / math.sqrt(len(estimates))
@@ -142,13 +152,15 @@ def test_equals_score_sdes_procedure(mixture, refs, case):
   x = jnp.asarray(refs["x"], jnp.float32)
   probes = None if case == "exact" else jnp.asarray(refs[case], jnp.float32)[None]
   divergence = EXACT if case == "exact" else odl.DivergenceConfig(probe=case)
-  result = jax.jit(lambda x: odl.log_likelihood(mixture, SDE, x, jax.random.key(0),
-                                                divergence=divergence, probes=probes))(x)
+  result = jax.jit(
+    lambda x: odl.log_likelihood(
+      mixture, SDE, x, jax.random.key(0), divergence=divergence, probes=probes
+    )
+  )(x)
   # float32 against float64, both within rtol = atol = 1e-5 of the solution.
   np.testing.assert_allclose(result.delta_log_p, refs[f"{case}_delta"], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(result.z, refs[f"{case}_z"], atol=1e-4)
-  np.testing.assert_allclose(odl.bits_per_dim(result.log_p, 6, 7.0), refs[f"{case}_bpd"],
-                             atol=1e-4)
+  np.testing.assert_allclose(odl.bits_per_dim(result.log_p, 6, 7.0), refs[f"{case}_bpd"], atol=1e-4)
   assert int(result.solution.nfe) == int(refs[f"{case}_nfe"])  # the same steps as SciPy's
 
 
@@ -158,8 +170,10 @@ def test_equals_score_sdes_procedure(mixture, refs, case):
 def _sharded_solve(score, x, keys, weights, devices):
   mesh = Mesh(np.asarray(devices), ("data",))
   batch = NamedSharding(mesh, P("data"))
-  fn = jax.jit(lambda x, keys, w: odl.log_likelihood(score, SDE, x, keys, weights=w),
-               in_shardings=(batch, batch, batch))
+  fn = jax.jit(
+    lambda x, keys, w: odl.log_likelihood(score, SDE, x, keys, weights=w),
+    in_shardings=(batch, batch, batch),
+  )
   return fn(*jax.device_put((x, keys, weights), batch))
 
 
@@ -221,8 +235,14 @@ def test_solver_on_a_known_solution(config):
 
 def test_fixed_steps_approach_the_adaptive_solution(mixture, refs):
   x = jnp.asarray(refs["x"], jnp.float32)
-  fixed = odl.log_likelihood(mixture, SDE, x, jax.random.key(0), divergence=EXACT,
-                             solver=ode.SolverConfig(method="fixed", steps=200))
+  fixed = odl.log_likelihood(
+    mixture,
+    SDE,
+    x,
+    jax.random.key(0),
+    divergence=EXACT,
+    solver=ode.SolverConfig(method="fixed", steps=200),
+  )
   assert int(fixed.solution.nfe) == 6 * 200 + 1
   np.testing.assert_allclose(fixed.delta_log_p, refs["exact_delta"], rtol=1e-3, atol=1e-3)
 
@@ -314,11 +334,11 @@ def test_every_parameterisation_gives_the_same_score():
     return (denoised - odl.per_example(c.c_skip, 4) * y) / odl.per_example(c.c_out, 4)
 
   cases = {
-      "epsilon": (eps_net, diffusion.ModelSpec("epsilon")),
-      "x0": (x0_net, diffusion.ModelSpec("x0")),
-      "v": (v_net, diffusion.ModelSpec("v")),
-      "learned_range": (learned_var_eps_net, diffusion.ModelSpec("epsilon", "learned_range")),
-      "edm": (edm_net, diffusion.ModelSpec(edm=precond)),
+    "epsilon": (eps_net, diffusion.ModelSpec("epsilon")),
+    "x0": (x0_net, diffusion.ModelSpec("x0")),
+    "v": (v_net, diffusion.ModelSpec("v")),
+    "learned_range": (learned_var_eps_net, diffusion.ModelSpec("epsilon", "learned_range")),
+    "edm": (edm_net, diffusion.ModelSpec(edm=precond)),
   }
   for name, (net, spec) in cases.items():
     score = odl.score_from_model(net, spec, SDE)(x, t)
@@ -360,8 +380,9 @@ def test_nll_ode_metric_of_a_smoke_run_resumes(digits_smoke_run):
   assert ode_report["bpd"] == pytest.approx(np.mean(ode_report["bpd_per_repeat"]))
   assert ode_report["bpd_per_repeat"][0] != ode_report["bpd_per_repeat"][1]  # fresh noise
   # bits/dim = nats / (D ln 2) + 7 (score_sde's uniform dequantisation of 8-bit data).
-  assert ode_report["bpd"] == pytest.approx(ode_report["nll_nats"] / (64 * math.log(2)) + 7.0,
-                                            rel=1e-5)
+  assert ode_report["bpd"] == pytest.approx(
+    ode_report["nll_nats"] / (64 * math.log(2)) + 7.0, rel=1e-5
+  )
   assert ode_report["nfe"] == 6 * (ode_report["accepted"] + ode_report["rejected"]) + 2
   assert "nll_ode" in report["seconds"]
   out_dir = os.path.join(digits_smoke_run, "eval", "ode-step4")

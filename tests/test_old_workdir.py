@@ -31,8 +31,9 @@ def _config(num_steps: int):
 def test_the_run_loader_reads_and_samples_an_old_run(tmp_path):
   model = runs.load_ema_for_sampling(_copy(tmp_path))
   assert (model.step, model.image_shape, model.num_classes) == (2, (8, 8, 1), None)
-  samples = runs.draw_samples(model, sampling.SamplerConfig(sampler="ddim", steps=2), 8, 8,
-                              str(tmp_path / "samples"), seed=0)
+  samples = runs.draw_samples(
+    model, sampling.SamplerConfig(sampler="ddim", steps=2), 8, 8, str(tmp_path / "samples"), seed=0
+  )
   assert samples.shape == (8, 8, 8, 1) and samples.dtype == np.uint8
 
 
@@ -43,4 +44,5 @@ def test_an_old_run_resumes_with_only_its_step_count_changed(tmp_path):
   with open(os.path.join(workdir, "config_history.jsonl")) as f:
     history = [json.loads(line) for line in f]
   assert [(entry["step"], entry["changes"]) for entry in history] == [
-      (2, {"train.num_steps": [2, 4]})]
+    (2, {"train.num_steps": [2, 4]})
+  ]

@@ -31,40 +31,67 @@ STEPS = (0, 50, 99, 100, 350, 600, 1099, 1100, 5000)
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_learning_rate_schedule_is_the_closed_form(schedule):
-  config = OptimConfig(lr=LR, warmup_steps=WARMUP, schedule=schedule,
-                                 decay_steps=DECAY if schedule != "constant" else 0)
+  config = OptimConfig(
+    lr=LR,
+    warmup_steps=WARMUP,
+    schedule=schedule,
+    decay_steps=DECAY if schedule != "constant" else 0,
+  )
   lr = optimizer.learning_rate_schedule(config)
-  np.testing.assert_allclose([float(lr(step)) for step in STEPS],
-                             [expected_lr(step, schedule) for step in STEPS], rtol=1e-5, atol=1e-10)
+  np.testing.assert_allclose(
+    [float(lr(step)) for step in STEPS],
+    [expected_lr(step, schedule) for step in STEPS],
+    rtol=1e-5,
+    atol=1e-10,
+  )
 
 
 def test_no_warmup_starts_at_the_peak_rate():
   config = OptimConfig(lr=LR, warmup_steps=0, schedule="linear", decay_steps=DECAY)
   lr = optimizer.learning_rate_schedule(config)
-  np.testing.assert_allclose([float(lr(step)) for step in (0, 500, 1000)],
-                             [LR, LR / 2, 0.0], rtol=1e-5, atol=1e-10)
+  np.testing.assert_allclose(
+    [float(lr(step)) for step in (0, 500, 1000)], [LR, LR / 2, 0.0], rtol=1e-5, atol=1e-10
+  )
 
 
 def test_the_optimizer_steps_with_the_schedules_rate():
   """Plain SGD (momentum 0, no clipping) moves a parameter by -lr_k * g at its k-th update."""
-  tx, _ = optimizer.make_optimizer(OptimConfig(
-      optimizer="sgd", lr=LR, momentum=0.0, warmup_steps=4, schedule="cosine", decay_steps=4,
-      grad_clip=0.0))
+  tx, _ = optimizer.make_optimizer(
+    OptimConfig(
+      optimizer="sgd",
+      lr=LR,
+      momentum=0.0,
+      warmup_steps=4,
+      schedule="cosine",
+      decay_steps=4,
+      grad_clip=0.0,
+    )
+  )
   params, grad = {"w": jnp.zeros(2)}, {"w": jnp.array([2.0, -3.0])}
   state = tx.init(params)
   for k in range(10):
     updates, state = tx.update(grad, state, params)
     rate = expected_lr(k, "cosine", warmup=4, decay=4)
-    np.testing.assert_allclose(updates["w"], -rate * np.array([2.0, -3.0]), rtol=1e-5, atol=1e-10,
-                               err_msg=f"update {k}")
+    np.testing.assert_allclose(
+      updates["w"], -rate * np.array([2.0, -3.0]), rtol=1e-5, atol=1e-10, err_msg=f"update {k}"
+    )
 
 
 def test_adamw_decays_weights_decoupled_from_the_adaptive_step():
   """Loshchilov & Hutter 2019: p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p), two steps."""
   b1, b2, eps, wd = 0.9, 0.999, 1e-8, 0.1
-  tx, _ = optimizer.make_optimizer(OptimConfig(
-      optimizer="adamw", lr=LR, warmup_steps=0, b1=b1, b2=b2, eps=eps, weight_decay=wd,
-      grad_clip=0.0))
+  tx, _ = optimizer.make_optimizer(
+    OptimConfig(
+      optimizer="adamw",
+      lr=LR,
+      warmup_steps=0,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      weight_decay=wd,
+      grad_clip=0.0,
+    )
+  )
   p0 = np.array([1.0, -2.0, 0.5])
   params = {"w": jnp.asarray(p0, jnp.float32)}
   state = tx.init(params)
@@ -86,8 +113,9 @@ def test_adamw_decays_weights_decoupled_from_the_adaptive_step():
 @pytest.mark.parametrize("clip", [1.0, 10.0, 0.0], ids=["clipped", "under_the_clip", "off"])
 def test_gradients_are_clipped_to_the_global_norm(clip):
   """The whole gradient (norm 5 over two leaves) is scaled to norm `clip` when it exceeds it."""
-  tx, _ = optimizer.make_optimizer(OptimConfig(
-      optimizer="sgd", lr=1.0, momentum=0.0, warmup_steps=0, grad_clip=clip))
+  tx, _ = optimizer.make_optimizer(
+    OptimConfig(optimizer="sgd", lr=1.0, momentum=0.0, warmup_steps=0, grad_clip=clip)
+  )
   params = {"a": jnp.zeros(1), "b": jnp.zeros(2)}
   grads = {"a": jnp.array([3.0]), "b": jnp.array([0.0, 4.0])}
   updates, _ = tx.update(grads, tx.init(params), params)

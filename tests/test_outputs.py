@@ -18,13 +18,21 @@ from diffusion_jax import evaluation, outputs, sampling
 from diffusion_jax.segmentation import inference as seg_inference
 
 
-@pytest.mark.parametrize("output, relation", [
-    ("in", "is"), ("in/masks", "is inside"), (".", "contains"), ("in/../in", "is"),
-])
+@pytest.mark.parametrize(
+  "output, relation",
+  [
+    ("in", "is"),
+    ("in/masks", "is inside"),
+    (".", "contains"),
+    ("in/../in", "is"),
+  ],
+)
 def test_output_folder_overlapping_an_input_is_refused(tmp_path, output, relation):
   (tmp_path / "in").mkdir()
-  with pytest.raises(outputs.OutputConflictError, match=f"'{tmp_path / output}' {relation} the"
-                     f" input '{tmp_path / 'in'}'"):
+  with pytest.raises(
+    outputs.OutputConflictError,
+    match=f"'{tmp_path / output}' {relation} the input '{tmp_path / 'in'}'",
+  ):
     outputs.check_apart(tmp_path / output, [None, "", tmp_path / "in"])
 
 
@@ -41,8 +49,9 @@ def test_existing_files_are_refused_unless_overwrite(tmp_path):
   outputs.check_unclaimed(paths, overwrite=False)  # none there yet
   for path in paths[1:]:
     path.write_bytes(b"")
-  with pytest.raises(outputs.OutputConflictError,
-                     match=f"'{paths[1]}' \\(and 1 more\\) already exists.*--overwrite"):
+  with pytest.raises(
+    outputs.OutputConflictError, match=f"'{paths[1]}' \\(and 1 more\\) already exists.*--overwrite"
+  ):
     outputs.check_unclaimed(paths, overwrite=False)
   outputs.check_unclaimed(paths, overwrite=True)
 
@@ -61,14 +70,16 @@ def test_sampling_into_a_folder_of_foreign_files_is_refused(tmp_path):
   assert (tmp_path / "grid.png").read_bytes() == b"someone's grid"
   assert not (tmp_path / "settings.json").exists()
   # --overwrite: every batch is this run's, none of the foreign ones is reused.
-  samples = sampling.sample_to_files(_constant_batches(1.0), 4, 2, str(tmp_path), key=key,
-                                     overwrite=True)
+  samples = sampling.sample_to_files(
+    _constant_batches(1.0), 4, 2, str(tmp_path), key=key, overwrite=True
+  )
   assert (samples == 255).all()
   # Another run's settings: refused, or redrawn from scratch with overwrite.
   with pytest.raises(outputs.OutputConflictError, match="settings of another run"):
     sampling.sample_to_files(_constant_batches(-1.0), 4, 2, str(tmp_path), key=jax.random.key(1))
-  samples = sampling.sample_to_files(_constant_batches(-1.0), 4, 2, str(tmp_path),
-                                     key=jax.random.key(1), overwrite=True)
+  samples = sampling.sample_to_files(
+    _constant_batches(-1.0), 4, 2, str(tmp_path), key=jax.random.key(1), overwrite=True
+  )
   assert (samples == 0).all()
 
 
@@ -83,8 +94,11 @@ def test_inputs_sharing_a_name_keep_their_suffix(tmp_path):
   jobs = seg_inference.plan_outputs(str(tmp_path / "in"), str(tmp_path / "out"))
   out = tmp_path / "out"
   assert {os.path.relpath(job.image, tmp_path / "in"): job.mask for job in jobs} == {
-      "a.jpg": f"{out}/a.jpg.png", "a.png": f"{out}/a.png.png", "b.png": f"{out}/b.png",
-      "sub/a.png": f"{out}/sub/a.png"}
+    "a.jpg": f"{out}/a.jpg.png",
+    "a.png": f"{out}/a.png.png",
+    "b.png": f"{out}/b.png",
+    "sub/a.png": f"{out}/sub/a.png",
+  }
   assert len({path for job in jobs for path in (job.mask, job.panel)}) == 2 * len(jobs)
 
 
@@ -99,8 +113,10 @@ def test_segmenting_over_existing_masks_needs_overwrite(tmp_path):
   _images(tmp_path / "out", ["a.png"])
   with pytest.raises(outputs.OutputConflictError, match="out/a.png' already exists"):
     seg_inference.plan_outputs(str(tmp_path / "in"), str(tmp_path / "out"))
-  assert len(seg_inference.plan_outputs(str(tmp_path / "in"), str(tmp_path / "out"),
-                                        overwrite=True)) == 1
+  assert (
+    len(seg_inference.plan_outputs(str(tmp_path / "in"), str(tmp_path / "out"), overwrite=True))
+    == 1
+  )
 
 
 def test_segmenting_into_the_input_folder_is_refused(tmp_path):
@@ -136,14 +152,19 @@ def test_evaluation_folder_of_foreign_files_needs_overwrite_and_a_rerun_is_its_o
   def run(config, **kwargs):
     return evaluation.evaluate(config, str(tmp_path), samples_path=str(samples), **kwargs)
 
-  with pytest.raises(outputs.OutputConflictError, match=re.escape(
-      f"'{out_dir / 'report.json'}' already exists and this run did not write it: pass"
-      " --overwrite")):
+  with pytest.raises(
+    outputs.OutputConflictError,
+    match=re.escape(
+      f"'{out_dir / 'report.json'}' already exists and this run did not write it: pass --overwrite"
+    ),
+  ):
     run(config)
   assert (out_dir / "report.json").read_text() == "someone else's report"
   first = run(config, overwrite=True)
   assert run(config)["runs"] == first["runs"]  # its own folder now
   assert json.loads((out_dir / "report.json").read_text())["runs"] == first["runs"]
-  with pytest.raises(outputs.OutputConflictError, match="holds the settings of another run: .*"
-                     " --overwrite; they differ in config.pr_k 3 → 5$"):
+  with pytest.raises(
+    outputs.OutputConflictError,
+    match="holds the settings of another run: .* --overwrite; they differ in config.pr_k 3 → 5$",
+  ):
     run(dataclasses.replace(config, pr_k=5))

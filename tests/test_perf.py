@@ -98,7 +98,9 @@ def test_remat_is_not_model_work():
   assert remat_counted == pytest.approx(plain, rel=0.02)
 
 
-@pytest.mark.parametrize("kind, dtype, name, peak", [
+@pytest.mark.parametrize(
+  "kind, dtype, name, peak",
+  [
     ("NVIDIA H100 80GB HBM3", jnp.bfloat16, "H100", 989.4e12),
     ("NVIDIA H100 PCIe", jnp.float32, "H100 PCIe", 378e12),
     ("NVIDIA H200", jnp.bfloat16, "H200", 989.4e12),
@@ -107,7 +109,9 @@ def test_remat_is_not_model_work():
     ("TPU v5 lite", jnp.bfloat16, "TPU v5e", 197e12),
     ("TPU v5p", jnp.bfloat16, "TPU v5p", 459e12),
     ("TPU v6 lite", jnp.bfloat16, "TPU v6e", 918e12),
-    ("cpu", jnp.float32, None, None)])
+    ("cpu", jnp.float32, None, None),
+  ],
+)
 def test_peak_flops_by_device_kind(kind, dtype, name, peak):
   assert perf.device_peak_name(kind) == name
   assert perf.peak_flops(kind, dtype) == peak
@@ -115,8 +119,9 @@ def test_peak_flops_by_device_kind(kind, dtype, name, peak):
 
 def test_rates():
   values = perf.rates(steps=10, seconds=4.0, flops_per_step=2e12, batch_size=128, peak=10e12)
-  assert values == pytest.approx({"steps_per_sec": 2.5, "images_per_sec": 320.0,
-                                  "tflops_per_device": 5.0, "mfu": 0.5})
+  assert values == pytest.approx(
+    {"steps_per_sec": 2.5, "images_per_sec": 320.0, "tflops_per_device": 5.0, "mfu": 0.5}
+  )
   assert "mfu" not in perf.rates(10, 4.0, 2e12, 128, peak=None)
 
 
@@ -135,18 +140,23 @@ def test_sampling_logs_images_per_second(digits_smoke_run, tmp_path, caplog):
   with caplog.at_level(logging.INFO):
     runs.draw_samples(model, sampling.SamplerConfig("ddim", 2), 16, 8, str(tmp_path), seed=0)
   assert "Sampled 2 batches:" in caplog.text and "images/s" in caplog.text
-  assert runs.forward_flops(model, 16, 8) == pytest.approx(2 * runs.forward_flops(model, 8, 8),
-                                                          rel=1e-3)
+  assert runs.forward_flops(model, 16, 8) == pytest.approx(
+    2 * runs.forward_flops(model, 8, 8), rel=1e-3
+  )
 
 
 def test_feature_extraction_logs_images_per_second(caplog):
   """Evaluation's features log their rate after the first batch (whose time holds the compile);
   FLOPs are the network's on the global batch, per device."""
-  net = features.load_digits_net(EvalConfig(name="rate", metrics=("fd_digits",), feature_batch_size=16))
+  net = features.load_digits_net(
+    EvalConfig(name="rate", metrics=("fd_digits",), feature_batch_size=16)
+  )
   images = np.random.default_rng(0).integers(0, 256, (48, 8, 8, 1), np.uint8)
   with caplog.at_level(logging.INFO):
     features.summarize(net, features.local_batches(images, 16), desc="digits features")
-  (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("digits features:")]
+  (line,) = [
+    r.getMessage() for r in caplog.records if r.getMessage().startswith("digits features:")
+  ]
   assert "images/s" in line and "MFU unknown" in line and "the 2 batches after the first" in line
   batch = lambda size: jax.ShapeDtypeStruct((size, 8, 8, 1), jnp.uint8)
   assert net.flops(batch(16)) > 0
@@ -178,16 +188,27 @@ def test_accelerator_benchmark_tiny_writes_every_row(tmp_path):
   """
   out = tmp_path / "accelerator.json"
   one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # compiles less
-  result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--tiny",
-                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=one_device, check=False)
+  result = subprocess.run(
+    [sys.executable, "-m", "benchmarks.accelerator", "--tiny", f"--out={out}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=one_device,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   rows = json.loads(out.read_text())["rows"]
   measured = [row for row in rows if row["kind"] != "largest_batch"]
   assert [(row["kind"], row["dtype"]) for row in measured] == [
-      ("train", "float32"), ("train", "bfloat16"), ("train", "bfloat16"),
-      ("sample", "bfloat16"), ("sample", "bfloat16"), ("sample", "bfloat16"),
-      ("inception", "float32")]
+    ("train", "float32"),
+    ("train", "bfloat16"),
+    ("train", "bfloat16"),
+    ("sample", "bfloat16"),
+    ("sample", "bfloat16"),
+    ("sample", "bfloat16"),
+    ("inception", "float32"),
+  ]
   for row in measured:
     assert f"{row['kind']} {row['name']}" in result.stdout  # its line of the table
     assert row["images_per_sec"] > 0 and row["tflops_per_device"] > 0 and row["compile_s"] > 0
@@ -202,16 +223,21 @@ def test_accelerator_benchmark_tiny_writes_every_row(tmp_path):
   assert "largest ddpm_cifar10 bfloat16 train batch with remat" in result.stdout
 
 
-@pytest.mark.parametrize("limit, start, granule, found", [
+@pytest.mark.parametrize(
+  "limit, start, granule, found",
+  [
     (100, 8, 8, 96),  # doubles to 64, bisects 64..128 to within an eighth
     (20, 128, 4, 20),  # the first guess too large: starts again from one granule
     (3, 8, 4, 0),  # nothing fits
     (10**6, 8, 8, 512),  # max_batch fits: the search ends there
-])
+  ],
+)
 def test_largest_batch_search(limit, start, granule, found):
   tried = []
   fits = lambda batch: tried.append(batch) or batch <= limit
   assert perf.largest_batch(fits, start, granule, deadline=float("inf"), max_batch=512) == (
-      found, True)
+    found,
+    True,
+  )
   assert all(batch % granule == 0 for batch in tried)
   assert perf.largest_batch(fits, start, granule, deadline=0.0) == (0, False)  # out of time

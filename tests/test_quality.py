@@ -22,8 +22,9 @@ from diffusion_jax.data import sources
 from diffusion_jax.evaluation import digits_classifier, metrics
 from diffusion_jax.train import tasks
 
-PARAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "quality",
-                      "digits_ema.npz")
+PARAMS = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "data", "quality", "digits_ema.npz"
+)
 NUM_SAMPLES = 300
 SAMPLE_STEPS = 50
 # Measured (make_checkpoint.py's run, sampling seed 0): the sampler as built 22.9 (with
@@ -61,9 +62,15 @@ def _features(images_uint8: np.ndarray) -> np.ndarray:
 
 def _fd_digits_of_samples(spec: diffusion.ModelSpec) -> float:
   exp, params = _ema_model()
-  draw = jax.jit(lambda key: sampling.ddpm_sample(
-      functools.partial(exp.apply_fn, params), spec, sampling.respaced(exp.schedule, SAMPLE_STEPS),
-      key, (NUM_SAMPLES, *exp.image_shape)))
+  draw = jax.jit(
+    lambda key: sampling.ddpm_sample(
+      functools.partial(exp.apply_fn, params),
+      spec,
+      sampling.respaced(exp.schedule, SAMPLE_STEPS),
+      key,
+      (NUM_SAMPLES, *exp.image_shape),
+    )
+  )
   fake = _features(images.to_uint8(draw(jax.random.key(0)))).astype(np.float64)
   return metrics.frechet_distance(fake.mean(axis=0), np.cov(fake, rowvar=False), *_real_gaussian())
 

@@ -36,8 +36,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The jobs: digits:smoke with a metric line per step (what the tests read) and a checkpoint
 # every 4 steps (saves to kill -9 inside).
 NUM_STEPS = 24
-JOB_FLAGS = ["--config=configs/digits.py:smoke", f"--config.train.num_steps={NUM_STEPS}",
-             "--config.train.log_every=1", "--config.train.checkpoint_every=4"]
+JOB_FLAGS = [
+  "--config=configs/digits.py:smoke",
+  f"--config.train.num_steps={NUM_STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.checkpoint_every=4",
+]
 HOOKED_LAUNCH = os.path.join(REPO, "tests", "hooked_launch.py")
 
 
@@ -54,10 +58,15 @@ class _Job:
     self.processes = []
     for i, (log_path, hook) in enumerate(zip(self.log_paths, hooks)):
       with open(log_path, "w") as log:
-        self.processes.append(subprocess.Popen(
+        self.processes.append(
+          subprocess.Popen(
             [sys.executable, HOOKED_LAUNCH, "launch.train", f"--workdir={workdir}", *JOB_FLAGS],
-            cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i), **hook), stdout=subprocess.DEVNULL,
-            stderr=log))
+            cwd=REPO,
+            env=dict(env, JAX_PROCESS_ID=str(i), **hook),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+          )
+        )
 
   def log(self, i: int) -> str:
     return self.log_paths[i].read_text()
@@ -122,8 +131,9 @@ class _Stage:
   unfinished: list[str]  # Orbax's temporary directories left after it
 
 
-def _stage(workdir, name: str, hooks=({}, {}), kill_at: str | None = None,
-           delay: float = 0.0) -> _Stage:
+def _stage(
+  workdir, name: str, hooks=({}, {}), kill_at: str | None = None, delay: float = 0.0
+) -> _Stage:
   """Runs a job on `workdir` with `hooks`; kills it (-9) `delay` s after it logs `kill_at`."""
   job = _Job(workdir, workdir.parent, name, hooks)
   if kill_at is not None:
@@ -143,19 +153,24 @@ def interrupted_job(tmp_path_factory):
   sigterm = lambda step: {"TEST_SIGTERM_AFTER_STEP": str(step)}
   stages = {"sigterm_both": _stage(workdir, "sigterm_both", (sigterm(3), sigterm(3)))}
   stages["sigterm_one"] = _stage(workdir, "sigterm_one", ({}, sigterm(6)))
-  stages["kill_in_save"] = _stage(workdir, "kill_in_save", ({"TEST_PAUSE_IN_SAVE": "1"}, {}),
-                                  kill_at="Paused inside the save of ")
+  stages["kill_in_save"] = _stage(
+    workdir, "kill_in_save", ({"TEST_PAUSE_IN_SAVE": "1"}, {}), kill_at="Paused inside the save of "
+  )
   delay = random.Random(0).uniform(0.0, 2.0)  # any moment will do: seeded, to reproduce
-  stages["kill_at_random"] = _stage(workdir, "kill_at_random", kill_at=r"\] \[\d+\] grad_norm",
-                                    delay=delay)
+  stages["kill_at_random"] = _stage(
+    workdir, "kill_at_random", kill_at=r"\] \[\d+\] grad_norm", delay=delay
+  )
   stages["final"] = _stage(workdir, "final")
   return workdir, stages
 
 
 def _stopped_at(job: _Job) -> list[int]:
   """The step each process says it saved and stopped at."""
-  return [int(step) for i in range(2)
-          for step in re.findall(r"Stop requested \(SIGTERM\): saved step (\d+)", job.log(i))]
+  return [
+    int(step)
+    for i in range(2)
+    for step in re.findall(r"Stop requested \(SIGTERM\): saved step (\d+)", job.log(i))
+  ]
 
 
 def _restored_step(job: _Job) -> int | None:
@@ -206,10 +221,13 @@ def test_interrupted_job_ends_equal_to_an_unbroken_one(interrupted_job, unbroken
   workdir, stages = interrupted_job
   assert stages["final"].finished[-1] == NUM_STEPS
   config = _job_config()
-  _assert_equal_states(*saved_runs.saved_states(workdir, config), *saved_runs.saved_states(unbroken_job, config))
+  _assert_equal_states(
+    *saved_runs.saved_states(workdir, config), *saved_runs.saved_states(unbroken_job, config)
+  )
 
 
 # In-process runs: non-finite steps, unwritable workdirs, a save that fails.
+
 
 def _smoke(**train_overrides):
   config = digits.get_config("smoke")
@@ -269,11 +287,13 @@ def test_an_update_to_non_finite_parameters_is_skipped_though_loss_and_gradient_
 def test_on_nonfinite_skip_trains_on_and_counts_skipped_steps(tmp_path, monkeypatch):
   logged = []
   compute_metrics = loop.compute_metrics
-  monkeypatch.setattr(loop, "compute_metrics", lambda m: logged.append(compute_metrics(m)) or
-                      logged[-1])
+  monkeypatch.setattr(
+    loop, "compute_metrics", lambda m: logged.append(compute_metrics(m)) or logged[-1]
+  )
   _poison_steps(monkeypatch, {2})
-  config = _smoke(num_steps=4, log_every=2, checkpoint_every=1, keep_checkpoints=4,
-                  on_nonfinite="skip")
+  config = _smoke(
+    num_steps=4, log_every=2, checkpoint_every=1, keep_checkpoints=4, on_nonfinite="skip"
+  )
   state = loop.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 4
   assert [scalars["skipped_steps"] for scalars in logged] == [1, 0]
@@ -284,12 +304,14 @@ def test_on_nonfinite_skip_trains_on_and_counts_skipped_steps(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("log_every", [1, 100], ids=["found_at_log", "found_before_save"])
-def test_on_nonfinite_stop_names_the_step_and_saves_nothing_after_it(tmp_path, monkeypatch,
-                                                                      log_every):
+def test_on_nonfinite_stop_names_the_step_and_saves_nothing_after_it(
+  tmp_path, monkeypatch, log_every
+):
   _poison_steps(monkeypatch, {5})
   with pytest.raises(FloatingPointError, match=r"at step 5 .* latest checkpoint, step 4,"):
-    loop.train_and_evaluate(_smoke(num_steps=8, log_every=log_every, checkpoint_every=2),
-                             str(tmp_path))
+    loop.train_and_evaluate(
+      _smoke(num_steps=8, log_every=log_every, checkpoint_every=2), str(tmp_path)
+    )
   assert _finished_steps(tmp_path) == [2, 4] and not _unfinished(tmp_path)
 
 
@@ -308,9 +330,19 @@ def test_read_only_workdir_is_one_clear_error_before_training(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir(mode=0o555)
   result = subprocess.run(
-      [sys.executable, "-m", "launch.train", "--config=configs/digits.py:smoke",
-       f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=600,
-      preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+    [
+      sys.executable,
+      "-m",
+      "launch.train",
+      "--config=configs/digits.py:smoke",
+      f"--workdir={workdir}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
+  )
   assert result.returncode != 0
   [error] = [line for line in result.stderr.splitlines() if "Cannot write in workdir" in line]
   assert error.startswith(f"launch.train: Cannot write in workdir {workdir}: "), error
@@ -340,8 +372,12 @@ def _file_size_limit(max_bytes: int):
 
 def test_a_failing_save_is_named_and_never_restored(tmp_path, digits_smoke_run):
   workdir = saved_runs.copy_run(digits_smoke_run, tmp_path / "run")  # steps 2 and 4 saved
-  with _file_size_limit(1 << 17), pytest.raises(
-      checkpoint.CheckpointError, match=f"Saving a checkpoint in {workdir}/checkpoints failed"):
+  with (
+    _file_size_limit(1 << 17),
+    pytest.raises(
+      checkpoint.CheckpointError, match=f"Saving a checkpoint in {workdir}/checkpoints failed"
+    ),
+  ):
     loop.train_and_evaluate(_smoke(num_steps=6), str(workdir))  # its data files: 100-340 kB
   assert _finished_steps(workdir) == [2, 4] and _unfinished(workdir) == ["6.orbax-checkpoint-tmp"]
   state = loop.train_and_evaluate(_smoke(num_steps=6), str(workdir))

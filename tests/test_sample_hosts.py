@@ -28,8 +28,13 @@ import local_jobs  # tests/local_jobs.py
 
 NUM_SAMPLES, BATCH_SIZE, SEED = 20, 8, 3  # three batches, the last cut to 4 images
 SAMPLER = sampling.SamplerConfig("ddpm", steps=4)
-SAMPLE_FLAGS = [f"--num_samples={NUM_SAMPLES}", f"--batch_size={BATCH_SIZE}", f"--seed={SEED}",
-                "--sampler=ddpm", "--steps=4"]
+SAMPLE_FLAGS = [
+  f"--num_samples={NUM_SAMPLES}",
+  f"--batch_size={BATCH_SIZE}",
+  f"--seed={SEED}",
+  "--sampler=ddpm",
+  "--steps=4",
+]
 
 
 def resume_worker(workdir: str, out_dir: str) -> None:
@@ -40,12 +45,14 @@ def resume_worker(workdir: str, out_dir: str) -> None:
   parallel.maybe_initialize_distributed()
   model = runs.load_ema_for_sampling(workdir)
   settings = {"workdir": os.path.abspath(workdir)}  # as launch.sample saves them
-  samples = runs.draw_samples(model, SAMPLER, NUM_SAMPLES, BATCH_SIZE, out_dir, seed=SEED,
-                                   settings=settings)
+  samples = runs.draw_samples(
+    model, SAMPLER, NUM_SAMPLES, BATCH_SIZE, out_dir, seed=SEED, settings=settings
+  )
   np.save(os.path.join(out_dir, f"returned_{jax.process_index()}.npy"), samples)
   try:
-    runs.draw_samples(model, SAMPLER, NUM_SAMPLES, BATCH_SIZE, out_dir, seed=SEED + 1,
-                           settings=settings)
+    runs.draw_samples(
+      model, SAMPLER, NUM_SAMPLES, BATCH_SIZE, out_dir, seed=SEED + 1, settings=settings
+    )
   except ValueError as error:
     with open(os.path.join(out_dir, f"refused_{jax.process_index()}.txt"), "w") as f:
       f.write(str(error))
@@ -54,16 +61,18 @@ def resume_worker(workdir: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def one_process_samples(digits_smoke_run, tmp_path_factory) -> np.ndarray:
   model = runs.load_ema_for_sampling(digits_smoke_run)
-  return runs.draw_samples(model, SAMPLER, NUM_SAMPLES, BATCH_SIZE,
-                                str(tmp_path_factory.mktemp("one_process")), seed=SEED)
+  return runs.draw_samples(
+    model, SAMPLER, NUM_SAMPLES, BATCH_SIZE, str(tmp_path_factory.mktemp("one_process")), seed=SEED
+  )
 
 
 @pytest.fixture(scope="module")
 def two_process_run(digits_smoke_run, tmp_path_factory) -> tuple[str, list[str]]:
   """(the output of launch.sample run as 2 processes, their logs)."""
   output = str(tmp_path_factory.mktemp("two_processes") / "samples")
-  logs = local_jobs.run_job(["-m", "launch.sample", f"--workdir={digits_smoke_run}",
-                             f"--output={output}", *SAMPLE_FLAGS])
+  logs = local_jobs.run_job(
+    ["-m", "launch.sample", f"--workdir={digits_smoke_run}", f"--output={output}", *SAMPLE_FLAGS]
+  )
   return output, logs
 
 
@@ -76,14 +85,18 @@ def test_two_processes_draw_the_images_of_one(two_process_run, one_process_sampl
   assert len({image.tobytes() for image in samples}) == NUM_SAMPLES  # no host repeats another
   np.testing.assert_array_equal(samples, one_process_samples)
   assert sorted(f for f in os.listdir(output) if f.startswith("batch_")) == [
-      "batch_000000.npz", "batch_000001.npz", "batch_000002.npz"]
+    "batch_000000.npz",
+    "batch_000001.npz",
+    "batch_000002.npz",
+  ]
   assert os.path.exists(os.path.join(output, "grid.png"))
   with open(os.path.join(output, "settings.json")) as f:
     assert json.load(f)["batch_size"] == BATCH_SIZE
 
 
-def test_two_processes_resume_an_interrupted_run(two_process_run, one_process_samples, tmp_path,
-                                                 digits_smoke_run):
+def test_two_processes_resume_an_interrupted_run(
+  two_process_run, one_process_samples, tmp_path, digits_smoke_run
+):
   """Resumes what an interrupted 2-process run leaves: some batches, a killed write's temporary."""
   output = str(tmp_path / "samples")
   shutil.copytree(two_process_run[0], output)
@@ -92,13 +105,21 @@ def test_two_processes_resume_an_interrupted_run(two_process_run, one_process_sa
   open(os.path.join(output, ".batch_000000.npz.k1ll3d.npz"), "wb").close()
   kept = os.stat(os.path.join(output, "batch_000001.npz"))
 
-  local_jobs.run_job(["-c", "import sys; sys.path[:0] = ['tests', '.']; import test_sample_hosts;"
-                      " test_sample_hosts.resume_worker(*sys.argv[1:])", digits_smoke_run, output])
+  local_jobs.run_job(
+    [
+      "-c",
+      "import sys; sys.path[:0] = ['tests', '.']; import test_sample_hosts;"
+      " test_sample_hosts.resume_worker(*sys.argv[1:])",
+      digits_smoke_run,
+      output,
+    ]
+  )
   with np.load(os.path.join(output, "samples.npz")) as data:
     np.testing.assert_array_equal(data["arr_0"], one_process_samples)
   for process in (0, 1):  # batch 1, read by process 0 only, reaches process 1 too
-    np.testing.assert_array_equal(np.load(os.path.join(output, f"returned_{process}.npy")),
-                                  one_process_samples)
+    np.testing.assert_array_equal(
+      np.load(os.path.join(output, f"returned_{process}.npy")), one_process_samples
+    )
   now = os.stat(os.path.join(output, "batch_000001.npz"))
   assert (now.st_ino, now.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # not drawn again
   with open(os.path.join(output, "refused_0.txt")) as f:
@@ -120,23 +141,25 @@ def test_training_grid_is_split_over_devices_and_equal_on_any_count(tmp_path):
   exp = diffusion_task.build(config)
   abstract = jax.eval_shape(exp.init_state, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)  # untrained: any weights do
-  ema_params = jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(x.dtype),
-                            abstract.ema_params)
+  ema_params = jax.tree.map(
+    lambda x: rng.normal(0, 0.05, x.shape).astype(x.dtype), abstract.ema_params
+  )
   pngs = {}
   for num_devices, drawn in ((1, 10), (8, 16)):
     mesh = parallel.make_mesh(devices=jax.devices()[:num_devices])
     grid_sampler = sample_grids.make_grid_sampler(exp, mesh)
-    state = types.SimpleNamespace(ema_params=jax.device_put(ema_params,
-                                                            parallel.replicated(mesh)))
+    state = types.SimpleNamespace(ema_params=jax.device_put(ema_params, parallel.replicated(mesh)))
     sharded = grid_sampler.sample(state.ema_params, jax.random.PRNGKey(1))
     assert sharded.shape == (drawn, 8, 8, 1) and grid_sampler.num_samples == 10
     assert sharded.sharding.is_equivalent_to(parallel.batch_sharding(mesh), sharded.ndim)
     assert [shard.data.shape[0] for shard in sharded.addressable_shards] == [
-        drawn // num_devices] * num_devices
+      drawn // num_devices
+    ] * num_devices
     writer = _ImageWriter()
     sample_grids.write_samples(grid_sampler, state, 7, 1, str(tmp_path / str(num_devices)), writer)
     pngs[num_devices] = np.asarray(
-        Image.open(tmp_path / str(num_devices) / "samples" / "step_00000007.png"))
+      Image.open(tmp_path / str(num_devices) / "samples" / "step_00000007.png")
+    )
     assert writer.images[0] == 7 and writer.images[1]["samples"].shape[0] == 1
   np.testing.assert_array_equal(pngs[1], pngs[8])
   assert pngs[1].std() > 0

@@ -28,9 +28,9 @@ def _sigmoid(x):
 # get_named_beta_schedule, Ho et al.'s [1e-4, 0.02] scaled by 1000/T; quadratic: Ho et al.'s
 # "quad", sqrt(beta) in equal steps, unscaled; sigmoid: DDIM's (ermongroup/ddim), unscaled.
 EXPECTED_BETAS = {
-    "linear": lambda T: _evenly(1000 / T * 1e-4, 1000 / T * 0.02, T),
-    "quadratic": lambda T: _evenly(math.sqrt(1e-4), math.sqrt(0.02), T) ** 2,
-    "sigmoid": lambda T: 1e-4 + (0.02 - 1e-4) * _sigmoid(_evenly(-6.0, 6.0, T)),
+  "linear": lambda T: _evenly(1000 / T * 1e-4, 1000 / T * 0.02, T),
+  "quadratic": lambda T: _evenly(math.sqrt(1e-4), math.sqrt(0.02), T) ** 2,
+  "sigmoid": lambda T: 1e-4 + (0.02 - 1e-4) * _sigmoid(_evenly(-6.0, 6.0, T)),
 }
 
 
@@ -56,8 +56,9 @@ def test_cosine_alpha_bar_is_the_papers_formula():
   # Betas are clipped at 0.999 only at the very end; compare where unclipped.
   unclipped = np.asarray(sched.betas) < 0.999
   assert unclipped[:-1].all()
-  np.testing.assert_allclose(np.asarray(sched.alphas_cumprod)[unclipped],
-                             expected[unclipped], rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(
+    np.asarray(sched.alphas_cumprod)[unclipped], expected[unclipped], rtol=1e-5, atol=1e-9
+  )
   assert float(sched.betas[-1]) == pytest.approx(0.999)
 
 
@@ -69,11 +70,13 @@ def test_derived_terms_are_consistent(name):
   np.testing.assert_allclose(s.alphas_cumprod, abar, rtol=1e-5, atol=1e-8)
   np.testing.assert_allclose(s.alphas_cumprod_prev[1:], abar[:-1], rtol=1e-5)
   assert float(s.alphas_cumprod_prev[0]) == 1.0 and float(s.alphas_cumprod_next[-1]) == 0.0
-  np.testing.assert_allclose(np.square(s.sqrt_alphas_cumprod) + np.square(
-      s.sqrt_one_minus_alphas_cumprod), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    np.square(s.sqrt_alphas_cumprod) + np.square(s.sqrt_one_minus_alphas_cumprod), 1.0, rtol=1e-6
+  )
   assert np.all(np.isfinite(s.posterior_log_variance_clipped))
-  np.testing.assert_allclose(s.posterior_log_variance_clipped[0],
-                             np.log(s.posterior_variance[1]), rtol=1e-6)
+  np.testing.assert_allclose(
+    s.posterior_log_variance_clipped[0], np.log(s.posterior_variance[1]), rtol=1e-6
+  )
   assert all(getattr(s, f).dtype == np.float32 for f in ("betas", "posterior_mean_coef1"))
 
 
@@ -117,15 +120,23 @@ def test_respace_with_every_step_reproduces_the_schedule():
   s = schedules.get_schedule("cosine", 100)
   r, timestep_map = schedules.respace(s, range(100))
   np.testing.assert_array_equal(timestep_map, np.arange(100))
-  for field in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1",
-                "posterior_mean_coef2", "posterior_log_variance_clipped"):
-    np.testing.assert_allclose(getattr(r, field), getattr(s, field), rtol=1e-5,
-                               atol=1e-8, err_msg=field)
+  for field in (
+    "betas",
+    "alphas_cumprod",
+    "posterior_variance",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_log_variance_clipped",
+  ):
+    np.testing.assert_allclose(
+      getattr(r, field), getattr(s, field), rtol=1e-5, atol=1e-8, err_msg=field
+    )
 
 
 def test_respace_keeps_alpha_bar_at_kept_steps():
   s = schedules.get_schedule("linear", 1000)
   r, timestep_map = schedules.respace(s, "ddim10")
   assert r.num_timesteps == 10
-  np.testing.assert_allclose(r.alphas_cumprod, np.asarray(s.alphas_cumprod)[timestep_map],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    r.alphas_cumprod, np.asarray(s.alphas_cumprod)[timestep_map], rtol=1e-5
+  )

@@ -33,7 +33,8 @@ _CPU_OPTIONS = parallel.compiler_options(parallel.make_mesh())  # XLA:CPU compil
 
 def _init(model, tile: int):
   return jax.jit(model.init, compiler_options=_CPU_OPTIONS)(
-      jax.random.key(0), jnp.zeros((1, tile, tile, 1)))["params"]
+    jax.random.key(0), jnp.zeros((1, tile, tile, 1))
+  )["params"]
 
 
 # ---- weight map (Sec. 3, eq. 2) ----------------------------------------------------------------
@@ -52,12 +53,13 @@ def test_weight_map_equals_the_formula_at_chosen_pixels():
   w = weights.weight_map(mask, 2, WeightMapConfig(w0=10.0, sigma=5.0))
   # w_c: 84 object pixels, 106 background pixels; each class gets half the total weight.
   w_object, w_background = 190 / (2 * 84), 190 / (2 * 106)
-  border = lambda d1, d2: 10.0 * math.exp(-(d1 + d2) ** 2 / 50.0)
+  border = lambda d1, d2: 10.0 * math.exp(-((d1 + d2) ** 2) / 50.0)
   np.testing.assert_allclose(w[4, 5], w_object, rtol=1e-6)  # on an object: w_c only
   np.testing.assert_allclose(w[4, 9], w_background + border(1, 1), rtol=1e-6)  # in the gap
   np.testing.assert_allclose(w[4, 0], w_background + border(2, 10), rtol=1e-6)  # left edge
-  np.testing.assert_allclose(w[0, 9], w_background + border(math.hypot(2, 1), math.hypot(2, 1)),
-                             rtol=1e-6)  # above the gap: nearest pixels (2, 8) and (2, 10)
+  np.testing.assert_allclose(
+    w[0, 9], w_background + border(math.hypot(2, 1), math.hypot(2, 1)), rtol=1e-6
+  )  # above the gap: nearest pixels (2, 8) and (2, 10)
   assert np.unravel_index(np.argmax(w), w.shape)[1] == 9  # the largest weights fill the gap
   assert w[2:8, 9].min() > w[:, :9].max()
 
@@ -75,8 +77,12 @@ def test_weight_map_without_border_term_or_balance():
 def test_windowed_distances_equal_whole_image_distance_transforms():
   instances = synthetic.make_cells(3, "train", 0, size=64).instances
   d1, d2 = weights.two_nearest_distances(instances)
-  every = np.sort(np.stack([ndimage.distance_transform_edt(instances != i)
-                            for i in range(1, instances.max() + 1)]), axis=0)
+  every = np.sort(
+    np.stack(
+      [ndimage.distance_transform_edt(instances != i) for i in range(1, instances.max() + 1)]
+    ),
+    axis=0,
+  )
   np.testing.assert_allclose(d1, every[0], rtol=1e-6)
   np.testing.assert_allclose(d2, every[1], rtol=1e-6)
   near_d1, near_d2 = weights.two_nearest_distances(instances, margin=30.0)
@@ -98,35 +104,50 @@ def _minus_log_softmax(logits, labels):
 def test_weighted_cross_entropy_is_the_mean_over_pixels_of_weighted_log_loss():
   # Two pixels by hand: p = (1/4, 3/4); label 1 weighted 2 costs 2 ln(4/3), label 0 costs ln 4.
   two_pixels = seg_step.weighted_cross_entropy(
-      jnp.array([[[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]]]), jnp.array([[[1, 0]]]),
-      jnp.array([[[2.0, 1.0]]]))
+    jnp.array([[[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]]]),
+    jnp.array([[[1, 0]]]),
+    jnp.array([[[2.0, 1.0]]]),
+  )
   np.testing.assert_allclose(two_pixels, (2 * math.log(4 / 3) + math.log(4)) / 2, rtol=1e-6)
   rng = np.random.default_rng(0)
   logits = 3.0 * rng.normal(size=(2, 3, 4, 3))  # [B, H, W, K]
   labels = rng.integers(0, 3, size=(2, 3, 4))
   pixel_weights = rng.uniform(0.5, 5.0, size=(2, 3, 4))
-  loss = seg_step.weighted_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
-                                         jnp.asarray(pixel_weights, jnp.float32))
+  loss = seg_step.weighted_cross_entropy(
+    jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(pixel_weights, jnp.float32)
+  )
   # Divided by the 24 pixels, not by the sum of the weights: w scales each pixel's loss.
   expected = np.sum(pixel_weights * _minus_log_softmax(logits, labels)) / labels.size
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
-
 
 
 def test_a_skipped_step_leaves_the_other_steps_in_the_logged_means():
   """One non-finite step counts in skipped_steps only; the window's means are the other steps'."""
   model = RonnebergerUNet(num_classes=2, features=2, depth=1, padding="SAME")
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
-  fns = seg_step.SegmentationStepFns(apply=lambda p, x: model.apply({"params": p}, x),
-                                     tx=optax.sgd(0.1), lr_schedule=lambda step: 0.1,
-                                     ema_decay=0.0)
-  state = TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
-                     opt_state=fns.tx.init(params), rng=jax.random.key(0), sampler_state=())
-  batch = {"image": jnp.ones((2, 8, 8, 1)), "mask": jnp.zeros((2, 8, 8), jnp.int32),
-           "weights": jnp.ones((2, 8, 8))}
+  fns = seg_step.SegmentationStepFns(
+    apply=lambda p, x: model.apply({"params": p}, x),
+    tx=optax.sgd(0.1),
+    lr_schedule=lambda step: 0.1,
+    ema_decay=0.0,
+  )
+  state = TrainState(
+    step=jnp.array(0, jnp.int32),
+    params=params,
+    ema_params=params,
+    opt_state=fns.tx.init(params),
+    rng=jax.random.key(0),
+    sampler_state=(),
+  )
+  batch = {
+    "image": jnp.ones((2, 8, 8, 1)),
+    "mask": jnp.zeros((2, 8, 8), jnp.int32),
+    "weights": jnp.ones((2, 8, 8)),
+  }
   state, good = seg_step.train_step(state, batch, fns)
-  skipped_state, bad = seg_step.train_step(state, {**batch, "weights": batch["weights"] * jnp.nan},
-                                           fns)
+  skipped_state, bad = seg_step.train_step(
+    state, {**batch, "weights": batch["weights"] * jnp.nan}, fns
+  )
   assert int(skipped_state.step) == 2
   jax.tree.map(np.testing.assert_array_equal, skipped_state.params, state.params)
   logged = compute_metrics(merge_metrics(good, bad))
@@ -166,7 +187,8 @@ def test_elastic_warp_keeps_image_and_mask_aligned():
   config = AugmentConfig(brightness=0.0, contrast=0.0)
   rng = np.random.default_rng(1)
   tile_image, tile_mask, tile_weights = augment.random_tile(
-      rng, image[..., None], mask, mask.astype(np.float32), tile=80, output=40, config=config)
+    rng, image[..., None], mask, mask.astype(np.float32), tile=80, output=40, config=config
+  )
   rethresholded = augment.center_crop(tile_image[None, ..., 0], 40)[0] > np.median(image)
 
   def off_edge_mismatches(warped_mask, other=rethresholded):
@@ -178,8 +200,9 @@ def test_elastic_warp_keeps_image_and_mask_aligned():
   assert off_edge_mismatches(tile_mask) == 0
   assert off_edge_mismatches(tile_mask, np.round(tile_weights)) == 0  # the weights went along
   # A mask warped with another draw of the same transforms is off: the check can fail.
-  _, other_mask, _ = augment.random_tile(np.random.default_rng(2), image[..., None], mask,
-                                         mask.astype(np.float32), 80, 40, config)
+  _, other_mask, _ = augment.random_tile(
+    np.random.default_rng(2), image[..., None], mask, mask.astype(np.float32), 80, 40, config
+  )
   assert off_edge_mismatches(other_mask) > 200
 
 
@@ -224,7 +247,7 @@ def test_overlapping_tiles_agree_on_a_larger_image(small_unet):
     outputs = np.asarray(apply(tiling.extract_tiles(tiling.mirror_pad(image, layout), layout)))
     canvas = np.full((len(outputs), *layout.covered_shape, 3), np.nan, np.float32)
     for k, ((r, c), out) in enumerate(zip(layout.origins(), outputs)):
-      canvas[k, r:r + OUTPUT, c:c + OUTPUT] = out
+      canvas[k, r : r + OUTPUT, c : c + OUTPUT] = out
     seen = np.sum(np.isfinite(canvas[..., 0]), axis=0) > 1  # pixels two or more tiles predict
     assert seen.sum() > 1000
     spread = np.nanmax(canvas, axis=0) - np.nanmin(canvas, axis=0)
@@ -342,8 +365,9 @@ def border_runs(tmp_path_factory) -> dict[float, str]:
 
 
 def _held_out_cells(config, count=8):
-  return [synthetic.make_cells(config.data.seed, "test", i, config.data.image_size)
-          for i in range(count)]
+  return [
+    synthetic.make_cells(config.data.seed, "test", i, config.data.image_size) for i in range(count)
+  ]
 
 
 def test_short_run_beats_the_majority_class_baseline(border_runs):
@@ -351,14 +375,17 @@ def test_short_run_beats_the_majority_class_baseline(border_runs):
   cells = _held_out_cells(segmenter.exp.config)
   predictions = segmenter.predict([c.image.astype(np.float32) / 127.5 - 1 for c in cells])
   confusion = sum(metrics.confusion_matrix(c.mask, p, 2) for c, p in zip(cells, predictions))
-  print(f"held-out mean IoU {metrics.mean_iou(confusion):.3f}, majority-class baseline"
-        f" {metrics.majority_baseline(confusion):.3f}")
+  print(
+    f"held-out mean IoU {metrics.mean_iou(confusion):.3f}, majority-class baseline"
+    f" {metrics.majority_baseline(confusion):.3f}"
+  )
   # Measured: mean IoU 0.77, against 0.38 for predicting "cell" (74% of the pixels) everywhere.
   assert metrics.majority_baseline(confusion) < 0.40
   assert metrics.mean_iou(confusion) > 0.70
   assert segmenter.step == SHORT_RUN_STEPS
-  assert os.path.exists(os.path.join(border_runs[10.0], "segmentation",
-                                     f"step_{SHORT_RUN_STEPS:08d}.png"))
+  assert os.path.exists(
+    os.path.join(border_runs[10.0], "segmentation", f"step_{SHORT_RUN_STEPS:08d}.png")
+  )
 
 
 def test_border_term_separates_touching_cells(border_runs):
@@ -367,8 +394,9 @@ def test_border_term_separates_touching_cells(border_runs):
     segmenter = seg_inference.load(workdir)
     cells = _held_out_cells(segmenter.exp.config)
     predictions = segmenter.predict([c.image.astype(np.float32) / 127.5 - 1 for c in cells])
-    merged[w0] = sum(metrics.merged_objects(p == 1, c.instances)
-                     for c, p in zip(cells, predictions))
+    merged[w0] = sum(
+      metrics.merged_objects(p == 1, c.instances) for c, p in zip(cells, predictions)
+    )
   print(f"merged objects: {merged[10.0]} with the border term, {merged[0.0]} without")
   # Measured on these 8 images (173 cells): 19 merged objects with the border term, 29 without.
   assert merged[10.0] <= 0.8 * merged[0.0], merged
@@ -382,9 +410,20 @@ def test_launch_segment_writes_masks_of_each_images_size(border_runs, tmp_path):
   Image.fromarray(cells.image[:70, :90, 0]).save(inputs / "wide.png")
   output = tmp_path / "out"
   result = subprocess.run(
-      [sys.executable, "-m", "launch.segment", f"--workdir={border_runs[10.0]}",
-       f"--input={inputs}", f"--output={output}", "--tile_size=124"],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "launch.segment",
+      f"--workdir={border_runs[10.0]}",
+      f"--input={inputs}",
+      f"--output={output}",
+      "--tile_size=124",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   square = np.asarray(Image.open(output / "square.png"))
   assert square.shape == (96, 96) and set(np.unique(square)) == {0, 1}
@@ -400,8 +439,19 @@ def test_launch_segment_errors_are_one_line(tmp_path):
   (tmp_path / "in").mkdir()
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "in" / "a.png")
   result = subprocess.run(
-      [sys.executable, "-m", "launch.segment", f"--workdir={tmp_path}", f"--input={tmp_path / 'in'}",
-       f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "launch.segment",
+      f"--workdir={tmp_path}",
+      f"--input={tmp_path / 'in'}",
+      f"--output={tmp_path / 'out'}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith("launch.segment: No config.json")
   assert "Traceback" not in result.stderr
@@ -414,8 +464,9 @@ def test_resume_equals_an_unbroken_run(tmp_path):
   loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   config.train.num_steps = 4
   resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(unbroken.params),
-               jax.device_get(resumed.params))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(unbroken.params), jax.device_get(resumed.params)
+  )
 
 
 # ---- configs -------------------------------------------------------------------------------------
@@ -431,8 +482,9 @@ def test_full_variant_is_the_papers_network_and_optimizer():
 
 
 def test_sgd_momentum_accumulates_as_the_closed_form():
-  tx, _ = optimizer.make_optimizer(OptimConfig(
-      optimizer="sgd", lr=0.1, momentum=0.99, warmup_steps=0, grad_clip=0.0))
+  tx, _ = optimizer.make_optimizer(
+    OptimConfig(optimizer="sgd", lr=0.1, momentum=0.99, warmup_steps=0, grad_clip=0.0)
+  )
   params = {"w": jnp.zeros(())}
   state = tx.init(params)
   first, state = tx.update({"w": jnp.ones(())}, state, params)
@@ -457,8 +509,14 @@ def _pet_records(mask_size=(40, 50)):
   trimap = np.full((*mask_size, 1), 2, np.uint8)
   trimap[10:30, 10:30] = 1
   trimap[10, 10:30] = 3
-  return [{"image": rng.integers(0, 255, (40, 50, 3), np.uint8), "segmentation_mask": trimap,
-           "file_name": f"pet_{i}.jpg"} for i in range(2)]
+  return [
+    {
+      "image": rng.integers(0, 255, (40, 50, 3), np.uint8),
+      "segmentation_mask": trimap,
+      "file_name": f"pet_{i}.jpg",
+    }
+    for i in range(2)
+  ]
 
 
 def test_pets_config_reads_tfds_masks_as_three_classes():
@@ -470,6 +528,9 @@ def test_pets_config_reads_tfds_masks_as_three_classes():
   assert set(np.unique(batch["mask"])) == {0, 1, 2}  # labels 1..3 shifted by data.mask_offset
   with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: _pet_records((40, 49))):
     source = seg_data.make_source(exp.data, "train", exp.num_classes)
-    with pytest.raises(ValueError, match=r"oxford_iiit_pet/train\[0\] \('pet_0.jpg'\): the image"
-                       " is 40x50 pixels but its mask is 40x49"):
+    with pytest.raises(
+      ValueError,
+      match=r"oxford_iiit_pet/train\[0\] \('pet_0.jpg'\): the image"
+      " is 40x50 pixels but its mask is 40x49",
+    ):
       source[0]

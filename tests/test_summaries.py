@@ -22,10 +22,16 @@ def test_scalars_read_back_by_tensorflow(tmp_path):
   (name,) = os.listdir(tmp_path / "eval")
   events = list(tf.compat.v1.train.summary_iterator(str(tmp_path / "eval" / name)))
   assert events[0].file_version == "brain.Event:2"
-  values = {(event.step, value.tag): tf.make_ndarray(value.tensor)
-            for event in events[1:] for value in event.summary.value}
-  assert values == {(3, "ddim-50steps/fid"): 12.5, (3, "nll/bpd"): 3.25,
-                    (7, "ddim-50steps/fid"): np.float32(1 / 3)}
+  values = {
+    (event.step, value.tag): tf.make_ndarray(value.tensor)
+    for event in events[1:]
+    for value in event.summary.value
+  }
+  assert values == {
+    (3, "ddim-50steps/fid"): 12.5,
+    (3, "nll/bpd"): 3.25,
+    (7, "ddim-50steps/fid"): np.float32(1 / 3),
+  }
   assert all(v.dtype == np.float32 and v.shape == () for v in values.values())
 
 
@@ -39,9 +45,9 @@ def test_tensorboard_shows_them_as_scalars(tmp_path, monkeypatch):
   assert len(os.listdir(tmp_path)) == 2
   runs = plugin_event_accumulator.EventAccumulator(str(tmp_path)).Reload()
   assert list(runs.PluginTagToContent("scalars")) == ["fid"]  # the Scalars dashboard's
-  assert [(event.step, tensor_util.make_ndarray(event.tensor_proto))
-          for event in runs.Tensors("fid")] == [(1, 4.0), (2, 2.0), (3, 1.0)]
-
+  assert [
+    (event.step, tensor_util.make_ndarray(event.tensor_proto)) for event in runs.Tensors("fid")
+  ] == [(1, 4.0), (2, 2.0), (3, 1.0)]
 
 
 def test_images_read_back_as_pngs(tmp_path):
@@ -53,8 +59,9 @@ def test_images_read_back_as_pngs(tmp_path):
   assert sorted(run.Tags()["images"]) == ["masks/image/0", "masks/image/1", "samples"]
   (event,) = run.Images("samples")
   assert (event.step, event.width, event.height) == (2, 7, 5)
-  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(event.encoded_image_string))),
-                                grid[0])
+  np.testing.assert_array_equal(
+    np.asarray(Image.open(io.BytesIO(event.encoded_image_string))), grid[0]
+  )
 
 
 def test_a_flush_writes_the_whole_file_and_a_full_file_starts_another(tmp_path):

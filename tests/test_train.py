@@ -16,8 +16,15 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import PartitionSpec as P
 
-from configs import (celebahq256_ddpm, cifar10_cond, cifar10_ddpm, cifar10_edm, cifar10_iddpm,
-                     digits, imagenet64_iddpm)
+from configs import (
+  celebahq256_ddpm,
+  cifar10_cond,
+  cifar10_ddpm,
+  cifar10_edm,
+  cifar10_iddpm,
+  digits,
+  imagenet64_iddpm,
+)
 from diffusion_jax import checkpoint, data, losses, parallel, sampling, schedules
 from diffusion_jax.config.optim import OptimConfig
 from diffusion_jax.diffusion import ModelSpec
@@ -28,8 +35,14 @@ from diffusion_jax.train.state import TrainState, compute_metrics, keep_finite_u
 import saved_runs  # tests/saved_runs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_CONFIGS = [cifar10_ddpm, celebahq256_ddpm, cifar10_iddpm, imagenet64_iddpm, cifar10_cond,
-                 cifar10_edm]
+PAPER_CONFIGS = [
+  cifar10_ddpm,
+  celebahq256_ddpm,
+  cifar10_iddpm,
+  imagenet64_iddpm,
+  cifar10_cond,
+  cifar10_edm,
+]
 
 
 def _tiny_digits(**train_overrides):
@@ -76,20 +89,38 @@ def test_paper_configs_at_tiny_width_compile_and_run(config_module):
 
 def test_paper_configs_keep_the_papers_settings():
   ho = cifar10_ddpm.get_config()
-  assert (ho.train.batch_size, ho.optim.lr, ho.optim.warmup_steps, ho.train.ema_decay,
-          ho.train.num_steps) == (128, 2e-4, 5000, 0.9999, 800_000)
+  assert (
+    ho.train.batch_size,
+    ho.optim.lr,
+    ho.optim.warmup_steps,
+    ho.train.ema_decay,
+    ho.train.num_steps,
+  ) == (128, 2e-4, 5000, 0.9999, 800_000)
   iddpm = cifar10_iddpm.get_config()
-  assert (iddpm.diffusion.schedule, iddpm.diffusion.num_timesteps, iddpm.diffusion.loss,
-          iddpm.diffusion.var_type) == ("cosine", 4000, "hybrid", "learned_range")
+  assert (
+    iddpm.diffusion.schedule,
+    iddpm.diffusion.num_timesteps,
+    iddpm.diffusion.loss,
+    iddpm.diffusion.var_type,
+  ) == ("cosine", 4000, "hybrid", "learned_range")
   assert ho.optim.grad_clip == 1.0  # the DDPM code clips; improved-diffusion only logs the norm
   assert iddpm.optim.grad_clip == imagenet64_iddpm.get_config().optim.grad_clip == 0.0
   celebahq = celebahq256_ddpm.get_config()
   assert (celebahq.optim.lr, celebahq.diffusion.var_type) == (2e-5, "fixed_small")  # run_celebahq
   karras = cifar10_edm.get_config()  # EDM's train.py --arch=ddpmpp --precond=edm, CIFAR-10
-  assert (karras.diffusion.parameterization, karras.diffusion.sigma_data, karras.diffusion.p_mean,
-          karras.diffusion.p_std) == ("edm", 0.5, -1.2, 1.2)
-  assert (karras.train.batch_size, karras.optim.lr, karras.model.dropout,
-          karras.train.sampler, karras.train.sample_steps) == (512, 1e-3, 0.13, "edm_heun", 18)
+  assert (
+    karras.diffusion.parameterization,
+    karras.diffusion.sigma_data,
+    karras.diffusion.p_mean,
+    karras.diffusion.p_std,
+  ) == ("edm", 0.5, -1.2, 1.2)
+  assert (
+    karras.train.batch_size,
+    karras.optim.lr,
+    karras.model.dropout,
+    karras.train.sampler,
+    karras.train.sample_steps,
+  ) == (512, 1e-3, 0.13, "edm_heun", 18)
   assert 0.5 ** (512 / 500_000) == pytest.approx(karras.train.ema_decay, abs=1e-5)  # half-life
 
 
@@ -116,18 +147,30 @@ def test_ema_is_decay_times_the_old_ema_plus_the_rest_times_the_new_parameters()
   """train_step's EMA on a one-weight-per-channel model: ema' = d ema + (1 - d) params'."""
   decay, T = 0.9, 10
   tx = optax.sgd(0.5)
-  fns = StepFns(apply=lambda params, x_t, t, y, **_: params["w"] * x_t, tx=tx,
-                      lr_schedule=optax.constant_schedule(0.5), spec=ModelSpec("epsilon"),
-                      schedule=schedules.get_schedule("cosine", T),
-                      loss_type=losses.LossType.SIMPLE,
-                      timestep_sampler=losses.UniformSampler(T), ema_decay=decay)
+  fns = StepFns(
+    apply=lambda params, x_t, t, y, **_: params["w"] * x_t,
+    tx=tx,
+    lr_schedule=optax.constant_schedule(0.5),
+    spec=ModelSpec("epsilon"),
+    schedule=schedules.get_schedule("cosine", T),
+    loss_type=losses.LossType.SIMPLE,
+    timestep_sampler=losses.UniformSampler(T),
+    ema_decay=decay,
+  )
   params = {"w": jnp.array([0.5, -1.0, 2.0])}
   ema = np.array([1.0, 3.0, -2.0])  # far from the parameters, so the two weights differ
-  state = TrainState(step=jnp.array(0, jnp.int32), params=params,
-                           ema_params={"w": jnp.asarray(ema, jnp.float32)},
-                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0), sampler_state=())
-  batch = {"image": jax.random.uniform(jax.random.key(1), (4, 2, 2, 3), minval=-1.0),
-           "label": jnp.zeros(4, jnp.int32)}
+  state = TrainState(
+    step=jnp.array(0, jnp.int32),
+    params=params,
+    ema_params={"w": jnp.asarray(ema, jnp.float32)},
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(0),
+    sampler_state=(),
+  )
+  batch = {
+    "image": jax.random.uniform(jax.random.key(1), (4, 2, 2, 3), minval=-1.0),
+    "label": jnp.zeros(4, jnp.int32),
+  }
   new, _ = jax.jit(functools.partial(train_step, fns=fns))(state, batch)
   before, after = np.asarray(params["w"]), np.asarray(new.params["w"])
   assert np.all(np.abs(after - before) > 0.01), (before, after)  # the step moved each weight
@@ -172,9 +215,11 @@ def _gradient_from_adam(opt_state, grad_norm: float, optim: OptimConfig) -> dict
 def _full_rate_run(mesh_name: str) -> _Run:
   """Three digits smoke steps at the full rate on one device, 8 data-parallel ones or a 2 (data)
   x 4 (model) FSDP mesh; cached, so that the sharding tests compile each mesh's step once."""
-  mesh = {"one_device": lambda: parallel.make_mesh(devices=jax.devices()[:1]),
-          "data_parallel": parallel.make_mesh,
-          "fsdp": lambda: parallel.make_mesh(model_parallelism=4)}[mesh_name]()
+  mesh = {
+    "one_device": lambda: parallel.make_mesh(devices=jax.devices()[:1]),
+    "data_parallel": parallel.make_mesh,
+    "fsdp": lambda: parallel.make_mesh(model_parallelism=4),
+  }[mesh_name]()
   exp = tasks.build(_full_rate_digits())
   initial_params = _params(loop.create_state(exp, mesh, 0)[0])
   history, gradient = [], None
@@ -200,8 +245,12 @@ def test_sharded_step_equals_one_device():
   assert len(jax.tree.leaves(eight.state.params)[0].sharding.device_set) == 8
   # The steps move the parameters far more than the 1e-4 tolerated (median 1.3e-3 measured,
   # at lr 2e-3), and the gradient read back from Adam has the norm the step measured.
-  moved = np.concatenate([np.abs(a - b).ravel() for a, b in zip(
-      jax.tree.leaves(_params(one.state)), jax.tree.leaves(one.initial_params))])
+  moved = np.concatenate(
+    [
+      np.abs(a - b).ravel()
+      for a, b in zip(jax.tree.leaves(_params(one.state)), jax.tree.leaves(one.initial_params))
+    ]
+  )
   assert np.median(moved) > 5e-4, np.median(moved)
   np.testing.assert_allclose(optax.tree.norm(one.gradient), one.history[0, 1], rtol=1e-5)
   _assert_same_steps(eight, one)
@@ -226,8 +275,9 @@ def test_fsdp_mesh_shards_large_parameters():
   assert data_parallel_bytes - fsdp_bytes == split_bytes - split_bytes // 4
   # The split kernels are most of the model (measured: 35% of the bytes left per device).
   assert fsdp_bytes < 0.5 * data_parallel_bytes
-  assert (_bytes_on_one_device(fsdp.opt_state)
-          < 0.5 * _bytes_on_one_device(data_parallel.opt_state))  # and of Adam's moments
+  assert _bytes_on_one_device(fsdp.opt_state) < 0.5 * _bytes_on_one_device(
+    data_parallel.opt_state
+  )  # and of Adam's moments
 
 
 def _unbroken(digits_smoke_run) -> TrainState:
@@ -284,18 +334,26 @@ def test_unfinished_checkpoint_is_never_restored(tmp_path, digits_smoke_run):
   assert checkpoint.Checkpointer(workdir, every_steps=2, keep=2).latest_step() == 4
 
 
-@pytest.mark.parametrize("section,key,value,message", [
+@pytest.mark.parametrize(
+  "section,key,value,message",
+  [
     ("train", "batch_sise", 8, "train.batch_sise"),
     ("optim", "lr_decay", 0.1, "optim.lr_decay"),
     ("diffusion", "loss", "l1", "diffusion.loss 'l1'"),
     ("diffusion", "schedule", "cosin", "diffusion.schedule 'cosin'"),
     ("diffusion", "loss_weighting", "snr", "diffusion.loss_weighting 'snr'"),
-    ("diffusion", "min_snr_gamma", 0.0, r"diffusion.min_snr_gamma must be a finite number > 0, got 0.0"),
+    (
+      "diffusion",
+      "min_snr_gamma",
+      0.0,
+      r"diffusion.min_snr_gamma must be a finite number > 0, got 0.0",
+    ),
     ("train", "grad_accum_steps", 0, r"train.grad_accum_steps must be a finite number >= 1, got 0"),
     ("data", "source", "imagenet", "imagenet"),
     ("model", "name", "ddpm_cifar100", "ddpm_cifar10"),
     ("model", "chh", 4, "chh"),
-])
+  ],
+)
 def test_bad_config_values_are_named(section, key, value, message):
   config = _tiny_digits()
   config[section][key] = value
@@ -327,12 +385,24 @@ def test_missing_data_folder_is_named(tmp_path):
 
 
 def test_launcher_rejects_unknown_and_ill_typed_overrides(tmp_path):
-  for flag, message in [("--config.train.batch_sise=4", "batch_sise"),
-                        ("--config.train.batch_size=four", "batch_size")]:
+  for flag, message in [
+    ("--config.train.batch_sise=4", "batch_sise"),
+    ("--config.train.batch_size=four", "batch_size"),
+  ]:
     result = subprocess.run(
-        [sys.executable, "-m", "launch.train", "--config=configs/digits.py:smoke",
-         f"--workdir={tmp_path}", flag],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+      [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config=configs/digits.py:smoke",
+        f"--workdir={tmp_path}",
+        flag,
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
 
@@ -368,7 +438,8 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     state, shardings = loop.create_state(exp, mesh, 0)
     batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
     state, step_metrics = loop.compile_train_step(exp, shardings, mesh)(
-        state, data.make_global_batch(batch, parallel.batch_sharding(mesh)))
+      state, data.make_global_batch(batch, parallel.batch_sharding(mesh))
+    )
     return state, compute_metrics(step_metrics)
 
   (whole, whole_metrics), (accumulated, metrics) = one_step(1), one_step(4)
@@ -396,8 +467,9 @@ def test_label_dropout_defaults_to_the_model_and_is_refused_without_labels():
   with pytest.raises(ValueError, match="train.label_dropout=0 leaves untrained"):
     tasks.build(conditional)
   conditional.train.update(label_dropout=1.0)
-  with pytest.raises(ValueError,
-                     match=r"train.label_dropout must be a finite number in \[0, 1\), got 1.0"):
+  with pytest.raises(
+    ValueError, match=r"train.label_dropout must be a finite number in \[0, 1\), got 1.0"
+  ):
     tasks.build(conditional)
   with pytest.raises(ValueError, match="train.sample_guidance=1.0 needs a class-conditional"):
     tasks.build(_tiny_digits(sample_guidance=1.0))
@@ -409,7 +481,11 @@ def test_conditional_digits_train_with_guided_grids_one_class_per_row(tmp_path, 
   config = digits.get_config("cond,smoke")
   config.train.update(num_samples=9, num_steps=2)  # a 3x3 grid: digits 0, 1, 2 by rows
   exp = tasks.build(config)
-  assert (exp.num_classes, exp.step_fns().label_dropout, exp.train.sample_guidance) == (10, 0.1, 1.0)
+  assert (exp.num_classes, exp.step_fns().label_dropout, exp.train.sample_guidance) == (
+    10,
+    0.1,
+    1.0,
+  )
   seen = {}
   make_batch_sampler = sampling.make_batch_sampler
 
@@ -456,8 +532,14 @@ def test_min_snr_weighting_reaches_the_train_step():
 def _guarded_update_lines(num_leaves: int) -> int:
   """Lines of the compiled `keep_finite_update` on a state of `num_leaves` parameter arrays."""
   params = {f"w{i}": jnp.ones((4, 3)) for i in range(num_leaves)}
-  state = TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=(),
-                           rng=jax.random.PRNGKey(0), sampler_state=())
+  state = TrainState(
+    step=jnp.int32(0),
+    params=params,
+    ema_params=params,
+    opt_state=(),
+    rng=jax.random.PRNGKey(0),
+    sampler_state=(),
+  )
   guarded = jax.jit(lambda old, new: keep_finite_update(old, new, jnp.bool_(True)))
   return guarded.lower(state, state).compile().as_text().count("\n")
 

@@ -30,22 +30,22 @@ def _state_dict() -> dict[str, torch.Tensor]:
   torch.manual_seed(0)
   base = torch.randn(4, 5)
   return {
-      "float32": torch.randn(2, 3, 3, 3),
-      "float16": torch.randn(7).half(),
-      "bfloat16": torch.randn(3, 2).bfloat16(),
-      "float64": torch.randn(2, dtype=torch.float64),
-      "int64": torch.arange(-3, 3),
-      "int32": torch.arange(4, dtype=torch.int32),
-      "uint8": torch.arange(250, 256, dtype=torch.uint8),
-      "bool": torch.tensor([True, False, True]),
-      "scalar": torch.tensor(7),  # like BatchNorm's num_batches_tracked
-      "empty": torch.zeros(0, 3),
-      "base": base,
-      "tied": base,  # the same tensor under two names
-      "transposed": base.t(),  # non-contiguous
-      "slice": base[1:3, 2:],  # storage offset 7, strides (5, 1)
-      "column": base[:, 3],
-      "negated": torch._neg_view(torch.randn(3)),  # torch's neg bit: the storage holds -values
+    "float32": torch.randn(2, 3, 3, 3),
+    "float16": torch.randn(7).half(),
+    "bfloat16": torch.randn(3, 2).bfloat16(),
+    "float64": torch.randn(2, dtype=torch.float64),
+    "int64": torch.arange(-3, 3),
+    "int32": torch.arange(4, dtype=torch.int32),
+    "uint8": torch.arange(250, 256, dtype=torch.uint8),
+    "bool": torch.tensor([True, False, True]),
+    "scalar": torch.tensor(7),  # like BatchNorm's num_batches_tracked
+    "empty": torch.zeros(0, 3),
+    "base": base,
+    "tied": base,  # the same tensor under two names
+    "transposed": base.t(),  # non-contiguous
+    "slice": base[1:3, 2:],  # storage offset 7, strides (5, 1)
+    "column": base[:, 3],
+    "negated": torch._neg_view(torch.randn(3)),  # torch's neg bit: the storage holds -values
   }
 
 
@@ -63,8 +63,9 @@ def _save(obj, path, fmt: str, **kwargs):
   elif fmt == "legacy":
     torch.save(obj, path, _use_new_zipfile_serialization=False, **kwargs)
   else:  # safetensors holds neither shared nor strided tensors.
-    safetensors.torch.save_file({k: v.resolve_neg().contiguous().clone() for k, v in obj.items()},
-                                path)
+    safetensors.torch.save_file(
+      {k: v.resolve_neg().contiguous().clone() for k, v in obj.items()}, path
+    )
   return path
 
 
@@ -76,8 +77,9 @@ def _assert_equal(loaded: dict, expected: dict, ordered: bool = True):
     got = loaded[name]
     assert got.dtype == want.dtype and got.shape == want.shape, name
     assert got.flags.c_contiguous and got.flags.writeable, name
-    np.testing.assert_array_equal(got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8),
-                                  err_msg=name)
+    np.testing.assert_array_equal(
+      got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8), err_msg=name
+    )
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
@@ -96,11 +98,18 @@ def test_parameters_and_nested_wrappers(tmp_path, fmt):
   model = torch.nn.Linear(3, 2)
   parameters = dict(model.named_parameters())  # nn.Parameter objects, not plain tensors
   assert all(isinstance(p, torch.nn.Parameter) for p in parameters.values())
-  _assert_equal(weightfiles.load(_save(parameters, tmp_path / "params.pt", fmt)),
-                {k: v.detach() for k, v in parameters.items()})
+  _assert_equal(
+    weightfiles.load(_save(parameters, tmp_path / "params.pt", fmt)),
+    {k: v.detach() for k, v in parameters.items()},
+  )
 
-  checkpoint = {"state_dict": model.state_dict(), "epoch": 3, "note": "x", "lrs": [0.1, 0.2],
-                "ema": {"inner": {"w": torch.ones(2)}}}
+  checkpoint = {
+    "state_dict": model.state_dict(),
+    "epoch": 3,
+    "note": "x",
+    "lrs": [0.1, 0.2],
+    "ema": {"inner": {"w": torch.ones(2)}},
+  }
   loaded = weightfiles.load(_save(checkpoint, tmp_path / "ckpt.pt", fmt))
   assert list(loaded) == ["state_dict.weight", "state_dict.bias", "ema.inner.w"]
   np.testing.assert_array_equal(loaded["state_dict.weight"], model.weight.detach().numpy())
@@ -135,13 +144,13 @@ class _RunsOnUnpickle:
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
-@pytest.mark.parametrize("function,global_name", [(os.system, "posix.system"),
-                                                  (eval, "builtins.eval"),
-                                                  (exec, "builtins.exec")])
+@pytest.mark.parametrize(
+  "function,global_name",
+  [(os.system, "posix.system"), (eval, "builtins.eval"), (exec, "builtins.exec")],
+)
 def test_code_in_the_pickle_is_refused(tmp_path, fmt, function, global_name):
   marker = tmp_path / "pwned"
-  command = (f"touch {marker}" if function is os.system
-             else f"open({str(marker)!r}, 'w').close()")
+  command = f"touch {marker}" if function is os.system else f"open({str(marker)!r}, 'w').close()"
   state = {"w": torch.ones(2), "payload": _RunsOnUnpickle(function, command)}
   path = _save(state, tmp_path / "evil.pt", fmt, pickle_protocol=4)  # 4: builtins, not __builtin__
 
@@ -173,21 +182,32 @@ def _damaged_files(tmp_path):
   safe_bytes = _save(state, tmp_path / "s", "safetensors").read_bytes()
   png = b"\x89PNG\r\n\x1a\n" + bytes(64)
   return {
-      "truncated_zip": zip_bytes[:len(zip_bytes) // 2],
-      "corrupted_zip": zip_bytes.replace(b"_rebuild_tensor_v2", b"_rebuild_tensor_v3"),  # bad CRC
-      "truncated_legacy": legacy_bytes[:-100],
-      "truncated_safetensors": safe_bytes[:-100],
-      "png": png,
-      "text": b"model.weight = [1, 2, 3]\n",
-      "empty": b"",
-      "plain_pickle": pickle.dumps({"w": [1.0, 2.0]}, protocol=2),
-      "single_tensor": _save(torch.ones(2), tmp_path / "t", "zip").read_bytes(),  # not a dict
+    "truncated_zip": zip_bytes[: len(zip_bytes) // 2],
+    "corrupted_zip": zip_bytes.replace(b"_rebuild_tensor_v2", b"_rebuild_tensor_v3"),  # bad CRC
+    "truncated_legacy": legacy_bytes[:-100],
+    "truncated_safetensors": safe_bytes[:-100],
+    "png": png,
+    "text": b"model.weight = [1, 2, 3]\n",
+    "empty": b"",
+    "plain_pickle": pickle.dumps({"w": [1.0, 2.0]}, protocol=2),
+    "single_tensor": _save(torch.ones(2), tmp_path / "t", "zip").read_bytes(),  # not a dict
   }
 
 
-@pytest.mark.parametrize("kind", ["truncated_zip", "corrupted_zip", "truncated_legacy",
-                                  "truncated_safetensors", "png", "text", "empty",
-                                  "plain_pickle", "single_tensor"])
+@pytest.mark.parametrize(
+  "kind",
+  [
+    "truncated_zip",
+    "corrupted_zip",
+    "truncated_legacy",
+    "truncated_safetensors",
+    "png",
+    "text",
+    "empty",
+    "plain_pickle",
+    "single_tensor",
+  ],
+)
 def test_damaged_and_foreign_files(tmp_path, kind):
   path = tmp_path / f"{kind}.pth"
   path.write_bytes(_damaged_files(tmp_path)[kind])
@@ -206,8 +226,10 @@ def test_sha256(tmp_path):
 
 
 def test_import_does_not_import_torch():
-  code = ("import sys, diffusion_jax.weightfiles; "
-          "sys.exit('torch' in sys.modules or 'torch._utils' in sys.modules)")
+  code = (
+    "import sys, diffusion_jax.weightfiles; "
+    "sys.exit('torch' in sys.modules or 'torch._utils' in sys.modules)"
+  )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 
@@ -235,10 +257,17 @@ for path in sys.argv[1:]:
 def hostile_results(tmp_path_factory) -> dict[str, dict]:
   """Each case's file read in one limited subprocess: {case: result, or how the process died}."""
   folder = tmp_path_factory.mktemp("hostile")
-  paths = {case: str(write(folder / f"{case}.pt")) for case, (write, _, _) in
-           hostile_weightfiles.CASES.items()}
-  run = subprocess.run([sys.executable, "-c", _READER, *paths.values()], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+  paths = {
+    case: str(write(folder / f"{case}.pt"))
+    for case, (write, _, _) in hostile_weightfiles.CASES.items()
+  }
+  run = subprocess.run(
+    [sys.executable, "-c", _READER, *paths.values()],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+  )
   lines = run.stdout.splitlines()
   died = {"died": f"exit {run.returncode} after {len(lines)} files: {run.stderr[-500:]}"}
   return {case: json.loads(lines[i]) if i < len(lines) else died for i, case in enumerate(paths)}
@@ -262,7 +291,9 @@ def test_hostile_file_is_one_bounded_error(hostile_results, case):
 
 def test_quote_is_one_short_line():
   assert weightfiles.quote("a\x1b[2J\n" * 100).startswith("'a\\x1b[2J\\n")
-  assert len(weightfiles.quote("x" * 10**6)) == 200 and len(weightfiles.quote(list(range(10**5)))) < 200
+  assert (
+    len(weightfiles.quote("x" * 10**6)) == 200 and len(weightfiles.quote(list(range(10**5)))) < 200
+  )
   deep = ()
   for _ in range(10**4):
     deep = (deep,)
@@ -281,15 +312,23 @@ def test_safetensors_header_over_the_cap_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- fuzzing
 
+
 def _fuzz_seeds(tmp_path_factory) -> dict[str, bytes]:
   torch.manual_seed(1)
   base = torch.randn(3, 4)
-  state = {"w": torch.randn(5), "t": base.t(), "s": base[1:, 2:], "b": base,
-           "h": torch.randn(3).half(), "p": torch.nn.Parameter(torch.randn(2))}
+  state = {
+    "w": torch.randn(5),
+    "t": base.t(),
+    "s": base[1:, 2:],
+    "b": base,
+    "h": torch.randn(3).half(),
+    "p": torch.nn.Parameter(torch.randn(2)),
+  }
   folder = tmp_path_factory.mktemp("seeds")
   seeds = {fmt: _save(state, folder / fmt, fmt).read_bytes() for fmt in ("zip", "legacy")}
-  seeds["safetensors"] = _save({k: v.detach() for k, v in state.items()}, folder / "s",
-                               "safetensors").read_bytes()
+  seeds["safetensors"] = _save(
+    {k: v.detach() for k, v in state.items()}, folder / "s", "safetensors"
+  ).read_bytes()
   return seeds
 
 
@@ -312,24 +351,31 @@ def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
   data = bytearray(data)
   for position, value in edits:
     data[position % len(data)] = value
-  return bytes(data[:len(data) - cut])
+  return bytes(data[: len(data) - cut])
 
 
 def _in_the_file(array: np.ndarray, data: bytes) -> bool:
   """Every element's bytes (or its negation's, or byte-swapped) occur somewhere in `data`."""
   flat = array.reshape(-1)
   candidates = (flat, -flat if flat.dtype.kind == "f" else flat, flat.byteswap())
-  return all(any(c[i:i + 1].tobytes() in data for c in candidates) for i in range(flat.size))
+  return all(any(c[i : i + 1].tobytes() in data for c in candidates) for i in range(flat.size))
 
 
-@hypothesis.settings(derandomize=True, max_examples=300, deadline=None, database=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
-@hypothesis.given(target=st.sampled_from(["zip_pickle", "zip", "legacy", "safetensors"]),
-                  edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)),
-                                 min_size=1, max_size=6),
-                  cut=st.sampled_from([0, 0, 0, 1, 7, 100]))
-def test_mutated_files_give_file_bytes_or_documented_errors(tmp_path_factory, fuzz_seeds, target,
-                                                             edits, cut):
+@hypothesis.settings(
+  derandomize=True,
+  max_examples=300,
+  deadline=None,
+  database=None,
+  suppress_health_check=list(hypothesis.HealthCheck),
+)
+@hypothesis.given(
+  target=st.sampled_from(["zip_pickle", "zip", "legacy", "safetensors"]),
+  edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=6),
+  cut=st.sampled_from([0, 0, 0, 1, 7, 100]),
+)
+def test_mutated_files_give_file_bytes_or_documented_errors(
+  tmp_path_factory, fuzz_seeds, target, edits, cut
+):
   """Byte edits of valid small files: arrays whose every element lies in the file, or an error."""
   if target == "zip_pickle":  # edits inside the pickle, past the CRC that guards the zip records
     data = _zip_with_pickle(fuzz_seeds["zip"], lambda pkl: _mutate(pkl, edits, cut))

@@ -45,12 +45,15 @@ def test_factory_names_build_modules_with_the_config_fields():
   assert isinstance(models.get_model(f"{__name__}:echo_factory", channels=2), EchoT)
 
 
-@pytest.mark.parametrize("name, message", [
+@pytest.mark.parametrize(
+  "name, message",
+  [
     ("no_such_package.nets:make", "cannot import 'make' from 'no_such_package.nets'"),
     ("diffusion_jax.models.unet:NoSuchNet", "cannot import 'NoSuchNet'"),
     ("diffusion_jax.models.unet:UNet", "does not take"),  # an unknown field
     (f"{__name__}:not_a_diffusion_model", "must take"),
-])
+  ],
+)
 def test_bad_factories_are_named(name, message):
   kwargs = {"width": 3} if name.endswith(":UNet") else {}
   with pytest.raises(ValueError, match=re.escape(message)):
@@ -66,8 +69,10 @@ def test_rescale_timesteps_reaches_the_network_in_training_and_sampling():
   params = {"bias": jnp.zeros(6)}
   x, t = jnp.zeros((2, 16, 16, 3)), jnp.array([0, 99])
   fns = exp.step_fns()
-  for out in (exp.apply_fn(params, x, t),
-              fns.apply(params, x, t, None, train=True, rngs={"dropout": jax.random.key(0)})):
+  for out in (
+    exp.apply_fn(params, x, t),
+    fns.apply(params, x, t, None, train=True, rngs={"dropout": jax.random.key(0)}),
+  ):
     np.testing.assert_allclose(np.asarray(out)[:, 0, 0, 0], [0.0, 990.0])
   config.diffusion.rescale_timesteps = False
   out = diffusion_task.build(config).apply_fn(params, x, t)
@@ -85,7 +90,6 @@ def test_docs_example_trains_a_module_from_outside_the_zoo(tmp_path):
   state = namespace["state"]
   assert int(state.step) == digits.get_config("smoke").train.num_steps
   assert "Conv_0" in state.params and os.path.exists(tmp_path / "checkpoints")
-
 
 
 # --- a factory named in a workdir's config.json runs only when trusted ---------------------------
@@ -113,12 +117,17 @@ def workdir_naming_a_factory(tmp_path) -> str:
   return str(tmp_path)
 
 
-@pytest.mark.parametrize("load", [
+@pytest.mark.parametrize(
+  "load",
+  [
     runs.load_ema_for_sampling,
     seg_inference.load,
     lambda workdir, **kwargs: evaluation.evaluate(
-        evaluation.from_config_dict(eval_digits.get_config("smoke")), workdir, **kwargs),
-], ids=["sample", "segment", "evaluate"])
+      evaluation.from_config_dict(eval_digits.get_config("smoke")), workdir, **kwargs
+    ),
+  ],
+  ids=["sample", "segment", "evaluate"],
+)
 def test_workdir_factory_is_not_imported_without_trust(workdir_naming_a_factory, load):
   with pytest.raises(models.UntrustedModelCodeError) as error:
     load(workdir_naming_a_factory)
@@ -134,12 +143,15 @@ def test_trusted_workdir_factory_is_built(workdir_naming_a_factory):
   assert FACTORY_CALLS == [1]
 
 
-@pytest.mark.parametrize("name, trusted", [
+@pytest.mark.parametrize(
+  "name, trusted",
+  [
     ("ddpm_cifar10", True),  # a zoo name
     ("diffusion_jax.models.unet:UNet", True),  # this package's module class (converted runs)
     ("diffusion_jax.models.zoo:get_model", False),  # this package, but a function
     ("diffusion_jax.files:write_text", False),  # this package, outside its models
-])
+  ],
+)
 def test_only_zoo_names_and_library_modules_need_no_trust(tmp_path, name, trusted):
   config = digits.get_config("smoke")
   config.model = {"name": name}
@@ -151,10 +163,13 @@ def test_only_zoo_names_and_library_modules_need_no_trust(tmp_path, name, truste
       runs.load_run_config(str(tmp_path))
 
 
-@pytest.mark.parametrize("name, message", [
+@pytest.mark.parametrize(
+  "name, message",
+  [
     (f"{__name__}:not_a_module", "returned a str, not a Flax module"),
     ("os:sep", "'sep' is a str, not a callable"),
-])
+  ],
+)
 def test_a_factory_must_build_a_flax_module(name, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     models.get_model(name)

@@ -34,9 +34,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.reference_path = ""  # or pytorch-fid's / the ADM evaluator's .npz
   config.real_floor = False  # True: also score the test images (FID test vs train)
   config.nll = dict(split="test", num_examples=0, batch_size=500, clip_x0=False)
-  config.nll_ode = dict(split="test", num_examples=0, batch_size=1024, solver="dopri5",
-                        rtol=1e-5, atol=1e-5, divergence="hutchinson", probe="rademacher",
-                        probes=1, dequantisation="uniform", t_min=1e-5, repeats=5)
+  config.nll_ode = dict(
+    split="test",
+    num_examples=0,
+    batch_size=1024,
+    solver="dopri5",
+    rtol=1e-5,
+    atol=1e-5,
+    divergence="hutchinson",
+    probe="rademacher",
+    probes=1,
+    dequantisation="uniform",
+    t_min=1e-5,
+    repeats=5,
+  )
   config.inception_weights = ""  # default $DIFFUSION_JAX_INCEPTION_WEIGHTS
   config.inception_sha256_prefix = "6726825d"  # the published file's
   config.resize = "tf"  # the published numbers' resize

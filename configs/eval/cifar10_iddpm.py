@@ -28,5 +28,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.name = "cifar10_iddpm_sweep"
     config.samplers = tuple(dict(sampler="ddpm", steps=n) for n in (25, 50, 100, 200, 1000, 0))
   elif variant:
-    raise ValueError(f"Unknown variant {variant!r} of configs/eval/cifar10_iddpm.py; known: 'sweep'.")
+    raise ValueError(
+      f"Unknown variant {variant!r} of configs/eval/cifar10_iddpm.py; known: 'sweep'."
+    )
   return complete_config(config)  # every other field at its default

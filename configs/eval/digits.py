@@ -34,10 +34,11 @@ from diffusion_jax.config.evaluation import complete_config
 # setting, S_churn = 40, is tuned for 256 steps.
 EDM_CHURN = dict(s_churn=5.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
 NFE_SWEEP = (
-    *(dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver") for n in (5, 10, 20, 50)),
-    *(dict(sampler="dpm_solver", steps=n, order=3) for n in (5, 10, 20, 50)),
-    *(dict(sampler="edm_heun", steps=n, **churn) for churn in ({}, EDM_CHURN)
-      for n in (3, 5, 10, 25)),  # 5, 9, 19, 49 calls
+  *(dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver") for n in (5, 10, 20, 50)),
+  *(dict(sampler="dpm_solver", steps=n, order=3) for n in (5, 10, 20, 50)),
+  *(
+    dict(sampler="edm_heun", steps=n, **churn) for churn in ({}, EDM_CHURN) for n in (3, 5, 10, 25)
+  ),  # 5, 9, 19, 49 calls
 )
 
 
@@ -64,22 +65,29 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.nll = dict(split="test", num_examples=8, batch_size=8, clip_x0=True)
     config.is_splits = 2
   elif variant == "sweep":  # FID-vs-NFE figure on the digits
-    config.samplers = tuple(dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver")
-                            for n in (5, 10, 20, 50))
+    config.samplers = tuple(
+      dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver") for n in (5, 10, 20, 50)
+    )
   elif variant == "few":  # a teacher at the NFE of distilled students (docs/distillation.md)
     config.metrics = ("fd_digits", "is_digits")
-    config.samplers = tuple(dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver")
-                            for n in (1, 2, 4, 8, 50))
+    config.samplers = tuple(
+      dict(sampler=s, steps=n) for s in ("ddim", "dpm_solver") for n in (1, 2, 4, 8, 50)
+    )
   elif variant in ("distilled", "consistency"):  # a student of configs/digits_progressive.py
     config.metrics = ("fd_digits", "is_digits")  # or digits_consistency.py: no DDPM bound
-    config.samplers = ((dict(sampler="ddim"),) if variant == "distilled"  # all its K steps
-                       else tuple(dict(sampler="consistency", steps=n) for n in (1, 2, 4)))
+    config.samplers = (
+      (dict(sampler="ddim"),)
+      if variant == "distilled"  # all its K steps
+      else tuple(dict(sampler="consistency", steps=n) for n in (1, 2, 4))
+    )
   elif variant in ("edm", "nfe"):  # runs of configs/digits.py:edm have no DDPM bound: no NLL
     config.metrics = ("fd_digits", "is_digits")
     config.samplers = (dict(sampler="edm_heun", steps=18),)  # 35 network calls
     if variant == "nfe":  # docs/sampling.md's table: every sampler at about 5 to 50 NFE
       config.samplers = NFE_SWEEP
   elif variant:
-    raise ValueError(f"Unknown variant {variant!r} of configs/eval/digits.py; known: 'smoke',"
-                     " 'sweep', 'edm', 'nfe', 'few', 'distilled', 'consistency'.")
+    raise ValueError(
+      f"Unknown variant {variant!r} of configs/eval/digits.py; known: 'smoke',"
+      " 'sweep', 'edm', 'nfe', 'few', 'distilled', 'consistency'."
+    )
   return complete_config(config)  # every other field at its default

@@ -48,21 +48,15 @@ class DataConfig:
 
   def __post_init__(self):
     if self.source not in SOURCES:
-      raise ValueError(
-          f"unknown data source '{self.source}'; known sources: {SOURCES}"
-      )
+      raise ValueError(f"unknown data source '{self.source}'; known sources: {SOURCES}")
     if self.source == "tfds" and not self.name:
       raise ValueError("data source 'tfds' needs a dataset `name`")
     if self.source == "folder" and not self.path:
       raise ValueError("data source 'folder' needs a `path`")
     if not isinstance(self.image_size, int) or self.image_size <= 0:
-      raise ValueError(
-          f"image_size must be a positive int, got {self.image_size!r}"
-      )
+      raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
     if self.num_channels not in (1, 3):
-      raise ValueError(
-          f"num_channels must be 1 or 3, got {self.num_channels!r}"
-      )
+      raise ValueError(f"num_channels must be 1 or 3, got {self.num_channels!r}")
     if self.num_threads < 0:
       raise ValueError(f"num_threads must be >= 0, got {self.num_threads!r}")
 

@@ -62,35 +62,56 @@ class DiffusionConfig:
   p_std: float = 1.2
 
   def __post_init__(self):
-    configlib.check_ranges(self, "diffusion", {"num_timesteps": configlib.AT_LEAST_ONE,
-                                               "min_snr_gamma": configlib.POSITIVE,
-                                               "sigma_data": configlib.POSITIVE,
-                                               "p_mean": configlib.Range(),
-                                               "p_std": configlib.POSITIVE})
-    for key, known in (("loss", LOSSES), ("parameterization", PARAMETERIZATIONS),
-                       ("mean_type", MEAN_TYPES), ("var_type", VAR_TYPES)):
+    configlib.check_ranges(
+      self,
+      "diffusion",
+      {
+        "num_timesteps": configlib.AT_LEAST_ONE,
+        "min_snr_gamma": configlib.POSITIVE,
+        "sigma_data": configlib.POSITIVE,
+        "p_mean": configlib.Range(),
+        "p_std": configlib.POSITIVE,
+      },
+    )
+    for key, known in (
+      ("loss", LOSSES),
+      ("parameterization", PARAMETERIZATIONS),
+      ("mean_type", MEAN_TYPES),
+      ("var_type", VAR_TYPES),
+    ):
       check_name(getattr(self, key), known, f"diffusion.{key}")
     if self.parameterization != "ddpm":
       self._check_edm_fits()
     check_name(self.loss_weighting, LOSS_WEIGHTINGS, "diffusion.loss_weighting")
     if self.loss_weighting == "min_snr" and self.loss == "vlb":
-      raise ValueError("diffusion.loss_weighting 'min_snr' weights the MSE, which diffusion.loss"
-                       " 'vlb' does not use.")
+      raise ValueError(
+        "diffusion.loss_weighting 'min_snr' weights the MSE, which diffusion.loss"
+        " 'vlb' does not use."
+      )
     for key, known in (("schedule", BETA_SCHEDULES), ("timestep_sampler", TIMESTEP_SAMPLERS)):
       check_name(getattr(self, key), known, f"diffusion.{key}")
 
   def _check_edm_fits(self) -> None:
     """The DDPM settings EDM's loss and preconditioning replace must stay at their defaults."""
-    replaced = {"mean_type": "epsilon", "loss": "simple", "timestep_sampler": "uniform",
-                "loss_weighting": "none", "rescale_timesteps": False}
+    replaced = {
+      "mean_type": "epsilon",
+      "loss": "simple",
+      "timestep_sampler": "uniform",
+      "loss_weighting": "none",
+      "rescale_timesteps": False,
+    }
     for key, default in replaced.items():
       if getattr(self, key) != default:
-        raise ValueError(f"diffusion.{key}={getattr(self, key)!r} does not apply with"
-                         f" diffusion.parameterization='edm' (EDM's network outputs F of its eq. 7"
-                         f" and trains with its own loss); leave it at {default!r}.")
+        raise ValueError(
+          f"diffusion.{key}={getattr(self, key)!r} does not apply with"
+          f" diffusion.parameterization='edm' (EDM's network outputs F of its eq. 7"
+          f" and trains with its own loss); leave it at {default!r}."
+        )
     if self.learns_variance:
-      raise ValueError(f"diffusion.var_type={self.var_type!r}: an EDM network predicts no"
-                       " variance; use 'fixed_small' or 'fixed_large' (the DDPM sampler's).")
+      raise ValueError(
+        f"diffusion.var_type={self.var_type!r}: an EDM network predicts no"
+        " variance; use 'fixed_small' or 'fixed_large' (the DDPM sampler's)."
+      )
 
   @property
   def learns_variance(self) -> bool:
@@ -104,8 +125,10 @@ class DiffusionConfig:
 
 
 DIFFUSION_TRAIN_RANGES = {  # DiffusionTrainConfig's own numeric fields and the values each accepts
-    **dict.fromkeys(("num_samples", "sample_steps", "eval_num_samples"), configlib.AT_LEAST_ONE),
-    "label_dropout": configlib.DECAY, "sample_guidance": configlib.NON_NEGATIVE}
+  **dict.fromkeys(("num_samples", "sample_steps", "eval_num_samples"), configlib.AT_LEAST_ONE),
+  "label_dropout": configlib.DECAY,
+  "sample_guidance": configlib.NON_NEGATIVE,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -140,20 +163,28 @@ class DiffusionTrainConfig(TrainConfig):
     if not class_conditional:
       for key in ("label_dropout", "sample_guidance"):
         if getattr(self, key):
-          raise ValueError(f"train.{key}={getattr(self, key)} needs a class-conditional model"
-                           " (model.num_classes); this one is unconditional.")
+          raise ValueError(
+            f"train.{key}={getattr(self, key)} needs a class-conditional model"
+            " (model.num_classes); this one is unconditional."
+          )
       return 0.0
     p_uncond = DEFAULT_LABEL_DROPOUT if self.label_dropout is None else self.label_dropout
     if self.sample_guidance and not p_uncond:
-      raise ValueError(f"train.sample_guidance={self.sample_guidance} samples the null label,"
-                       " which train.label_dropout=0 leaves untrained.")
+      raise ValueError(
+        f"train.sample_guidance={self.sample_guidance} samples the null label,"
+        " which train.label_dropout=0 leaves untrained."
+      )
     return p_uncond
 
 
 SECTIONS = ("seed", "data", "model", "diffusion", "optim", "train")
 # The dataclass of each section but the model's (config.models) and the seed.
-SECTION_CLASSES = {"data": DataConfig, "diffusion": DiffusionConfig, "optim": OptimConfig,
-                   "train": DiffusionTrainConfig}
+SECTION_CLASSES = {
+  "data": DataConfig,
+  "diffusion": DiffusionConfig,
+  "optim": OptimConfig,
+  "train": DiffusionTrainConfig,
+}
 
 
 def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -175,5 +206,7 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   for name in ("diffusion", "optim", "train"):
     cls = SECTION_CLASSES[name]
     complete[name] = configlib.section(cls, config.get(name), name=name)
-    configlib.from_mapping(cls, complete[name], name)  # checks its values; build again after overrides
+    configlib.from_mapping(
+      cls, complete[name], name
+    )  # checks its values; build again after overrides
   return complete

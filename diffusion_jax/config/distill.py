@@ -45,12 +45,17 @@ class ProgressiveConfig:
   steps_per_round: int = 50_000  # optimizer steps of each halving
 
   def __post_init__(self):
-    configlib.check_ranges(self, "distill", dict.fromkeys(
-        ("start_steps", "end_steps", "steps_per_round"), configlib.AT_LEAST_ONE))
+    configlib.check_ranges(
+      self,
+      "distill",
+      dict.fromkeys(("start_steps", "end_steps", "steps_per_round"), configlib.AT_LEAST_ONE),
+    )
     ratio = self.start_steps // self.end_steps
     if self.start_steps % self.end_steps or ratio < 2 or ratio & (ratio - 1):
-      raise ValueError(f"distill.start_steps={self.start_steps} must be end_steps="
-                       f"{self.end_steps} times a power of 2 (at least 2): each round halves.")
+      raise ValueError(
+        f"distill.start_steps={self.start_steps} must be end_steps="
+        f"{self.end_steps} times a power of 2 (at least 2): each round halves."
+      )
 
   @property
   def num_rounds(self) -> int:
@@ -106,19 +111,30 @@ class ConsistencyConfig:
   lpips_resolution: int = 224  # "lpips": images resized (bilinear) to this square size (CM's 224)
 
   def __post_init__(self):
-    configlib.check_ranges(self, "distill", {
-        "num_scales": configlib.Range(2), "target_ema": configlib.DECAY,
-        "scales_start": configlib.AT_LEAST_ONE, "scales_end": configlib.AT_LEAST_ONE,
-        "huber_scale": configlib.POSITIVE, "lpips_resolution": configlib.Range(16)})
+    configlib.check_ranges(
+      self,
+      "distill",
+      {
+        "num_scales": configlib.Range(2),
+        "target_ema": configlib.DECAY,
+        "scales_start": configlib.AT_LEAST_ONE,
+        "scales_end": configlib.AT_LEAST_ONE,
+        "huber_scale": configlib.POSITIVE,
+        "lpips_resolution": configlib.Range(16),
+      },
+    )
     diffusion.check_name(self.method, CONSISTENCY_METHODS, "distill.method")
     diffusion.check_name(self.metric, CONSISTENCY_METRICS, "distill.metric")
     if self.metric == "lpips" and not self.lpips_weights:
-      raise ValueError("distill.metric='lpips' needs distill.lpips_weights: the `lpips` package's"
-                       " weights/v0.1/vgg.pth (with distill.vgg_weights, torchvision's vgg16"
-                       " state dict) or one LPIPS(net='vgg') state dict file.")
+      raise ValueError(
+        "distill.metric='lpips' needs distill.lpips_weights: the `lpips` package's"
+        " weights/v0.1/vgg.pth (with distill.vgg_weights, torchvision's vgg16"
+        " state dict) or one LPIPS(net='vgg') state dict file."
+      )
     if self.method == "ict" and self.scales_end < self.scales_start:
-      raise ValueError(f"distill.scales_end={self.scales_end} must be >= scales_start="
-                       f"{self.scales_start}.")
+      raise ValueError(
+        f"distill.scales_end={self.scales_end} must be >= scales_start={self.scales_start}."
+      )
 
   @property
   def max_scales(self) -> int:
@@ -127,19 +143,26 @@ class ConsistencyConfig:
 
 
 SECTIONS = ("seed", "task", "data", "model", "diffusion", "optim", "train", "distill")
-_STUDENT_SECTIONS = {"data": DataConfig, "diffusion": DiffusionConfig, "optim": OptimConfig,
-                     "train": TrainConfig}
+_STUDENT_SECTIONS = {
+  "data": DataConfig,
+  "diffusion": DiffusionConfig,
+  "optim": OptimConfig,
+  "train": TrainConfig,
+}
 # config.task -> the dataclass of each section but model (the zoo's) and the scalars.
-SECTION_CLASSES = {"progressive": {**_STUDENT_SECTIONS, "distill": ProgressiveConfig},
-                   "consistency": {**_STUDENT_SECTIONS, "distill": ConsistencyConfig}}
+SECTION_CLASSES = {
+  "progressive": {**_STUDENT_SECTIONS, "distill": ProgressiveConfig},
+  "consistency": {**_STUDENT_SECTIONS, "distill": ConsistencyConfig},
+}
 TASKS = tuple(SECTION_CLASSES)
 
 
 def student_config(teacher: ml_collections.ConfigDict, task: str) -> ml_collections.ConfigDict:
   """A distillation config's start: seed 0, `task`, and the `teacher` config's data, model and
   diffusion sections, which the student's config then changes where it differs."""
-  return ml_collections.ConfigDict(dict(seed=0, task=task, data=teacher.data, model=teacher.model,
-                                        diffusion=teacher.diffusion))
+  return ml_collections.ConfigDict(
+    dict(seed=0, task=task, data=teacher.data, model=teacher.model, diffusion=teacher.diffusion)
+  )
 
 
 def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -151,8 +174,9 @@ def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   section knows is a ValueError naming it.
   """
   configlib.check_known(config, SECTIONS, "config")
-  student = ml_collections.ConfigDict({key: config[key] for key in config
-                                       if key in ("seed", "data", "model", "diffusion")})
+  student = ml_collections.ConfigDict(
+    {key: config[key] for key in config if key in ("seed", "data", "model", "diffusion")}
+  )
   complete = diffusion.complete_config(student)
   del complete["optim"], complete["train"]
   complete.task = config.get("task", TASKS[0])

@@ -18,8 +18,12 @@ from diffusion_jax.configlib import from_mapping
 # Kynkäänniemi et al. 2019), or the same formulas on the digits classifier's, never called
 # FID or IS.
 METRIC_NETWORKS = {
-    "fid": "inception", "is": "inception", "sfid": "inception", "precision_recall": "inception",
-    "fd_digits": "digits_classifier", "is_digits": "digits_classifier",
+  "fid": "inception",
+  "is": "inception",
+  "sfid": "inception",
+  "precision_recall": "inception",
+  "fd_digits": "digits_classifier",
+  "is_digits": "digits_classifier",
 }
 INCEPTION_METRICS = tuple(m for m, network in METRIC_NETWORKS.items() if network == "inception")
 # Likelihood metrics, on a data split rather than on samples (evaluation/run.py runs them): the
@@ -47,8 +51,9 @@ class NllConfig:
   clip_x0: bool = True  # clip predicted x_0 in the bound, as Improved DDPM's image_nll.py does
 
   def __post_init__(self):
-    configlib.check_ranges(self, "nll", {"num_examples": configlib.NON_NEGATIVE,
-                                         "batch_size": configlib.AT_LEAST_ONE})
+    configlib.check_ranges(
+      self, "nll", {"num_examples": configlib.NON_NEGATIVE, "batch_size": configlib.AT_LEAST_ONE}
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,13 +76,25 @@ class NllOdeConfig:
   repeats: int = 1  # passes over the split, each with fresh dequantisation and probes
 
   def __post_init__(self):
-    configlib.check_ranges(self, "nll_ode", {
-        "num_examples": configlib.NON_NEGATIVE, "rtol": configlib.POSITIVE,
-        "atol": configlib.POSITIVE, "t_min": configlib.Range(0, 1, low_open=True, high_open=True),
-        **dict.fromkeys(("batch_size", "steps", "max_steps", "probes", "repeats"),
-                        configlib.AT_LEAST_ONE)})
-    for key, known in (("solver", ODE_SOLVERS), ("divergence", ODE_DIVERGENCES),
-                       ("probe", ODE_PROBES), ("dequantisation", ODE_DEQUANTISATIONS)):
+    configlib.check_ranges(
+      self,
+      "nll_ode",
+      {
+        "num_examples": configlib.NON_NEGATIVE,
+        "rtol": configlib.POSITIVE,
+        "atol": configlib.POSITIVE,
+        "t_min": configlib.Range(0, 1, low_open=True, high_open=True),
+        **dict.fromkeys(
+          ("batch_size", "steps", "max_steps", "probes", "repeats"), configlib.AT_LEAST_ONE
+        ),
+      },
+    )
+    for key, known in (
+      ("solver", ODE_SOLVERS),
+      ("divergence", ODE_DIVERGENCES),
+      ("probe", ODE_PROBES),
+      ("dequantisation", ODE_DEQUANTISATIONS),
+    ):
       if getattr(self, key) not in known:
         raise ValueError(f"Unknown nll_ode.{key} {getattr(self, key)!r}; known: {list(known)}.")
 
@@ -118,13 +135,18 @@ class EvalConfig:
       raise ValueError(f"Unknown eval metric(s) {unknown}; known: {list(METRICS)}.")
     if self.resize not in RESIZE_MODES:
       raise ValueError(f"Unknown resize {self.resize!r}; known: {list(RESIZE_MODES)}.")
-    configlib.check_ranges(self, "eval", dict.fromkeys(
+    configlib.check_ranges(
+      self,
+      "eval",
+      dict.fromkeys(
         ("num_samples", "batch_size", "is_splits", "pr_k", "feature_batch_size"),
-        configlib.AT_LEAST_ONE))
-    if self.num_samples % self.is_splits and ("is" in self.metrics or
-                                              "is_digits" in self.metrics):
-      raise ValueError(f"num_samples={self.num_samples} must split into is_splits="
-                       f"{self.is_splits} equal parts.")
+        configlib.AT_LEAST_ONE,
+      ),
+    )
+    if self.num_samples % self.is_splits and ("is" in self.metrics or "is_digits" in self.metrics):
+      raise ValueError(
+        f"num_samples={self.num_samples} must split into is_splits={self.is_splits} equal parts."
+      )
 
   @property
   def sample_metrics(self) -> tuple[str, ...]:
@@ -139,11 +161,12 @@ class EvalConfig:
     path = self.inception_weights or os.environ.get(WEIGHTS_ENV, "")
     if not path:
       raise FileNotFoundError(
-          f"Metrics {[m for m in self.metrics if m in INCEPTION_METRICS]} need the Inception"
-          f" weights: set --config.inception_weights=PATH or ${WEIGHTS_ENV} to pytorch-fid's"
-          " pt_inception-2015-12-05-6726825d.pth, published at https://github.com/mseitzer/"
-          "pytorch-fid/releases (fid_weights-0.0.1) and by torch-fidelity; or evaluate the"
-          " other metrics alone (e.g. --config.metrics=nll).")
+        f"Metrics {[m for m in self.metrics if m in INCEPTION_METRICS]} need the Inception"
+        f" weights: set --config.inception_weights=PATH or ${WEIGHTS_ENV} to pytorch-fid's"
+        " pt_inception-2015-12-05-6726825d.pth, published at https://github.com/mseitzer/"
+        "pytorch-fid/releases (fid_weights-0.0.1) and by torch-fidelity; or evaluate the"
+        " other metrics alone (e.g. --config.metrics=nll)."
+      )
     if not files.is_file(path):
       raise FileNotFoundError(f"Inception weights file {path!r} does not exist.")
     return path
@@ -171,16 +194,19 @@ def from_config_dict(config: Any) -> EvalConfig:
   `metrics` may be a tuple or a comma-separated string (`--config.metrics=fid,is`).
   """
   values = dict(config)
-  samplers = tuple(from_mapping(SamplerConfig, _sampler_fields(s), "samplers[i]")
-                   for s in values.pop("samplers", ()) or ({},))
+  samplers = tuple(
+    from_mapping(SamplerConfig, _sampler_fields(s), "samplers[i]")
+    for s in values.pop("samplers", ()) or ({},)
+  )
   nll = from_mapping(NllConfig, values.pop("nll", {}), "nll")
   nll_ode = from_mapping(NllOdeConfig, values.pop("nll_ode", {}), "nll_ode")
   metrics = values.get("metrics", ())
   metrics = [metrics] if isinstance(metrics, str) else metrics
   values["metrics"] = tuple(name.strip() for entry in metrics for name in entry.split(","))
   values["data"] = dict(values.get("data", {}))
-  return from_mapping(EvalConfig, {**values, "samplers": samplers, "nll": nll,
-                                    "nll_ode": nll_ode}, "eval")
+  return from_mapping(
+    EvalConfig, {**values, "samplers": samplers, "nll": nll, "nll_ode": nll_ode}, "eval"
+  )
 
 
 def _sampler_fields(sampler: Any) -> dict:

@@ -52,13 +52,25 @@ class RonnebergerSettings:
 
 
 # DDPM (Ho et al. 2020, App. B) with the conventions of its TF code.
-_DDPM = dict(ch=128, num_res_blocks=2, attn_resolutions=(16,), time_embedding="ddpm",
-             downsample_padding="SAME", norm_eps=1e-6)
+_DDPM = dict(
+  ch=128,
+  num_res_blocks=2,
+  attn_resolutions=(16,),
+  time_embedding="ddpm",
+  downsample_padding="SAME",
+  norm_eps=1e-6,
+)
 # Shared by the iDDPM (openai/improved-diffusion) and ADM (openai/guided-diffusion) models: the
 # conventions of their PyTorch code (ADM sinusoid, symmetric padding, GroupNorm eps 1e-5), AdaGN
 # (their default), learned variance, 3 blocks per level.
-_OPENAI = dict(time_embedding="adm", downsample_padding=1, norm_eps=1e-5, scale_shift_norm=True,
-               learn_sigma=True, num_res_blocks=3)
+_OPENAI = dict(
+  time_embedding="adm",
+  downsample_padding=1,
+  norm_eps=1e-5,
+  scale_shift_norm=True,
+  learn_sigma=True,
+  num_res_blocks=3,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,21 +82,40 @@ class ZooSettings:
 
 
 ZOO_SETTINGS: dict[str, ZooSettings] = {
-    "ddpm_cifar10": ZooSettings(UNetSettings, {**_DDPM, "ch_mult": (1, 2, 2, 2), "dropout": 0.1}),
-    "ddpm_celebahq256": ZooSettings(UNetSettings, {**_DDPM, "ch_mult": (1, 1, 2, 2, 4, 4)}),
-    "ddpm_lsun256": ZooSettings(UNetSettings, {**_DDPM, "ch_mult": (1, 1, 2, 2, 4, 4)}),
-    "iddpm_cifar10": ZooSettings(UNetSettings, {
-        **_OPENAI, "ch": 128, "ch_mult": (1, 2, 2, 2), "attn_resolutions": (16, 8),
-        "num_heads": 4, "dropout": 0.3}),
-    "iddpm_imagenet64": ZooSettings(UNetSettings, {
-        **_OPENAI, "ch": 128, "ch_mult": (1, 2, 3, 4), "attn_resolutions": (16, 8),
-        "num_heads": 4}),
-    "adm_imagenet64_cond": ZooSettings(UNetSettings, {
-        **_OPENAI, "ch": 192, "ch_mult": (1, 2, 3, 4), "attn_resolutions": (32, 16, 8),
-        "num_head_channels": 64, "resblock_updown": True, "num_classes": 1000,
-        "dropout": 0.1}),
-    "unet_ronneberger": ZooSettings(RonnebergerSettings, {
-        "num_classes": 2, "features": 64, "depth": 4, "padding": "VALID"}),
+  "ddpm_cifar10": ZooSettings(UNetSettings, {**_DDPM, "ch_mult": (1, 2, 2, 2), "dropout": 0.1}),
+  "ddpm_celebahq256": ZooSettings(UNetSettings, {**_DDPM, "ch_mult": (1, 1, 2, 2, 4, 4)}),
+  "ddpm_lsun256": ZooSettings(UNetSettings, {**_DDPM, "ch_mult": (1, 1, 2, 2, 4, 4)}),
+  "iddpm_cifar10": ZooSettings(
+    UNetSettings,
+    {
+      **_OPENAI,
+      "ch": 128,
+      "ch_mult": (1, 2, 2, 2),
+      "attn_resolutions": (16, 8),
+      "num_heads": 4,
+      "dropout": 0.3,
+    },
+  ),
+  "iddpm_imagenet64": ZooSettings(
+    UNetSettings,
+    {**_OPENAI, "ch": 128, "ch_mult": (1, 2, 3, 4), "attn_resolutions": (16, 8), "num_heads": 4},
+  ),
+  "adm_imagenet64_cond": ZooSettings(
+    UNetSettings,
+    {
+      **_OPENAI,
+      "ch": 192,
+      "ch_mult": (1, 2, 3, 4),
+      "attn_resolutions": (32, 16, 8),
+      "num_head_channels": 64,
+      "resblock_updown": True,
+      "num_classes": 1000,
+      "dropout": 0.1,
+    },
+  ),
+  "unet_ronneberger": ZooSettings(
+    RonnebergerSettings, {"num_classes": 2, "features": 64, "depth": 4, "padding": "VALID"}
+  ),
 }
 
 
@@ -104,8 +135,9 @@ def split_name(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
   """(name, the other fields) of a model section; a ValueError when it has no `name`."""
   fields = dict(config)
   if "name" not in fields:
-    raise ValueError(f"a model config needs a 'name' key (one of {', '.join(ZOO_SETTINGS)});"
-                     f" got {sorted(fields)}")
+    raise ValueError(
+      f"a model config needs a 'name' key (one of {', '.join(ZOO_SETTINGS)}); got {sorted(fields)}"
+    )
   return fields.pop("name"), fields
 
 

@@ -11,10 +11,16 @@ from diffusion_jax.configlib import from_mapping
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 RANGES = {  # OptimConfig's numeric fields and the values each accepts
-    "lr": configlib.POSITIVE, "warmup_steps": configlib.NON_NEGATIVE,
-    "decay_steps": configlib.NON_NEGATIVE, "b1": configlib.DECAY, "b2": configlib.DECAY,
-    "eps": configlib.NON_NEGATIVE, "weight_decay": configlib.NON_NEGATIVE,
-    "momentum": configlib.DECAY, "grad_clip": configlib.NON_NEGATIVE}
+  "lr": configlib.POSITIVE,
+  "warmup_steps": configlib.NON_NEGATIVE,
+  "decay_steps": configlib.NON_NEGATIVE,
+  "b1": configlib.DECAY,
+  "b2": configlib.DECAY,
+  "eps": configlib.NON_NEGATIVE,
+  "weight_decay": configlib.NON_NEGATIVE,
+  "momentum": configlib.DECAY,
+  "grad_clip": configlib.NON_NEGATIVE,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -49,41 +49,57 @@ class SamplerConfig:
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
       raise ValueError(f"Unknown sampler {self.sampler!r}; known: {sorted(SAMPLERS)}.")
-    configlib.check_ranges(self, "sampler", {"steps": configlib.AT_LEAST_ONE,
-                                             "eta": configlib.UNIT_INTERVAL,
-                                             "guidance_scale": configlib.NON_NEGATIVE,
-                                             "s_churn": configlib.NON_NEGATIVE,
-                                             "s_tmin": configlib.NON_NEGATIVE,
-                                             "s_noise": configlib.POSITIVE})
+    configlib.check_ranges(
+      self,
+      "sampler",
+      {
+        "steps": configlib.AT_LEAST_ONE,
+        "eta": configlib.UNIT_INTERVAL,
+        "guidance_scale": configlib.NON_NEGATIVE,
+        "s_churn": configlib.NON_NEGATIVE,
+        "s_tmin": configlib.NON_NEGATIVE,
+        "s_noise": configlib.POSITIVE,
+      },
+    )
     if self.eta and self.sampler != "ddim":
       raise ValueError(f"eta={self.eta} applies to sampler 'ddim' only, not {self.sampler!r}.")
     if self.order != 2 and self.sampler != "dpm_solver":
-      raise ValueError(f"order={self.order} applies to sampler 'dpm_solver' only, not"
-                       f" {self.sampler!r}.")
+      raise ValueError(
+        f"order={self.order} applies to sampler 'dpm_solver' only, not {self.sampler!r}."
+      )
     if self.order not in (1, 2, 3):
       raise ValueError(f"order must be 1, 2 or 3 (DPM-Solver++), got {self.order}.")
     if self.spacing not in SPACINGS:
       raise ValueError(f"Unknown spacing {self.spacing!r}; known: {list(SPACINGS)}.")
     if self.spacing != "auto" and self.sampler != "dpm_solver":
-      raise ValueError(f"spacing={self.spacing!r} applies to sampler 'dpm_solver' only, not"
-                       f" {self.sampler!r}.")
+      raise ValueError(
+        f"spacing={self.spacing!r} applies to sampler 'dpm_solver' only, not {self.sampler!r}."
+      )
     if self.sampler != "edm_heun" and self._churn_settings():
-      raise ValueError(f"{', '.join(self._churn_settings())} apply to sampler 'edm_heun' only,"
-                       f" not {self.sampler!r}.")
+      raise ValueError(
+        f"{', '.join(self._churn_settings())} apply to sampler 'edm_heun' only,"
+        f" not {self.sampler!r}."
+      )
     if not self.s_tmax >= self.s_tmin:  # s_tmax may be inf: not a finite Range
       raise ValueError(f"sampler.s_tmax must be >= s_tmin={self.s_tmin}, got {self.s_tmax}.")
 
   def _churn_settings(self) -> list[str]:
     """The EDM churn fields set away from their defaults, as 'name=value'."""
     defaults = SamplerConfig.__dataclass_fields__
-    return [f"{name}={getattr(self, name):g}" for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")
-            if getattr(self, name) != defaults[name].default]
+    return [
+      f"{name}={getattr(self, name):g}"
+      for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")
+      if getattr(self, name) != defaults[name].default
+    ]
 
   @property
   def options(self) -> str:
     """The sampler-specific settings away from their defaults, e.g. 's_churn=40' or 'order=3'."""
-    return " ".join(self._churn_settings() + ([f"order={self.order}"] if self.order != 2 else [])
-                    + ([f"spacing={self.spacing}"] if self.spacing != "auto" else []))
+    return " ".join(
+      self._churn_settings()
+      + ([f"order={self.order}"] if self.order != 2 else [])
+      + ([f"spacing={self.spacing}"] if self.spacing != "auto" else [])
+    )
 
   def spaced_in_log_snr(self, num_timesteps: int) -> bool:
     """Whether the steps are uniform in log-SNR ("dpm_solver"'s `spacing`), else in time."""
@@ -107,5 +123,6 @@ class SamplerConfig:
   def label(self) -> str:
     """A file name for these settings, e.g. 'ddim-50steps-eta0-w0' (and any non-default option)."""
     extra = "".join(f"-{option.replace('=', '')}" for option in self.options.split())
-    return (f"{self.sampler}-{self.steps or 'all'}steps-eta{self.eta:g}"
-            f"-w{self.guidance_scale:g}{extra}")
+    return (
+      f"{self.sampler}-{self.steps or 'all'}steps-eta{self.eta:g}-w{self.guidance_scale:g}{extra}"
+    )

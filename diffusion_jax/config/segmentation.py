@@ -85,8 +85,9 @@ class WeightMapConfig:
   background_class: int = 0  # objects are the connected components of the other classes
 
   def __post_init__(self):
-    configlib.check_ranges(self, "weight_map", {"w0": configlib.NON_NEGATIVE,
-                                                "sigma": configlib.POSITIVE})
+    configlib.check_ranges(
+      self, "weight_map", {"w0": configlib.NON_NEGATIVE, "sigma": configlib.POSITIVE}
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,16 +102,27 @@ class AugmentConfig:
   contrast: float = 0.2  # ... and scaled about 0.5 by U(1 - c, 1 + c)
 
   def __post_init__(self):
-    configlib.check_ranges(self, "augment", {
+    configlib.check_ranges(
+      self,
+      "augment",
+      {
         "elastic_grid": configlib.Range(2),
-        **dict.fromkeys(("elastic_sigma", "max_rotation", "brightness", "contrast"),
-                        configlib.NON_NEGATIVE)})
+        **dict.fromkeys(
+          ("elastic_sigma", "max_rotation", "brightness", "contrast"), configlib.NON_NEGATIVE
+        ),
+      },
+    )
 
 
 SECTIONS = ("seed", "task", "data", "model", "weight_map", "augment", "optim", "train")
 # The dataclass of each section but model (the zoo's) and the scalars.
-SECTION_CLASSES = {"data": SegmentationDataConfig, "weight_map": WeightMapConfig,
-                   "augment": AugmentConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTION_CLASSES = {
+  "data": SegmentationDataConfig,
+  "weight_map": WeightMapConfig,
+  "augment": AugmentConfig,
+  "optim": OptimConfig,
+  "train": TrainConfig,
+}
 
 
 def complete_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

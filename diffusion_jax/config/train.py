@@ -9,10 +9,21 @@ from diffusion_jax import configlib
 NONFINITE_ACTIONS = ("stop", "skip")  # train.on_nonfinite
 
 TRAIN_RANGES = {  # TrainConfig's numeric fields and the values each accepts
-    **dict.fromkeys(("batch_size", "num_steps", "log_every", "checkpoint_every",
-                     "keep_checkpoints", "model_parallelism", "grad_accum_steps"),
-                    configlib.AT_LEAST_ONE),
-    "eval_every": configlib.NON_NEGATIVE, "ema_decay": configlib.DECAY}
+  **dict.fromkeys(
+    (
+      "batch_size",
+      "num_steps",
+      "log_every",
+      "checkpoint_every",
+      "keep_checkpoints",
+      "model_parallelism",
+      "grad_accum_steps",
+    ),
+    configlib.AT_LEAST_ONE,
+  ),
+  "eval_every": configlib.NON_NEGATIVE,
+  "ema_decay": configlib.DECAY,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,12 +50,15 @@ class TrainConfig:
   def __post_init__(self):
     configlib.check_ranges(self, "train", TRAIN_RANGES)
     if self.batch_size % self.grad_accum_steps:
-      raise ValueError(f"train.grad_accum_steps={self.grad_accum_steps} does not divide"
-                       f" train.batch_size={self.batch_size}.")
+      raise ValueError(
+        f"train.grad_accum_steps={self.grad_accum_steps} does not divide"
+        f" train.batch_size={self.batch_size}."
+      )
     parse_profile_steps(self.profile_steps)
     if self.on_nonfinite not in NONFINITE_ACTIONS:
-      raise ValueError(f"Unknown train.on_nonfinite {self.on_nonfinite!r}; known:"
-                       f" {list(NONFINITE_ACTIONS)}.")
+      raise ValueError(
+        f"Unknown train.on_nonfinite {self.on_nonfinite!r}; known: {list(NONFINITE_ACTIONS)}."
+      )
 
   @property
   def profile_range(self) -> tuple[int, int] | None:
@@ -53,7 +67,7 @@ class TrainConfig:
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
-  """"a,b" -> (a, b), "a" -> (a, a), "" -> None; a ValueError names train.profile_steps."""
+  """ "a,b" -> (a, b), "a" -> (a, a), "" -> None; a ValueError names train.profile_steps."""
   if not text:
     return None
   try:
@@ -61,6 +75,7 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
   except ValueError:
     steps = []
   if len(steps) not in (1, 2) or not 1 <= steps[0] <= steps[-1]:
-    raise ValueError(f"train.profile_steps={text!r} must be 'a,b' (steps 1 <= a <= b) or 'a',"
-                     " or '' for no trace.")
+    raise ValueError(
+      f"train.profile_steps={text!r} must be 'a,b' (steps 1 <= a <= b) or 'a', or '' for no trace."
+    )
   return steps[0], steps[-1]

@@ -28,18 +28,22 @@ from diffusion_jax.convert.mapping import ConvertError, StateDict, quoted_keys
 from diffusion_jax.convert.workdir import RECORD_FILE, ema_model, write_workdir
 
 FORMATS: dict[str, Callable[..., Converted]] = {
-    "diffusers": diffusers_unet.convert,
-    "improved_diffusion": functools.partial(openai_unet.convert, repo="improved"),
-    "guided_diffusion": functools.partial(openai_unet.convert, repo="guided"),
-    "pytorch_diffusion": pytorch_diffusion.convert,
+  "diffusers": diffusers_unet.convert,
+  "improved_diffusion": functools.partial(openai_unet.convert, repo="improved"),
+  "guided_diffusion": functools.partial(openai_unet.convert, repo="guided"),
+  "pytorch_diffusion": pytorch_diffusion.convert,
 }
 # A key only each format's state dicts have.
-_SIGNATURES = {"input_blocks.0.0.weight": "openai", "temb.dense.0.weight": "pytorch_diffusion",
-               "time_embedding.linear_1.weight": "diffusers"}
+_SIGNATURES = {
+  "input_blocks.0.0.weight": "openai",
+  "temb.dense.0.weight": "pytorch_diffusion",
+  "time_embedding.linear_1.weight": "diffusers",
+}
 
 
-def convert(path: str, format: str | None = None, preset: str | None = None,
-            **flags: Any) -> Converted:
+def convert(
+  path: str, format: str | None = None, preset: str | None = None, **flags: Any
+) -> Converted:
   """Reads the checkpoint at `path` into a `Converted` (zoo U-Net fields, process, parameters).
 
   Args:
@@ -64,11 +68,15 @@ def convert(path: str, format: str | None = None, preset: str | None = None,
   state = StateDict(weightfiles.load(path), path)
   detected = next((kind for key, kind in _SIGNATURES.items() if key in state), None)
   if detected == "diffusers":
-    raise ConvertError(f"{path} holds diffusers UNet2DModel weights: convert the directory"
-                       " holding it and its config.json")
+    raise ConvertError(
+      f"{path} holds diffusers UNet2DModel weights: convert the directory"
+      " holding it and its config.json"
+    )
   if detected is None:
-    raise ConvertError(f"{path}: not a checkpoint of {sorted(FORMATS)}; its first keys are"
-                       f" {quoted_keys(sorted(state)[:5])}")
+    raise ConvertError(
+      f"{path}: not a checkpoint of {sorted(FORMATS)}; its first keys are"
+      f" {quoted_keys(sorted(state)[:5])}"
+    )
   if detected == "openai":
     format, preset = _openai_format(path, format, preset)
   elif format not in (None, detected):
@@ -85,9 +93,11 @@ def _openai_format(path: str, format: str | None, preset: str | None) -> tuple[s
     preset = stem if openai_flags.repo_of_preset(stem) else None
   repo = openai_flags.repo_of_preset(preset) if preset else None
   if format is None and repo is None:
-    raise ConvertError(f"{path} holds an openai UNetModel state dict: say format"
-                       " improved_diffusion or guided_diffusion (their rescale_timesteps defaults"
-                       " differ), or a preset")
+    raise ConvertError(
+      f"{path} holds an openai UNetModel state dict: say format"
+      " improved_diffusion or guided_diffusion (their rescale_timesteps defaults"
+      " differ), or a preset"
+    )
   if format and repo and format != f"{repo}_diffusion":
     raise ConvertError(f"preset {preset!r} is a {repo}_diffusion checkpoint, not {format}")
   return format or f"{repo}_diffusion", preset
@@ -115,5 +125,13 @@ def load(path: str, format: str | None = None, preset: str | None = None, **flag
   return ema_model(convert(path, format, preset, **flags))
 
 
-__all__ = ["FORMATS", "RECORD_FILE", "ConvertError", "Converted", "convert", "load",
-           "parse_source_flags", "write_workdir"]
+__all__ = [
+  "FORMATS",
+  "RECORD_FILE",
+  "ConvertError",
+  "Converted",
+  "convert",
+  "load",
+  "parse_source_flags",
+  "write_workdir",
+]

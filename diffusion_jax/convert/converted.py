@@ -27,10 +27,16 @@ MAX_HEADS = 1024
 MAX_CLASSES = 100_000
 MAX_TIMESTEPS = 100_000
 # models.UNet fields and the image's size and channels -> (min, max).
-UNET_BOUNDS = dict(ch=(1, MAX_CHANNELS), ch_mult=(1, MAX_CHANNELS), num_res_blocks=(1, MAX_BLOCKS),
-                   num_classes=(1, MAX_CLASSES), num_heads=(-1, MAX_HEADS),
-                   num_head_channels=(1, MAX_CHANNELS), image_size=(1, MAX_IMAGE_SIZE),
-                   image_channels=(1, MAX_IMAGE_CHANNELS))
+UNET_BOUNDS = dict(
+  ch=(1, MAX_CHANNELS),
+  ch_mult=(1, MAX_CHANNELS),
+  num_res_blocks=(1, MAX_BLOCKS),
+  num_classes=(1, MAX_CLASSES),
+  num_heads=(-1, MAX_HEADS),
+  num_head_channels=(1, MAX_CHANNELS),
+  image_size=(1, MAX_IMAGE_SIZE),
+  image_channels=(1, MAX_IMAGE_CHANNELS),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +66,12 @@ class Converted:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = dict(
-        source="tfds", name=self.dataset or "unknown", image_size=self.image_shape[0],
-        num_channels=self.image_shape[2], random_flip=False)
+      source="tfds",
+      name=self.dataset or "unknown",
+      image_size=self.image_shape[0],
+      num_channels=self.image_shape[2],
+      random_flip=False,
+    )
     config.model = dict(name=UNET_FACTORY, **self.model)
     config.diffusion = dict(self.diffusion)
     config.optim = {}
@@ -69,8 +79,9 @@ class Converted:
     return config
 
 
-def build_params(model: Mapping[str, Any], image_shape: tuple[int, int, int], rules: Rules,
-                 state: StateDict) -> Any:
+def build_params(
+  model: Mapping[str, Any], image_shape: tuple[int, int, int], rules: Rules, state: StateDict
+) -> Any:
   """The UNet(**model) parameters filled from `state` by `rules`; errors name the file and keys."""
   if image_shape[0] != image_shape[1]:
     raise ConvertError(f"{state.origin}: only square images are supported, got {image_shape}")
@@ -81,8 +92,9 @@ def build_params(model: Mapping[str, Any], image_shape: tuple[int, int, int], ru
     raise ConvertError(f"{state.origin}: {e}") from None
 
 
-def check_bounds(values: Mapping[str, Any], bounds: Mapping[str, tuple[int, int]],
-                 origin: str) -> None:
+def check_bounds(
+  values: Mapping[str, Any], bounds: Mapping[str, tuple[int, int]], origin: str
+) -> None:
   """Each `bounds` key of `values` is an int in [min, max], or a list of at most MAX_LEVELS.
 
   Keys absent or None are skipped (a default applies). A ConvertError names
@@ -91,18 +103,22 @@ def check_bounds(values: Mapping[str, Any], bounds: Mapping[str, tuple[int, int]
   for key, (low, high) in bounds.items():
     value = values.get(key)
     items = value if isinstance(value, (list, tuple)) else [value]
-    if value is None or (len(items) <= MAX_LEVELS and all(
-        type(v) is int and low <= v <= high for v in items)):  # pylint: disable=unidiomatic-typecheck
+    if value is None or (
+      len(items) <= MAX_LEVELS and all(type(v) is int and low <= v <= high for v in items)
+    ):  # pylint: disable=unidiomatic-typecheck
       continue
-    raise ConvertError(f"{origin}: {key} {weightfiles.quote(value)} is out of bounds: expected"
-                       f" integers in [{low}, {high}]"
-                       f"{f', at most {MAX_LEVELS} of them' if items is value else ''}")
+    raise ConvertError(
+      f"{origin}: {key} {weightfiles.quote(value)} is out of bounds: expected"
+      f" integers in [{low}, {high}]"
+      f"{f', at most {MAX_LEVELS} of them' if items is value else ''}"
+    )
 
 
 def check_unet(model: Mapping[str, Any], image_shape: tuple[int, int, int], origin: str) -> None:
   """The U-Net fields a converter read (from tensors or flags) within UNET_BOUNDS, before any build."""
-  check_bounds({**model, "image_size": image_shape[0], "image_channels": image_shape[2]},
-               UNET_BOUNDS, origin)
+  check_bounds(
+    {**model, "image_size": image_shape[0], "image_channels": image_shape[2]}, UNET_BOUNDS, origin
+  )
 
 
 def resolutions(image_size: int, levels: list[int]) -> tuple[int, ...]:
@@ -113,13 +129,15 @@ def resolutions(image_size: int, levels: list[int]) -> tuple[int, ...]:
 def check_choice(value: Any, known: Mapping[Any, Any] | tuple, what: str, origin: str) -> Any:
   """known[value] (or value, for a tuple of known values); a ConvertError names `what` otherwise."""
   if value not in known:
-    raise ConvertError(f"{origin}: unsupported {what} {weightfiles.quote(value)}; supported:"
-                       f" {list(known)}")
+    raise ConvertError(
+      f"{origin}: unsupported {what} {weightfiles.quote(value)}; supported: {list(known)}"
+    )
   return known[value] if isinstance(known, Mapping) else value
 
 
-def typed_flags(flags: Mapping[str, Any], types: Mapping[str, Callable[[Any], Any]],
-                source: str) -> dict[str, Any]:
+def typed_flags(
+  flags: Mapping[str, Any], types: Mapping[str, Callable[[Any], Any]], source: str
+) -> dict[str, Any]:
   """`flags` in their types (strings too, as on a command line); an unknown or bad flag is named."""
   if unknown := sorted(set(flags) - set(types)):
     raise ConvertError(f"unknown {source} flag(s) {unknown}; known: {sorted(types)}")

@@ -38,8 +38,8 @@ class ConvertError(ValueError):
 # An embedding table [N, E] -> [N + 1, E]: the zoo's extra null label (classifier-free
 # guidance) gets a zero row, so y=None adds nothing to the timestep embedding.
 WITH_NULL_LABEL = Layout(
-    lambda s: (s[0] - 1, s[1]),
-    lambda a, shape: np.concatenate([a, np.zeros((1, shape[1]), a.dtype)]))
+  lambda s: (s[0] - 1, s[1]), lambda a, shape: np.concatenate([a, np.zeros((1, shape[1]), a.dtype)])
+)
 
 
 def qkv_part(part: int, legacy: bool) -> Layout:
@@ -50,6 +50,7 @@ def qkv_part(part: int, legacy: bool) -> Layout:
   improved-diffusion (QKVAttentionLegacy), (3, heads, d) in guided-diffusion's
   QKVAttention (`use_new_attention_order`). Flax: kernel [C, heads, d], bias [heads, d].
   """
+
   def source_shape(shape: Shape) -> Shape:
     if len(shape) == 3:  # kernel [C, heads, d]
       return (3 * shape[1] * shape[2], shape[0], 1)
@@ -74,20 +75,26 @@ def _path(target: str, leaf: str) -> tuple[str, ...]:
 
 def conv(target: str, source: str) -> Rules:
   """A Conv2d (weight, bias) onto a Flax nn.Conv at `target` ("a/b" for nested modules)."""
-  return {_path(target, "kernel"): (f"{source}.weight", CONV),
-          _path(target, "bias"): (f"{source}.bias", SAME)}
+  return {
+    _path(target, "kernel"): (f"{source}.weight", CONV),
+    _path(target, "bias"): (f"{source}.bias", SAME),
+  }
 
 
 def linear(target: str, source: str) -> Rules:
   """A Linear onto a Flax nn.Dense."""
-  return {_path(target, "kernel"): (f"{source}.weight", dense()),
-          _path(target, "bias"): (f"{source}.bias", SAME)}
+  return {
+    _path(target, "kernel"): (f"{source}.weight", dense()),
+    _path(target, "bias"): (f"{source}.bias", SAME),
+  }
 
 
 def norm(target: str, source: str) -> Rules:
   """A GroupNorm onto the zoo's GroupNorm (scale, bias)."""
-  return {_path(target, "scale"): (f"{source}.weight", SAME),
-          _path(target, "bias"): (f"{source}.bias", SAME)}
+  return {
+    _path(target, "scale"): (f"{source}.weight", SAME),
+    _path(target, "bias"): (f"{source}.bias", SAME),
+  }
 
 
 def res_block(target: str, source: str, names: Mapping[str, str]) -> Rules:
@@ -96,11 +103,13 @@ def res_block(target: str, source: str, names: Mapping[str, str]) -> Rules:
   `names` maps norm1, conv1, emb_proj, norm2, conv2 and skip (the 1x1
   shortcut, present only when the channels change) to torch sub-module names.
   """
-  rules = {**norm(f"{target}/norm1", f"{source}.{names['norm1']}"),
-           **conv(f"{target}/conv1", f"{source}.{names['conv1']}"),
-           **linear(f"{target}/emb_proj", f"{source}.{names['emb_proj']}"),
-           **norm(f"{target}/norm2", f"{source}.{names['norm2']}"),
-           **conv(f"{target}/conv2", f"{source}.{names['conv2']}")}
+  rules = {
+    **norm(f"{target}/norm1", f"{source}.{names['norm1']}"),
+    **conv(f"{target}/conv1", f"{source}.{names['conv1']}"),
+    **linear(f"{target}/emb_proj", f"{source}.{names['emb_proj']}"),
+    **norm(f"{target}/norm2", f"{source}.{names['norm2']}"),
+    **conv(f"{target}/conv2", f"{source}.{names['conv2']}"),
+  }
   return {**rules, **conv(f"{target}/skip", f"{source}.{names['skip']}")}
 
 
@@ -113,10 +122,14 @@ def attention(target: str, source: str, names: Mapping[str, str], trailing: int 
   rules = norm(f"{target}/norm", f"{source}.{names['norm']}")
   for part in ("query", "key", "value"):
     rules[_path(f"{target}/attn/{part}", "kernel")] = (
-        f"{source}.{names[part]}.weight", dense(1, trailing))
+      f"{source}.{names[part]}.weight",
+      dense(1, trailing),
+    )
     rules[_path(f"{target}/attn/{part}", "bias")] = (f"{source}.{names[part]}.bias", FLAT)
-  rules[_path(f"{target}/attn/out", "kernel")] = (f"{source}.{names['out']}.weight",
-                                                  dense(2, trailing))
+  rules[_path(f"{target}/attn/out", "kernel")] = (
+    f"{source}.{names['out']}.weight",
+    dense(2, trailing),
+  )
   rules[_path(f"{target}/attn/out", "bias")] = (f"{source}.{names['out']}.bias", SAME)
   return rules
 
@@ -143,17 +156,26 @@ def assemble(rules: Rules, abstract_params: Any, state: Mapping[str, np.ndarray]
     if key not in state:
       missing[key] = f"{key} {expected}"
     elif tuple(state[key].shape) != expected:
-      misshaped[key] = (f"{key} has shape {tuple(state[key].shape)}, expected {expected}"
-                        f" (for {'/'.join(path)} {tuple(leaf.shape)})")
+      misshaped[key] = (
+        f"{key} has shape {tuple(state[key].shape)}, expected {expected}"
+        f" (for {'/'.join(path)} {tuple(leaf.shape)})"
+      )
     else:
       params[path] = layout.convert(np.asarray(state[key], np.float32), tuple(leaf.shape))
   unexpected = quoted_keys(sorted(set(state) - used))
-  problems = [f"{what} key(s): {items}" for what, items in (
-      ("missing", ", ".join(missing.values())), ("unexpected", unexpected),
-      ("mis-shaped", ", ".join(misshaped.values()))) if items]
+  problems = [
+    f"{what} key(s): {items}"
+    for what, items in (
+      ("missing", ", ".join(missing.values())),
+      ("unexpected", unexpected),
+      ("mis-shaped", ", ".join(misshaped.values())),
+    )
+    if items
+  ]
   if problems:
-    raise ConvertError("the checkpoint does not fit the architecture read from it: "
-                       + "; ".join(problems))
+    raise ConvertError(
+      "the checkpoint does not fit the architecture read from it: " + "; ".join(problems)
+    )
   return traverse_util.unflatten_dict(params)
 
 
@@ -187,8 +209,11 @@ class StateDict(Mapping):
 
   def indices(self, prefix: str) -> list[int]:
     """The sorted integers i of the keys `prefix.i.*` (e.g. the blocks of a ModuleList)."""
-    found = {int(key[len(prefix) + 1:].split(".")[0]) for key in self._arrays
-             if key.startswith(prefix + ".") and key[len(prefix) + 1:].split(".")[0].isdigit()}
+    found = {
+      int(key[len(prefix) + 1 :].split(".")[0])
+      for key in self._arrays
+      if key.startswith(prefix + ".") and key[len(prefix) + 1 :].split(".")[0].isdigit()
+    }
     return sorted(found)
 
   def has_prefix(self, prefix: str) -> bool:

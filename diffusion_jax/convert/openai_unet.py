@@ -28,22 +28,41 @@ from typing import Any
 
 from diffusion_jax import torch_layouts, weightfiles
 from diffusion_jax.convert import mapping
-from diffusion_jax.convert.converted import (Converted, build_params, check_bounds, check_unet,
-                                             resolutions, typed_flags)
+from diffusion_jax.convert.converted import (
+  Converted,
+  build_params,
+  check_bounds,
+  check_unet,
+  resolutions,
+  typed_flags,
+)
 from diffusion_jax.convert.mapping import ConvertError, Rules, StateDict
 from diffusion_jax.convert.openai_flags import FLAG_BOUNDS, FLAG_TYPES, REPO_DEFAULTS, preset_flags
 
-_RES_NAMES = dict(norm1="in_layers.0", conv1="in_layers.2", emb_proj="emb_layers.1",
-                  norm2="out_layers.0", conv2="out_layers.3", skip="skip_connection")
+_RES_NAMES = dict(
+  norm1="in_layers.0",
+  conv1="in_layers.2",
+  emb_proj="emb_layers.1",
+  norm2="out_layers.0",
+  conv2="out_layers.3",
+  skip="skip_connection",
+)
 # improved-diffusion's training loop saves `model{step}.pt` and `ema_{rate}_{step}.pt`.
 _STEP_IN_NAME = re.compile(r"(?:^model|^ema_[0-9.]+_)(\d+)\.pt$")
 
 
-def convert(path: str, repo: str, preset: str | None = None, flags: dict | None = None,
-            state: StateDict | None = None) -> Converted:
+def convert(
+  path: str,
+  repo: str,
+  preset: str | None = None,
+  flags: dict | None = None,
+  state: StateDict | None = None,
+) -> Converted:
   """Converts an improved-diffusion (repo "improved") or guided-diffusion ("guided") checkpoint."""
-  given = {**preset_flags(repo, preset),
-           **typed_flags(flags or {}, FLAG_TYPES, "improved/guided-diffusion")}
+  given = {
+    **preset_flags(repo, preset),
+    **typed_flags(flags or {}, FLAG_TYPES, "improved/guided-diffusion"),
+  }
   options = {**REPO_DEFAULTS[repo], **given}
   check_bounds(options, FLAG_BOUNDS, path)
   state = state or StateDict(weightfiles.load(path), path)
@@ -54,10 +73,14 @@ def convert(path: str, repo: str, preset: str | None = None, flags: dict | None 
   rules = _rules(arch, options["use_new_attention_order"])
   step = given.get("step", _step_from_name(path))
   return Converted(
-      model=model, diffusion=_diffusion_fields(arch, options), image_shape=image_shape,
-      params=build_params(model, image_shape, rules, state), step=step,
-      source={"format": f"{repo}_diffusion", "path": path, "preset": preset, "flags": given},
-      dataset=given.get("dataset", ""))
+    model=model,
+    diffusion=_diffusion_fields(arch, options),
+    image_shape=image_shape,
+    params=build_params(model, image_shape, rules, state),
+    step=step,
+    source={"format": f"{repo}_diffusion", "path": path, "preset": preset, "flags": given},
+    dataset=given.get("dataset", ""),
+  )
 
 
 def _kind(state: StateDict, prefix: str) -> str:
@@ -72,8 +95,9 @@ def _kind(state: StateDict, prefix: str) -> str:
     return "down"
   if state.has_prefix(prefix):
     keys = sorted(k for k in state if k.startswith(prefix + "."))
-    raise ConvertError(f"{state.origin}: unsupported block {prefix} with keys"
-                       f" {mapping.quoted_keys(keys)}")
+    raise ConvertError(
+      f"{state.origin}: unsupported block {prefix} with keys {mapping.quoted_keys(keys)}"
+    )
   return "absent"
 
 
@@ -82,36 +106,49 @@ def read_architecture(state: StateDict) -> dict[str, Any]:
   emb_out, ch = state.shape("time_embed.0.weight")
   in_channels = state.shape("input_blocks.0.0.weight")[1]
   if emb_out != 4 * ch or state.shape("input_blocks.0.0.weight")[0] != ch:
-    raise ConvertError(f"{state.origin}: time_embed.0 {(emb_out, ch)} and input_blocks.0.0"
-                       f" {state.shape('input_blocks.0.0.weight')} do not fit a U-Net of"
-                       f" model_channels {ch} with channel_mult[0] = 1 (guided-diffusion's"
-                       " 512x512 channel_mult 0.5,... is not supported)")
+    raise ConvertError(
+      f"{state.origin}: time_embed.0 {(emb_out, ch)} and input_blocks.0.0"
+      f" {state.shape('input_blocks.0.0.weight')} do not fit a U-Net of"
+      f" model_channels {ch} with channel_mult[0] = 1 (guided-diffusion's"
+      " 512x512 channel_mult 0.5,... is not supported)"
+    )
   out_channels = state.shape("out.2.weight")[0]
   if out_channels not in (in_channels, 2 * in_channels):
-    raise ConvertError(f"{state.origin}: {out_channels} output channels for {in_channels} input"
-                       " channels (super-resolution and other UNetModel variants are not"
-                       " supported)")
+    raise ConvertError(
+      f"{state.origin}: {out_channels} output channels for {in_channels} input"
+      " channels (super-resolution and other UNetModel variants are not"
+      " supported)"
+    )
   outputs = state.indices("output_blocks")
-  resamplers = [_kind(state, f"output_blocks.{k}.{j}") for k in outputs
-                for j in state.indices(f"output_blocks.{k}")[1:]]
+  resamplers = [
+    _kind(state, f"output_blocks.{k}.{j}")
+    for k in outputs
+    for j in state.indices(f"output_blocks.{k}")[1:]
+  ]
   levels = 1 + sum(kind != "attn" for kind in resamplers)
   if len(outputs) % levels:
-    raise ConvertError(f"{state.origin}: {len(outputs)} output blocks do not split into"
-                       f" {levels} levels")
+    raise ConvertError(
+      f"{state.origin}: {len(outputs)} output blocks do not split into {levels} levels"
+    )
   num_res_blocks = len(outputs) // levels - 1
   firsts = [1 + level * (num_res_blocks + 1) for level in range(levels)]  # input block indices
   widths = [state.shape(f"input_blocks.{k}.0.out_layers.3.weight")[0] for k in firsts]
   if any(w % ch for w in widths):
     raise ConvertError(f"{state.origin}: level widths {widths} are not multiples of {ch}")
   return dict(
-      ch=ch, in_channels=in_channels, learn_sigma=out_channels == 2 * in_channels,
-      num_res_blocks=num_res_blocks, ch_mult=tuple(w // ch for w in widths),
-      attention_levels=[level for level, k in enumerate(firsts)
-                        if _kind(state, f"input_blocks.{k}.1") == "attn"],
-      scale_shift_norm=state.shape(f"input_blocks.{firsts[0]}.0.emb_layers.1.weight")[0]
-      == 2 * widths[0],
-      resblock_updown="res" in resamplers,
-      num_classes=state["label_emb.weight"].shape[0] if "label_emb.weight" in state else None)
+    ch=ch,
+    in_channels=in_channels,
+    learn_sigma=out_channels == 2 * in_channels,
+    num_res_blocks=num_res_blocks,
+    ch_mult=tuple(w // ch for w in widths),
+    attention_levels=[
+      level for level, k in enumerate(firsts) if _kind(state, f"input_blocks.{k}.1") == "attn"
+    ],
+    scale_shift_norm=state.shape(f"input_blocks.{firsts[0]}.0.emb_layers.1.weight")[0]
+    == 2 * widths[0],
+    resblock_updown="res" in resamplers,
+    num_classes=state["label_emb.weight"].shape[0] if "label_emb.weight" in state else None,
+  )
 
 
 def _model_fields(arch: dict, options: dict, given: dict, origin: str) -> tuple[dict, int]:
@@ -120,16 +157,26 @@ def _model_fields(arch: dict, options: dict, given: dict, origin: str) -> tuple[
   _check_given_flags(arch, given, image_size, origin)
   heads, head_channels = options["num_heads"], options["num_head_channels"]
   if options["num_heads_upsample"] not in (-1, heads) and head_channels == -1:
-    raise ConvertError(f"{origin}: num_heads_upsample {options['num_heads_upsample']} !="
-                       f" num_heads {heads} is not supported (one head count for the whole U-Net)")
+    raise ConvertError(
+      f"{origin}: num_heads_upsample {options['num_heads_upsample']} !="
+      f" num_heads {heads} is not supported (one head count for the whole U-Net)"
+    )
   model = dict(
-      ch=arch["ch"], ch_mult=arch["ch_mult"], num_res_blocks=arch["num_res_blocks"],
-      attn_resolutions=resolutions(image_size, arch["attention_levels"]),
-      dropout=float(options["dropout"]), learn_sigma=arch["learn_sigma"],
-      num_classes=arch["num_classes"], scale_shift_norm=arch["scale_shift_norm"],
-      resblock_updown=arch["resblock_updown"], num_heads=heads,
-      num_head_channels=None if head_channels == -1 else head_channels,
-      time_embedding="adm", downsample_padding=1, norm_eps=1e-5)
+    ch=arch["ch"],
+    ch_mult=arch["ch_mult"],
+    num_res_blocks=arch["num_res_blocks"],
+    attn_resolutions=resolutions(image_size, arch["attention_levels"]),
+    dropout=float(options["dropout"]),
+    learn_sigma=arch["learn_sigma"],
+    num_classes=arch["num_classes"],
+    scale_shift_norm=arch["scale_shift_norm"],
+    resblock_updown=arch["resblock_updown"],
+    num_heads=heads,
+    num_head_channels=None if head_channels == -1 else head_channels,
+    time_embedding="adm",
+    downsample_padding=1,
+    norm_eps=1e-5,
+  )
   return model, image_size
 
 
@@ -140,23 +187,32 @@ def _image_size(arch: dict, given: dict, origin: str) -> int:
   if "attention_resolutions" in given and arch["attention_levels"]:
     first = int(str(given["attention_resolutions"]).split(",")[0])
     return first << arch["attention_levels"][0]
-  raise ConvertError(f"{origin}: the checkpoint does not tell the image size: pass image_size"
-                     " (or a preset)")
+  raise ConvertError(
+    f"{origin}: the checkpoint does not tell the image size: pass image_size (or a preset)"
+  )
 
 
 def _check_given_flags(arch: dict, given: dict, image_size: int, origin: str) -> None:
   """Flags the tensors also tell must agree with them; each disagreement is named."""
-  told = dict(num_channels=arch["ch"], num_res_blocks=arch["num_res_blocks"],
-              learn_sigma=arch["learn_sigma"], class_cond=arch["num_classes"] is not None,
-              use_scale_shift_norm=arch["scale_shift_norm"],
-              resblock_updown=arch["resblock_updown"],
-              attention_resolutions=sorted(resolutions(image_size, arch["attention_levels"])),
-              channel_mult=list(arch["ch_mult"]))
-  wrong = [f"{flag}={given[flag]} (the checkpoint has {actual})" for flag, actual in told.items()
-           if given.get(flag, "") != "" and _comparable(flag, given[flag]) != actual]
+  told = dict(
+    num_channels=arch["ch"],
+    num_res_blocks=arch["num_res_blocks"],
+    learn_sigma=arch["learn_sigma"],
+    class_cond=arch["num_classes"] is not None,
+    use_scale_shift_norm=arch["scale_shift_norm"],
+    resblock_updown=arch["resblock_updown"],
+    attention_resolutions=sorted(resolutions(image_size, arch["attention_levels"])),
+    channel_mult=list(arch["ch_mult"]),
+  )
+  wrong = [
+    f"{flag}={given[flag]} (the checkpoint has {actual})"
+    for flag, actual in told.items()
+    if given.get(flag, "") != "" and _comparable(flag, given[flag]) != actual
+  ]
   if wrong:
-    raise ConvertError(f"{origin}: flags disagree with the checkpoint at image_size {image_size}:"
-                       f" {', '.join(wrong)}")
+    raise ConvertError(
+      f"{origin}: flags disagree with the checkpoint at image_size {image_size}: {', '.join(wrong)}"
+    )
 
 
 def _comparable(flag: str, value: Any) -> Any:
@@ -181,9 +237,15 @@ def _diffusion_fields(arch: dict, options: dict) -> dict[str, Any]:
   schedule = options["noise_schedule"]
   if schedule not in ("linear", "cosine"):
     raise ConvertError(f"unsupported noise_schedule {schedule!r}; supported: ['linear', 'cosine']")
-  return dict(schedule=schedule, num_timesteps=int(options["diffusion_steps"]),
-              mean_type="x0" if options["predict_xstart"] else "epsilon", var_type=var_type,
-              loss=loss, clip_x0=True, rescale_timesteps=bool(options["rescale_timesteps"]))
+  return dict(
+    schedule=schedule,
+    num_timesteps=int(options["diffusion_steps"]),
+    mean_type="x0" if options["predict_xstart"] else "epsilon",
+    var_type=var_type,
+    loss=loss,
+    clip_x0=True,
+    rescale_timesteps=bool(options["rescale_timesteps"]),
+  )
 
 
 def _attention(target: str, source: str, new_order: bool) -> Rules:
@@ -192,8 +254,10 @@ def _attention(target: str, source: str, new_order: bool) -> Rules:
     layout = mapping.qkv_part(part, legacy=not new_order)
     rules[(target, "attn", name, "kernel")] = (f"{source}.qkv.weight", layout)
     rules[(target, "attn", name, "bias")] = (f"{source}.qkv.bias", layout)
-  rules[(target, "attn", "out", "kernel")] = (f"{source}.proj_out.weight",
-                                              torch_layouts.dense(2, trailing=1))
+  rules[(target, "attn", "out", "kernel")] = (
+    f"{source}.proj_out.weight",
+    torch_layouts.dense(2, trailing=1),
+  )
   rules[(target, "attn", "out", "bias")] = (f"{source}.proj_out.bias", torch_layouts.SAME)
   return rules
 
@@ -207,15 +271,17 @@ def _resampler(target: str, source: str, updown: bool, conv_name: str) -> Rules:
 def _rules(arch: dict, new_order: bool) -> Rules:
   """Flax path -> torch key, walking input_blocks / output_blocks as UNetModel builds them."""
   levels, blocks, updown = len(arch["ch_mult"]), arch["num_res_blocks"], arch["resblock_updown"]
-  rules = {**mapping.linear("time_emb/dense0", "time_embed.0"),
-           **mapping.linear("time_emb/dense1", "time_embed.2"),
-           ("time_emb", "label_emb", "embedding"): ("label_emb.weight", mapping.WITH_NULL_LABEL),
-           **mapping.conv("conv_in", "input_blocks.0.0"),
-           **mapping.res_block("mid_res0", "middle_block.0", _RES_NAMES),
-           **_attention("mid_attn", "middle_block.1", new_order),
-           **mapping.res_block("mid_res1", "middle_block.2", _RES_NAMES),
-           **mapping.norm("norm_out", "out.0"),
-           **mapping.conv("conv_out", "out.2")}
+  rules = {
+    **mapping.linear("time_emb/dense0", "time_embed.0"),
+    **mapping.linear("time_emb/dense1", "time_embed.2"),
+    ("time_emb", "label_emb", "embedding"): ("label_emb.weight", mapping.WITH_NULL_LABEL),
+    **mapping.conv("conv_in", "input_blocks.0.0"),
+    **mapping.res_block("mid_res0", "middle_block.0", _RES_NAMES),
+    **_attention("mid_attn", "middle_block.1", new_order),
+    **mapping.res_block("mid_res1", "middle_block.2", _RES_NAMES),
+    **mapping.norm("norm_out", "out.0"),
+    **mapping.conv("conv_out", "out.2"),
+  }
   k = 1
   for level in range(levels):
     for i in range(blocks):

@@ -8,23 +8,23 @@ Typical use:
 
 from diffusion_jax.config.data import SOURCES, DataConfig
 from diffusion_jax.data.pipeline import (
-    TrainIterator,
-    local_batch_size,
-    make_eval_iterator,
-    make_global_batch,
-    make_train_iterator,
-    num_examples,
+  TrainIterator,
+  local_batch_size,
+  make_eval_iterator,
+  make_global_batch,
+  make_train_iterator,
+  num_examples,
 )
 from diffusion_jax.data.sources import DatasetUnavailableError
 
 __all__ = [
-    "SOURCES",
-    "DataConfig",
-    "DatasetUnavailableError",
-    "TrainIterator",
-    "local_batch_size",
-    "make_eval_iterator",
-    "make_global_batch",
-    "make_train_iterator",
-    "num_examples",
+  "SOURCES",
+  "DataConfig",
+  "DatasetUnavailableError",
+  "TrainIterator",
+  "local_batch_size",
+  "make_eval_iterator",
+  "make_global_batch",
+  "make_train_iterator",
+  "num_examples",
 ]

@@ -30,9 +30,7 @@ from diffusion_jax.config.data import DataConfig
 from diffusion_jax.data.sources import make_source
 
 
-def local_batch_size(
-    global_batch_size: int, process_count: int | None = None
-) -> int:
+def local_batch_size(global_batch_size: int, process_count: int | None = None) -> int:
   """The share of `global_batch_size` read by each of `process_count` hosts.
 
   `process_count` defaults to `jax.process_count()`.
@@ -40,14 +38,14 @@ def local_batch_size(
   count = process_count or jax.process_count()
   if global_batch_size <= 0 or global_batch_size % count:
     raise ValueError(
-        f"global batch size {global_batch_size} must be a positive multiple"
-        f" of the process count {count}"
+      f"global batch size {global_batch_size} must be a positive multiple"
+      f" of the process count {count}"
     )
   return global_batch_size // count
 
 
 def shard(
-    dataset: grain.MapDataset, shard_options: grain.sharding.ShardOptions
+  dataset: grain.MapDataset, shard_options: grain.sharding.ShardOptions
 ) -> grain.MapDataset:
   """This process's contiguous slice of `dataset`.
 
@@ -76,22 +74,20 @@ def order_seed(seed: int, start_step: int) -> int:
 
 
 def _records(
-    config: DataConfig, shard_options: grain.sharding.ShardOptions, seed: int
+  config: DataConfig, shard_options: grain.sharding.ShardOptions, seed: int
 ) -> grain.MapDataset:
   """This process's endless prepared uint8 records, in the order of `seed`."""
   dataset = shard(grain.MapDataset.source(make_source(config)), shard_options)
   if len(dataset) == 0:
     raise ValueError(
-        f"process {shard_options.shard_index} of {shard_options.shard_count}"
-        " has no examples: the dataset is smaller than the process count"
+      f"process {shard_options.shard_index} of {shard_options.shard_count}"
+      " has no examples: the dataset is smaller than the process count"
     )
   dataset = dataset.seed(seed)
   if config.shuffle:
     dataset = dataset.shuffle()
   dataset = dataset.repeat()  # Reseeds the shuffle and flips every epoch.
-  dataset = dataset.map(
-      transforms.Preprocess(config.image_size, config.num_channels)
-  )
+  dataset = dataset.map(transforms.Preprocess(config.image_size, config.num_channels))
   if config.random_flip:
     dataset = dataset.random_map(transforms.RandomHorizontalFlip())
   return dataset
@@ -109,9 +105,9 @@ class TrainIterator(grain.DatasetIterator):
   """
 
   def __init__(
-      self,
-      make_order: Callable[[int], grain.DatasetIterator],
-      start_step: int = 0,
+    self,
+    make_order: Callable[[int], grain.DatasetIterator],
+    start_step: int = 0,
   ):
     """`make_order(start_step)`: the batches of the order starting there."""
     super().__init__()  # closable by grain's __del__ even if make_order raises (no data)
@@ -148,9 +144,9 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def make_train_iterator(
-    config: DataConfig,
-    global_batch_size: int,
-    shard_options: grain.sharding.ShardOptions | None = None,
+  config: DataConfig,
+  global_batch_size: int,
+  shard_options: grain.sharding.ShardOptions | None = None,
 ) -> TrainIterator:
   """An endless iterator over this process's share of the training batches.
 
@@ -166,33 +162,29 @@ def make_train_iterator(
     S = config.image_size and C = config.num_channels, in the order of
     `config.seed` (of `order_seed(config.seed, s)` after `restart_order(s)`).
   """
-  shard_options = shard_options or grain.sharding.ShardByJaxProcess(
-      drop_remainder=True
-  )
+  shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
   batch_size = local_batch_size(global_batch_size, shard_options.shard_count)
   # Threads prepare whole batches: prefetching single records would cost
   # grain a scan of its buffer per record.
   read_options = grain.ReadOptions(
-      num_threads=config.num_threads,
-      prefetch_buffer_size=2 * config.num_threads,
+    num_threads=config.num_threads,
+    prefetch_buffer_size=2 * config.num_threads,
   )
 
   def make_order(start_step: int) -> grain.DatasetIterator:
     seed = order_seed(config.seed, start_step)
     records = _records(config, shard_options, seed)
     batches = records.batch(batch_size, drop_remainder=True)
-    return iter(
-        batches.to_iter_dataset(read_options).map(transforms.to_model_range)
-    )
+    return iter(batches.to_iter_dataset(read_options).map(transforms.to_model_range))
 
   return TrainIterator(make_order)
 
 
 def make_eval_iterator(
-    config: DataConfig,
-    global_batch_size: int,
-    shard_options: grain.sharding.ShardOptions | None = None,
-    num_examples: int = 0,
+  config: DataConfig,
+  global_batch_size: int,
+  shard_options: grain.sharding.ShardOptions | None = None,
+  num_examples: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
   """A finite pass over every example of `config.split` exactly once, in order.
 
@@ -215,48 +207,43 @@ def make_eval_iterator(
     process count; `index` is each example's position in the split (-1 for
     padding), the same whatever the number of processes.
   """
-  shard_options = shard_options or grain.sharding.ShardByJaxProcess(
-      drop_remainder=False
-  )
+  shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=False)
   batch_size = local_batch_size(global_batch_size, shard_options.shard_count)
   source = grain.MapDataset.source(make_source(config))
   if num_examples:
     source = source[:num_examples]
   # Every shard has at most ceil(len / count) examples: all processes agree.
-  num_batches = math.ceil(
-      math.ceil(len(source) / shard_options.shard_count) / batch_size
-  )
+  num_batches = math.ceil(math.ceil(len(source) / shard_options.shard_count) / batch_size)
   this_shard = grain.sharding.ShardOptions(
-      shard_options.shard_index, shard_options.shard_count, drop_remainder=False
+    shard_options.shard_index, shard_options.shard_count, drop_remainder=False
   )
   positions = shard(grain.MapDataset.range(len(source)), this_shard)
   first = positions[0] if len(positions) else len(source)
   records = shard(source, this_shard).map(
-      transforms.Preprocess(config.image_size, config.num_channels)
+    transforms.Preprocess(config.image_size, config.num_channels)
   )
   batches = iter(
-      records.batch(batch_size, drop_remainder=False).to_iter_dataset(
-          grain.ReadOptions(
-              num_threads=config.num_threads,
-              prefetch_buffer_size=2 * config.num_threads,
-          )
+    records.batch(batch_size, drop_remainder=False).to_iter_dataset(
+      grain.ReadOptions(
+        num_threads=config.num_threads,
+        prefetch_buffer_size=2 * config.num_threads,
       )
+    )
   )
-  shape = (batch_size, config.image_size, config.image_size,
-           config.num_channels)
+  shape = (batch_size, config.image_size, config.image_size, config.num_channels)
   for b in range(num_batches):
     batch = next(batches, None)
     mask = np.arange(batch_size) < (0 if batch is None else len(batch["image"]))
     index = first + b * batch_size + np.arange(batch_size, dtype=np.int32)
     yield transforms.to_model_range(_pad_batch(batch, shape)) | {
-        "mask": mask, "index": np.where(mask, index, -1).astype(np.int32)
+      "mask": mask,
+      "index": np.where(mask, index, -1).astype(np.int32),
     }
 
 
 def _pad_batch(batch, shape) -> dict[str, np.ndarray]:
   """A uint8 batch (or None) zero-padded to `shape` [B, S, S, C]."""
-  padded = {"image": np.zeros(shape, np.uint8),
-            "label": np.zeros(shape[:1], np.int32)}
+  padded = {"image": np.zeros(shape, np.uint8), "label": np.zeros(shape[:1], np.int32)}
   if batch is not None:
     count = len(batch["image"])
     padded["image"][:count] = batch["image"]
@@ -283,6 +270,6 @@ def make_global_batch(local_batch, sharding: jax.sharding.Sharding):
     process's rows placed on its own devices.
   """
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x),
-      local_batch,
+    lambda x: jax.make_array_from_process_local_data(sharding, x),
+    local_batch,
   )

@@ -130,15 +130,18 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
     builder.download_and_prepare(file_format="array_record")
   except (OSError, tfds.download.DownloadError) as error:
     raise DatasetUnavailableError(
-        f"{_not_prepared(builder, name)}, and preparing it failed ({_first_line(error)}):"
-        f" {_how_to_prepare(builder, name)}") from error
+      f"{_not_prepared(builder, name)}, and preparing it failed ({_first_line(error)}):"
+      f" {_how_to_prepare(builder, name)}"
+    ) from error
   return builder.as_data_source(split=split)
 
 
 def _no_random_access(builder, name: str) -> str:
-  return (f"TFDS dataset '{name}' in {builder.data_path} is stored as"
-          f" {builder.info.file_format.value} files, which cannot be read by index: write it"
-          f" again as ArrayRecord with `{_build_command(builder, name)} --overwrite`")
+  return (
+    f"TFDS dataset '{name}' in {builder.data_path} is stored as"
+    f" {builder.info.file_format.value} files, which cannot be read by index: write it"
+    f" again as ArrayRecord with `{_build_command(builder, name)} --overwrite`"
+  )
 
 
 def _is_prepared(builder) -> bool:
@@ -153,16 +156,19 @@ def _check_can_prepare(builder, name: str) -> None:
     if not manual_dir.is_dir() or not any(manual_dir.iterdir()):
       instructions = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
       raise DatasetUnavailableError(
-          f"{_not_prepared(builder, name)}, and it needs a manual download into {manual_dir}:"
-          f" {instructions} Then run `{_build_command(builder, name)}`.")
+        f"{_not_prepared(builder, name)}, and it needs a manual download into {manual_dir}:"
+        f" {instructions} Then run `{_build_command(builder, name)}`."
+      )
   if unreachable := _unreachable(builder.url_infos or {}):
     raise DatasetUnavailableError(
-        f"{_not_prepared(builder, name)}, and it cannot be downloaded from here ({unreachable}):"
-        f" {_how_to_prepare(builder, name)}")
+      f"{_not_prepared(builder, name)}, and it cannot be downloaded from here ({unreachable}):"
+      f" {_how_to_prepare(builder, name)}"
+    )
   if jax.process_count() > 1:
     raise DatasetUnavailableError(
-        f"{_not_prepared(builder, name)}; prepare it once before a multi-process run, so that"
-        f" the processes do not race to write it: `{_build_command(builder, name)}`.")
+      f"{_not_prepared(builder, name)}; prepare it once before a multi-process run, so that"
+      f" the processes do not race to write it: `{_build_command(builder, name)}`."
+    )
 
 
 def _unreachable(urls: Iterable[str]) -> str | None:
@@ -198,9 +204,11 @@ def _build_command(builder, name: str) -> str:
 
 
 def _how_to_prepare(builder, name: str) -> str:
-  return (f"prepare it with `{_build_command(builder, name)}` (on a machine that can download"
-          f" it, then copy {builder.data_dir_root / builder.name} here), or point $TFDS_DATA_DIR"
-          " at a directory that holds it.")
+  return (
+    f"prepare it with `{_build_command(builder, name)}` (on a machine that can download"
+    f" it, then copy {builder.data_dir_root / builder.name} here), or point $TFDS_DATA_DIR"
+    " at a directory that holds it."
+  )
 
 
 def _first_line(error: BaseException) -> str:
@@ -226,9 +234,7 @@ class FolderSource:
       raise NotADirectoryError(f"data folder '{root}' is not a directory")
     self.files = files.find_files(root, IMAGE_SUFFIXES)
     if not self.files:
-      raise ValueError(
-          f"data folder '{root}' holds no image files {IMAGE_SUFFIXES}"
-      )
+      raise ValueError(f"data folder '{root}' holds no image files {IMAGE_SUFFIXES}")
 
   def __len__(self) -> int:
     return len(self.files)
@@ -257,16 +263,14 @@ def open_image(path: str) -> Image.Image:
 
 # Builds each source named in `config.SOURCES` from the config.
 _BUILDERS = {
-    "digits": lambda config: digits_source(config.split),
-    "tfds": lambda config: tfds_source(config.name, config.split),
-    "folder": lambda config: FolderSource(config.path),
+  "digits": lambda config: digits_source(config.split),
+  "tfds": lambda config: tfds_source(config.name, config.split),
+  "folder": lambda config: FolderSource(config.path),
 }
 
 
 def make_source(config: DataConfig) -> Sequence[dict[str, Any]]:
   """Builds the source named by `config.source`."""
   if config.source not in _BUILDERS:
-    raise ValueError(
-        f"unknown data source '{config.source}'; known: {sorted(_BUILDERS)}"
-    )
+    raise ValueError(f"unknown data source '{config.source}'; known: {sorted(_BUILDERS)}")
   return _BUILDERS[config.source](config)

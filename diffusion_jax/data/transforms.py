@@ -22,15 +22,11 @@ def _to_pil(image_HxWxC: np.ndarray) -> Image.Image:
   """A uint8 [H, W, 1] or [H, W, 3] array as a Pillow image ("L" or "RGB")."""
   channels = image_HxWxC.shape[-1]
   if channels not in _MODES:
-    raise ValueError(
-        f"images must have 1 or 3 channels, got shape {image_HxWxC.shape}"
-    )
+    raise ValueError(f"images must have 1 or 3 channels, got shape {image_HxWxC.shape}")
   return Image.fromarray(image_HxWxC[..., 0] if channels == 1 else image_HxWxC)
 
 
-def resize_and_center_crop(
-    image_HxWxC: np.ndarray, size: int, num_channels: int
-) -> np.ndarray:
+def resize_and_center_crop(image_HxWxC: np.ndarray, size: int, num_channels: int) -> np.ndarray:
   """Converts channels, scales the short side to `size`, crops the centre.
 
   Args:
@@ -63,9 +59,7 @@ class Preprocess(grain.transforms.Map):
   def map(self, record):
     if "image" not in record:
       raise KeyError(f"record has no 'image' feature; it has {sorted(record)}")
-    image = resize_and_center_crop(
-        np.asarray(record["image"]), self.size, self.num_channels
-    )
+    image = resize_and_center_crop(np.asarray(record["image"]), self.size, self.num_channels)
     return {"image": image, "label": np.int32(record.get("label", 0))}
 
 

@@ -63,8 +63,9 @@ def num_scales(fns: ConsistencyFns, step: jax.Array) -> jax.Array:
   """N at the step after `step` completed ones: CD's fixed N, or iCT's curriculum N(k)."""
   if fns.distill.method == "cd":
     return jnp.asarray(fns.distill.num_scales, jnp.int32)
-  return consistency.ict_num_scales(step, fns.total_steps, fns.distill.scales_start,
-                                    fns.distill.scales_end)
+  return consistency.ict_num_scales(
+    step, fns.total_steps, fns.distill.scales_start, fns.distill.scales_end
+  )
 
 
 def _levels(fns: ConsistencyFns, key: jax.Array, step: jax.Array, batch_size: int):
@@ -74,14 +75,16 @@ def _levels(fns: ConsistencyFns, key: jax.Array, step: jax.Array, batch_size: in
   if fns.distill.method == "cd":
     n = jax.random.randint(key, (batch_size,), 0, count - 1)
   else:
-    logits = consistency.lognormal_level_logits(sigmas, count, fns.precond.p_mean,
-                                                fns.precond.p_std)
+    logits = consistency.lognormal_level_logits(
+      sigmas, count, fns.precond.p_mean, fns.precond.p_std
+    )
     n = jax.random.categorical(key, logits, shape=(batch_size,))
   return sigmas[n], sigmas[n + 1], count
 
 
-def metric_fn(distill: ConsistencyConfig, lpips_params: Any
-              ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def metric_fn(
+  distill: ConsistencyConfig, lpips_params: Any
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """d(x [B, H, W, C], y [B, H, W, C]) -> [B]: distill.metric; LPIPS with `lpips_params`."""
   if distill.metric == "lpips":
     return functools.partial(lpips.distance, lpips_params, resolution=distill.lpips_resolution)
@@ -90,9 +93,19 @@ def metric_fn(distill: ConsistencyConfig, lpips_params: Any
   return consistency.squared_l2
 
 
-def loss_terms(fns: ConsistencyFns, params, target_params, teacher_params, x: jax.Array,
-               z: jax.Array, sigma: jax.Array, sigma_next: jax.Array, labels: jax.Array | None,
-               dropout_key: jax.Array, lpips_params: Any = ()) -> tuple[jax.Array, jax.Array]:
+def loss_terms(
+  fns: ConsistencyFns,
+  params,
+  target_params,
+  teacher_params,
+  x: jax.Array,
+  z: jax.Array,
+  sigma: jax.Array,
+  sigma_next: jax.Array,
+  labels: jax.Array | None,
+  dropout_key: jax.Array,
+  lpips_params: Any = (),
+) -> tuple[jax.Array, jax.Array]:
   """(lambda(sigma_n) [B], d [B]): CM's loss at levels sigma_n < sigma_{n+1} [B], noise z.
 
   x_{n+1} = x + sigma_{n+1} z (x [B, H, W, C] in [-1, 1]); x_n is one Heun step
@@ -105,8 +118,9 @@ def loss_terms(fns: ConsistencyFns, params, target_params, teacher_params, x: ja
   x_next = x + edm.per_example(sigma_next, x.ndim) * z
 
   def f(params, x_t, levels):
-    net_fn = lambda x_in, c_noise: fns.apply(params, x_in, c_noise, labels, train=True,
-                                             rngs={"dropout": dropout_key})
+    net_fn = lambda x_in, c_noise: fns.apply(
+      params, x_in, c_noise, labels, train=True, rngs={"dropout": dropout_key}
+    )
     return fns.precond.denoise(net_fn, x_t, levels)
 
   if fns.distill.method == "cd":
@@ -120,8 +134,9 @@ def loss_terms(fns: ConsistencyFns, params, target_params, teacher_params, x: ja
   return weight, metric_fn(fns.distill, lpips_params)(f(params, x_next, sigma_next), target)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyFns
-               ) -> tuple[TrainState, TrainMetrics]:
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyFns
+) -> tuple[TrainState, TrainMetrics]:
   """One consistency step on batch {"image": [B, H, W, C] in [-1, 1], "label": [B]}.
 
   Draws the levels (`_levels`) and the noise z, and descends the mean of
@@ -133,31 +148,50 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ConsistencyF
   level_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
   sigma, sigma_next, count = _levels(fns, level_key, state.step, x.shape[0])
   z = jax.random.normal(noise_key, x.shape, x.dtype)
-  target_params = (state.sampler_state.target_params if fns.distill.method == "cd"
-                   else state.params)
+  target_params = state.sampler_state.target_params if fns.distill.method == "cd" else state.params
 
   def loss_fn(params):
-    weight, distance = loss_terms(fns, params, target_params, state.sampler_state.teacher_params,
-                                  x, z, sigma, sigma_next, labels, dropout_key,
-                                  state.sampler_state.lpips_params)
+    weight, distance = loss_terms(
+      fns,
+      params,
+      target_params,
+      state.sampler_state.teacher_params,
+      x,
+      z,
+      sigma,
+      sigma_next,
+      labels,
+      dropout_key,
+      state.sampler_state.lpips_params,
+    )
     return jnp.mean(weight * distance), (weight, distance)
 
   (loss, (weight, distance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state, skipped, grad_norm = apply_gradients(state, grads, jnp.isfinite(loss), fns.tx,
-                                                  fns.ema_decay)
+  new_state, skipped, grad_norm = apply_gradients(
+    state, grads, jnp.isfinite(loss), fns.tx, fns.ema_decay
+  )
   finite = skipped.count == 0
   if fns.distill.method == "cd":  # theta- <- mu theta- + (1 - mu) theta, after the update
-    target_params = optax.incremental_update(new_state.params, state.sampler_state.target_params,
-                                             1.0 - fns.distill.target_ema)
-    new_state = new_state.replace(sampler_state=state.sampler_state.replace(
-        target_params=jax.tree.map(lambda new, old: jnp.where(finite, new, old), target_params,
-                                   state.sampler_state.target_params)))
+    target_params = optax.incremental_update(
+      new_state.params, state.sampler_state.target_params, 1.0 - fns.distill.target_ema
+    )
+    new_state = new_state.replace(
+      sampler_state=state.sampler_state.replace(
+        target_params=jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old),
+          target_params,
+          state.sampler_state.target_params,
+        )
+      )
+    )
   return new_state, dict(
-      loss=masked_average(weight * distance, finite), distance=masked_average(distance, finite),
-      grad_norm=masked_average(grad_norm[None], finite),
-      learning_rate=metrics.LastValue(total=fns.lr_schedule(state.step), count=jnp.array(1)),
-      num_scales=metrics.LastValue(total=count.astype(jnp.float32), count=jnp.array(1)),
-      skipped_steps=skipped)
+    loss=masked_average(weight * distance, finite),
+    distance=masked_average(distance, finite),
+    grad_norm=masked_average(grad_norm[None], finite),
+    learning_rate=metrics.LastValue(total=fns.lr_schedule(state.step), count=jnp.array(1)),
+    num_scales=metrics.LastValue(total=count.astype(jnp.float32), count=jnp.array(1)),
+    skipped_steps=skipped,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,10 +208,16 @@ class ConsistencyExperiment(student.StudentExperiment):
   def step_fns(self) -> ConsistencyFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
     return ConsistencyFns(
-        apply=runs.diffusion_apply_fn(self.model, self.diffusion),
-        precond=process.model_spec(self.diffusion).edm, tx=tx, lr_schedule=lr_schedule,
-        ema_decay=self.train.ema_decay, distill=self.distill, total_steps=self.train.num_steps,
-        teacher=self.teacher, conditional=getattr(self.model, "num_classes", None) is not None)
+      apply=runs.diffusion_apply_fn(self.model, self.diffusion),
+      precond=process.model_spec(self.diffusion).edm,
+      tx=tx,
+      lr_schedule=lr_schedule,
+      ema_decay=self.train.ema_decay,
+      distill=self.distill,
+      total_steps=self.train.num_steps,
+      teacher=self.teacher,
+      conditional=getattr(self.model, "num_classes", None) is not None,
+    )
 
   def train_step_fn(self):
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
@@ -188,18 +228,21 @@ class ConsistencyExperiment(student.StudentExperiment):
     init_key, state_key = jax.random.split(rng)
     if self.teacher is not None:
       params = self.teacher.params
-      task_state = ConsistencyState(teacher_params=params, target_params=params,
-                                    lpips_params=self.lpips_params)
+      task_state = ConsistencyState(
+        teacher_params=params, target_params=params, lpips_params=self.lpips_params
+      )
     else:
       image_shape = runs.image_shape(self.data)
       params = self.model.init(init_key, *runs.example_inputs(self.model, image_shape))["params"]
-      task_state = ConsistencyState(teacher_params=(), target_params=(),
-                                    lpips_params=self.lpips_params)
+      task_state = ConsistencyState(
+        teacher_params=(), target_params=(), lpips_params=self.lpips_params
+      )
     return student.initial_state(params, self.step_fns().tx, state_key, task_state)
 
 
-def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
-          ) -> ConsistencyExperiment:
+def build(
+  config: ml_collections.ConfigDict, model: nn.Module | None = None
+) -> ConsistencyExperiment:
   """Checks a consistency config, loads CD's teacher and the LPIPS weights, builds the student.
 
   `model`, when given, replaces building `config.model` with the zoo.
@@ -207,12 +250,15 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
   sections = student.student_sections(config, model, ConsistencyConfig, "consistency training")
   parameterization = sections["diffusion"].parameterization
   if parameterization != "consistency":
-    raise ValueError(f"diffusion.parameterization={parameterization!r}: a consistency"
-                     " run's network is a consistency function; set it to 'consistency'.")
+    raise ValueError(
+      f"diffusion.parameterization={parameterization!r}: a consistency"
+      " run's network is a consistency function; set it to 'consistency'."
+    )
   frozen = None
   if sections["distill"].method == "cd":
-    frozen = teacher.load(sections["distill"].teacher_workdir, config,
-                          teacher.CONSISTENCY_SHARED_KEYS)
+    frozen = teacher.load(
+      sections["distill"].teacher_workdir, config, teacher.CONSISTENCY_SHARED_KEYS
+    )
   distill = sections["distill"]
   lpips_params = ()
   if distill.metric == "lpips":

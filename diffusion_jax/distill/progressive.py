@@ -33,8 +33,9 @@ def _level(values: jax.Array, point: jax.Array, ndim: int) -> jax.Array:
   return diffusion.at(values, point, ndim)
 
 
-def two_step_target(x0_fn: X0Fn, steps: SamplingSchedule, z: jax.Array, point: jax.Array,
-                    stride: jax.Array) -> jax.Array:
+def two_step_target(
+  x0_fn: X0Fn, steps: SamplingSchedule, z: jax.Array, point: jax.Array, stride: jax.Array
+) -> jax.Array:
   """x~ [B, H, W, C]: the x_0 whose one DDIM step from `point` lands where two teacher steps do.
 
   Algorithm 2: from z_t (grid point p = `point` [B]) the teacher takes DDIM
@@ -62,8 +63,9 @@ def truncated_snr_weight(alpha: jax.Array, sigma: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.square(alpha / sigma), 1.0)
 
 
-def loss_terms(pred_x0: jax.Array, target: jax.Array, alpha: jax.Array,
-               sigma: jax.Array) -> losses.LossTerms:
+def loss_terms(
+  pred_x0: jax.Array, target: jax.Array, alpha: jax.Array, sigma: jax.Array
+) -> losses.LossTerms:
   """[B] terms: loss = max(SNR_t, 1) mean (x^ - x~)^2 over the pixels; mse unweighted; vb 0.
 
   alpha, sigma [B] are the student's noise level, pred_x0 its x_0 prediction.

@@ -62,11 +62,15 @@ def _round(fns: ProgressiveFns, step: jax.Array) -> jax.Array:
 def _start_round(state: TrainState, fns: ProgressiveFns) -> TrainState:
   """At a round's first step (but the first round's): the EMA student becomes the teacher and the
   new student, and the optimizer starts afresh."""
-  begins = (state.step > 0) & (state.step % fns.distill.steps_per_round == 0) & (
-      state.step < fns.distill.num_steps)
+  begins = (
+    (state.step > 0)
+    & (state.step % fns.distill.steps_per_round == 0)
+    & (state.step < fns.distill.num_steps)
+  )
   ema = state.ema_params
-  restarted = state.replace(params=ema, opt_state=fns.tx.init(ema),
-                            sampler_state=DistillState(teacher_params=ema))
+  restarted = state.replace(
+    params=ema, opt_state=fns.tx.init(ema), sampler_state=DistillState(teacher_params=ema)
+  )
   return jax.tree.map(lambda new, old: jnp.where(begins, new, old), restarted, state)
 
 
@@ -76,9 +80,17 @@ def _x0(spec: ModelSpec, steps: SamplingSchedule, output, x, index) -> jax.Array
   return diffusion.predict_x0(spec, steps.schedule, mean_output, x, index)
 
 
-def loss_terms(fns: ProgressiveFns, params, teacher_params, x: jax.Array, noise: jax.Array,
-               point: jax.Array, current: jax.Array, labels: jax.Array | None,
-               dropout_key: jax.Array) -> losses.LossTerms:
+def loss_terms(
+  fns: ProgressiveFns,
+  params,
+  teacher_params,
+  x: jax.Array,
+  noise: jax.Array,
+  point: jax.Array,
+  current: jax.Array,
+  labels: jax.Array | None,
+  dropout_key: jax.Array,
+) -> losses.LossTerms:
   """[B] terms of Algorithm 2's loss in round `current` [] at grid points `point` [B].
 
   z_p = alpha_p x + sigma_p noise (x, noise [B, H, W, C]); the target is
@@ -91,20 +103,27 @@ def loss_terms(fns: ProgressiveFns, params, teacher_params, x: jax.Array, noise:
 
   def teacher_x0(x_t, index):
     output = fns.apply(teacher_params, x_t, fns.steps.timesteps[index], labels)
-    x0 = jnp.where(current == 0, _x0(fns.teacher_spec, fns.steps, output, x_t, index),
-                   _x0(fns.student_spec, fns.steps, output, x_t, index))
+    x0 = jnp.where(
+      current == 0,
+      _x0(fns.teacher_spec, fns.steps, output, x_t, index),
+      _x0(fns.student_spec, fns.steps, output, x_t, index),
+    )
     return jnp.clip(x0, -1.0, 1.0) if fns.teacher_spec.clip_x0 else x0
 
-  target = jax.lax.stop_gradient(progressive.two_step_target(
-      teacher_x0, fns.steps, z, point, jnp.left_shift(1, current)))
-  output = fns.apply(params, z, fns.steps.timesteps[point - 1], labels, train=True,
-                     rngs={"dropout": dropout_key})
-  return progressive.loss_terms(_x0(fns.student_spec, fns.steps, output, z, point - 1), target,
-                                alpha[point], sigma[point])
+  target = jax.lax.stop_gradient(
+    progressive.two_step_target(teacher_x0, fns.steps, z, point, jnp.left_shift(1, current))
+  )
+  output = fns.apply(
+    params, z, fns.steps.timesteps[point - 1], labels, train=True, rngs={"dropout": dropout_key}
+  )
+  return progressive.loss_terms(
+    _x0(fns.student_spec, fns.steps, output, z, point - 1), target, alpha[point], sigma[point]
+  )
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ProgressiveFns
-               ) -> tuple[TrainState, TrainMetrics]:
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], fns: ProgressiveFns
+) -> tuple[TrainState, TrainMetrics]:
   """One step of Salimans & Ho's Algorithm 2 on batch {"image": [B, H, W, C], "label": [B]}.
 
   In round r the student has K = start_steps / 2^(r+1) steps; a student point
@@ -122,21 +141,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: ProgressiveF
   noise = jax.random.normal(noise_key, x.shape, x.dtype)
 
   def loss_fn(params):
-    terms = loss_terms(fns, params, state.sampler_state.teacher_params, x, noise, point, current,
-                       labels, dropout_key)
+    terms = loss_terms(
+      fns, params, state.sampler_state.teacher_params, x, noise, point, current, labels, dropout_key
+    )
     return jnp.mean(terms.loss), terms
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, skipped, grad_norm = apply_gradients(
-      state, grads, jnp.all(jnp.isfinite(terms.loss)), fns.tx, fns.ema_decay)
+    state, grads, jnp.all(jnp.isfinite(terms.loss)), fns.tx, fns.ema_decay
+  )
   finite = skipped.count == 0
   round_step = state.step - current * fns.distill.steps_per_round
   return new_state, dict(
-      loss=masked_average(terms.loss, finite), mse=masked_average(terms.mse, finite),
-      grad_norm=masked_average(grad_norm[None], finite),
-      learning_rate=metrics.LastValue(total=fns.lr_schedule(round_step), count=jnp.array(1)),
-      student_steps=metrics.LastValue(total=num_points.astype(jnp.float32), count=jnp.array(1)),
-      skipped_steps=skipped)
+    loss=masked_average(terms.loss, finite),
+    mse=masked_average(terms.mse, finite),
+    grad_norm=masked_average(grad_norm[None], finite),
+    learning_rate=metrics.LastValue(total=fns.lr_schedule(round_step), count=jnp.array(1)),
+    student_steps=metrics.LastValue(total=num_points.astype(jnp.float32), count=jnp.array(1)),
+    skipped_steps=skipped,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +175,16 @@ class ProgressiveExperiment(student.StudentExperiment):
   def step_fns(self) -> ProgressiveFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
     return ProgressiveFns(
-        apply=runs.diffusion_apply_fn(self.model, self.diffusion), tx=tx,
-        lr_schedule=lr_schedule, ema_decay=self.train.ema_decay, teacher_spec=self.teacher.spec,
-        student_spec=process.model_spec(self.diffusion),
-        steps=progressive.grid(self.teacher.schedule, self.distill.start_steps),
-        distill=self.distill, conditional=self.teacher.num_classes is not None)
+      apply=runs.diffusion_apply_fn(self.model, self.diffusion),
+      tx=tx,
+      lr_schedule=lr_schedule,
+      ema_decay=self.train.ema_decay,
+      teacher_spec=self.teacher.spec,
+      student_spec=process.model_spec(self.diffusion),
+      steps=progressive.grid(self.teacher.schedule, self.distill.start_steps),
+      distill=self.distill,
+      conditional=self.teacher.num_classes is not None,
+    )
 
   def train_step_fn(self):
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
@@ -165,25 +193,30 @@ class ProgressiveExperiment(student.StudentExperiment):
   def init_state(self, rng: jax.Array) -> TrainState:
     """The student as its teacher: the teacher's EMA parameters, teacher and student alike."""
     params = self.teacher.params
-    return student.initial_state(params, self.step_fns().tx, rng,
-                                 DistillState(teacher_params=params))
+    return student.initial_state(
+      params, self.step_fns().tx, rng, DistillState(teacher_params=params)
+    )
 
 
-def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
-          ) -> ProgressiveExperiment:
+def build(
+  config: ml_collections.ConfigDict, model: nn.Module | None = None
+) -> ProgressiveExperiment:
   """Checks a progressive distillation config, loads its teacher and builds the student's parts.
 
   `model`, when given, replaces building `config.model` with the zoo.
   """
-  sections = student.student_sections(config, model, ProgressiveConfig,
-                                       "progressive distillation")
+  sections = student.student_sections(config, model, ProgressiveConfig, "progressive distillation")
   distill, num_steps = sections["distill"], sections["train"].num_steps
   if num_steps > distill.num_steps:
-    raise ValueError(f"train.num_steps={num_steps} is past the last round:"
-                     f" {distill.num_rounds} rounds of distill.steps_per_round="
-                     f"{distill.steps_per_round} are {distill.num_steps} steps.")
+    raise ValueError(
+      f"train.num_steps={num_steps} is past the last round:"
+      f" {distill.num_rounds} rounds of distill.steps_per_round="
+      f"{distill.steps_per_round} are {distill.num_steps} steps."
+    )
   frozen = teacher.load(distill.teacher_workdir, config, teacher.PROGRESSIVE_SHARED_KEYS)
   if distill.start_steps > frozen.schedule.num_timesteps:
-    raise ValueError(f"distill.start_steps={distill.start_steps} is more than the teacher's"
-                     f" {frozen.schedule.num_timesteps} timesteps.")
+    raise ValueError(
+      f"distill.start_steps={distill.start_steps} is more than the teacher's"
+      f" {frozen.schedule.num_timesteps} timesteps."
+    )
   return ProgressiveExperiment(**sections, teacher=frozen)

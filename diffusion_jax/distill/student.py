@@ -43,8 +43,8 @@ class StudentExperiment:
   data: DataConfig
 
   resume_rules: ClassVar[Mapping[str, str]] = {  # the tasks' rows of run_config's rules
-      "diffusion": FIXED_BY_CHECKPOINT,  # how the student's network is read
-      "distill": FIXED_BY_CHECKPOINT,  # the teacher, the method and the state the task keeps
+    "diffusion": FIXED_BY_CHECKPOINT,  # how the student's network is read
+    "distill": FIXED_BY_CHECKPOINT,  # the teacher, the method and the state the task keeps
   }
 
   def counted_step_fn(self):
@@ -62,8 +62,9 @@ class StudentExperiment:
     return []
 
 
-def student_sections(config: ml_collections.ConfigDict, model: nn.Module | None,
-                     distill_class: type, training: str) -> dict[str, Any]:
+def student_sections(
+  config: ml_collections.ConfigDict, model: nn.Module | None, distill_class: type, training: str
+) -> dict[str, Any]:
   """The fields of a `StudentExperiment`, and the `distill` section, parsed and checked.
 
   `distill_class` parses `config.distill`; `training` names the task in the
@@ -74,17 +75,29 @@ def student_sections(config: ml_collections.ConfigDict, model: nn.Module | None,
   distill = from_mapping(distill_class, config.distill, "distill")
   train = from_mapping(TrainConfig, config.train, "train")
   if train.grad_accum_steps != 1:
-    raise ValueError(f"train.grad_accum_steps must be 1 for {training}, got"
-                     f" {train.grad_accum_steps}.")
+    raise ValueError(
+      f"train.grad_accum_steps must be 1 for {training}, got {train.grad_accum_steps}."
+    )
   return dict(
-      config=config, model=models.get_model(dict(config.model)) if model is None else model,
-      diffusion=from_mapping(DiffusionConfig, config.diffusion, "diffusion"),
-      optim=OptimConfig.from_mapping(config.optim), train=train,
-      data=DataConfig.from_mapping(config.data), distill=distill)
+    config=config,
+    model=models.get_model(dict(config.model)) if model is None else model,
+    diffusion=from_mapping(DiffusionConfig, config.diffusion, "diffusion"),
+    optim=OptimConfig.from_mapping(config.optim),
+    train=train,
+    data=DataConfig.from_mapping(config.data),
+    distill=distill,
+  )
 
 
-def initial_state(params, tx: optax.GradientTransformation, rng: jax.Array,
-                  task_state) -> TrainState:
+def initial_state(
+  params, tx: optax.GradientTransformation, rng: jax.Array, task_state
+) -> TrainState:
   """Step 0 of a student starting at `params`: its EMA too, a fresh optimizer, `task_state`."""
-  return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params), rng=rng, sampler_state=task_state)
+  return TrainState(
+    step=jnp.array(0, jnp.int32),
+    params=params,
+    ema_params=params,
+    opt_state=tx.init(params),
+    rng=rng,
+    sampler_state=task_state,
+  )

@@ -83,8 +83,9 @@ def load_or_train(cache_dir: str | None = None, seed: int = 0):
   """
   from diffusion_jax.data import sources  # pylint: disable=g-import-not-at-top  (imports TF)
 
-  path = files.join(cache_dir or files.default_cache_dir(),
-                    f"digits_classifier-{_CODE_VERSION}-seed{seed}.msgpack")
+  path = files.join(
+    cache_dir or files.default_cache_dir(), f"digits_classifier-{_CODE_VERSION}-seed{seed}.msgpack"
+  )
   if files.exists(path):
     try:
       return serialization.from_bytes(init_params(), files.read_bytes(path))
@@ -112,19 +113,24 @@ def sharded_features_fn(params, mesh) -> Callable[[jax.Array], dict]:
   several processes; `params` are the same on every process.
   """
   batch = parallel.batch_sharding(mesh)
-  sharded = jax.jit(classify, in_shardings=(parallel.replicated(mesh), batch),
-                    out_shardings=batch)
+  sharded = jax.jit(classify, in_shardings=(parallel.replicated(mesh), batch), out_shardings=batch)
   return functools.partial(
-      sharded, multihost_utils.host_local_array_to_global_array(params, mesh, P()))
+    sharded, multihost_utils.host_local_array_to_global_array(params, mesh, P())
+  )
 
 
-def digits_features(params, images_uint8: np.ndarray,
-                    batch_size: int = 1024) -> dict[str, np.ndarray]:
+def digits_features(
+  params, images_uint8: np.ndarray, batch_size: int = 1024
+) -> dict[str, np.ndarray]:
   """{"pool": float32 [N, 64], "logits": float32 [N, 10]} of uint8 [N, 8, 8, 1] digits."""
   images_uint8 = np.asarray(images_uint8)
   if images_uint8.dtype != np.uint8 or images_uint8.shape[1:] != (8, 8, 1):
-    raise ValueError("The digits classifier takes uint8 [N, 8, 8, 1] images, got "
-                     f"{images_uint8.dtype} {images_uint8.shape}.")
-  outputs = [jax.device_get(_apply(params, images_uint8[i:i + batch_size]))
-             for i in range(0, len(images_uint8), batch_size)]
+    raise ValueError(
+      "The digits classifier takes uint8 [N, 8, 8, 1] images, got "
+      f"{images_uint8.dtype} {images_uint8.shape}."
+    )
+  outputs = [
+    jax.device_get(_apply(params, images_uint8[i : i + batch_size]))
+    for i in range(0, len(images_uint8), batch_size)
+  ]
   return {k: np.concatenate([o[k] for o in outputs]) for k in ("pool", "logits")}

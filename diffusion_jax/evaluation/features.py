@@ -37,6 +37,7 @@ from diffusion_jax import files, parallel, perf, weightfiles
 from diffusion_jax.config.evaluation import EvalConfig
 from diffusion_jax.evaluation import digits_classifier, hosts, inception, metrics
 
+
 @dataclasses.dataclass(frozen=True)
 class FeatureNet:
   """A feature network over the devices of every process.
@@ -79,20 +80,32 @@ def load_inception_net(config: EvalConfig) -> FeatureNet:
   prefix = config.inception_sha256_prefix
   if prefix and not digest.startswith(prefix):
     raise ValueError(
-        f"Inception weights {path} have SHA-256 {digest}, but the published"
-        f" {inception.WEIGHTS_FILE}'s begins with {prefix}: a FID from other weights is not"
-        " comparable with published numbers. Use the published file, or set"
-        " --config.inception_sha256_prefix='' to evaluate with these weights anyway.")
+      f"Inception weights {path} have SHA-256 {digest}, but the published"
+      f" {inception.WEIGHTS_FILE}'s begins with {prefix}: a FID from other weights is not"
+      " comparable with published numbers. Use the published file, or set"
+      " --config.inception_sha256_prefix='' to evaluate with these weights anyway."
+    )
   mesh = parallel.make_mesh()
   variables = inception.load_inception(path)
   features = inception.sharded_features_fn(variables, config.resize, mesh)
   spatial_dim = 17 * 17 * inception.SPATIAL_CHANNELS
-  return FeatureNet("inception", features, mesh, _batch_size(config, mesh),
-                    inception.POOL_FEATURES, spatial_dim, {
-      "weights": path, "sha256": digest, "resize": config.resize,
-      "published_weights": digest.startswith(inception.WEIGHTS_SHA256_PREFIX)},
-                    _flops_per_device(functools.partial(inception.apply_inception,
-                                                        resize=config.resize), variables, mesh))
+  return FeatureNet(
+    "inception",
+    features,
+    mesh,
+    _batch_size(config, mesh),
+    inception.POOL_FEATURES,
+    spatial_dim,
+    {
+      "weights": path,
+      "sha256": digest,
+      "resize": config.resize,
+      "published_weights": digest.startswith(inception.WEIGHTS_SHA256_PREFIX),
+    },
+    _flops_per_device(
+      functools.partial(inception.apply_inception, resize=config.resize), variables, mesh
+    ),
+  )
 
 
 def load_digits_net(config: EvalConfig) -> FeatureNet:
@@ -102,16 +115,28 @@ def load_digits_net(config: EvalConfig) -> FeatureNet:
   computes features with the same weights, even where training is not
   bit-reproducible.
   """
-  params = (digits_classifier.load_or_train() if jax.process_index() == 0
-            else digits_classifier.init_params())
+  params = (
+    digits_classifier.load_or_train()
+    if jax.process_index() == 0
+    else digits_classifier.init_params()
+  )
   mesh = parallel.make_mesh()
   params = multihost_utils.broadcast_one_to_all(params)
   features = digits_classifier.sharded_features_fn(params, mesh)
-  return FeatureNet("digits_classifier", features, mesh, _batch_size(config, mesh),
-                    digits_classifier.FEATURE_DIM, None,
-                    {"network": "digits_classifier", "trained_on": "digits train split",
-                     "cache": files.default_cache_dir()},
-                    _flops_per_device(digits_classifier.classify, params, mesh))
+  return FeatureNet(
+    "digits_classifier",
+    features,
+    mesh,
+    _batch_size(config, mesh),
+    digits_classifier.FEATURE_DIM,
+    None,
+    {
+      "network": "digits_classifier",
+      "trained_on": "digits train split",
+      "cache": files.default_cache_dir(),
+    },
+    _flops_per_device(digits_classifier.classify, params, mesh),
+  )
 
 
 def _batch_size(config: EvalConfig, mesh: Mesh) -> int:
@@ -124,7 +149,8 @@ def _flops_per_device(apply: Callable[..., dict], variables, mesh: Mesh) -> Call
   The variables are an argument of the lowered program, not constants in it.
   """
   return functools.cache(
-      lambda images: perf.lowered_flops(jax.jit(apply).lower(variables, images), mesh.size))
+    lambda images: perf.lowered_flops(jax.jit(apply).lower(variables, images), mesh.size)
+  )
 
 
 LOADERS = {"inception": load_inception_net, "digits_classifier": load_digits_net}
@@ -144,9 +170,15 @@ class FeatureSummary:
     return self.pool.count
 
 
-def summarize(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]], *,
-              keep_logits: bool = False, keep_pool: bool = False, total: int | None = None,
-              desc: str = "features") -> FeatureSummary:
+def summarize(
+  net: FeatureNet,
+  batches: Iterable[dict[str, np.ndarray]],
+  *,
+  keep_logits: bool = False,
+  keep_pool: bool = False,
+  total: int | None = None,
+  desc: str = "features",
+) -> FeatureSummary:
   """Streams this process's batches through `net`; call it on every process together.
 
   Args:
@@ -185,20 +217,26 @@ def summarize(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]], *,
   index = np.concatenate(index)
   in_order = lambda rows: hosts.gather_in_order(np.concatenate(rows), index)
   return FeatureSummary(
-      pool=hosts.merge_over_processes(pool),
-      spatial=None if spatial is None else hosts.merge_over_processes(spatial),
-      logits=in_order(logits) if keep_logits else None,
-      pool_features=in_order(pool_rows) if keep_pool else None)
+    pool=hosts.merge_over_processes(pool),
+    spatial=None if spatial is None else hosts.merge_over_processes(spatial),
+    logits=in_order(logits) if keep_logits else None,
+    pool_features=in_order(pool_rows) if keep_pool else None,
+  )
 
 
-def _log_throughput(net: FeatureNet, desc: str, local_shape: tuple[int, ...], batches: int,
-                    seconds: float) -> None:
+def _log_throughput(
+  net: FeatureNet, desc: str, local_shape: tuple[int, ...], batches: int, seconds: float
+) -> None:
   """Logs images/s, TFLOP/s per device and MFU of `batches` batches of this process's `local_shape`."""
   shape = (local_shape[0] * jax.process_count(), *local_shape[1:])
-  rates = perf.rates(batches, seconds, net.flops(jax.ShapeDtypeStruct(shape, jnp.uint8)),
-                     shape[0], perf.peak_flops(jax.devices()[0].device_kind, jnp.float32))
-  logging.info("%s: %s (the %d batches after the first).", desc, perf.format_rates(rates),
-               batches)
+  rates = perf.rates(
+    batches,
+    seconds,
+    net.flops(jax.ShapeDtypeStruct(shape, jnp.uint8)),
+    shape[0],
+    perf.peak_flops(jax.devices()[0].device_kind, jnp.float32),
+  )
+  logging.info("%s: %s (the %d batches after the first).", desc, perf.format_rates(rates), batches)
 
 
 def _local_features(net: FeatureNet, batches: Iterable[dict[str, np.ndarray]]) -> Iterator:
@@ -231,8 +269,8 @@ def local_batches(images: np.ndarray, global_batch_size: int) -> Iterator[dict[s
   rows = np.array_split(np.arange(len(images)), count)[jax.process_index()]
   for b in range(math.ceil(math.ceil(len(images) / count) / local)):
     index = np.full(local, -1)
-    chunk = rows[b * local:(b + 1) * local]
-    index[:len(chunk)] = chunk
+    chunk = rows[b * local : (b + 1) * local]
+    index[: len(chunk)] = chunk
     batch = np.zeros((local, *images.shape[1:]), np.uint8)
-    batch[:len(chunk)] = images[chunk]
+    batch[: len(chunk)] = images[chunk]
     yield {"image": batch, "mask": index >= 0, "index": index}

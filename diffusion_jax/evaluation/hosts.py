@@ -23,8 +23,10 @@ def merge_over_processes(accumulator: metrics.GaussianAccumulator) -> metrics.Ga
   counts = _allgather_exact(np.array([accumulator.count], np.int64))[:, 0]
   means = _allgather_exact(accumulator.mean)
   scatters = _allgather_exact(accumulator.scatter)
-  parts = [metrics.GaussianAccumulator.from_moments(int(count), mean, scatter)
-           for count, mean, scatter in zip(counts, means, scatters)]
+  parts = [
+    metrics.GaussianAccumulator.from_moments(int(count), mean, scatter)
+    for count, mean, scatter in zip(counts, means, scatters)
+  ]
   return functools.reduce(metrics.GaussianAccumulator.merge, parts)
 
 

@@ -56,10 +56,10 @@ from diffusion_jax import parallel, torch_layouts, weightfiles
 # the file's SHA-256 begins with 6726825d (the full hash is not recorded here).
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URLS = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth",
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-    "weights-inception-2015-12-05-6726825d.pth",
+  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+  "pt_inception-2015-12-05-6726825d.pth",
+  "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+  "weights-inception-2015-12-05-6726825d.pth",
 )
 WEIGHTS_SHA256_PREFIX = "6726825d"
 
@@ -73,6 +73,7 @@ HIGHEST = jax.lax.Precision.HIGHEST  # float32 convolutions and matmuls on TPU, 
 
 
 # ----------------------------------------------------------------------------- input
+
 
 def interpolation_matrix(in_size: int, out_size: int, resize: ResizeMode) -> np.ndarray:
   """Bilinear weights [out_size, in_size]: row o holds the two taps of output pixel o.
@@ -103,8 +104,10 @@ def interpolation_matrix(in_size: int, out_size: int, resize: ResizeMode) -> np.
 def check_images(shape: tuple[int, ...], dtype) -> None:
   """Raises ValueError unless (shape, dtype) is a uint8 batch [N, H, W, 1 or 3]."""
   if len(shape) != 4 or shape[-1] not in (1, 3) or np.dtype(dtype) != np.uint8:
-    raise ValueError(f"Inception takes uint8 images [N, H, W, 3] (or [N, H, W, 1]); "
-                     f"got {np.dtype(dtype).name} {tuple(shape)}.")
+    raise ValueError(
+      f"Inception takes uint8 images [N, H, W, 3] (or [N, H, W, 1]); "
+      f"got {np.dtype(dtype).name} {tuple(shape)}."
+    )
 
 
 def check_resize(resize: str) -> None:
@@ -135,6 +138,7 @@ def preprocess(images_NxHxWxC: jax.Array, resize: ResizeMode = "tf") -> jax.Arra
 
 # ----------------------------------------------------------------------------- network
 
+
 class BasicConv(nn.Module):
   """Bias-free convolution, BatchNorm (running statistics, eps 1e-3), ReLU: torchvision's BasicConv2d."""
 
@@ -146,8 +150,15 @@ class BasicConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
-    x = nn.Conv(self.features, kernel, self.strides, self.padding, use_bias=False,
-                precision=HIGHEST, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      kernel,
+      self.strides,
+      self.padding,
+      use_bias=False,
+      precision=HIGHEST,
+      name="conv",
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 
@@ -160,15 +171,18 @@ def _branch(x, prefix: str, *layers: tuple):
   """
   for i, (features, kernel, *strides) in enumerate(layers, start=1):
     stride = strides[0] if strides else 1
-    x = BasicConv(features, kernel, stride, "SAME" if stride == 1 else "VALID",
-                  name=f"{prefix}_{i}")(x)
+    x = BasicConv(
+      features, kernel, stride, "SAME" if stride == 1 else "VALID", name=f"{prefix}_{i}"
+    )(x)
   return x
 
 
 def _fork(x, prefix: str):
   """The 1x3 (`prefix`a) and 3x1 (`prefix`b) convolutions of InceptionE, side by side."""
-  return jnp.concatenate([BasicConv(384, (1, 3), name=f"{prefix}a")(x),
-                          BasicConv(384, (3, 1), name=f"{prefix}b")(x)], axis=-1)
+  return jnp.concatenate(
+    [BasicConv(384, (1, 3), name=f"{prefix}a")(x), BasicConv(384, (3, 1), name=f"{prefix}b")(x)],
+    axis=-1,
+  )
 
 
 def _avg_pool_3x3(x):
@@ -188,12 +202,15 @@ class InceptionA(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         BasicConv(64, name="branch1x1")(x),
         _branch(x, "branch5x5", (48, 1), (64, 5)),
         _branch(x, "branch3x3dbl", (64, 1), (96, 3), (96, 3)),
         BasicConv(self.pool_features, name="branch_pool")(_avg_pool_3x3(x)),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionB(nn.Module):
@@ -201,11 +218,14 @@ class InceptionB(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         BasicConv(384, 3, 2, "VALID", name="branch3x3")(x),
         _branch(x, "branch3x3dbl", (64, 1), (96, 3), (96, 3, 2)),
         _max_pool_3x3(x, 2),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionC(nn.Module):
@@ -216,13 +236,17 @@ class InceptionC(nn.Module):
   @nn.compact
   def __call__(self, x):
     c7 = self.channels_7x7
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         BasicConv(192, name="branch1x1")(x),
         _branch(x, "branch7x7", (c7, 1), (c7, (1, 7)), (192, (7, 1))),
-        _branch(x, "branch7x7dbl", (c7, 1), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)),
-                (192, (1, 7))),
+        _branch(
+          x, "branch7x7dbl", (c7, 1), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)), (192, (1, 7))
+        ),
         BasicConv(192, name="branch_pool")(_avg_pool_3x3(x)),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionD(nn.Module):
@@ -230,11 +254,14 @@ class InceptionD(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         _branch(x, "branch3x3", (192, 1), (320, 3, 2)),
         _branch(x, "branch7x7x3", (192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3, 2)),
         _max_pool_3x3(x, 2),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionE(nn.Module):
@@ -245,12 +272,15 @@ class InceptionE(nn.Module):
   @nn.compact
   def __call__(self, x):
     pooled = _avg_pool_3x3(x) if self.pool == "avg" else _max_pool_3x3(x, 1)
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         BasicConv(320, name="branch1x1")(x),
         _fork(BasicConv(384, name="branch3x3_1")(x), "branch3x3_2"),
         _fork(_branch(x, "branch3x3dbl", (448, 1), (384, 3)), "branch3x3dbl_3"),
         BasicConv(192, name="branch_pool")(pooled),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class UnbiasedLogits(nn.Module):
@@ -282,8 +312,12 @@ class InceptionV3(nn.Module):
     for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
       x = InceptionA(pool_features, name=name)(x)
     x = InceptionB(name="Mixed_6a")(x)  # 17x17x768
-    for name, channels_7x7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160),
-                               ("Mixed_6e", 192)):
+    for name, channels_7x7 in (
+      ("Mixed_6b", 128),
+      ("Mixed_6c", 160),
+      ("Mixed_6d", 160),
+      ("Mixed_6e", 192),
+    ):
       x = InceptionC(channels_7x7, name=name)(x)
       if name == "Mixed_6d":  # its first channels are branch1x1's (concatenated first)
         spatial_Nx17x17x7 = x[..., :SPATIAL_CHANNELS]
@@ -291,9 +325,11 @@ class InceptionV3(nn.Module):
     x = InceptionE("avg", name="Mixed_7b")(x)
     x = InceptionE("max", name="Mixed_7c")(x)  # 8x8x2048
     pool_Nx2048 = jnp.mean(x, axis=(1, 2))
-    return {"pool": pool_Nx2048,
-            "logits": UnbiasedLogits(name="fc")(pool_Nx2048),
-            "spatial": spatial_Nx17x17x7.reshape(x.shape[0], -1)}
+    return {
+      "pool": pool_Nx2048,
+      "logits": UnbiasedLogits(name="fc")(pool_Nx2048),
+      "spatial": spatial_Nx17x17x7.reshape(x.shape[0], -1),
+    }
 
 
 def apply_inception(variables, images_NxHxWxC: jax.Array, resize: ResizeMode = "tf") -> dict:
@@ -305,9 +341,13 @@ def apply_inception(variables, images_NxHxWxC: jax.Array, resize: ResizeMode = "
 # ----------------------------------------------------------------------------- weights
 
 # (collection, our leaf name) -> the state dict's last name component.
-_TORCH_LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-                     ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
-                     ("batch_stats", "var"): "running_var"}
+_TORCH_LEAF_NAMES = {
+  ("params", "kernel"): "weight",
+  ("params", "scale"): "weight",
+  ("params", "bias"): "bias",
+  ("batch_stats", "mean"): "running_mean",
+  ("batch_stats", "var"): "running_var",
+}
 _IGNORED_SUFFIX = ".num_batches_tracked"  # BatchNorm's training counter
 
 
@@ -320,8 +360,11 @@ def _layout(shape: tuple[int, ...]) -> torch_layouts.Layout:
 @functools.cache
 def _abstract_variables() -> dict:
   """{path tuple: ShapeDtypeStruct} of the network's variables, e.g. ("params", "fc", "kernel")."""
-  shapes = jax.eval_shape(InceptionV3().init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    InceptionV3().init,
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32),
+  )
   return traverse_util.flatten_dict(shapes)
 
 
@@ -342,8 +385,9 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
       key whose shape differs from the network's (expected vs got).
   """
   variables = _abstract_variables()
-  targets = {_torch_key(path): (path, leaf.shape, _layout(leaf.shape))
-             for path, leaf in variables.items()}
+  targets = {
+    _torch_key(path): (path, leaf.shape, _layout(leaf.shape)) for path, leaf in variables.items()
+  }
   given = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIX)}
   try:
     leaves = torch_layouts.flax_leaves(targets, given)
@@ -371,6 +415,7 @@ def load_inception(path: str) -> dict:
 
 # ----------------------------------------------------------------------------- batched runs
 
+
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
@@ -382,8 +427,9 @@ def _compiled(mesh, resize: ResizeMode):
   Two programs, so the network compiles once per batch size whatever the images' H x W.
   """
   batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-  jit = functools.partial(jax.jit, out_shardings=batch,
-                          compiler_options=parallel.compiler_options(mesh))
+  jit = functools.partial(
+    jax.jit, out_shardings=batch, compiler_options=parallel.compiler_options(mesh)
+  )
   preprocess_fn = jit(functools.partial(preprocess, resize=resize), in_shardings=batch)
   network_fn = jit(InceptionV3().apply, in_shardings=(replicated, batch))
   return preprocess_fn, network_fn
@@ -403,8 +449,14 @@ def sharded_features_fn(variables, resize: ResizeMode, mesh) -> Callable[[jax.Ar
   return lambda images: network_fn(variables, preprocess_fn(images))
 
 
-def inception_features(variables, images_NxHxWxC: np.ndarray, resize: ResizeMode = "tf", *,
-                       batch_size: int = 128, mesh=None) -> dict[str, np.ndarray]:
+def inception_features(
+  variables,
+  images_NxHxWxC: np.ndarray,
+  resize: ResizeMode = "tf",
+  *,
+  batch_size: int = 128,
+  mesh=None,
+) -> dict[str, np.ndarray]:
   """Inception features of many uint8 images, in batches over the mesh's "data" axis.
 
   Args:
@@ -434,7 +486,7 @@ def inception_features(variables, images_NxHxWxC: np.ndarray, resize: ResizeMode
   step = min(_round_up(batch_size, devices), _round_up(count, devices))
   outputs, pending = [], None
   for start in range(0, count, step):
-    batch = np.asarray(images_NxHxWxC[start:start + step])
+    batch = np.asarray(images_NxHxWxC[start : start + step])
     batch = np.pad(batch, [(0, step - len(batch))] + [(0, 0)] * 3)
     features = features_fn(jax.device_put(batch, parallel.batch_sharding(mesh)))
     if pending is not None:  # fetch the previous batch while this one runs

@@ -79,8 +79,9 @@ class VGG16Features(nn.Module):
       if stage:
         x = nn.max_pool(x, (2, 2), (2, 2))
       for index in indices:
-        x = nn.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)),
-                            name=f"features_{index}")(x))
+        x = nn.relu(
+          nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=f"features_{index}")(x)
+        )
       outputs.append(x)
     return outputs
 
@@ -100,17 +101,20 @@ class LPIPS(nn.Module):
     return distance_N
 
 
-def distance(variables, x_NxHxWxC: jax.Array, y_NxHxWxC: jax.Array,
-             resolution: int = RESOLUTION) -> jax.Array:
+def distance(
+  variables, x_NxHxWxC: jax.Array, y_NxHxWxC: jax.Array, resolution: int = RESOLUTION
+) -> jax.Array:
   """Pure and jittable: LPIPS [N] of images [N, H, W, 1|3] in [-1, 1], as CM's code measures it.
 
   Both batches are resized to [N, resolution, resolution, C] (bilinear,
   `jax.image.resize`, as jcm/losses.py), grayscale repeated to three equal
   channels, then compared by `LPIPS`. `variables` from `load_lpips`.
   """
+
   def prepare(images):
-    images = jax.image.resize(images, (images.shape[0], resolution, resolution, images.shape[-1]),
-                              "bilinear")
+    images = jax.image.resize(
+      images, (images.shape[0], resolution, resolution, images.shape[-1]), "bilinear"
+    )
     return jnp.broadcast_to(images, (*images.shape[:3], 3))
 
   return LPIPS().apply(variables, prepare(x_NxHxWxC), prepare(y_NxHxWxC))

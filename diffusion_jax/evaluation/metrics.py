@@ -119,11 +119,15 @@ def _check_gaussian(mu1, sigma1, mu2, sigma2):
   if mu1.ndim != 1:
     raise ValueError(f"mu1 must be a 1-D mean [D], got shape {mu1.shape}.")
   dim = mu1.shape[0]
-  for name, array, shape in (("sigma1", sigma1, (dim, dim)), ("mu2", mu2, (dim,)),
-                             ("sigma2", sigma2, (dim, dim))):
+  for name, array, shape in (
+    ("sigma1", sigma1, (dim, dim)),
+    ("mu2", mu2, (dim,)),
+    ("sigma2", sigma2, (dim, dim)),
+  ):
     if array.shape != shape:
-      raise ValueError(f"{name} has shape {array.shape}, expected {shape} to match mu1 of"
-                       f" dimension {dim}.")
+      raise ValueError(
+        f"{name} has shape {array.shape}, expected {shape} to match mu1 of dimension {dim}."
+      )
   for name, array in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
     if not np.all(np.isfinite(array)):
       raise ValueError(f"{name} holds NaN or infinite values.")
@@ -153,7 +157,7 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
   log_p = logits - _logsumexp(logits, axis=1)  # log p(y|x) [N, C]
   scores = []
   for i in range(splits):
-    chunk = log_p[i * num // splits:(i + 1) * num // splits]
+    chunk = log_p[i * num // splits : (i + 1) * num // splits]
     log_marginal = _logsumexp(chunk, axis=0) - np.log(chunk.shape[0])  # log p(y) [1, C]
     kl = np.sum(np.exp(chunk) * (chunk - log_marginal), axis=1)
     scores.append(np.exp(kl.mean()))
@@ -168,8 +172,9 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- precision/recall
 
 
-def precision_recall(real_features, fake_features, k: int = 3,
-                     block_size: int = 1024) -> tuple[float, float]:
+def precision_recall(
+  real_features, fake_features, k: int = 3, block_size: int = 1024
+) -> tuple[float, float]:
   """Improved precision and recall (Kynkäänniemi et al. 2019), as Dhariwal & Nichol's evaluator.
 
   Each set is a union of balls around its points, of radius the distance to the
@@ -199,13 +204,15 @@ def knn_radii(features, k: int = 3, block_size: int = 1024) -> np.ndarray:
   if not 1 <= k < len(features):
     raise ValueError(f"k must lie in [1, N={len(features)}), got {k}.")
   points = _centred_float32(features, features)
-  radii = [_kth_smallest_squared_distance(block, points, k)
-           for block in _blocks(points, block_size)]
-  return np.concatenate(radii)[:points.shape[0]]
+  radii = [
+    _kth_smallest_squared_distance(block, points, k) for block in _blocks(points, block_size)
+  ]
+  return np.concatenate(radii)[: points.shape[0]]
 
 
-def fraction_in_manifold(queries, manifold_features, manifold_radii,
-                         block_size: int = 1024) -> float:
+def fraction_in_manifold(
+  queries, manifold_features, manifold_radii, block_size: int = 1024
+) -> float:
   """Fraction of queries [Q, D] within the ball of at least one of manifold_features [M, D].
 
   manifold_radii: [M] squared radii, from `knn_radii(manifold_features, k)`.
@@ -214,7 +221,7 @@ def fraction_in_manifold(queries, manifold_features, manifold_radii,
   queries = _centred_float32(queries, manifold_features)
   radii = jnp.asarray(manifold_radii, jnp.float32)
   inside = [_within_any_ball(block, points, radii) for block in _blocks(queries, block_size)]
-  return float(np.mean(np.concatenate(inside)[:queries.shape[0]]))
+  return float(np.mean(np.concatenate(inside)[: queries.shape[0]]))
 
 
 def _check_feature_sets(real, fake, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +252,7 @@ def _blocks(rows: jax.Array, block_size: int):
     raise ValueError(f"block_size must be >= 1, got {block_size}.")
   block_size = min(block_size, rows.shape[0])
   for start in range(0, rows.shape[0], block_size):
-    block = rows[start:start + block_size]
+    block = rows[start : start + block_size]
     yield jnp.pad(block, ((0, block_size - block.shape[0]), (0, 0)))
 
 

@@ -31,11 +31,11 @@ def make_nll_fn(model: EmaModel, clip_x0: bool):
   The bound's parts in bits/dim: bpd = prior (L_T) + decoder (L_0) + terms
   (the sum of L_1 .. L_{T-1}); example b's noise comes from fold_in(key, index[b]).
   """
+
   def example_nll(params, image, label, key):
     y = None if model.num_classes is None else label[None]
     model_fn = lambda x_t, t: model.apply_fn(params, x_t, t, y)
-    result = losses.nll_bpd(model_fn, model.spec, model.schedule, image[None], key,
-                            clip_x0=clip_x0)
+    result = losses.nll_bpd(model_fn, model.spec, model.schedule, image[None], key, clip_x0=clip_x0)
     parts = (result.total_bpd, result.prior_bpd, result.vb[:, 0], jnp.sum(result.vb[:, 1:], axis=1))
     return dict(zip(PARTS, (part[0] for part in parts)))
 
@@ -46,8 +46,15 @@ def make_nll_fn(model: EmaModel, clip_x0: bool):
   return nll_fn
 
 
-def evaluate_nll(model: EmaModel, batches, config: NllConfig, out_dir: str, *,
-                 key: jax.Array, num_batches: int | None = None) -> dict:
+def evaluate_nll(
+  model: EmaModel,
+  batches,
+  config: NllConfig,
+  out_dir: str,
+  *,
+  key: jax.Array,
+  num_batches: int | None = None,
+) -> dict:
   """Mean NLL parts (bits/dim) over the examples of `batches`; resumes from `out_dir`.
 
   Call it on every process together.
@@ -71,16 +78,25 @@ def evaluate_nll(model: EmaModel, batches, config: NllConfig, out_dir: str, *,
   """
   mesh = parallel.make_mesh()
   batch_sharding = parallel.batch_sharding(mesh)
-  nll_fn = jax.jit(make_nll_fn(model, config.clip_x0), out_shardings=batch_sharding,
-                   compiler_options=parallel.compiler_options(mesh))
+  nll_fn = jax.jit(
+    make_nll_fn(model, config.clip_x0),
+    out_shardings=batch_sharding,
+    compiler_options=parallel.compiler_options(mesh),
+  )
   results = run_batches(
-      lambda inputs: nll_fn(model.params, inputs["image"], inputs["label"], inputs["index"], key),
-      batches, out_dir, batch_sharding, desc="nll", num_batches=num_batches)
+    lambda inputs: nll_fn(model.params, inputs["image"], inputs["label"], inputs["index"], key),
+    batches,
+    out_dir,
+    batch_sharding,
+    desc="nll",
+    num_batches=num_batches,
+  )
   return mean_parts(results, PARTS) | {"clip_x0": config.clip_x0}
 
 
-def run_batches(batch_fn, batches, out_dir: str, batch_sharding, *, desc: str,
-                num_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+def run_batches(
+  batch_fn, batches, out_dir: str, batch_sharding, *, desc: str, num_batches: int | None = None
+) -> list[dict[str, np.ndarray]]:
   """Every batch's per-example results, each computed once: saved by process 0, reused on a rerun.
 
   Call it on every process together. `batch_fn` maps a global batch
@@ -92,11 +108,17 @@ def run_batches(batch_fn, batches, out_dir: str, batch_sharding, *, desc: str,
   if jax.process_index() == 0:
     files.makedirs(out_dir)
   results = []
-  for b, batch in enumerate(tqdm.tqdm(batches, total=num_batches, desc=desc, unit="batch",
-                                      disable=jax.process_index() > 0)):
+  for b, batch in enumerate(
+    tqdm.tqdm(batches, total=num_batches, desc=desc, unit="batch", disable=jax.process_index() > 0)
+  ):
     inputs = data.make_global_batch(
-        {"image": batch["image"], "label": batch["label"],
-         "index": np.where(batch["mask"], batch["index"], -1).astype(np.int32)}, batch_sharding)
+      {
+        "image": batch["image"],
+        "label": batch["label"],
+        "index": np.where(batch["mask"], batch["index"], -1).astype(np.int32),
+      },
+      batch_sharding,
+    )
     index = multihost_utils.process_allgather(inputs["index"], tiled=True)
     path = files.join(out_dir, f"batch_{b:06d}.npz")
     if _saved_on_process_0(path, index):
@@ -123,6 +145,7 @@ def mean_parts(results: list[dict[str, np.ndarray]], parts) -> dict:
   index = np.concatenate([r["index"] for r in results])
   examples = index >= 0
   order = np.argsort(index[examples])
-  means = {k: float(np.mean(np.concatenate([r[k] for r in results])[examples][order]))
-           for k in parts}
+  means = {
+    k: float(np.mean(np.concatenate([r[k] for r in results])[examples][order])) for k in parts
+  }
   return {**means, "num_examples": len(order)}

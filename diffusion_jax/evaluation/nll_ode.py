@@ -28,13 +28,19 @@ PARTS = ("bpd", "nll_nats", "nfe", "accepted", "rejected")
 
 
 def solver_config(config: NllOdeConfig) -> ode.SolverConfig:
-  return ode.SolverConfig(method=config.solver, rtol=config.rtol, atol=config.atol,
-                          steps=config.steps, max_steps=config.max_steps)
+  return ode.SolverConfig(
+    method=config.solver,
+    rtol=config.rtol,
+    atol=config.atol,
+    steps=config.steps,
+    max_steps=config.max_steps,
+  )
 
 
 def divergence_config(config: NllOdeConfig) -> odl.DivergenceConfig:
-  return odl.DivergenceConfig(divergence=config.divergence, probe=config.probe,
-                              probes=config.probes)
+  return odl.DivergenceConfig(
+    divergence=config.divergence, probe=config.probe, probes=config.probes
+  )
 
 
 def check_model(model: EmaModel) -> None:
@@ -58,22 +64,41 @@ def make_nll_ode_fn(model: EmaModel, config: NllOdeConfig):
     y = None if model.num_classes is None else labels
     score = odl.score_from_model(lambda x, t: model.apply_fn(params, x, t, y), model.spec, sde)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
-    dequantise_keys, probe_keys = (jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-                                   for i in (0, 1))
+    dequantise_keys, probe_keys = (jax.vmap(jax.random.fold_in, (0, None))(keys, i) for i in (0, 1))
     x, offset = odl.dequantize(images, dequantise_keys, config.dequantisation)
-    result = odl.log_likelihood(score, sde, x, probe_keys, divergence=divergence,
-                                solver=solver, weights=(index >= 0).astype(jnp.float32))
-    counters = {name: jnp.full(index.shape, getattr(result.solution, name))
-                for name in ("nfe", "accepted", "rejected")}
+    result = odl.log_likelihood(
+      score,
+      sde,
+      x,
+      probe_keys,
+      divergence=divergence,
+      solver=solver,
+      weights=(index >= 0).astype(jnp.float32),
+    )
+    counters = {
+      name: jnp.full(index.shape, getattr(result.solution, name))
+      for name in ("nfe", "accepted", "rejected")
+    }
     finished = jnp.full(index.shape, result.solution.finished)
-    return {"bpd": odl.bits_per_dim(result.log_p, dims, offset), "nll_nats": -result.log_p,
-            "finished": finished, **counters}
+    return {
+      "bpd": odl.bits_per_dim(result.log_p, dims, offset),
+      "nll_nats": -result.log_p,
+      "finished": finished,
+      **counters,
+    }
 
   return nll_ode_fn
 
 
-def evaluate_nll_ode(model: EmaModel, make_batches, config: NllOdeConfig, out_dir: str, *,
-                     key: jax.Array, num_batches: int | None = None) -> dict:
+def evaluate_nll_ode(
+  model: EmaModel,
+  make_batches,
+  config: NllOdeConfig,
+  out_dir: str,
+  *,
+  key: jax.Array,
+  num_batches: int | None = None,
+) -> dict:
   """Mean ODE NLL (bits/dim) over the examples and `config.repeats` passes; resumes from `out_dir`.
 
   Call it on every process together.
@@ -98,25 +123,43 @@ def evaluate_nll_ode(model: EmaModel, make_batches, config: NllOdeConfig, out_di
   """
   mesh = parallel.make_mesh()
   batch_sharding = parallel.batch_sharding(mesh)
-  fn = jax.jit(make_nll_ode_fn(model, config), out_shardings=batch_sharding,
-               compiler_options=parallel.compiler_options(mesh))
+  fn = jax.jit(
+    make_nll_ode_fn(model, config),
+    out_shardings=batch_sharding,
+    compiler_options=parallel.compiler_options(mesh),
+  )
   repeats = []
   for r in range(config.repeats):
     repeat_key = jax.random.fold_in(key, r)
     results = nll.run_batches(
-        lambda inputs: fn(model.params, inputs["image"], inputs["label"], inputs["index"],
-                          repeat_key),
-        make_batches(), files.join(out_dir, f"repeat{r}"), batch_sharding,
-        desc=f"nll_ode {r + 1}/{config.repeats}", num_batches=num_batches)
+      lambda inputs: fn(
+        model.params, inputs["image"], inputs["label"], inputs["index"], repeat_key
+      ),
+      make_batches(),
+      files.join(out_dir, f"repeat{r}"),
+      batch_sharding,
+      desc=f"nll_ode {r + 1}/{config.repeats}",
+      num_batches=num_batches,
+    )
     for b, result in enumerate(results):
       if not np.all(result["finished"]):
-        raise RuntimeError(f"nll_ode: the ODE solver did not reach t = 1 in nll_ode.max_steps="
-                           f"{config.max_steps} steps on batch {b} of repeat {r}; raise it or"
-                           " the tolerances (nll_ode.rtol, nll_ode.atol).")
+        raise RuntimeError(
+          f"nll_ode: the ODE solver did not reach t = 1 in nll_ode.max_steps="
+          f"{config.max_steps} steps on batch {b} of repeat {r}; raise it or"
+          " the tolerances (nll_ode.rtol, nll_ode.atol)."
+        )
     repeats.append(nll.mean_parts(results, PARTS))
   means = {part: float(np.mean([m[part] for m in repeats])) for part in PARTS}
-  return {**means, "bpd_per_repeat": [m["bpd"] for m in repeats],
-          "num_examples": repeats[0]["num_examples"], "repeats": config.repeats,
-          "solver": config.solver, "rtol": config.rtol, "atol": config.atol,
-          "divergence": config.divergence, "probe": config.probe, "probes": config.probes,
-          "dequantisation": config.dequantisation}
+  return {
+    **means,
+    "bpd_per_repeat": [m["bpd"] for m in repeats],
+    "num_examples": repeats[0]["num_examples"],
+    "repeats": config.repeats,
+    "solver": config.solver,
+    "rtol": config.rtol,
+    "atol": config.atol,
+    "divergence": config.divergence,
+    "probe": config.probe,
+    "probes": config.probes,
+    "dequantisation": config.dequantisation,
+  }

@@ -63,13 +63,17 @@ class ReferenceStats:
       raise ValueError(f"{where}: mu_s and sigma_s must be given together.")
     if self.mu_s is not None:
       _check_gaussian(where, "mu_s", self.mu_s, "sigma_s", self.sigma_s)
-    if self.features is not None and (self.features.ndim != 2
-                                      or self.features.shape[1] != self.mu.shape[0]):
-      raise ValueError(f"{where}: features has shape {self.features.shape}, expected"
-                       f" [M, {self.mu.shape[0]}] to match mu.")
+    if self.features is not None and (
+      self.features.ndim != 2 or self.features.shape[1] != self.mu.shape[0]
+    ):
+      raise ValueError(
+        f"{where}: features has shape {self.features.shape}, expected"
+        f" [M, {self.mu.shape[0]}] to match mu."
+      )
     if self.images is not None and (self.images.ndim != 4 or self.images.dtype != np.uint8):
-      raise ValueError(f"{where}: images must be uint8 [N, H, W, C], got {self.images.dtype}"
-                       f" {self.images.shape}.")
+      raise ValueError(
+        f"{where}: images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}."
+      )
 
   @property
   def name(self) -> str:
@@ -77,15 +81,26 @@ class ReferenceStats:
     return f"reference {self.path}" if self.path else "in-memory reference"
 
   @classmethod
-  def from_accumulators(cls, pool: GaussianAccumulator,
-                        spatial: GaussianAccumulator | None = None, *, features=None,
-                        source: Mapping[str, Any] | None = None) -> ReferenceStats:
+  def from_accumulators(
+    cls,
+    pool: GaussianAccumulator,
+    spatial: GaussianAccumulator | None = None,
+    *,
+    features=None,
+    source: Mapping[str, Any] | None = None,
+  ) -> ReferenceStats:
     """Statistics of the features fed to `pool` (and `spatial`), with optional PR features."""
     mu, sigma = pool.statistics()
     mu_s, sigma_s = spatial.statistics() if spatial is not None else (None, None)
-    return cls(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
-               features=None if features is None else np.asarray(features),
-               num_images=pool.count, source=dict(source or {}))
+    return cls(
+      mu=mu,
+      sigma=sigma,
+      mu_s=mu_s,
+      sigma_s=sigma_s,
+      features=None if features is None else np.asarray(features),
+      num_images=pool.count,
+      source=dict(source or {}),
+    )
 
 
 def _check_gaussian(where: str, mu_key: str, mu, sigma_key: str, sigma):
@@ -93,8 +108,10 @@ def _check_gaussian(where: str, mu_key: str, mu, sigma_key: str, sigma):
     raise ValueError(f"{where}: {mu_key} must be a 1-D array [D], got shape {mu.shape}.")
   dim = mu.shape[0]
   if sigma.shape != (dim, dim):
-    raise ValueError(f"{where}: {sigma_key} has shape {sigma.shape}, expected"
-                     f" {(dim, dim)} to match {mu_key} of dimension {dim}.")
+    raise ValueError(
+      f"{where}: {sigma_key} has shape {sigma.shape}, expected"
+      f" {(dim, dim)} to match {mu_key} of dimension {dim}."
+    )
 
 
 def check_dimension(stats: ReferenceStats, dim: int, spatial_dim: int | None = None) -> None:
@@ -104,15 +121,19 @@ def check_dimension(stats: ReferenceStats, dim: int, spatial_dim: int | None = N
   fails deep inside the linear algebra, or not at all.
   """
   if stats.mu.shape[0] != dim:
-    raise ValueError(f"{stats.name} has {stats.mu.shape[0]}-dim statistics, the features are"
-                     f" {dim}-dim: was it computed with another network or layer?")
+    raise ValueError(
+      f"{stats.name} has {stats.mu.shape[0]}-dim statistics, the features are"
+      f" {dim}-dim: was it computed with another network or layer?"
+    )
   if spatial_dim is None:
     return
   if stats.mu_s is None:
     raise ValueError(f"{stats.name} has no spatial statistics (mu_s, sigma_s) for sFID.")
   if stats.mu_s.shape[0] != spatial_dim:
-    raise ValueError(f"{stats.name} has {stats.mu_s.shape[0]}-dim spatial statistics, the"
-                     f" spatial features are {spatial_dim}-dim.")
+    raise ValueError(
+      f"{stats.name} has {stats.mu_s.shape[0]}-dim spatial statistics, the"
+      f" spatial features are {spatial_dim}-dim."
+    )
 
 
 def save_reference(path: str, stats: ReferenceStats) -> None:
@@ -143,8 +164,11 @@ def load_reference(path: str, *, load_images: bool = True) -> ReferenceStats:
     ValueError: not an .npz file, no `mu`/`sigma`, or arrays of the wrong shape;
       the message names the path and the key.
   """
-  npz = read_npz(path, "reference statistics file",
-                 [*_ARRAY_KEYS, "num_images", "source", *(["arr_0"] if load_images else [])])
+  npz = read_npz(
+    path,
+    "reference statistics file",
+    [*_ARRAY_KEYS, "num_images", "source", *(["arr_0"] if load_images else [])],
+  )
   for key in ("mu", "sigma"):
     if key not in npz:
       raise ValueError(f"reference {path} has no {key!r} array (arrays: {sorted(npz)}).")

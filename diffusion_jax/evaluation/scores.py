@@ -20,8 +20,10 @@ from diffusion_jax.config.evaluation import METRIC_NETWORKS, EvalConfig
 from diffusion_jax.evaluation import features, metrics, reference
 
 # (the set's summary, the reference, the network, the config, the metric's name) -> scores
-Compute = Callable[[features.FeatureSummary, reference.ReferenceStats, features.FeatureNet,
-                    EvalConfig, str], dict[str, float]]
+Compute = Callable[
+  [features.FeatureSummary, reference.ReferenceStats, features.FeatureNet, EvalConfig, str],
+  dict[str, float],
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +58,9 @@ def inception_score(summary, ref, net, config, name) -> dict[str, float]:
 def precision_recall(summary, ref, net, config, name) -> dict[str, float]:
   """Improved precision and recall (Kynkäänniemi et al. 2019), k = config.pr_k."""
   del name
-  precision, recall = metrics.precision_recall(_reference_pool_features(ref, net),
-                                               summary.pool_features, config.pr_k)
+  precision, recall = metrics.precision_recall(
+    _reference_pool_features(ref, net), summary.pool_features, config.pr_k
+  )
   return {"precision": precision, "recall": recall}
 
 
@@ -66,18 +69,20 @@ def _reference_pool_features(ref: reference.ReferenceStats, net) -> np.ndarray:
   if ref.features is not None:
     return ref.features
   batches = features.local_batches(ref.images, net.global_batch_size(len(ref.images)))
-  return features.summarize(net, batches, keep_pool=True, total=len(ref.images),
-                            desc="reference images").pool_features
+  return features.summarize(
+    net, batches, keep_pool=True, total=len(ref.images), desc="reference images"
+  ).pool_features
 
 
 METRICS: dict[str, Metric] = {
-    "fid": Metric(keeps_logits=False, keeps_pool=False, compute=frechet_distance),
-    "is": Metric(keeps_logits=True, keeps_pool=False, compute=inception_score),
-    "sfid": Metric(keeps_logits=False, keeps_pool=False, compute=spatial_frechet_distance,
-                   uses_spatial=True),
-    "precision_recall": Metric(keeps_logits=False, keeps_pool=True, compute=precision_recall),
-    "fd_digits": Metric(keeps_logits=False, keeps_pool=False, compute=frechet_distance),
-    "is_digits": Metric(keeps_logits=True, keeps_pool=False, compute=inception_score),
+  "fid": Metric(keeps_logits=False, keeps_pool=False, compute=frechet_distance),
+  "is": Metric(keeps_logits=True, keeps_pool=False, compute=inception_score),
+  "sfid": Metric(
+    keeps_logits=False, keeps_pool=False, compute=spatial_frechet_distance, uses_spatial=True
+  ),
+  "precision_recall": Metric(keeps_logits=False, keeps_pool=True, compute=precision_recall),
+  "fd_digits": Metric(keeps_logits=False, keeps_pool=False, compute=frechet_distance),
+  "is_digits": Metric(keeps_logits=True, keeps_pool=False, compute=inception_score),
 }
 
 

@@ -31,10 +31,10 @@ zeros_init = nn.initializers.zeros
 
 
 def timestep_embedding(
-    t: jax.Array,
-    dim: int,
-    kind: TimeEmbeddingKind = "ddpm",
-    max_period: float = 10_000.0,
+  t: jax.Array,
+  dim: int,
+  kind: TimeEmbeddingKind = "ddpm",
+  max_period: float = 10_000.0,
 ) -> jax.Array:
   """Sinusoidal embedding of timesteps t [B] (integer or real), shape [B, dim].
 
@@ -91,16 +91,21 @@ class GroupNorm(nn.Module):
     scale_C = self.param("scale", nn.initializers.ones, (channels,))
     bias_C = self.param("bias", zeros_init, (channels,))
     x_BxNxC = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1, channels).astype(jnp.float32)
-    moments = {name: functools.partial(fn, num_groups=self.num_groups) for name, fn in
-               (("matmul", _group_moments_matmul), ("reduce", _group_moments_reduce))}
+    moments = {
+      name: functools.partial(fn, num_groups=self.num_groups)
+      for name, fn in (("matmul", _group_moments_matmul), ("reduce", _group_moments_reduce))
+    }
     if self.implementation == "auto":
       mean_Bx1xC, mean_sq_Bx1xC = lax.platform_dependent(
-          x_BxNxC, cpu=moments["matmul"], default=moments["reduce"])
+        x_BxNxC, cpu=moments["matmul"], default=moments["reduce"]
+      )
     elif self.implementation in moments:
       mean_Bx1xC, mean_sq_Bx1xC = moments[self.implementation](x_BxNxC)
     else:
-      raise ValueError(f"GroupNorm implementation must be one of {list(moments) + ['auto']},"
-                       f" got {self.implementation!r}")
+      raise ValueError(
+        f"GroupNorm implementation must be one of {list(moments) + ['auto']},"
+        f" got {self.implementation!r}"
+      )
     var_Bx1xC = jnp.maximum(mean_sq_Bx1xC - mean_Bx1xC**2, 0.0)
     y_BxNxC = (x_BxNxC - mean_Bx1xC) * (lax.rsqrt(var_Bx1xC + self.epsilon) * scale_C) + bias_C
     return y_BxNxC.reshape(x_BxHxWxC.shape).astype(self.dtype)
@@ -257,8 +262,12 @@ AttentionImpl = Literal["auto", "xla", "cudnn"]
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
-def fused_attention(query_BxLxNxD: jax.Array, key_BxLxNxD: jax.Array, value_BxLxNxD: jax.Array,
-                    implementation: AttentionImpl = "auto") -> jax.Array:
+def fused_attention(
+  query_BxLxNxD: jax.Array,
+  key_BxLxNxD: jax.Array,
+  value_BxLxNxD: jax.Array,
+  implementation: AttentionImpl = "auto",
+) -> jax.Array:
   """softmax(q k^T / sqrt(D)) v of each of N heads, [B, L, N, D] -> [B, L, N, D].
 
   `jax.nn.dot_product_attention`: "xla" computes the logits and the softmax in
@@ -269,19 +278,25 @@ def fused_attention(query_BxLxNxD: jax.Array, key_BxLxNxD: jax.Array, value_BxLx
   "auto" takes cuDNN where it can (a GPU backend, such inputs) and XLA elsewhere.
   """
   if implementation not in ATTENTION_IMPLS:
-    raise ValueError(f"model.attention_impl must be one of {list(ATTENTION_IMPLS)},"
-                     f" got {implementation!r}")
+    raise ValueError(
+      f"model.attention_impl must be one of {list(ATTENTION_IMPLS)}, got {implementation!r}"
+    )
   if implementation == "auto":
     implementation = "cudnn" if _cudnn_fits(query_BxLxNxD) else "xla"
-  return jax.nn.dot_product_attention(query_BxLxNxD, key_BxLxNxD, value_BxLxNxD,
-                                      implementation=implementation)
+  return jax.nn.dot_product_attention(
+    query_BxLxNxD, key_BxLxNxD, value_BxLxNxD, implementation=implementation
+  )
 
 
 def _cudnn_fits(query_BxLxNxD: jax.Array) -> bool:
   """Whether cuDNN's fused attention takes these queries on the default backend."""
   head_channels = query_BxLxNxD.shape[-1]
-  return (jax.default_backend() == "gpu" and head_channels <= 128 and head_channels % 8 == 0
-          and query_BxLxNxD.dtype in (jnp.bfloat16, jnp.float16))
+  return (
+    jax.default_backend() == "gpu"
+    and head_channels <= 128
+    and head_channels % 8 == 0
+    and query_BxLxNxD.dtype in (jnp.bfloat16, jnp.float16)
+  )
 
 
 class AttentionBlock(nn.Module):
@@ -306,16 +321,16 @@ class AttentionBlock(nn.Module):
     head_channels = self.num_head_channels or c // self.num_heads
     if head_channels < 1 or c % head_channels:
       raise ValueError(
-          f"cannot split {c} channels into attention heads "
-          f"(num_heads={self.num_heads}, num_head_channels={self.num_head_channels})"
+        f"cannot split {c} channels into attention heads "
+        f"(num_heads={self.num_heads}, num_head_channels={self.num_head_channels})"
       )
     h = GroupNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x_BxHxWxC)
     attention = nn.MultiHeadDotProductAttention(
-        num_heads=c // head_channels,
-        dtype=self.dtype,
-        out_kernel_init=zeros_init,
-        attention_fn=functools.partial(fused_attention, implementation=self.implementation),
-        name="attn",
+      num_heads=c // head_channels,
+      dtype=self.dtype,
+      out_kernel_init=zeros_init,
+      attention_fn=functools.partial(fused_attention, implementation=self.implementation),
+      name="attn",
     )
     h_BxLxC = attention(h.reshape(b, height * width, c))
     return x_BxHxWxC + h_BxLxC.reshape(b, height, width, c)

@@ -59,8 +59,8 @@ def valid_output_size(size: int, depth: int = 4) -> int:
     side -= 4
     if side <= 0 or side % 2:
       raise ValueError(
-          f"input side {size} gives an odd or empty feature map ({side}) before pooling {level}; "
-          f"valid sides are {2**depth} * k + {4 * (2 ** (depth + 1) - 1)}, e.g. 572"
+        f"input side {size} gives an odd or empty feature map ({side}) before pooling {level}; "
+        f"valid sides are {2**depth} * k + {4 * (2 ** (depth + 1) - 1)}, e.g. 572"
       )
     side //= 2
   side -= 4
@@ -80,8 +80,11 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(2):
-      x = nn.relu(nn.Conv(self.features, (3, 3), padding=self.padding, kernel_init=he_normal,
-                          name=f"conv{i}")(x))
+      x = nn.relu(
+        nn.Conv(
+          self.features, (3, 3), padding=self.padding, kernel_init=he_normal, name=f"conv{i}"
+        )(x)
+      )
     return x
 
 
@@ -110,8 +113,9 @@ class RonnebergerUNet(RonnebergerSettings, nn.Module):
     h = ConvBlock(self.features * 2**self.depth, self.padding, name="bottom")(h)
     for level in reversed(range(self.depth)):
       features = self.features * 2**level
-      h = nn.ConvTranspose(features, (2, 2), strides=(2, 2), kernel_init=he_normal_upconv,
-                           name=f"up{level}_upconv")(h)
+      h = nn.ConvTranspose(
+        features, (2, 2), strides=(2, 2), kernel_init=he_normal_upconv, name=f"up{level}_upconv"
+      )(h)
       skip = center_crop(skips.pop(), h.shape[1], h.shape[2])
       h = ConvBlock(features, self.padding, name=f"up{level}")(jnp.concatenate([skip, h], axis=-1))
     return nn.Conv(self.num_classes, (1, 1), kernel_init=he_normal, name="classifier")(h)
@@ -123,4 +127,6 @@ class RonnebergerUNet(RonnebergerSettings, nn.Module):
       if self.padding == "VALID":
         valid_output_size(side, self.depth)
       elif side % 2**self.depth:
-        raise ValueError(f"with padding='SAME' H and W must be divisible by {2**self.depth}, got {side}")
+        raise ValueError(
+          f"with padding='SAME' H and W must be divisible by {2**self.depth}, got {side}"
+        )

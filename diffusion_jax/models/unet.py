@@ -16,12 +16,12 @@ import jax.numpy as jnp
 
 from diffusion_jax.config.models import UNetSettings
 from diffusion_jax.models.layers import (
-    AttentionBlock,
-    Downsample,
-    GroupNorm,
-    ResBlock,
-    TimeEmbedding,
-    Upsample,
+  AttentionBlock,
+  Downsample,
+  GroupNorm,
+  ResBlock,
+  TimeEmbedding,
+  Upsample,
 )
 
 # ResBlock.__call__(self, x, emb, train): `train` (argument 3) is a Python bool.
@@ -73,11 +73,11 @@ class UNet(UNetSettings, nn.Module):
 
   @nn.compact
   def __call__(
-      self,
-      x: jax.Array,
-      t: jax.Array,
-      y: jax.Array | None = None,
-      train: bool = False,
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    y: jax.Array | None = None,
+    train: bool = False,
   ) -> jax.Array:
     """Returns the float32 prediction, [B, H, W, C * (2 if learn_sigma else 1)].
 
@@ -90,7 +90,7 @@ class UNet(UNetSettings, nn.Module):
     self._check_input(x)
     t_B = jnp.broadcast_to(t, x.shape[:1])
     emb_BxE = TimeEmbedding(
-        self.ch, 4 * self.ch, self.time_embedding, self.num_classes, self.dtype, name="time_emb"
+      self.ch, 4 * self.ch, self.time_embedding, self.num_classes, self.dtype, name="time_emb"
     )(t_B, y)
     h, skips = self._down(x, emb_BxE, train)
     h = self._middle(h, emb_BxE, train)
@@ -102,25 +102,31 @@ class UNet(UNetSettings, nn.Module):
     factor = 2 ** (len(self.ch_mult) - 1)
     if x_BxHxWxC.ndim != 4 or x_BxHxWxC.shape[1] % factor or x_BxHxWxC.shape[2] % factor:
       raise ValueError(
-          f"UNet expects NHWC images with H and W divisible by {factor} "
-          f"(len(ch_mult) = {len(self.ch_mult)}), got shape {x_BxHxWxC.shape}"
+        f"UNet expects NHWC images with H and W divisible by {factor} "
+        f"(len(ch_mult) = {len(self.ch_mult)}), got shape {x_BxHxWxC.shape}"
       )
 
   def _res_block(self, features: int, name: str, resample: Literal["up", "down"] | None = None):
     block = _RematResBlock if self.remat else ResBlock
     return block(
-        features,
-        dropout=self.dropout,
-        scale_shift=self.scale_shift_norm,
-        resample=resample,
-        norm_eps=self.norm_eps,
-        dtype=self.dtype,
-        name=name,
+      features,
+      dropout=self.dropout,
+      scale_shift=self.scale_shift_norm,
+      resample=resample,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+      name=name,
     )
 
   def _attention(self, name: str) -> AttentionBlock:
-    return AttentionBlock(self.num_heads, self.num_head_channels, self.norm_eps, self.dtype,
-                          self.attention_impl, name=name)
+    return AttentionBlock(
+      self.num_heads,
+      self.num_head_channels,
+      self.norm_eps,
+      self.dtype,
+      self.attention_impl,
+      name=name,
+    )
 
   def _attend_if_due(self, h: jax.Array, name: str) -> jax.Array:
     """Self-attention when h's side length is one of attn_resolutions."""
@@ -170,6 +176,6 @@ class UNet(UNetSettings, nn.Module):
     """GroupNorm, swish, zero-initialised 3x3 conv; output cast to float32."""
     h = nn.swish(GroupNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm_out")(h))
     conv_out = nn.Conv(
-        out_channels, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype, name="conv_out"
+      out_channels, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype, name="conv_out"
     )
     return conv_out(h).astype(jnp.float32)

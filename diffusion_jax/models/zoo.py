@@ -58,72 +58,72 @@ _IDDPM_PAPER = "Nichol & Dhariwal 2021, Improved DDPM"
 _ADM_PAPER = "Dhariwal & Nichol 2021, ADM (Diffusion Models Beat GANs)"
 
 MODEL_ZOO: dict[str, ZooEntry] = {
-    "ddpm_cifar10": ZooEntry(
-        module=UNet,
-        kwargs=ZOO_SETTINGS["ddpm_cifar10"].kwargs,
-        paper=_DDPM_PAPER,
-        input_shape=(32, 32, 3),
-        params=35_746_307,
-        paper_params="35.7M",
-        notes="eps-prediction, 1 attention head at 16x16; = diffusers google/ddpm-cifar10-32",
-    ),
-    "ddpm_celebahq256": ZooEntry(
-        module=UNet,
-        kwargs=ZOO_SETTINGS["ddpm_celebahq256"].kwargs,
-        paper=_DDPM_PAPER,
-        input_shape=(256, 256, 3),
-        params=113_673_219,
-        paper_params="114M",
-        notes="as ddpm_cifar10 with 6 levels, no dropout; = diffusers google/ddpm-celebahq-256",
-    ),
-    "ddpm_lsun256": ZooEntry(
-        module=UNet,
-        kwargs=ZOO_SETTINGS["ddpm_lsun256"].kwargs,
-        paper=_DDPM_PAPER,
-        input_shape=(256, 256, 3),
-        params=113_673_219,
-        paper_params="114M",
-        notes="LSUN church / bedroom / cat; the network of ddpm_celebahq256",
-    ),
-    "iddpm_cifar10": ZooEntry(
-        module=UNet,
-        kwargs=ZOO_SETTINGS["iddpm_cifar10"].kwargs,
-        paper=_IDDPM_PAPER,
-        input_shape=(32, 32, 3),
-        params=52_546_438,
-        paper_params="-",
-        notes="README flags of improved-diffusion: learned variance (6 output channels), "
-        "AdaGN, 4 heads at 16x16 and 8x8, dropout 0.3",
-    ),
-    "iddpm_imagenet64": ZooEntry(
-        module=UNet,
-        kwargs=ZOO_SETTINGS["iddpm_imagenet64"].kwargs,
-        paper=_IDDPM_PAPER,
-        input_shape=(64, 64, 3),
-        params=121_063_942,
-        paper_params="-",
-        notes="README flags of improved-diffusion: unconditional, learned variance, AdaGN, "
-        "4 heads at 16x16 and 8x8",
-    ),
-    "adm_imagenet64_cond": ZooEntry(
-        module=UNet,
-        kwargs=ZOO_SETTINGS["adm_imagenet64_cond"].kwargs,
-        paper=_ADM_PAPER,
-        input_shape=(64, 64, 3),
-        params=295_905_222,
-        paper_params="296M",
-        notes="1000 classes + a null label (768 parameters more than ADM), BigGAN up/down, "
-        "64-channel heads at 32, 16 and 8",
-    ),
-    "unet_ronneberger": ZooEntry(
-        module=RonnebergerUNet,
-        kwargs=ZOO_SETTINGS["unet_ronneberger"].kwargs,
-        paper="Ronneberger et al. 2015, U-Net, Sec. 2 and Fig. 1",
-        input_shape=(572, 572, 1),
-        params=31_030_658,
-        paper_params="-",
-        notes="segmentation, not diffusion: unpadded convs, 572x572 -> 388x388 logits",
-    ),
+  "ddpm_cifar10": ZooEntry(
+    module=UNet,
+    kwargs=ZOO_SETTINGS["ddpm_cifar10"].kwargs,
+    paper=_DDPM_PAPER,
+    input_shape=(32, 32, 3),
+    params=35_746_307,
+    paper_params="35.7M",
+    notes="eps-prediction, 1 attention head at 16x16; = diffusers google/ddpm-cifar10-32",
+  ),
+  "ddpm_celebahq256": ZooEntry(
+    module=UNet,
+    kwargs=ZOO_SETTINGS["ddpm_celebahq256"].kwargs,
+    paper=_DDPM_PAPER,
+    input_shape=(256, 256, 3),
+    params=113_673_219,
+    paper_params="114M",
+    notes="as ddpm_cifar10 with 6 levels, no dropout; = diffusers google/ddpm-celebahq-256",
+  ),
+  "ddpm_lsun256": ZooEntry(
+    module=UNet,
+    kwargs=ZOO_SETTINGS["ddpm_lsun256"].kwargs,
+    paper=_DDPM_PAPER,
+    input_shape=(256, 256, 3),
+    params=113_673_219,
+    paper_params="114M",
+    notes="LSUN church / bedroom / cat; the network of ddpm_celebahq256",
+  ),
+  "iddpm_cifar10": ZooEntry(
+    module=UNet,
+    kwargs=ZOO_SETTINGS["iddpm_cifar10"].kwargs,
+    paper=_IDDPM_PAPER,
+    input_shape=(32, 32, 3),
+    params=52_546_438,
+    paper_params="-",
+    notes="README flags of improved-diffusion: learned variance (6 output channels), "
+    "AdaGN, 4 heads at 16x16 and 8x8, dropout 0.3",
+  ),
+  "iddpm_imagenet64": ZooEntry(
+    module=UNet,
+    kwargs=ZOO_SETTINGS["iddpm_imagenet64"].kwargs,
+    paper=_IDDPM_PAPER,
+    input_shape=(64, 64, 3),
+    params=121_063_942,
+    paper_params="-",
+    notes="README flags of improved-diffusion: unconditional, learned variance, AdaGN, "
+    "4 heads at 16x16 and 8x8",
+  ),
+  "adm_imagenet64_cond": ZooEntry(
+    module=UNet,
+    kwargs=ZOO_SETTINGS["adm_imagenet64_cond"].kwargs,
+    paper=_ADM_PAPER,
+    input_shape=(64, 64, 3),
+    params=295_905_222,
+    paper_params="296M",
+    notes="1000 classes + a null label (768 parameters more than ADM), BigGAN up/down, "
+    "64-channel heads at 32, 16 and 8",
+  ),
+  "unet_ronneberger": ZooEntry(
+    module=RonnebergerUNet,
+    kwargs=ZOO_SETTINGS["unet_ronneberger"].kwargs,
+    paper="Ronneberger et al. 2015, U-Net, Sec. 2 and Fig. 1",
+    input_shape=(572, 572, 1),
+    params=31_030_658,
+    paper_params="-",
+    notes="segmentation, not diffusion: unpadded convs, 572x572 -> 388x388 logits",
+  ),
 }
 
 
@@ -146,8 +146,9 @@ def check_trusted(model: Mapping[str, Any], trust_model_code: bool, source: str)
   name = str(model.get("name", ""))
   if is_factory(name) and not trust_model_code and not _is_library_module_class(name):
     raise UntrustedModelCodeError(
-        f"{source} names the model factory {name!r}; building the model would import and run"
-        " that code. Pass --trust_model_code (trust_model_code=True in Python) if you trust it.")
+      f"{source} names the model factory {name!r}; building the model would import and run"
+      " that code. Pass --trust_model_code (trust_model_code=True in Python) if you trust it."
+    )
 
 
 def _is_library_module_class(spec: str) -> bool:
@@ -200,8 +201,8 @@ def get_model(spec: str | Mapping[str, Any], **overrides: Any) -> nn.Module:
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(
-        f"unknown override(s) {unknown} for model {spec!r} ({entry.module.__name__}); "
-        f"valid fields: {sorted(fields)}"
+      f"unknown override(s) {unknown} for model {spec!r} ({entry.module.__name__}); "
+      f"valid fields: {sorted(fields)}"
     )
   return entry.module(**{**entry.kwargs, **overrides})
 
@@ -212,23 +213,28 @@ def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
   try:
     factory = getattr(importlib.import_module(module_name), attribute)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f"model {spec!r}: cannot import {attribute!r} from {module_name!r}:"
-                     f" {e}") from e
+    raise ValueError(
+      f"model {spec!r}: cannot import {attribute!r} from {module_name!r}: {e}"
+    ) from e
   if not callable(factory):
-    raise ValueError(f"model {spec!r}: {attribute!r} is a {type(factory).__name__}, not a"
-                     " callable returning a Flax module")
+    raise ValueError(
+      f"model {spec!r}: {attribute!r} is a {type(factory).__name__}, not a"
+      " callable returning a Flax module"
+    )
   try:
     model = factory(**kwargs)
   except TypeError as e:
     raise ValueError(f"model {spec!r}: the factory does not take {sorted(kwargs)}: {e}") from e
   if not isinstance(model, nn.Module):
-    raise ValueError(f"model {spec!r}: the factory returned a {type(model).__name__},"
-                     " not a Flax module")
+    raise ValueError(
+      f"model {spec!r}: the factory returned a {type(model).__name__}, not a Flax module"
+    )
   try:
     inspect.signature(model.__call__).bind(None, None, None, train=False)
   except TypeError as e:
-    raise ValueError(f"model {spec!r}: {type(model).__name__} must take"
-                     f" (x, t, y=None, train=False): {e}") from e
+    raise ValueError(
+      f"model {spec!r}: {type(model).__name__} must take (x, t, y=None, train=False): {e}"
+    ) from e
   return model
 
 
@@ -261,11 +267,18 @@ def param_count(name: str) -> int:
 def zoo_table() -> str:
   """The zoo as a markdown table, parameter counts computed from shapes."""
   rows = [
-      "| name | paper | params | paper's count | input (HxWxC) | notes |",
-      "|---|---|---:|---:|---|---|",
+    "| name | paper | params | paper's count | input (HxWxC) | notes |",
+    "|---|---|---:|---:|---|---|",
   ]
   for name, entry in MODEL_ZOO.items():
     shape = "x".join(map(str, entry.input_shape))
-    cells = [f"`{name}`", entry.paper, f"{param_count(name):,}", entry.paper_params, shape, entry.notes]
+    cells = [
+      f"`{name}`",
+      entry.paper,
+      f"{param_count(name):,}",
+      entry.paper_params,
+      shape,
+      entry.notes,
+    ]
     rows.append(f"| {' | '.join(cells)} |")
   return "\n".join(rows)

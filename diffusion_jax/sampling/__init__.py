@@ -10,32 +10,41 @@ Typical use:
 from diffusion_jax.sampling import denoisers
 from diffusion_jax.sampling.denoisers import Denoiser
 from diffusion_jax.sampling.edm_sampler import edm_heun_sample, edm_sample
-from diffusion_jax.sampling.generate import (SamplerConfig, grid_labels, make_batch_sampler,
-                                             sample_to_files)
+from diffusion_jax.sampling.generate import (
+  SamplerConfig,
+  grid_labels,
+  make_batch_sampler,
+  sample_to_files,
+)
 from diffusion_jax.sampling.guidance import classifier_free_guidance
-from diffusion_jax.sampling.loop import (SamplingSchedule, Trajectory, logsnr_respaced,
-                                         respaced)
-from diffusion_jax.sampling.samplers import (SAMPLERS, ddim_invert, ddim_sample, ddpm_sample,
-                                             dpm_solver_sample, get_sampler)
+from diffusion_jax.sampling.loop import SamplingSchedule, Trajectory, logsnr_respaced, respaced
+from diffusion_jax.sampling.samplers import (
+  SAMPLERS,
+  ddim_invert,
+  ddim_sample,
+  ddpm_sample,
+  dpm_solver_sample,
+  get_sampler,
+)
 
 __all__ = [
-    "Denoiser",
-    "SAMPLERS",
-    "SamplerConfig",
-    "SamplingSchedule",
-    "Trajectory",
-    "classifier_free_guidance",
-    "ddim_invert",
-    "ddim_sample",
-    "ddpm_sample",
-    "denoisers",
-    "dpm_solver_sample",
-    "edm_heun_sample",
-    "edm_sample",
-    "get_sampler",
-    "grid_labels",
-    "logsnr_respaced",
-    "make_batch_sampler",
-    "respaced",
-    "sample_to_files",
+  "Denoiser",
+  "SAMPLERS",
+  "SamplerConfig",
+  "SamplingSchedule",
+  "Trajectory",
+  "classifier_free_guidance",
+  "ddim_invert",
+  "ddim_sample",
+  "ddpm_sample",
+  "denoisers",
+  "dpm_solver_sample",
+  "edm_heun_sample",
+  "edm_sample",
+  "get_sampler",
+  "grid_labels",
+  "logsnr_respaced",
+  "make_batch_sampler",
+  "respaced",
+  "sample_to_files",
 ]

@@ -19,9 +19,12 @@ from diffusion_jax.sampling.denoisers import Denoiser
 from diffusion_jax.sampling.loop import ModelFn, initial_noise, run_steps
 
 
-def consistency_levels(num_steps: int, sigma_min: float = consistency.SIGMA_MIN,
-                       sigma_max: float = consistency.SIGMA_MAX,
-                       rho: float = consistency.RHO) -> jax.Array:
+def consistency_levels(
+  num_steps: int,
+  sigma_min: float = consistency.SIGMA_MIN,
+  sigma_max: float = consistency.SIGMA_MAX,
+  rho: float = consistency.RHO,
+) -> jax.Array:
   """float32 [num_steps]: tau_0 = sigma_max > tau_1 > ...: the first of EDM eq. 5's K + 1 levels.
 
   Its last, sigma_min, would add no noise. 1 step: 80; 2 steps: 80 and 2.52.
@@ -30,9 +33,15 @@ def consistency_levels(num_steps: int, sigma_min: float = consistency.SIGMA_MIN,
   return edm.karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho)[:-1]
 
 
-def consistency_sample(f: Denoiser, key: jax.Array, shape, *, num_steps: int = 1,
-                       sigma_min: float = consistency.SIGMA_MIN,
-                       x_T: jax.Array | None = None) -> jax.Array:
+def consistency_sample(
+  f: Denoiser,
+  key: jax.Array,
+  shape,
+  *,
+  num_steps: int = 1,
+  sigma_min: float = consistency.SIGMA_MIN,
+  x_T: jax.Array | None = None,
+) -> jax.Array:
   """CM Algorithm 1: float32 `shape` from `num_steps` calls of the consistency function f.
 
   x = f(tau_0 x_T, tau_0), x_T ~ N(0, I) (drawn from key unless given); then
@@ -52,15 +61,30 @@ def consistency_sample(f: Denoiser, key: jax.Array, shape, *, num_steps: int = 1
   return run_steps(step, x * levels[0], jnp.arange(num_steps, dtype=jnp.int32), key, steps=None)
 
 
-def consistency_model_sample(model_fn: ModelFn, spec: ModelSpec, schedule, key: jax.Array,
-                             shape, *, num_steps: int = 1,
-                             x_T: jax.Array | None = None) -> jax.Array:
+def consistency_model_sample(
+  model_fn: ModelFn,
+  spec: ModelSpec,
+  schedule,
+  key: jax.Array,
+  shape,
+  *,
+  num_steps: int = 1,
+  x_T: jax.Array | None = None,
+) -> jax.Array:
   """`consistency_sample` in the samplers' common signature: model_fn is the network F of a
   consistency-trained run (spec.edm a `ConsistencyPreconditioning`); `schedule` is unused."""
   del schedule
   if not isinstance(spec.edm, ConsistencyPreconditioning):
-    raise ValueError("The consistency sampler needs a consistency model (a run with"
-                     " diffusion.parameterization='consistency'), got"
-                     f" {'an EDM' if spec.edm else 'a discrete-time'} model.")
-  return consistency_sample(denoisers.from_edm(model_fn, spec), key, shape, num_steps=num_steps,
-                            sigma_min=spec.edm.sigma_min, x_T=x_T)
+    raise ValueError(
+      "The consistency sampler needs a consistency model (a run with"
+      " diffusion.parameterization='consistency'), got"
+      f" {'an EDM' if spec.edm else 'a discrete-time'} model."
+    )
+  return consistency_sample(
+    denoisers.from_edm(model_fn, spec),
+    key,
+    shape,
+    num_steps=num_steps,
+    sigma_min=spec.edm.sigma_min,
+    x_T=x_T,
+  )

@@ -62,8 +62,9 @@ def nearest_index(sigmas: jax.Array, sigma: jax.Array) -> jax.Array:
   return jnp.where(lower_is_nearer, upper - 1, upper).astype(jnp.int32)
 
 
-def from_discrete(model_fn: ModelFn, spec: ModelSpec,
-                  schedule: Schedule | SamplingSchedule) -> Denoiser:
+def from_discrete(
+  model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | SamplingSchedule
+) -> Denoiser:
   """A discrete-time model as D(x; sigma), EDM's `iDDPMPrecond` mapping (EDM App. C.3.4).
 
   D(x; sigma) = x - sigma eps_hat(x / sqrt(1 + sigma^2), t), t the timestep
@@ -83,20 +84,31 @@ def from_discrete(model_fn: ModelFn, spec: ModelSpec,
     eps = diffusion.predict_eps(spec, steps.schedule, mean_output, x_t, index)
     return _clipped(x - sigma * eps, spec.clip_x0)
 
-  return Denoiser(denoise, sigmas[0], sigmas[-1],
-                  round_sigma=lambda sigma: sigmas[nearest_index(sigmas, sigma)])
+  return Denoiser(
+    denoise, sigmas[0], sigmas[-1], round_sigma=lambda sigma: sigmas[nearest_index(sigmas, sigma)]
+  )
 
 
 def from_edm(net_fn: edm.NetFn, spec: ModelSpec) -> Denoiser:
   """An EDM-preconditioned network (spec.edm) as D(x; sigma), eq. 7; any sigma > 0."""
   if spec.edm is None:
     raise ValueError("from_edm needs an EDM-preconditioned model (ModelSpec.edm set).")
-  return Denoiser(lambda x, sigma: _clipped(spec.edm.denoise(net_fn, x, sigma), spec.clip_x0),
-                  sigma_min=0.0, sigma_max=float("inf"))
+  return Denoiser(
+    lambda x, sigma: _clipped(spec.edm.denoise(net_fn, x, sigma), spec.clip_x0),
+    sigma_min=0.0,
+    sigma_max=float("inf"),
+  )
 
 
-def from_vp(model_fn: ModelFn, spec: ModelSpec, *, beta_d: float = 19.9, beta_min: float = 0.1,
-            num_timesteps: int = 1000, epsilon_t: float = 1e-5) -> Denoiser:
+def from_vp(
+  model_fn: ModelFn,
+  spec: ModelSpec,
+  *,
+  beta_d: float = 19.9,
+  beta_min: float = 0.1,
+  num_timesteps: int = 1000,
+  epsilon_t: float = 1e-5,
+) -> Denoiser:
   """A continuous-time VP eps-model (Song et al. 2021) as D(x; sigma), EDM's `VPPrecond`.
 
   D(x; sigma) = x - sigma eps_hat(x / sqrt(1 + sigma^2), (M - 1) t(sigma)) with
@@ -105,21 +117,25 @@ def from_vp(model_fn: ModelFn, spec: ModelSpec, *, beta_d: float = 19.9, beta_mi
   schedule at T = M = 1000 is this process's discretisation.
   """
   if spec.mean_type is not diffusion.MeanType.EPSILON:
-    raise ValueError(f"from_vp takes eps-prediction models, got mean_type {spec.mean_type.value!r}.")
+    raise ValueError(
+      f"from_vp takes eps-prediction models, got mean_type {spec.mean_type.value!r}."
+    )
   vp = dict(beta_d=beta_d, beta_min=beta_min)
 
   def denoise(x, sigma):
     c_noise = (num_timesteps - 1) * edm.vp_sigma_inv(sigma, **vp)
     sigma = edm.per_example(sigma, x.ndim)
     eps, _ = diffusion.split_output(
-        spec, model_fn(x * jax.lax.rsqrt(1.0 + jnp.square(sigma)), c_noise))
+      spec, model_fn(x * jax.lax.rsqrt(1.0 + jnp.square(sigma)), c_noise)
+    )
     return _clipped(x - sigma * eps, spec.clip_x0)
 
   return Denoiser(denoise, edm.vp_sigma(epsilon_t, **vp), edm.vp_sigma(1.0, **vp))
 
 
-def as_discrete_model(denoiser: Denoiser, spec: ModelSpec,
-                      schedule: Schedule) -> tuple[ModelFn, ModelSpec]:
+def as_discrete_model(
+  denoiser: Denoiser, spec: ModelSpec, schedule: Schedule
+) -> tuple[ModelFn, ModelSpec]:
   """(model_fn(x_t, t) -> x_0 prediction, its ModelSpec): a denoiser on a discrete schedule.
 
   x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps is x / sqrt(1 + sigma_t^2), so

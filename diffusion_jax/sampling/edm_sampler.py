@@ -22,24 +22,43 @@ from diffusion_jax.sampling.loop import ModelFn, SamplingSchedule, initial_noise
 from diffusion_jax.schedules import Schedule
 
 
-
-def noise_levels(denoiser: Denoiser, num_steps: int, sigma_min: float = edm.SIGMA_MIN,
-                 sigma_max: float = edm.SIGMA_MAX, rho: float = edm.RHO) -> jax.Array:
+def noise_levels(
+  denoiser: Denoiser,
+  num_steps: int,
+  sigma_min: float = edm.SIGMA_MIN,
+  sigma_max: float = edm.SIGMA_MAX,
+  rho: float = edm.RHO,
+) -> jax.Array:
   """float32 [N + 1]: t_0 > ... > t_{N-1} of eq. 5, rounded to the model's grid, and t_N = 0.
 
   [sigma_min, sigma_max] is clamped to the range the denoiser supports, as EDM's
   generate.py does.
   """
-  sigmas = edm.karras_sigmas(num_steps, jnp.maximum(sigma_min, denoiser.sigma_min),
-                             jnp.minimum(sigma_max, denoiser.sigma_max), rho)
+  sigmas = edm.karras_sigmas(
+    num_steps,
+    jnp.maximum(sigma_min, denoiser.sigma_min),
+    jnp.minimum(sigma_max, denoiser.sigma_max),
+    rho,
+  )
   return jnp.concatenate([denoiser.round_sigma(sigmas), jnp.zeros((1,), jnp.float32)])
 
 
-def edm_sample(denoiser: Denoiser, key: jax.Array, shape, *, num_steps: int = EDM_DEFAULT_STEPS,
-               sigma_min: float = edm.SIGMA_MIN, sigma_max: float = edm.SIGMA_MAX,
-               rho: float = edm.RHO, s_churn: float = 0.0, s_tmin: float = 0.0,
-               s_tmax: float = float("inf"), s_noise: float = 1.0,
-               x_T: jax.Array | None = None, churn_noise: jax.Array | None = None) -> jax.Array:
+def edm_sample(
+  denoiser: Denoiser,
+  key: jax.Array,
+  shape,
+  *,
+  num_steps: int = EDM_DEFAULT_STEPS,
+  sigma_min: float = edm.SIGMA_MIN,
+  sigma_max: float = edm.SIGMA_MAX,
+  rho: float = edm.RHO,
+  s_churn: float = 0.0,
+  s_tmin: float = 0.0,
+  s_tmax: float = float("inf"),
+  s_noise: float = 1.0,
+  x_T: jax.Array | None = None,
+  churn_noise: jax.Array | None = None,
+) -> jax.Array:
   """EDM Algorithm 2 from x_0 = t_0 x_T, x_T ~ N(0, I) (given or drawn from key): float32 `shape`.
 
   Step i, from t_i to t_{i+1}:
@@ -67,8 +86,9 @@ def edm_sample(denoiser: Denoiser, key: jax.Array, shape, *, num_steps: int = ED
   if churn_noise is not None:
     churn_noise = jnp.asarray(churn_noise)
     if churn_noise.shape != (num_steps, *shape):
-      raise ValueError(f"churn_noise has shape {churn_noise.shape}, expected"
-                       f" {(num_steps, *tuple(shape))}.")
+      raise ValueError(
+        f"churn_noise has shape {churn_noise.shape}, expected {(num_steps, *tuple(shape))}."
+      )
 
   def denoise(x, sigma):
     return denoiser.denoise(x, jnp.full(x.shape[:1], sigma, jnp.float32))
@@ -78,8 +98,7 @@ def edm_sample(denoiser: Denoiser, key: jax.Array, shape, *, num_steps: int = ED
     if gamma:
       churn = jnp.where((s_tmin <= t_cur) & (t_cur <= s_tmax), gamma, 0.0)
       t_hat = denoiser.round_sigma(t_cur + churn * t_cur)
-      eps = (jax.random.normal(step_key, x.shape, x.dtype) if churn_noise is None
-             else churn_noise[i])
+      eps = jax.random.normal(step_key, x.shape, x.dtype) if churn_noise is None else churn_noise[i]
       # max(., 0): XLA may fuse t^2 - t^2 into an FMA that rounds below 0 where gamma = 0.
       added = jnp.sqrt(jnp.maximum(jnp.square(t_hat) - jnp.square(t_cur), 0.0))
       x = x + added * s_noise * eps
@@ -100,10 +119,24 @@ def edm_sample(denoiser: Denoiser, key: jax.Array, shape, *, num_steps: int = ED
   return run_steps(step, latents * t_steps[0], indices, key if gamma else None, steps=None)
 
 
-def edm_heun_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | SamplingSchedule,
-                    key: jax.Array, shape, *, num_steps: int = EDM_DEFAULT_STEPS,
-                    x_T: jax.Array | None = None, **options) -> jax.Array:
+def edm_heun_sample(
+  model_fn: ModelFn,
+  spec: ModelSpec,
+  schedule: Schedule | SamplingSchedule,
+  key: jax.Array,
+  shape,
+  *,
+  num_steps: int = EDM_DEFAULT_STEPS,
+  x_T: jax.Array | None = None,
+  **options,
+) -> jax.Array:
   """`edm_sample` of a discrete-time model (the samplers' common signature), sigma rounded
   to the timesteps of `schedule` (`denoisers.from_discrete`). options: edm_sample's."""
-  return edm_sample(denoisers.from_discrete(model_fn, spec, schedule), key, shape,
-                    num_steps=num_steps, x_T=x_T, **options)
+  return edm_sample(
+    denoisers.from_discrete(model_fn, spec, schedule),
+    key,
+    shape,
+    num_steps=num_steps,
+    x_T=x_T,
+    **options,
+  )

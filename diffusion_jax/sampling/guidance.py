@@ -14,8 +14,13 @@ from diffusion_jax.sampling.loop import ModelFn
 ConditionalModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def classifier_free_guidance(model_fn: ConditionalModelFn, spec: ModelSpec, labels: jax.Array,
-                             guidance_scale: float, null_label: int) -> ModelFn:
+def classifier_free_guidance(
+  model_fn: ConditionalModelFn,
+  spec: ModelSpec,
+  labels: jax.Array,
+  guidance_scale: float,
+  null_label: int,
+) -> ModelFn:
   """A guided `model_fn(x_t, t)` from a conditional `model_fn(x_t, t, y)`.
 
   Ho & Salimans 2022 eq. 6: eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null).
@@ -31,6 +36,7 @@ def classifier_free_guidance(model_fn: ConditionalModelFn, spec: ModelSpec, labe
     guidance_scale: w >= 0; w = 0 is the conditional model alone.
     null_label: the label of the unconditional pass (the zoo uses num_classes).
   """
+
   def guided(x_t, t):
     y = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
     output = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), y)

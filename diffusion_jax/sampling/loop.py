@@ -40,8 +40,9 @@ class SamplingSchedule:
     return self.schedule.num_timesteps
 
 
-def respaced(schedule: Schedule, steps: int | str | Iterable[int] | None = None
-             ) -> SamplingSchedule:
+def respaced(
+  schedule: Schedule, steps: int | str | Iterable[int] | None = None
+) -> SamplingSchedule:
   """The steps of `schedule` a sampler visits: all T (steps=None) or a respaced subset.
 
   `steps` is any spec of `schedules.respace`: an int N spreads N steps evenly
@@ -92,8 +93,9 @@ def noise_levels(schedule: Schedule) -> tuple[jax.Array, jax.Array]:
   return alpha, sigma
 
 
-def predict_x0(model_fn: ModelFn, spec: ModelSpec, steps: SamplingSchedule, x: jax.Array,
-               i: jax.Array) -> jax.Array:
+def predict_x0(
+  model_fn: ModelFn, spec: ModelSpec, steps: SamplingSchedule, x: jax.Array, i: jax.Array
+) -> jax.Array:
   """The model's x_0 estimate [B, ...] at step index i, clipped to [-1, 1] if spec.clip_x0."""
   t = jnp.full(x.shape[:1], i, jnp.int32)
   mean_output, _ = diffusion.split_output(spec, model_fn(x, steps.timesteps[t]))
@@ -123,8 +125,16 @@ class Trajectory(NamedTuple):
   timesteps: jax.Array  # int32 [N] the model's timestep of that step
 
 
-def run_steps(step: Callable, x: jax.Array, indices: jax.Array, key: jax.Array | None,
-              steps: SamplingSchedule, *, state=(), trajectory_every: int = 0):
+def run_steps(
+  step: Callable,
+  x: jax.Array,
+  indices: jax.Array,
+  key: jax.Array | None,
+  steps: SamplingSchedule,
+  *,
+  state=(),
+  trajectory_every: int = 0,
+):
   """Scans `step(x, i, key_i, state) -> (x, pred_x0, state)` over `indices` [n].
 
   key_i = fold_in(key, i) (None when key is None), so a step's noise depends
@@ -157,5 +167,9 @@ def run_steps(step: Callable, x: jax.Array, indices: jax.Array, key: jax.Array |
 def _record(trajectory: Trajectory, j, every: int, values) -> Trajectory:
   """Writes `values` into record j // every when j is a multiple of `every`."""
   slot, keep = j // every, j % every == 0
-  return Trajectory(*(buffer.at[slot].set(jnp.where(keep, value, buffer[slot]))
-                      for buffer, value in zip(trajectory, values)))
+  return Trajectory(
+    *(
+      buffer.at[slot].set(jnp.where(keep, value, buffer[slot]))
+      for buffer, value in zip(trajectory, values)
+    )
+  )

@@ -24,8 +24,15 @@ from diffusion_jax import diffusion
 from diffusion_jax.diffusion import ModelSpec
 from diffusion_jax.sampling.consistency_sampler import consistency_model_sample
 from diffusion_jax.sampling.edm_sampler import edm_heun_sample
-from diffusion_jax.sampling.loop import (ModelFn, SamplingSchedule, as_sampling_schedule,
-                                         initial_noise, noise_levels, predict_x0, run_steps)
+from diffusion_jax.sampling.loop import (
+  ModelFn,
+  SamplingSchedule,
+  as_sampling_schedule,
+  initial_noise,
+  noise_levels,
+  predict_x0,
+  run_steps,
+)
 from diffusion_jax.schedules import Schedule
 
 
@@ -34,9 +41,16 @@ def _descending(num_steps: int, stop: int = 0) -> jax.Array:
   return jnp.arange(num_steps - 1, stop - 1, -1, dtype=jnp.int32)
 
 
-def ddpm_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | SamplingSchedule,
-                key: jax.Array, shape, *, x_T: jax.Array | None = None,
-                trajectory_every: int = 0):
+def ddpm_sample(
+  model_fn: ModelFn,
+  spec: ModelSpec,
+  schedule: Schedule | SamplingSchedule,
+  key: jax.Array,
+  shape,
+  *,
+  x_T: jax.Array | None = None,
+  trajectory_every: int = 0,
+):
   """Ancestral sampling (Ho et al. 2020, Algorithm 2) for every variance type.
 
   x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I), with no noise at the
@@ -54,8 +68,9 @@ def ddpm_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | Samplin
     x_prev = p.mean + jnp.where(i > 0, jnp.exp(0.5 * p.log_variance), 0.0) * noise
     return x_prev, p.pred_x0, state
 
-  return run_steps(step, x, _descending(steps.num_steps), key, steps,
-                   trajectory_every=trajectory_every)
+  return run_steps(
+    step, x, _descending(steps.num_steps), key, steps, trajectory_every=trajectory_every
+  )
 
 
 def ddim_update(x, x0, level_from, level_to, noise_scale=0.0, noise=0.0):
@@ -70,9 +85,17 @@ def ddim_update(x, x0, level_from, level_to, noise_scale=0.0, noise=0.0):
   return alpha_r * x0 + direction * eps + noise_scale * noise
 
 
-def ddim_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | SamplingSchedule,
-                key: jax.Array, shape, *, eta: float = 0.0, x_T: jax.Array | None = None,
-                trajectory_every: int = 0):
+def ddim_sample(
+  model_fn: ModelFn,
+  spec: ModelSpec,
+  schedule: Schedule | SamplingSchedule,
+  key: jax.Array,
+  shape,
+  *,
+  eta: float = 0.0,
+  x_T: jax.Array | None = None,
+  trajectory_every: int = 0,
+):
   """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 is ancestral DDPM.
 
   sigma_t(eta) = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
@@ -87,16 +110,24 @@ def ddim_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | Samplin
   def step(x, i, key, state):
     x0 = predict_x0(model_fn, spec, steps, x, i)
     noise = jax.random.normal(key, x.shape, x.dtype)
-    x_prev = ddim_update(x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i], sigma[i]),
-                          noise_scales[i], noise)
+    x_prev = ddim_update(
+      x, x0, (alpha[i + 1], sigma[i + 1]), (alpha[i], sigma[i]), noise_scales[i], noise
+    )
     return x_prev, x0, state
 
-  return run_steps(step, x, _descending(steps.num_steps), key, steps,
-                   trajectory_every=trajectory_every)
+  return run_steps(
+    step, x, _descending(steps.num_steps), key, steps, trajectory_every=trajectory_every
+  )
 
 
-def ddim_invert(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | SamplingSchedule,
-                x_0: jax.Array, *, trajectory_every: int = 0):
+def ddim_invert(
+  model_fn: ModelFn,
+  spec: ModelSpec,
+  schedule: Schedule | SamplingSchedule,
+  x_0: jax.Array,
+  *,
+  trajectory_every: int = 0,
+):
   """Deterministic DDIM encoding x_0 -> x_T: the eta = 0 ODE of `ddim_sample` run forward.
 
   Step i moves x from abar_i to abar_{i+1} (`alphas_cumprod_next`) with the eps
@@ -147,10 +178,19 @@ def solver_orders(num_steps: int, stop: int, order: int, lower_order_final: bool
   return orders
 
 
-def dpm_solver_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | SamplingSchedule,
-                      key: jax.Array, shape, *, order: int = 2, lower_order_final: bool = True,
-                      denoise_to_zero: bool = True, x_T: jax.Array | None = None,
-                      trajectory_every: int = 0):
+def dpm_solver_sample(
+  model_fn: ModelFn,
+  spec: ModelSpec,
+  schedule: Schedule | SamplingSchedule,
+  key: jax.Array,
+  shape,
+  *,
+  order: int = 2,
+  lower_order_final: bool = True,
+  denoise_to_zero: bool = True,
+  x_T: jax.Array | None = None,
+  trajectory_every: int = 0,
+):
   """DPM-Solver++(2M) and (3M) (Lu et al. 2022, Algorithm 2 and App. B): multistep, data prediction.
 
   With lambda = log(alpha / sigma), the step from s to t, h = lambda_t - lambda_s,
@@ -196,8 +236,12 @@ def dpm_solver_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | S
       d1_0, d1_1 = (x0 - prev.x0) / r0, (prev.x0 - prev.x0_before) / r1
       d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
       d2 = (d1_0 - d1_1) / (r0 + r1)
-      third = (sigma[i] / sigma[i + 1] * x - alpha[i] * phi * x0
-               + alpha[i] * (phi / h + 1.0) * d1 - alpha[i] * ((phi + h) / h**2 - 0.5) * d2)
+      third = (
+        sigma[i] / sigma[i + 1] * x
+        - alpha[i] * phi * x0
+        + alpha[i] * (phi / h + 1.0) * d1
+        - alpha[i] * ((phi + h) / h**2 - 0.5) * d2
+      )
       x_next = jnp.where(orders[i] == 3, third, x_next)
     return x_next, x0, _Multistep(x0, h, prev.x0, prev.h)
 
@@ -207,8 +251,13 @@ def dpm_solver_sample(model_fn: ModelFn, spec: ModelSpec, schedule: Schedule | S
   return run_steps(step, x, indices, None, steps, state=start, trajectory_every=trajectory_every)
 
 
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm_solver": dpm_solver_sample,
-            "edm_heun": edm_heun_sample, "consistency": consistency_model_sample}
+SAMPLERS = {
+  "ddpm": ddpm_sample,
+  "ddim": ddim_sample,
+  "dpm_solver": dpm_solver_sample,
+  "edm_heun": edm_heun_sample,
+  "consistency": consistency_model_sample,
+}
 
 
 def get_sampler(name: str):

@@ -19,8 +19,9 @@ from scipy import ndimage
 from diffusion_jax.config.segmentation import AugmentConfig
 
 
-def elastic_displacement(rng: np.random.Generator, size: int, sigma: float,
-                         grid: int = 3) -> np.ndarray:
+def elastic_displacement(
+  rng: np.random.Generator, size: int, sigma: float, grid: int = 3
+) -> np.ndarray:
   """Smooth random displacements float32 [2, size, size] in pixels.
 
   Drawn as N(0, sigma^2) on a grid x grid lattice spanning the tile, and
@@ -29,12 +30,14 @@ def elastic_displacement(rng: np.random.Generator, size: int, sigma: float,
   coarse = rng.normal(0.0, sigma, (2, grid, grid))
   positions = np.linspace(0, grid - 1, size)
   rows, cols = np.meshgrid(positions, positions, indexing="ij")
-  return np.stack([ndimage.map_coordinates(c, [rows, cols], order=3, mode="nearest")
-                   for c in coarse]).astype(np.float32)
+  return np.stack(
+    [ndimage.map_coordinates(c, [rows, cols], order=3, mode="nearest") for c in coarse]
+  ).astype(np.float32)
 
 
-def random_coordinates(rng: np.random.Generator, image_shape: tuple[int, int], tile: int,
-                       config: AugmentConfig) -> np.ndarray:
+def random_coordinates(
+  rng: np.random.Generator, image_shape: tuple[int, int], tile: int, config: AugmentConfig
+) -> np.ndarray:
   """Where each pixel of a tile x tile input tile is read in the image: float32 [2, tile, tile].
 
   The tile's centre lands anywhere in the image (shift), turned by a random
@@ -56,7 +59,7 @@ def random_coordinates(rng: np.random.Generator, image_shape: tuple[int, int], t
 def center_crop(coords: np.ndarray, size: int) -> np.ndarray:
   """The central [2, size, size] window of coordinates [2, T, T]: the output tile's pixels."""
   start = (coords.shape[1] - size) // 2
-  return coords[:, start:start + size, start:start + size]
+  return coords[:, start : start + size, start : start + size]
 
 
 def warp(array: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
@@ -69,8 +72,15 @@ def warp(array: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
   return ndimage.map_coordinates(array, coords, order=order, mode="mirror", prefilter=False)
 
 
-def random_tile(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
-                weights: np.ndarray, tile: int, output: int, config: AugmentConfig):
+def random_tile(
+  rng: np.random.Generator,
+  image: np.ndarray,
+  mask: np.ndarray,
+  weights: np.ndarray,
+  tile: int,
+  output: int,
+  config: AugmentConfig,
+):
   """One augmented training example from a whole image.
 
   Args:
@@ -92,5 +102,8 @@ def random_tile(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
   contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
   brightness = rng.uniform(-config.brightness, config.brightness)
   image = np.clip((image - 0.5) * contrast + 0.5 + brightness, 0, 1)
-  return (image.astype(np.float32), warp(mask, inner, order=0).astype(np.int32),
-          warp(weights, inner, order=1).astype(np.float32))
+  return (
+    image.astype(np.float32),
+    warp(mask, inner, order=0).astype(np.int32),
+    warp(weights, inner, order=1).astype(np.float32),
+  )

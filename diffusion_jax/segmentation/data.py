@@ -31,8 +31,9 @@ def make_source(config: SegmentationDataConfig, split: str, num_classes: int):
     count = config.num_images if split == config.split else config.num_eval_images
     return sources.cells_source(config.seed, split, count, config.image_size, num_classes)
   if config.source == "tfds":
-    return sources.tfds_source(config.name, split, config.image_key, config.mask_key, num_classes,
-                               config.mask_offset)
+    return sources.tfds_source(
+      config.name, split, config.image_key, config.mask_key, num_classes, config.mask_offset
+    )
   return sources.folder_source(f"{config.path}/{split}", num_classes)
 
 
@@ -46,10 +47,14 @@ class Prepare(grain.transforms.Map):
   weight_map: WeightMapConfig
 
   def map(self, record):
-    image, mask = sources.prepare_image(record["image"], record["mask"], self.num_channels,
-                                        self.resize)
-    return {"image": image, "mask": mask,
-            "weights": weights.weight_map(mask, self.num_classes, self.weight_map)}
+    image, mask = sources.prepare_image(
+      record["image"], record["mask"], self.num_channels, self.resize
+    )
+    return {
+      "image": image,
+      "mask": mask,
+      "weights": weights.weight_map(mask, self.num_classes, self.weight_map),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +66,9 @@ class RandomTile(grain.transforms.RandomMap):
   augment: AugmentConfig
 
   def random_map(self, record, rng: np.random.Generator):
-    image, mask, weight = augment.random_tile(rng, record["image"], record["mask"],
-                                              record["weights"], self.tile, self.output,
-                                              self.augment)
+    image, mask, weight = augment.random_tile(
+      rng, record["image"], record["mask"], record["weights"], self.tile, self.output, self.augment
+    )
     return {"image": image * 2.0 - 1.0, "mask": mask, "weights": weight}
 
 
@@ -75,11 +80,15 @@ class TileShape:
   output: int
 
 
-def make_train_iterator(config: SegmentationDataConfig, global_batch_size: int, tiles: TileShape,
-                        num_classes: int, weight_map: WeightMapConfig,
-                        augment_config: AugmentConfig,
-                        shard_options: grain.sharding.ShardOptions | None = None
-                        ) -> image_pipeline.TrainIterator:
+def make_train_iterator(
+  config: SegmentationDataConfig,
+  global_batch_size: int,
+  tiles: TileShape,
+  num_classes: int,
+  weight_map: WeightMapConfig,
+  augment_config: AugmentConfig,
+  shard_options: grain.sharding.ShardOptions | None = None,
+) -> image_pipeline.TrainIterator:
   """An endless, checkpointable iterator over this process's share of the training tiles.
 
   Returns batches {"image": float32 [B, T, T, C] in [-1, 1], "mask": int32
@@ -89,21 +98,27 @@ def make_train_iterator(config: SegmentationDataConfig, global_batch_size: int, 
   shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
   batch_size = image_pipeline.local_batch_size(global_batch_size, shard_options.shard_count)
   records = image_pipeline.shard(
-      grain.MapDataset.source(make_source(config, config.split, num_classes)), shard_options)
+    grain.MapDataset.source(make_source(config, config.split, num_classes)), shard_options
+  )
   if len(records) == 0:
-    raise ValueError(f"process {shard_options.shard_index} of {shard_options.shard_count} has no"
-                     " examples: the dataset is smaller than the process count")
-  read_options = grain.ReadOptions(num_threads=config.num_threads,
-                                   prefetch_buffer_size=2 * config.num_threads)
+    raise ValueError(
+      f"process {shard_options.shard_index} of {shard_options.shard_count} has no"
+      " examples: the dataset is smaller than the process count"
+    )
+  read_options = grain.ReadOptions(
+    num_threads=config.num_threads, prefetch_buffer_size=2 * config.num_threads
+  )
 
   def make_order(start_step: int) -> grain.DatasetIterator:
     dataset = records.seed(image_pipeline.order_seed(config.seed, start_step))
     if config.shuffle:
       dataset = dataset.shuffle()
-    dataset = (dataset.repeat()
-               .map(Prepare(config.num_channels, config.resize, num_classes, weight_map))
-               .random_map(RandomTile(tiles.tile, tiles.output, augment_config))
-               .batch(batch_size, drop_remainder=True))
+    dataset = (
+      dataset.repeat()
+      .map(Prepare(config.num_channels, config.resize, num_classes, weight_map))
+      .random_map(RandomTile(tiles.tile, tiles.output, augment_config))
+      .batch(batch_size, drop_remainder=True)
+    )
     return iter(dataset.to_iter_dataset(read_options))
 
   return image_pipeline.TrainIterator(make_order)
@@ -119,8 +134,9 @@ def load_eval_set(config: SegmentationDataConfig, num_classes: int):
   images, masks = [], []
   for index in range(count):
     record = source[index]
-    image, mask = sources.prepare_image(record["image"], record["mask"], config.num_channels,
-                                        config.resize)
+    image, mask = sources.prepare_image(
+      record["image"], record["mask"], config.num_channels, config.resize
+    )
     images.append(image * 2.0 - 1.0)
     masks.append(mask)
   return images, masks

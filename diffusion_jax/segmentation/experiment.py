@@ -23,8 +23,12 @@ from jax.experimental import multihost_utils
 from diffusion_jax import configlib, files, models, parallel
 from diffusion_jax import images as image_utils
 from diffusion_jax.config.optim import OptimConfig
-from diffusion_jax.config.segmentation import (SECTIONS, AugmentConfig, SegmentationDataConfig,
-                                               WeightMapConfig)
+from diffusion_jax.config.segmentation import (
+  SECTIONS,
+  AugmentConfig,
+  SegmentationDataConfig,
+  WeightMapConfig,
+)
 from diffusion_jax.config.train import TrainConfig
 from diffusion_jax.configlib import from_mapping
 from diffusion_jax.segmentation import data, metrics, step, tiling
@@ -51,8 +55,8 @@ class SegmentationExperiment:
   tiles: data.TileShape
 
   resume_rules: ClassVar[Mapping[str, str]] = {  # this task's rows of run_config's rules
-      "weight_map": FIXED_BY_RUN,  # what the loss weighs, as the data: what the run trains on
-      "augment": FIXED_BY_RUN,
+    "weight_map": FIXED_BY_RUN,  # what the loss weighs, as the data: what the run trains on
+    "augment": FIXED_BY_RUN,
   }
 
   @property
@@ -70,8 +74,9 @@ class SegmentationExperiment:
 
   def step_fns(self) -> step.SegmentationStepFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
-    return step.SegmentationStepFns(apply=self.apply_fn, tx=tx, lr_schedule=lr_schedule,
-                                    ema_decay=self.train.ema_decay)
+    return step.SegmentationStepFns(
+      apply=self.apply_fn, tx=tx, lr_schedule=lr_schedule, ema_decay=self.train.ema_decay
+    )
 
   def train_step_fn(self):
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
@@ -85,12 +90,19 @@ class SegmentationExperiment:
     """A fresh TrainState, weights He-initialised (the model's); jit it with out_shardings."""
     init_key, state_key = jax.random.split(rng)
     params = self.model.init(init_key, jnp.zeros((1, *self._input_shape())))["params"]
-    return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
-                      opt_state=self.step_fns().tx.init(params), rng=state_key, sampler_state=())
+    return TrainState(
+      step=jnp.array(0, jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=self.step_fns().tx.init(params),
+      rng=state_key,
+      sampler_state=(),
+    )
 
   def make_train_iterator(self):
-    return data.make_train_iterator(self.data, self.train.batch_size, self.tiles,
-                                    self.num_classes, self.weight_map, self.augment)
+    return data.make_train_iterator(
+      self.data, self.train.batch_size, self.tiles, self.num_classes, self.weight_map, self.augment
+    )
 
   def _input_shape(self) -> tuple[int, int, int]:
     return (self.tiles.tile, self.tiles.tile, self.data.num_channels)
@@ -101,8 +113,9 @@ class SegmentationExperiment:
     The tiles are split over the mesh's devices; every process passes (and gets) all of them.
     """
     sharding = parallel.batch_sharding(mesh)
-    apply = jax.jit(self.apply_fn, out_shardings=sharding,
-                    compiler_options=parallel.compiler_options(mesh))
+    apply = jax.jit(
+      self.apply_fn, out_shardings=sharding, compiler_options=parallel.compiler_options(mesh)
+    )
 
     def predict(params, tiles):
       tiles = jax.make_array_from_process_local_data(sharding, tiles, tiles.shape)
@@ -134,11 +147,19 @@ def make_eval_hook_run(exp: SegmentationExperiment, mesh, workdir: str):
     predict_tiles = functools.partial(predict, state.ema_params)
     predictions = []
     for start in range(0, len(images), EVAL_CHUNK):
-      logits = tiling.predict_images(predict_tiles, images[start:start + EVAL_CHUNK],
-                                     exp.tiles.tile, exp.tiles.output, exp.alignment, batch_size)
+      logits = tiling.predict_images(
+        predict_tiles,
+        images[start : start + EVAL_CHUNK],
+        exp.tiles.tile,
+        exp.tiles.output,
+        exp.alignment,
+        batch_size,
+      )
       predictions += [np.argmax(image_logits, -1) for image_logits in logits]
-    confusion = sum(metrics.confusion_matrix(mask, prediction, exp.num_classes)
-                    for mask, prediction in zip(masks, predictions))
+    confusion = sum(
+      metrics.confusion_matrix(mask, prediction, exp.num_classes)
+      for mask, prediction in zip(masks, predictions)
+    )
     writer.write_scalars(step_number, metrics.summary(confusion))
     shown = min(PANEL_IMAGES, len(images))
     if jax.process_index() == 0 and len({m.shape for m in masks[:shown]}) == 1:
@@ -155,18 +176,22 @@ def make_eval_hook_run(exp: SegmentationExperiment, mesh, workdir: str):
 def _tile_shape(model: nn.Module, tile: int, num_channels: int) -> data.TileShape:
   """The model's output side for a tile x tile input; a clear error if it cannot take it."""
   try:
-    out = jax.eval_shape(lambda: model.init_with_output(
-        jax.random.key(0), jnp.zeros((1, tile, tile, num_channels)))[0])
+    out = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, tile, tile, num_channels)))[0]
+    )
   except ValueError as e:
     raise ValueError(f"data.tile_size={tile} does not fit the model: {e}") from e
   if out.ndim != 4 or out.shape[1] != out.shape[2]:
-    raise ValueError(f"The model maps a {tile}x{tile} tile to {out.shape[1:]}, not to square"
-                     " logits [O, O, classes].")
+    raise ValueError(
+      f"The model maps a {tile}x{tile} tile to {out.shape[1:]}, not to square"
+      " logits [O, O, classes]."
+    )
   return data.TileShape(tile, out.shape[1])
 
 
-def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
-          ) -> SegmentationExperiment:
+def build(
+  config: ml_collections.ConfigDict, model: nn.Module | None = None
+) -> SegmentationExperiment:
   """Checks a segmentation config (`task = "segmentation"`) and builds its parts.
 
   `model`, when given, replaces `config.model`; it needs `num_classes` and
@@ -177,15 +202,23 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None
   model = models.get_model(dict(config.model)) if model is None else model
   for field in ("num_classes", "depth"):
     if not hasattr(model, field):
-      raise ValueError(f"A segmentation model needs a `{field}` field, as RonnebergerUNet has;"
-                       f" {type(model).__name__} has none.")
+      raise ValueError(
+        f"A segmentation model needs a `{field}` field, as RonnebergerUNet has;"
+        f" {type(model).__name__} has none."
+      )
   train_config = from_mapping(TrainConfig, config.train, "train")
   if train_config.grad_accum_steps != 1:
-    raise ValueError("train.grad_accum_steps must be 1 for segmentation (one tile batch per"
-                     f" step), got {train_config.grad_accum_steps}.")
+    raise ValueError(
+      "train.grad_accum_steps must be 1 for segmentation (one tile batch per"
+      f" step), got {train_config.grad_accum_steps}."
+    )
   return SegmentationExperiment(
-      config=config, model=model, data=data_config,
-      weight_map=from_mapping(WeightMapConfig, config.weight_map, "weight_map"),
-      augment=from_mapping(AugmentConfig, config.augment, "augment"),
-      optim=OptimConfig.from_mapping(config.optim), train=train_config,
-      tiles=_tile_shape(model, data_config.tile_size, data_config.num_channels))
+    config=config,
+    model=model,
+    data=data_config,
+    weight_map=from_mapping(WeightMapConfig, config.weight_map, "weight_map"),
+    augment=from_mapping(AugmentConfig, config.augment, "augment"),
+    optim=OptimConfig.from_mapping(config.optim),
+    train=train_config,
+    tiles=_tile_shape(model, data_config.tile_size, data_config.num_channels),
+  )

@@ -29,14 +29,16 @@ class Segmenter:
 
   @functools.cached_property
   def _predict_tiles(self):
-    return functools.partial(self.exp.make_predictor(parallel.make_mesh(), self.batch_size),
-                             self.params)
+    return functools.partial(
+      self.exp.make_predictor(parallel.make_mesh(), self.batch_size), self.params
+    )
 
   def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
     """Class labels int32 [H, W] for each image float32 [H, W, C] in [-1, 1] (any size)."""
     tiles = self.exp.tiles
-    logits = tiling.predict_images(self._predict_tiles, images, tiles.tile, tiles.output,
-                                   self.exp.alignment, self.batch_size)
+    logits = tiling.predict_images(
+      self._predict_tiles, images, tiles.tile, tiles.output, self.exp.alignment, self.batch_size
+    )
     return [np.argmax(image_logits, -1).astype(np.int32) for image_logits in logits]
 
 
@@ -48,8 +50,14 @@ class SegmentationJob(NamedTuple):
   panel: str  # image | prediction, side by side
 
 
-def load(workdir: str, step: int | None = None, tile_size: int | None = None,
-         batch_size: int = 8, *, trust_model_code: bool = False) -> Segmenter:
+def load(
+  workdir: str,
+  step: int | None = None,
+  tile_size: int | None = None,
+  batch_size: int = 8,
+  *,
+  trust_model_code: bool = False,
+) -> Segmenter:
   """The segmentation run in `workdir` at its latest checkpoint (or `step`).
 
   `tile_size` replaces the training tile (larger tiles waste less context);
@@ -64,8 +72,10 @@ def load(workdir: str, step: int | None = None, tile_size: int | None = None,
   """
   config = runs.load_run_config(workdir, trust_model_code=trust_model_code)
   if config.get("task") != "segmentation":
-    raise ValueError(f"{workdir} holds a diffusion run, not a segmentation run"
-                     " (its config.json has no task 'segmentation').")
+    raise ValueError(
+      f"{workdir} holds a diffusion run, not a segmentation run"
+      " (its config.json has no task 'segmentation')."
+    )
   if tile_size:
     config.data.tile_size = tile_size
   exp = experiment.build(config)
@@ -96,20 +106,25 @@ def output_paths(names: list[str], output: str) -> list[tuple[str, str]]:
   Raises:
     outputs.OutputConflictError: two inputs still share an output path, naming both.
   """
+
   def paths(name: str, keep_suffix: bool) -> tuple[str, str]:
     base = name if keep_suffix else posixpath.splitext(name)[0]
     return files.join(output, f"{base}.png"), files.join(output, f"{base}_panel.png")
 
   plain = [paths(name, keep_suffix=False) for name in names]
   uses = collections.Counter(path for pair in plain for path in pair)
-  chosen = [paths(name, keep_suffix=True) if any(uses[path] > 1 for path in pair) else pair
-            for name, pair in zip(names, plain)]
+  chosen = [
+    paths(name, keep_suffix=True) if any(uses[path] > 1 for path in pair) else pair
+    for name, pair in zip(names, plain)
+  ]
   writer: dict[str, str] = {}
   for name, pair in zip(names, chosen):
     for path in pair:
       if path in writer:
-        raise outputs.OutputConflictError(f"input images '{writer[path]}' and '{name}' would both"
-                                          f" be written to '{path}': rename one of them")
+        raise outputs.OutputConflictError(
+          f"input images '{writer[path]}' and '{name}' would both"
+          f" be written to '{path}': rename one of them"
+        )
       writer[path] = name
   return chosen
 
@@ -126,8 +141,10 @@ def plan_outputs(path: str, output: str, *, overwrite: bool = False) -> list[Seg
   outputs.check_apart(output, [path])
   targets = output_paths(names, output)
   outputs.check_unclaimed([target for pair in targets for target in pair], overwrite=overwrite)
-  return [SegmentationJob(files.join(root, name), mask, panel)
-          for name, (mask, panel) in zip(names, targets)]
+  return [
+    SegmentationJob(files.join(root, name), mask, panel)
+    for name, (mask, panel) in zip(names, targets)
+  ]
 
 
 def segment_files(segmenter: Segmenter, jobs: list[SegmentationJob]) -> list[str]:
@@ -141,12 +158,14 @@ def segment_files(segmenter: Segmenter, jobs: list[SegmentationJob]) -> list[str
   for job in jobs:
     pixels = sources.read_image(job.image)
     pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-    image, _ = sources.prepare_image(pixels, np.zeros(pixels.shape[:2], np.int32),
-                                     data.num_channels, data.resize)
+    image, _ = sources.prepare_image(
+      pixels, np.zeros(pixels.shape[:2], np.int32), data.num_channels, data.resize
+    )
     labels = segmenter.predict([image * 2.0 - 1.0])[0]
     height, width = pixels.shape[:2]
-    mask = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(
-        (width, height), Image.Resampling.NEAREST))
+    mask = np.asarray(
+      Image.fromarray(labels.astype(np.uint8)).resize((width, height), Image.Resampling.NEAREST)
+    )
     image_utils.save_png(mask, job.mask)
     shown = metrics.to_rgb(np.round(image * 255).astype(np.uint8))
     picture = metrics.side_by_side([shown[None], metrics.colorize(labels)[None]])

@@ -6,8 +6,19 @@ import numpy as np
 from scipy import ndimage
 
 # Class colours of the panels (RGB): background black, then white, red, green, blue, ...
-PALETTE = np.array([(0, 0, 0), (255, 255, 255), (230, 60, 60), (60, 200, 60), (60, 100, 230),
-                    (230, 200, 40), (200, 60, 200), (40, 200, 220)], np.uint8)
+PALETTE = np.array(
+  [
+    (0, 0, 0),
+    (255, 255, 255),
+    (230, 60, 60),
+    (60, 200, 60),
+    (60, 100, 230),
+    (230, 200, 40),
+    (200, 60, 200),
+    (40, 200, 220),
+  ],
+  np.uint8,
+)
 
 
 def confusion_matrix(target: np.ndarray, prediction: np.ndarray, num_classes: int) -> np.ndarray:
@@ -46,17 +57,20 @@ def majority_baseline(confusion: np.ndarray) -> float:
 
 def summary(confusion: np.ndarray, prefix: str = "eval/") -> dict[str, float]:
   """The logged scalars: pixel accuracy, mean IoU, the majority baseline, each class's IoU."""
-  scores = {f"{prefix}pixel_accuracy": pixel_accuracy(confusion),
-            f"{prefix}mean_iou": mean_iou(confusion),
-            f"{prefix}majority_mean_iou": majority_baseline(confusion)}
+  scores = {
+    f"{prefix}pixel_accuracy": pixel_accuracy(confusion),
+    f"{prefix}mean_iou": mean_iou(confusion),
+    f"{prefix}majority_mean_iou": majority_baseline(confusion),
+  }
   for index, iou in enumerate(per_class_iou(confusion)):
     if np.isfinite(iou):
       scores[f"{prefix}iou_class{index}"] = float(iou)
   return scores
 
 
-def merged_objects(predicted_foreground: np.ndarray, instances: np.ndarray,
-                   min_fraction: float = 0.5) -> int:
+def merged_objects(
+  predicted_foreground: np.ndarray, instances: np.ndarray, min_fraction: float = 0.5
+) -> int:
   """How many predicted objects hold two or more true objects: touching cells not separated.
 
   Args:
@@ -68,8 +82,9 @@ def merged_objects(predicted_foreground: np.ndarray, instances: np.ndarray,
   """
   components, _ = ndimage.label(predicted_foreground)
   sizes = np.bincount(instances.ravel())
-  pairs, overlap = np.unique(np.stack([instances.ravel(), components.ravel()]), axis=1,
-                             return_counts=True)
+  pairs, overlap = np.unique(
+    np.stack([instances.ravel(), components.ravel()]), axis=1, return_counts=True
+  )
   held = (pairs[0] > 0) & (pairs[1] > 0) & (overlap >= min_fraction * sizes[pairs[0]])
   _, counts = np.unique(pairs[1, held], return_counts=True)
   return int(np.count_nonzero(counts >= 2))

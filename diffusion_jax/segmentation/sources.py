@@ -28,12 +28,16 @@ _MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
 def check_pair(image: np.ndarray, mask: np.ndarray, num_classes: int, where: str) -> None:
   """Raises a ValueError naming `where` unless mask [H, W] fits image [H, W, C] and the classes."""
   if image.shape[:2] != mask.shape:
-    raise ValueError(f"{where}: the image is {image.shape[0]}x{image.shape[1]} pixels but its mask"
-                     f" is {mask.shape[0]}x{mask.shape[1]}")
+    raise ValueError(
+      f"{where}: the image is {image.shape[0]}x{image.shape[1]} pixels but its mask"
+      f" is {mask.shape[0]}x{mask.shape[1]}"
+    )
   bad = np.unique(mask[(mask < 0) | (mask >= num_classes)])
   if bad.size:
-    raise ValueError(f"{where}: mask labels {bad[:8].tolist()} are outside the {num_classes}"
-                     f" classes 0..{num_classes - 1}")
+    raise ValueError(
+      f"{where}: mask labels {bad[:8].tolist()} are outside the {num_classes}"
+      f" classes 0..{num_classes - 1}"
+    )
 
 
 class CheckedSource:
@@ -52,8 +56,10 @@ class CheckedSource:
     image = image[..., None] if image.ndim == 2 else image
     mask = np.asarray(mask).astype(np.int32)
     if mask.ndim == 3 and mask.shape[-1] != 1:
-      raise ValueError(f"{self._describe(index)}: the mask has {mask.shape[-1]} channels; masks"
-                       " must be one channel of class indices")
+      raise ValueError(
+        f"{self._describe(index)}: the mask has {mask.shape[-1]} channels; masks"
+        " must be one channel of class indices"
+      )
     mask = mask[..., 0] if mask.ndim == 3 else mask
     mask = mask - self.offset
     check_pair(image, mask, self.num_classes, self._describe(index))
@@ -71,8 +77,9 @@ def cells_source(seed: int, split: str, num_images: int, size: int, num_classes:
   return CheckedSource(read, len(cells), lambda i: f"synthetic cells {split}[{i}]", num_classes)
 
 
-def tfds_source(name: str, split: str, image_key: str, mask_key: str, num_classes: int,
-                offset: int) -> CheckedSource:
+def tfds_source(
+  name: str, split: str, image_key: str, mask_key: str, num_classes: int, offset: int
+) -> CheckedSource:
   """A TFDS dataset's (image, mask) features read by random access (ArrayRecord files).
 
   Found or prepared as the diffusion task's TFDS data are (`data.sources.tfds_source`: a
@@ -96,8 +103,10 @@ def tfds_source(name: str, split: str, image_key: str, mask_key: str, num_classe
 
 def _files(directory: str) -> dict[str, str]:
   """{relative path without suffix: path} of the image files under `directory`."""
-  return {os.path.splitext(name)[0]: files.join(directory, name)
-          for name in files.find_files(directory, data_sources.IMAGE_SUFFIXES)}
+  return {
+    os.path.splitext(name)[0]: files.join(directory, name)
+    for name in files.find_files(directory, data_sources.IMAGE_SUFFIXES)
+  }
 
 
 def folder_pairs(root: str) -> list[tuple[str, str]]:
@@ -109,14 +118,18 @@ def folder_pairs(root: str) -> list[tuple[str, str]]:
   images_dir, masks_dir = files.join(root, "images"), files.join(root, "masks")
   for directory in (images_dir, masks_dir):
     if not files.is_dir(directory):
-      raise FileNotFoundError(f"segmentation folder '{root}' needs '{directory}' (image/mask"
-                              " pairs: images/NAME.png with masks/NAME.png)")
+      raise FileNotFoundError(
+        f"segmentation folder '{root}' needs '{directory}' (image/mask"
+        " pairs: images/NAME.png with masks/NAME.png)"
+      )
   images, masks = _files(images_dir), _files(masks_dir)
   if not images:
     raise FileNotFoundError(f"'{images_dir}' holds no image files {data_sources.IMAGE_SUFFIXES}")
   if missing := sorted(set(images) - set(masks)):
-    raise FileNotFoundError(f"no mask in '{masks_dir}' for image '{images[missing[0]]}'"
-                            f" ({len(missing)} image(s) without one)")
+    raise FileNotFoundError(
+      f"no mask in '{masks_dir}' for image '{images[missing[0]]}'"
+      f" ({len(missing)} image(s) without one)"
+    )
   return [(images[key], masks[key]) for key in images]
 
 
@@ -139,8 +152,10 @@ def read_mask(path: str) -> np.ndarray:
   """
   with data_sources.open_image(path) as image:
     if image.mode not in _MASK_MODES:
-      raise ValueError(f"mask file '{path}' is {image.mode}; masks must be one channel of class"
-                       f" indices (a gray or palette image: mode {', '.join(_MASK_MODES)})")
+      raise ValueError(
+        f"mask file '{path}' is {image.mode}; masks must be one channel of class"
+        f" indices (a gray or palette image: mode {', '.join(_MASK_MODES)})"
+      )
     return np.asarray(image)
 
 

@@ -22,7 +22,8 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Ar
     weights: [B, H, W], the weight map w(x) (`weights.weight_map`).
   """
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
+    logits.astype(jnp.float32), labels
+  )
   return jnp.mean(weights * cross_entropy)
 
 
@@ -36,8 +37,9 @@ class SegmentationStepFns:
   ema_decay: float
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], fns: SegmentationStepFns
-               ) -> tuple[TrainState, TrainMetrics]:
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], fns: SegmentationStepFns
+) -> tuple[TrainState, TrainMetrics]:
   """One optimizer step on {"image": [B, T, T, C], "mask": int [B, O, O], "weights": [B, O, O]}.
 
   Pure, with no host sync. Metrics: the weighted loss, the plain cross-entropy,
@@ -46,19 +48,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: Segmentation
   the step out of the means). The update is the diffusion step's
   (`train.state.apply_gradients`).
   """
+
   def loss_fn(params):
     logits = fns.apply(params, batch["image"])
     return weighted_cross_entropy(logits, batch["mask"], batch["weights"]), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state, skipped, grad_norm = apply_gradients(state, grads, jnp.isfinite(loss), fns.tx,
-                                                  fns.ema_decay)
+  new_state, skipped, grad_norm = apply_gradients(
+    state, grads, jnp.isfinite(loss), fns.tx, fns.ema_decay
+  )
   finite = skipped.count == 0
   correct = (jnp.argmax(logits, -1) == batch["mask"]).astype(jnp.float32)
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch["mask"])
   return new_state, dict(
-      loss=masked_average(loss[None], finite), cross_entropy=masked_average(cross_entropy, finite),
-      pixel_accuracy=masked_average(correct, finite),
-      grad_norm=masked_average(grad_norm[None], finite),
-      learning_rate=metrics.LastValue(total=fns.lr_schedule(state.step), count=jnp.array(1)),
-      skipped_steps=skipped)
+    loss=masked_average(loss[None], finite),
+    cross_entropy=masked_average(cross_entropy, finite),
+    pixel_accuracy=masked_average(correct, finite),
+    grad_norm=masked_average(grad_norm[None], finite),
+    learning_rate=metrics.LastValue(total=fns.lr_schedule(state.step), count=jnp.array(1)),
+    skipped_steps=skipped,
+  )

@@ -75,13 +75,14 @@ def contact_borders(instances: np.ndarray) -> np.ndarray:
   padded = np.pad(instances, 1, mode="edge")
   border = np.zeros(instances.shape, bool)
   for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-    neighbour = padded[dy:dy + instances.shape[0], dx:dx + instances.shape[1]]
+    neighbour = padded[dy : dy + instances.shape[0], dx : dx + instances.shape[1]]
     border |= (neighbour != instances) & (neighbour > 0) & (instances > 0)
   return border
 
 
-def _render(rng, instances: np.ndarray, border: np.ndarray, contrast: float,
-            noise: float) -> np.ndarray:
+def _render(
+  rng, instances: np.ndarray, border: np.ndarray, contrast: float, noise: float
+) -> np.ndarray:
   """Intensities in [0, 1]: dim background, brighter cells of varying tone, faint dark borders."""
   size = instances.shape[0]
   tone = np.concatenate([[0.0], rng.uniform(0.25, 0.45, instances.max())])[instances]
@@ -93,9 +94,15 @@ def _render(rng, instances: np.ndarray, border: np.ndarray, contrast: float,
   return np.clip(image + shading + rng.normal(0, noise, image.shape), 0, 1)
 
 
-def make_cells(seed: int, split: str, index: int, size: int = 128,
-               radius: tuple[float, float] = (9.0, 16.0), border_contrast: float = 0.25,
-               noise: float = 0.08) -> CellImage:
+def make_cells(
+  seed: int,
+  split: str,
+  index: int,
+  size: int = 128,
+  radius: tuple[float, float] = (9.0, 16.0),
+  border_contrast: float = 0.25,
+  noise: float = 0.08,
+) -> CellImage:
   """Synthetic image `index` of `split` ("train" or "test"), a function of its arguments only.
 
   Args:
@@ -115,8 +122,11 @@ def make_cells(seed: int, split: str, index: int, size: int = 128,
   border = contact_borders(instances)
   image = _render(rng, instances, border, border_contrast, noise)
   instances = np.where(border, 0, instances)
-  return CellImage(image=np.round(image * 255).astype(np.uint8)[..., None],
-                   mask=(instances > 0).astype(np.uint8), instances=instances)
+  return CellImage(
+    image=np.round(image * 255).astype(np.uint8)[..., None],
+    mask=(instances > 0).astype(np.uint8),
+    instances=instances,
+  )
 
 
 @dataclasses.dataclass(frozen=True)

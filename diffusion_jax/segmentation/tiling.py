@@ -47,8 +47,9 @@ class TileLayout:
   @property
   def grid(self) -> tuple[int, int]:
     """Tiles along (H, W): enough for their outputs to cover the image."""
-    return tuple(1 + max(0, math.ceil((side - self.output) / self.stride))
-                 for side in self.image_shape)
+    return tuple(
+      1 + max(0, math.ceil((side - self.output) / self.stride)) for side in self.image_shape
+    )
 
   @property
   def covered_shape(self) -> tuple[int, int]:
@@ -70,8 +71,10 @@ def make_layout(image_shape: tuple[int, int], tile: int, output: int, alignment:
     raise ValueError(f"a {tile}-pixel tile with a {output}-pixel output has no centred output")
   stride = output - output % alignment
   if stride <= 0:
-    raise ValueError(f"the output tile ({output} px) is smaller than the pooling factor"
-                     f" {alignment}: use larger tiles")
+    raise ValueError(
+      f"the output tile ({output} px) is smaller than the pooling factor"
+      f" {alignment}: use larger tiles"
+    )
   return TileLayout(tile, output, stride, tuple(image_shape))
 
 
@@ -90,14 +93,14 @@ def mirror_pad(image: np.ndarray, layout: TileLayout) -> np.ndarray:
 
 def extract_tiles(padded: np.ndarray, layout: TileLayout) -> np.ndarray:
   """The network's input tiles [N, tile, tile, C] of a `mirror_pad`ded image, in `origins` order."""
-  return np.stack([padded[r:r + layout.tile, c:c + layout.tile] for r, c in layout.origins()])
+  return np.stack([padded[r : r + layout.tile, c : c + layout.tile] for r, c in layout.origins()])
 
 
 def stitch(outputs: np.ndarray, layout: TileLayout) -> np.ndarray:
   """Tile outputs [N, output, output, K] placed at their origins, cropped to the image [H, W, K]."""
   canvas = np.zeros((*layout.covered_shape, outputs.shape[-1]), outputs.dtype)
   for (r, c), output in zip(layout.origins(), outputs):
-    canvas[r:r + layout.output, c:c + layout.output] = output
+    canvas[r : r + layout.output, c : c + layout.output] = output
   height, width = layout.image_shape
   return canvas[:height, :width]
 
@@ -109,7 +112,7 @@ def predict_batched(predict: TilePredictor, tiles: np.ndarray, batch_size: int) 
   """
   outputs = []
   for start in range(0, len(tiles), batch_size):
-    batch = tiles[start:start + batch_size]
+    batch = tiles[start : start + batch_size]
     count = len(batch)
     if count < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)])
@@ -117,8 +120,14 @@ def predict_batched(predict: TilePredictor, tiles: np.ndarray, batch_size: int) 
   return np.concatenate(outputs)
 
 
-def predict_images(predict: TilePredictor, images: list[np.ndarray], tile: int, output: int,
-                   alignment: int, batch_size: int = 8) -> list[np.ndarray]:
+def predict_images(
+  predict: TilePredictor,
+  images: list[np.ndarray],
+  tile: int,
+  output: int,
+  alignment: int,
+  batch_size: int = 8,
+) -> list[np.ndarray]:
   """Seamless logits [H, W, K] for each image [H, W, C] of any size, tile by tile.
 
   The tiles of all images go through `predict` together, batch_size at a time.
@@ -132,8 +141,9 @@ def predict_images(predict: TilePredictor, images: list[np.ndarray], tile: int, 
     batch_size: tiles per call of `predict`.
   """
   layouts = [make_layout(image.shape[:2], tile, output, alignment) for image in images]
-  tiles = [extract_tiles(mirror_pad(image, layout), layout)
-           for image, layout in zip(images, layouts)]
+  tiles = [
+    extract_tiles(mirror_pad(image, layout), layout) for image, layout in zip(images, layouts)
+  ]
   outputs = predict_batched(predict, np.concatenate(tiles), batch_size)
   per_image = np.split(outputs, np.cumsum([len(t) for t in tiles])[:-1])
   return [stitch(out, layout) for out, layout in zip(per_image, layouts)]

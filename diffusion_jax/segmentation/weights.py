@@ -45,8 +45,9 @@ def objects(mask: np.ndarray, background_class: int = 0) -> np.ndarray:
   return labels.astype(np.int32)
 
 
-def two_nearest_distances(instances: np.ndarray, margin: float = math.inf
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def two_nearest_distances(
+  instances: np.ndarray, margin: float = math.inf
+) -> tuple[np.ndarray, np.ndarray]:
   """(d_1, d_2): float32 [H, W] distances to the nearest and second-nearest object.
 
   The distance to an object is the Euclidean distance to its nearest pixel
@@ -59,8 +60,10 @@ def two_nearest_distances(instances: np.ndarray, margin: float = math.inf
   for index, box in enumerate(ndimage.find_objects(instances), start=1):
     if box is None:
       continue
-    window = tuple(slice(int(max(0, s.start - margin)), int(min(n, s.stop + margin)))
-                   for s, n in zip(box, instances.shape))
+    window = tuple(
+      slice(int(max(0, s.start - margin)), int(min(n, s.stop + margin)))
+      for s, n in zip(box, instances.shape)
+    )
     distance = ndimage.distance_transform_edt(instances[window] != index).astype(np.float32)
     distance[distance > margin] = np.inf
     near1, near2 = d1[window], d2[window]
@@ -83,9 +86,9 @@ def border_term(instances: np.ndarray, w0: float, sigma: float) -> np.ndarray:
 
 def weight_map(mask: np.ndarray, num_classes: int, config: WeightMapConfig) -> np.ndarray:
   """w(x) of eq. 2 for a class mask [H, W] (ints in 0..num_classes-1): float32 [H, W]."""
-  weights = (class_balance(mask, num_classes) if config.balance_classes
-             else np.ones(mask.shape, np.float32))
+  weights = (
+    class_balance(mask, num_classes) if config.balance_classes else np.ones(mask.shape, np.float32)
+  )
   if config.w0:
-    weights = weights + border_term(objects(mask, config.background_class), config.w0,
-                                    config.sigma)
+    weights = weights + border_term(objects(mask, config.background_class), config.w0, config.sigma)
   return weights

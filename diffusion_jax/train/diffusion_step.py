@@ -43,17 +43,20 @@ class StepFns:
 
 def _metrics(fns: StepFns, terms: losses.LossTerms, t, grad_norm, step, finite) -> TrainMetrics:
   quarter = fns.timestep_sampler.quarter(t)  # [B] in 0..3
-  per_quarter = {f"loss_q{q}": masked_average(terms.loss, (quarter == q) & finite)
-                 for q in range(4)}
+  per_quarter = {
+    f"loss_q{q}": masked_average(terms.loss, (quarter == q) & finite) for q in range(4)
+  }
   return dict(
-      loss=masked_average(terms.loss, finite), mse=masked_average(terms.mse, finite),
-      vb=masked_average(terms.vb, finite), grad_norm=masked_average(grad_norm[None], finite),
-      learning_rate=metrics.LastValue(total=fns.lr_schedule(step), count=jnp.array(1)),
-      **per_quarter)
+    loss=masked_average(terms.loss, finite),
+    mse=masked_average(terms.mse, finite),
+    vb=masked_average(terms.vb, finite),
+    grad_norm=masked_average(grad_norm[None], finite),
+    learning_rate=metrics.LastValue(total=fns.lr_schedule(step), count=jnp.array(1)),
+    **per_quarter,
+  )
 
 
-def drop_labels(labels: jax.Array, key: jax.Array, p_uncond: float,
-                null_label: int) -> jax.Array:
+def drop_labels(labels: jax.Array, key: jax.Array, p_uncond: float, null_label: int) -> jax.Array:
   """Each label [B] replaced by `null_label` with probability p_uncond (Ho & Salimans 2022, Alg. 1).
 
   Trains the unconditional branch that classifier-free guidance samples with.
@@ -82,11 +85,20 @@ def _grads(params, examples, dropout_key, fns: StepFns):
   def loss_fn(params):
     def model_fn(x_t, t):
       return fns.apply(params, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
+
     if fns.spec.edm:  # t holds the noise levels sigma
       terms = edm.training_losses(model_fn, fns.spec.edm, x_start, t, noise)
     else:
-      terms = losses.training_losses(model_fn, fns.spec, fns.schedule, fns.loss_type,
-                                     x_start, t, noise, min_snr_gamma=fns.min_snr_gamma)
+      terms = losses.training_losses(
+        model_fn,
+        fns.spec,
+        fns.schedule,
+        fns.loss_type,
+        x_start,
+        t,
+        noise,
+        min_snr_gamma=fns.min_snr_gamma,
+      )
     return jnp.mean(terms.loss * weights), terms
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -109,13 +121,15 @@ def _accumulated_grads(params, examples, dropout_key, fns: StepFns):
     return jax.tree.map(jnp.add, grad_sum, grads), terms
 
   microbatches = jax.tree.map(lambda x: split_microbatches(x, k), examples)
-  grad_sum, terms = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
-                                 (jnp.arange(k), microbatches))
+  grad_sum, terms = jax.lax.scan(
+    accumulate, jax.tree.map(jnp.zeros_like, params), (jnp.arange(k), microbatches)
+  )
   return jax.tree.map(lambda g: g / k, grad_sum), jax.tree.map(merge_microbatches, terms)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
-               ) -> tuple[TrainState, TrainMetrics]:
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], fns: StepFns
+) -> tuple[TrainState, TrainMetrics]:
   """One optimizer step on batch {"image": [B, H, W, C] in [-1, 1], "label": int [B]}.
 
   Pure, with no host sync: jit it with `fns` closed over (see `loop.compile_train_step`).
@@ -133,16 +147,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], fns: StepFns
   """
   x_start = batch["image"]
   t_key, noise_key, dropout_key, label_key = jax.random.split(
-      jax.random.fold_in(state.rng, state.step), 4)
+    jax.random.fold_in(state.rng, state.step), 4
+  )
   t, weights = fns.timestep_sampler.sample(state.sampler_state, t_key, x_start.shape[0])
   noise = jax.random.normal(noise_key, x_start.shape, x_start.dtype)
   labels = batch["label"] if fns.num_classes is not None else None
   if fns.label_dropout:
     labels = drop_labels(labels, label_key, fns.label_dropout, null_label=fns.num_classes)
-  grads, terms = _accumulated_grads(state.params, (x_start, t, noise, weights, labels),
-                                    dropout_key, fns)
+  grads, terms = _accumulated_grads(
+    state.params, (x_start, t, noise, weights, labels), dropout_key, fns
+  )
   new_state, skipped, grad_norm = apply_gradients(
-      state, grads, jnp.all(jnp.isfinite(terms.loss)), fns.tx, fns.ema_decay,
-      sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss))
-  return new_state, dict(_metrics(fns, terms, t, grad_norm, state.step, skipped.count == 0),
-                         skipped_steps=skipped)
+    state,
+    grads,
+    jnp.all(jnp.isfinite(terms.loss)),
+    fns.tx,
+    fns.ema_decay,
+    sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss),
+  )
+  return new_state, dict(
+    _metrics(fns, terms, t, grad_norm, state.step, skipped.count == 0), skipped_steps=skipped
+  )

@@ -45,8 +45,8 @@ class Experiment:
   image_shape: tuple[int, int, int]  # (H, W, C)
 
   resume_rules: ClassVar[Mapping[str, str]] = {  # this task's rows of run_config's rules
-      "diffusion": FIXED_BY_CHECKPOINT,  # the process the network reverses, its loss and sampler
-      "train.label_dropout": FIXED_BY_RUN,  # how often the null label is trained
+    "diffusion": FIXED_BY_CHECKPOINT,  # the process the network reverses, its loss and sampler
+    "train.label_dropout": FIXED_BY_RUN,  # how often the null label is trained
   }
 
   @property
@@ -64,8 +64,9 @@ class Experiment:
     here (the train step, every sampler, the NLL), so rescale_timesteps holds for
     all of them. kwargs (train, rngs) go to model.apply.
     """
-    return self.model.apply({"params": params}, x_t,
-                            process.network_timesteps(self.diffusion, t), y, **kwargs)
+    return self.model.apply(
+      {"params": params}, x_t, process.network_timesteps(self.diffusion, t), y, **kwargs
+    )
 
   def apply_fn(self, params, x_t, t, y=None):
     """The model as samplers call it: (params, x_t [B, H, W, C], t [B], y [B] | None) -> output."""
@@ -74,22 +75,27 @@ class Experiment:
   def step_fns(self) -> StepFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
     return StepFns(
-        apply=self.model_apply, tx=tx, lr_schedule=lr_schedule, spec=self.spec,
-        schedule=self.schedule,
-        loss_type=losses.LossType(self.diffusion.loss),
-        timestep_sampler=self._noise_level_sampler(),
-        ema_decay=self.train.ema_decay,
-        num_classes=self.num_classes,
-        label_dropout=self.train.p_uncond(self.num_classes is not None),
-        min_snr_gamma=self.diffusion.snr_gamma,
-        grad_accum_steps=self.train.grad_accum_steps)
+      apply=self.model_apply,
+      tx=tx,
+      lr_schedule=lr_schedule,
+      spec=self.spec,
+      schedule=self.schedule,
+      loss_type=losses.LossType(self.diffusion.loss),
+      timestep_sampler=self._noise_level_sampler(),
+      ema_decay=self.train.ema_decay,
+      num_classes=self.num_classes,
+      label_dropout=self.train.p_uncond(self.num_classes is not None),
+      min_snr_gamma=self.diffusion.snr_gamma,
+      grad_accum_steps=self.train.grad_accum_steps,
+    )
 
   def _noise_level_sampler(self):
     """Draws the training timesteps t [B] (DDPM) or noise levels sigma [B] (EDM)."""
     if self.spec.edm:
       return edm.LogNormalSigmas(self.spec.edm)
-    return losses.get_timestep_sampler(self.diffusion.timestep_sampler,
-                                       self.diffusion.num_timesteps)
+    return losses.get_timestep_sampler(
+      self.diffusion.timestep_sampler, self.diffusion.num_timesteps
+    )
 
   def train_step_fn(self):
     """The pure `(state, batch) -> (state, metrics)` the loop jits."""
@@ -101,8 +107,10 @@ class Experiment:
     if self.train.grad_accum_steps == 1 and not remat:
       return None
     return dataclasses.replace(
-        self, model=self.model.clone(remat=False) if remat else self.model,
-        train=dataclasses.replace(self.train, grad_accum_steps=1)).train_step_fn()
+      self,
+      model=self.model.clone(remat=False) if remat else self.model,
+      train=dataclasses.replace(self.train, grad_accum_steps=1),
+    ).train_step_fn()
 
   def make_train_iterator(self):
     """The input pipeline's endless, checkpointable iterator of training batches."""
@@ -117,9 +125,14 @@ class Experiment:
     fns = self.step_fns()
     init_key, state_key = jax.random.split(rng)
     params = self.model.init(init_key, *runs.example_inputs(self.model, self.image_shape))["params"]
-    return TrainState(step=jnp.array(0, jnp.int32), params=params, ema_params=params,
-                      opt_state=fns.tx.init(params), rng=state_key,
-                      sampler_state=fns.timestep_sampler.init())
+    return TrainState(
+      step=jnp.array(0, jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=fns.tx.init(params),
+      rng=state_key,
+      sampler_state=fns.timestep_sampler.init(),
+    )
 
 
 def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Experiment:
@@ -130,8 +143,10 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> 
   configlib.check_known(config, SECTIONS, "config")
   diffusion_config = from_mapping(DiffusionConfig, config.diffusion, "diffusion")
   if diffusion_config.parameterization == "consistency":
-    raise ValueError("diffusion.parameterization='consistency' is trained by config.task"
-                     " 'consistency' (docs/distillation.md), not by the diffusion task.")
+    raise ValueError(
+      "diffusion.parameterization='consistency' is trained by config.task"
+      " 'consistency' (docs/distillation.md), not by the diffusion task."
+    )
   data_config = DataConfig.from_mapping(config.data)
   image_shape = runs.image_shape(data_config)
   spec = process.model_spec(diffusion_config)
@@ -140,10 +155,15 @@ def build(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> 
   train_config = from_mapping(DiffusionTrainConfig, config.train, "train")
   train_config.p_uncond(getattr(model, "num_classes", None) is not None)  # checks it fits
   return Experiment(
-      config=config, model=model, diffusion=diffusion_config,
-      schedule=process.schedule(diffusion_config),
-      optim=OptimConfig.from_mapping(config.optim), train=train_config,
-      data=data_config, image_shape=image_shape)
+    config=config,
+    model=model,
+    diffusion=diffusion_config,
+    schedule=process.schedule(diffusion_config),
+    optim=OptimConfig.from_mapping(config.optim),
+    train=train_config,
+    data=data_config,
+    image_shape=image_shape,
+  )
 
 
 def _check_model_output(model: nn.Module, spec: ModelSpec, image_shape) -> None:
@@ -152,11 +172,13 @@ def _check_model_output(model: nn.Module, spec: ModelSpec, image_shape) -> None:
   try:
     out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), *args)[0])
   except Exception as e:
-    raise ValueError(f"Model {type(model).__name__} cannot take images of shape {image_shape}:"
-                     f" {e}") from e
+    raise ValueError(
+      f"Model {type(model).__name__} cannot take images of shape {image_shape}: {e}"
+    ) from e
   expected = (1, *image_shape[:2], spec.output_channels(image_shape[2]))
   if out.shape != expected:
     raise ValueError(
-        f"The model outputs {out.shape[1:]} but var_type {spec.var_type.value!r} on"
-        f" {image_shape} images needs {expected[1:]}: set model.learn_sigma"
-        f" = {spec.learns_variance}.")
+      f"The model outputs {out.shape[1:]} but var_type {spec.var_type.value!r} on"
+      f" {image_shape} images needs {expected[1:]}: set model.learn_sigma"
+      f" = {spec.learns_variance}."
+    )

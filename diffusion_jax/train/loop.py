@@ -34,19 +34,22 @@ def compile_train_step(exp, state_shardings, mesh, compiler_options: dict[str, s
   if compiler_options is None:
     compiler_options = parallel.compiler_options(mesh)
   return jax.jit(
-      exp.train_step_fn(),
-      in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-      out_shardings=(state_shardings, parallel.replicated(mesh)),
-      donate_argnums=0,
-      compiler_options=compiler_options)
+    exp.train_step_fn(),
+    in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+    out_shardings=(state_shardings, parallel.replicated(mesh)),
+    donate_argnums=0,
+    compiler_options=compiler_options,
+  )
 
 
 def check_batch_fits(batch_size: int, mesh) -> None:
   """The global batch must split evenly over the mesh's data axis; else a ValueError naming it."""
   devices = mesh.shape[parallel.DATA_AXIS]
   if batch_size % devices:
-    raise ValueError(f"train.batch_size={batch_size} must be a multiple of the {devices} devices"
-                     " of the mesh's data axis (all devices / train.model_parallelism).")
+    raise ValueError(
+      f"train.batch_size={batch_size} must be a multiple of the {devices} devices"
+      " of the mesh's data axis (all devices / train.model_parallelism)."
+    )
 
 
 def step_flops(exp, compiled, state, batch, mesh) -> float:
@@ -69,8 +72,12 @@ def start_meter(exp, compiled, state, batch, mesh, step: int) -> perf.Meter:
   dtype (`model.dtype`, float32 if it has none): unknown on a CPU, so no MFU there.
   """
   dtype = getattr(exp.model, "dtype", jnp.float32)
-  return perf.Meter(step_flops(exp, compiled, state, batch, mesh), exp.train.batch_size,
-                    perf.peak_flops(jax.devices()[0].device_kind, dtype), last_step=step)
+  return perf.Meter(
+    step_flops(exp, compiled, state, batch, mesh),
+    exp.train.batch_size,
+    perf.peak_flops(jax.devices()[0].device_kind, dtype),
+    last_step=step,
+  )
 
 
 def perf_scalars(meter: perf.Meter, step: int, first: bool) -> dict[str, float]:
@@ -119,14 +126,16 @@ def _raise_if_skipped(accumulated: TrainMetrics | None, latest_checkpoint: int |
   skipped = jax.device_get(accumulated["skipped_steps"])
   if skipped.count:
     raise FloatingPointError(
-        f"Non-finite loss, gradient or update at step {int(skipped.first)} ({int(skipped.count)} such"
-        f" step(s) since the last log); stopping (train.on_nonfinite='stop'). The latest"
-        f" checkpoint, step {latest_checkpoint}, is from before it; train.on_nonfinite='skip'"
-        " skips such steps instead.")
+      f"Non-finite loss, gradient or update at step {int(skipped.first)} ({int(skipped.count)} such"
+      f" step(s) since the last log); stopping (train.on_nonfinite='stop'). The latest"
+      f" checkpoint, step {latest_checkpoint}, is from before it; train.on_nonfinite='skip'"
+      " skips such steps instead."
+    )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       model: nn.Module | None = None) -> TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, model: nn.Module | None = None
+) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
   The config's `task` (`tasks.TASKS`: diffusion by default, or segmentation)
@@ -140,10 +149,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.make_mesh(exp.train.model_parallelism)
   check_batch_fits(exp.train.batch_size, mesh)
   checkpoint.check_writable(workdir)
-  checkpointer = checkpoint.Checkpointer(workdir, every_steps=exp.train.checkpoint_every,
-                                         keep=exp.train.keep_checkpoints, delete_unfinished=True)
-  config_changes = run_config.check_resume(config, workdir, checkpointer,  # before any write
-                                           exp.resume_rules)
+  checkpointer = checkpoint.Checkpointer(
+    workdir,
+    every_steps=exp.train.checkpoint_every,
+    keep=exp.train.keep_checkpoints,
+    delete_unfinished=True,
+  )
+  config_changes = run_config.check_resume(
+    config,
+    workdir,
+    checkpointer,  # before any write
+    exp.resume_rules,
+  )
   data_iterator = exp.make_train_iterator()
   state, shardings = create_state(exp, mesh, config.seed)
   state = checkpointer.restore(checkpoint.restore_target(state, shardings), data_iterator) or state
@@ -152,9 +169,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = make_writer(workdir)
   if initial_step == 0:
     parameter_overview.log_parameter_overview(state.params)
-  logging.info("Training %s for %d steps from step %d on %d devices (%s).",
-               type(exp.model).__name__, exp.train.num_steps, initial_step, jax.device_count(),
-               dict(mesh.shape))
+  logging.info(
+    "Training %s for %d steps from step %d on %d devices (%s).",
+    type(exp.model).__name__,
+    exp.train.num_steps,
+    initial_step,
+    jax.device_count(),
+    dict(mesh.shape),
+  )
   step_fn = compile_train_step(exp, shardings, mesh)
   hooks = exp.periodic_hooks(mesh, workdir)
   batch_sharding = parallel.batch_sharding(mesh)
@@ -162,8 +184,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   accumulated, compiled, meter = None, None, None
   stop_on_nonfinite = exp.train.on_nonfinite == "stop"
   trace = perf.StepTrace(exp.train.profile_range, files.join(workdir, PROFILE_DIR))
-  with (checkpoint.PreemptionNotice(initial_step) as preemption, contextlib.closing(checkpointer),
-        contextlib.closing(writer), contextlib.closing(trace)):
+  with (
+    checkpoint.PreemptionNotice(initial_step) as preemption,
+    contextlib.closing(checkpointer),
+    contextlib.closing(writer),
+    contextlib.closing(trace),
+  ):
     for step in range(initial_step + 1, exp.train.num_steps + 1):
       batch = data.make_global_batch(next(data_iterator), batch_sharding)
       if compiled is None:

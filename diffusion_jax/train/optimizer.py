@@ -27,7 +27,8 @@ def make_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformation, o
   elif config.optimizer == "adam":
     opt = optax.adam(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
   else:
-    opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=config.weight_decay)
+    opt = optax.adamw(
+      schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+    )
   clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
   return optax.chain(clip, opt), schedule

@@ -32,27 +32,42 @@ def make_evaluator(exp: Experiment, mesh, workdir: str) -> Callable[[object, int
   """
   train = exp.train
   sampler = sampling.SamplerConfig(sampler=train.sampler, steps=train.sample_steps)
-  config = EvalConfig(name="train", metrics=(train.eval_metric,), samplers=(sampler,),
-                      num_samples=train.eval_num_samples, seed=exp.config.seed,
-                      data=dataclasses.asdict(exp.data) | {"shuffle": False,
-                                                           "random_flip": False},
-                      reference_split=exp.data.split)
+  config = EvalConfig(
+    name="train",
+    metrics=(train.eval_metric,),
+    samplers=(sampler,),
+    num_samples=train.eval_num_samples,
+    seed=exp.config.seed,
+    data=dataclasses.asdict(exp.data) | {"shuffle": False, "random_flip": False},
+    reference_split=exp.data.split,
+  )
   network = scores.network(train.eval_metric)
   net = features.LOADERS[network](config)
   references = {network: run.reference_statistics(net, config, exp.data, workdir)}
   batch_size = -(-min(train.eval_num_samples, 256) // mesh.size) * mesh.size
   sample_batch = jax.jit(
-      sampling.make_batch_sampler(sampler, exp.apply_fn, exp.spec, exp.schedule,
-                                  exp.image_shape, batch_size, num_classes=exp.num_classes),
-      out_shardings=parallel.batch_sharding(mesh),
-      compiler_options=parallel.compiler_options(mesh))
+    sampling.make_batch_sampler(
+      sampler,
+      exp.apply_fn,
+      exp.spec,
+      exp.schedule,
+      exp.image_shape,
+      batch_size,
+      num_classes=exp.num_classes,
+    ),
+    out_shardings=parallel.batch_sharding(mesh),
+    compiler_options=parallel.compiler_options(mesh),
+  )
 
   def evaluate(ema_params, step: int) -> dict:
     key = jax.random.fold_in(jax.random.key(exp.config.seed + 2), step)
-    batches = [multihost_utils.process_allgather(
-        sample_batch(ema_params, jax.random.fold_in(key, b)), tiled=True)
-               for b in range(-(-train.eval_num_samples // batch_size))]
-    samples = images.to_uint8(np.concatenate(batches)[:train.eval_num_samples])
+    batches = [
+      multihost_utils.process_allgather(
+        sample_batch(ema_params, jax.random.fold_in(key, b)), tiled=True
+      )
+      for b in range(-(-train.eval_num_samples // batch_size))
+    ]
+    samples = images.to_uint8(np.concatenate(batches)[: train.eval_num_samples])
     found = run.score_samples(samples, {network: net}, references, config)
     return {f"eval/{train.eval_metric}": found[train.eval_metric]}
 

@@ -47,30 +47,32 @@ MAY_CHANGE = "may change"
 # A dotted key follows its longest listed prefix ("model.remat" before "model"); an unlisted
 # section is fixed by the checkpoint.
 RESUME_RULES: dict[str, str] = {
-    "model": FIXED_BY_CHECKPOINT,  # the network and its parameter tree, its compute dtype too
-    "model.remat": MAY_CHANGE,  # recomputes activations: less memory, the same numbers
-    "model.attention_impl": MAY_CHANGE,  # how attention is computed, not its parameters
-    "optim": MAY_CHANGE,  # the schedule and its constants: a deliberate change, recorded
-    "optim.optimizer": FIXED_BY_CHECKPOINT,  # Adam and AdamW keep differently structured states
-    "seed": FIXED_BY_RUN,  # the initial parameters, the data order and every step's noise
-    "data": FIXED_BY_RUN,  # the examples, their preparation and their order
-    "data.num_threads": MAY_CHANGE,  # how many threads prepare the same batches
-    "train": MAY_CHANGE,  # how long, how often to log / sample / checkpoint / evaluate, layout
-    "train.batch_size": FIXED_BY_RUN,  # the batches, and so the saved data position
-    "train.ema_decay": FIXED_BY_RUN,  # what the EMA parameters average
+  "model": FIXED_BY_CHECKPOINT,  # the network and its parameter tree, its compute dtype too
+  "model.remat": MAY_CHANGE,  # recomputes activations: less memory, the same numbers
+  "model.attention_impl": MAY_CHANGE,  # how attention is computed, not its parameters
+  "optim": MAY_CHANGE,  # the schedule and its constants: a deliberate change, recorded
+  "optim.optimizer": FIXED_BY_CHECKPOINT,  # Adam and AdamW keep differently structured states
+  "seed": FIXED_BY_RUN,  # the initial parameters, the data order and every step's noise
+  "data": FIXED_BY_RUN,  # the examples, their preparation and their order
+  "data.num_threads": MAY_CHANGE,  # how many threads prepare the same batches
+  "train": MAY_CHANGE,  # how long, how often to log / sample / checkpoint / evaluate, layout
+  "train.batch_size": FIXED_BY_RUN,  # the batches, and so the saved data position
+  "train.ema_decay": FIXED_BY_RUN,  # what the EMA parameters average
 }
 
 # What a workdir's latest checkpoint holds -> the rules whose fields it fixes.
 FIXED_WHEN = {
-    "a trained run": (FIXED_BY_CHECKPOINT, FIXED_BY_RUN),  # it saved a data position
-    "weights": (FIXED_BY_CHECKPOINT,),  # no data position: launch.convert's, to fine-tune
-    "no checkpoint": (),
+  "a trained run": (FIXED_BY_CHECKPOINT, FIXED_BY_RUN),  # it saved a data position
+  "weights": (FIXED_BY_CHECKPOINT,),  # no data position: launch.convert's, to fine-tune
+  "no checkpoint": (),
 }
 
 # Each task's sections whose defaults are a dataclass's (the model's come from the zoo).
-SECTION_DATACLASSES = {"diffusion": diffusion.SECTION_CLASSES,
-                       "segmentation": segmentation.SECTION_CLASSES,
-                       **distill.SECTION_CLASSES}
+SECTION_DATACLASSES = {
+  "diffusion": diffusion.SECTION_CLASSES,
+  "segmentation": segmentation.SECTION_CLASSES,
+  **distill.SECTION_CLASSES,
+}
 
 UNSET = "(unset)"  # the value of a field present in one config only, without a known default
 
@@ -120,15 +122,17 @@ def default_values(model_name: str | None, task: str = "diffusion") -> dict[str,
   The defaults of `task`'s sections' dataclasses, and the zoo entry's for model
   `model_name` (a factory, "package.module:factory", has no known defaults).
   """
-  sections = {name: configlib.section(cls, name=name)
-              for name, cls in SECTION_DATACLASSES[task].items()}
+  sections = {
+    name: configlib.section(cls, name=name) for name, cls in SECTION_DATACLASSES[task].items()
+  }
   if model_name in models.ZOO_SETTINGS:
     sections["model"] = models.model_section({"name": model_name})
   return flatten(json.loads(ml_collections.ConfigDict(sections).to_json_best_effort()))
 
 
-def changes(saved: Mapping[str, Any], new: Mapping[str, Any],
-            defaults: Mapping[str, Any]) -> list[Change]:
+def changes(
+  saved: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> list[Change]:
   """The fields whose values differ between two flat configs, sorted by key.
 
   A key missing on one side takes its value from `defaults`, or UNSET.
@@ -142,23 +146,29 @@ def changes(saved: Mapping[str, Any], new: Mapping[str, Any],
   return found
 
 
-def refused_changes(found: list[Change], holds: str,
-                    rules: Mapping[str, str] = RESUME_RULES) -> list[Change]:
+def refused_changes(
+  found: list[Change], holds: str, rules: Mapping[str, str] = RESUME_RULES
+) -> list[Change]:
   """The changes of fields fixed when the checkpoint holds `holds` (a key of FIXED_WHEN)."""
   return [change for change in found if rule(change.key, rules) in FIXED_WHEN[holds]]
 
 
 def refusal_message(workdir: str, holds: str, refused: list[Change]) -> str:
   """One line naming every refused change and what to do instead."""
-  return (f"Cannot resume {workdir}: the config changes fields that its checkpoint ({holds})"
-          f" fixes: {', '.join(map(str, refused))}. Start a new workdir, or rerun with the"
-          f" values in {files.join(workdir, checkpoint.CONFIG_FILE)}; nothing was written.")
+  return (
+    f"Cannot resume {workdir}: the config changes fields that its checkpoint ({holds})"
+    f" fixes: {', '.join(map(str, refused))}. Start a new workdir, or rerun with the"
+    f" values in {files.join(workdir, checkpoint.CONFIG_FILE)}; nothing was written."
+  )
 
 
 def history_entry(step: int, found: list[Change], time: datetime.datetime) -> dict[str, Any]:
   """A line of config_history.jsonl: {"step", "time", "changes": {key: [old, new]}}."""
-  return {"step": step, "time": time.isoformat(timespec="seconds"),
-          "changes": {change.key: [change.old, change.new] for change in found}}
+  return {
+    "step": step,
+    "time": time.isoformat(timespec="seconds"),
+    "changes": {change.key: [change.old, change.new] for change in found},
+  }
 
 
 def what_checkpoint_holds(checkpointer: checkpoint.Checkpointer) -> str:
@@ -169,9 +179,12 @@ def what_checkpoint_holds(checkpointer: checkpoint.Checkpointer) -> str:
   return "a trained run" if checkpointer.data_process_counts(step) else "weights"
 
 
-def check_resume(config: ml_collections.ConfigDict, workdir: str,
-                 checkpointer: checkpoint.Checkpointer,
-                 task_rules: Mapping[str, str]) -> list[Change]:
+def check_resume(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  checkpointer: checkpoint.Checkpointer,
+  task_rules: Mapping[str, str],
+) -> list[Change]:
   """The changes from `workdir`'s saved config to `config`; reads, never writes.
 
   Returns [] for a new workdir. `task_rules` are the run's task's rows of the
@@ -186,8 +199,9 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str,
     return []
   saved = flatten(files.read_json(path))
   new = flatten(json.loads(config.to_json_best_effort()))
-  defaults = default_values(new.get("model.name", saved.get("model.name")),
-                            config.get("task", "diffusion"))
+  defaults = default_values(
+    new.get("model.name", saved.get("model.name")), config.get("task", "diffusion")
+  )
   found = changes(saved, new, defaults)
   holds = what_checkpoint_holds(checkpointer)
   if refused := refused_changes(found, holds, {**RESUME_RULES, **task_rules}):
@@ -195,8 +209,9 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str,
   return found
 
 
-def record_resume(config: ml_collections.ConfigDict, workdir: str, found: list[Change],
-                  step: int) -> None:
+def record_resume(
+  config: ml_collections.ConfigDict, workdir: str, found: list[Change], step: int
+) -> None:
   """Writes config.json, and appends `found` (when any) to the history (process 0 only)."""
   if jax.process_index() != 0:
     return

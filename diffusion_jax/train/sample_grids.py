@@ -46,21 +46,38 @@ def make_grid_sampler(exp: Experiment, mesh) -> GridSampler:
   number of devices. A class-conditional model draws one class per row of the
   grid (`sampling.grid_labels`), guided with train.sample_guidance.
   """
-  config = sampling.SamplerConfig(sampler=exp.train.sampler, steps=exp.train.sample_steps,
-                                  guidance_scale=exp.train.sample_guidance)
+  config = sampling.SamplerConfig(
+    sampler=exp.train.sampler,
+    steps=exp.train.sample_steps,
+    guidance_scale=exp.train.sample_guidance,
+  )
   num_samples, num_classes = exp.train.num_samples, exp.num_classes
   padded_size = -(-num_samples // mesh.shape[parallel.DATA_AXIS]) * mesh.shape[parallel.DATA_AXIS]
-  labels = None if num_classes is None else np.pad(
-      sampling.grid_labels(num_samples, num_classes), (0, padded_size - num_samples))
-  sample = jax.jit(sampling.make_batch_sampler(
-      config, exp.apply_fn, exp.spec, exp.schedule, exp.image_shape, padded_size,
-      num_classes=num_classes, labels=labels), out_shardings=parallel.batch_sharding(mesh),
-      compiler_options=parallel.compiler_options(mesh))
+  labels = (
+    None
+    if num_classes is None
+    else np.pad(sampling.grid_labels(num_samples, num_classes), (0, padded_size - num_samples))
+  )
+  sample = jax.jit(
+    sampling.make_batch_sampler(
+      config,
+      exp.apply_fn,
+      exp.spec,
+      exp.schedule,
+      exp.image_shape,
+      padded_size,
+      num_classes=num_classes,
+      labels=labels,
+    ),
+    out_shardings=parallel.batch_sharding(mesh),
+    compiler_options=parallel.compiler_options(mesh),
+  )
   return GridSampler(sample, num_samples)
 
 
-def write_samples(grid_sampler: GridSampler, state: TrainState, step: int, seed: int,
-                  workdir: str, writer):
+def write_samples(
+  grid_sampler: GridSampler, state: TrainState, step: int, seed: int, workdir: str, writer
+):
   """Samples from the EMA parameters into samples/step_<step>.png and TensorBoard.
 
   Every process calls it (the images are gathered from all devices); process 0 writes.
@@ -68,13 +85,13 @@ def write_samples(grid_sampler: GridSampler, state: TrainState, step: int, seed:
   key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
   sharded = grid_sampler.sample(state.ema_params, key)
   samples = images.to_uint8(
-      multihost_utils.process_allgather(sharded, tiled=True)[:grid_sampler.num_samples])
+    multihost_utils.process_allgather(sharded, tiled=True)[: grid_sampler.num_samples]
+  )
   if jax.process_index() == 0:
     path = files.join(workdir, "samples", f"step_{step:08d}.png")
     images.save_image_grid(samples, path, min_size=GRID_MIN_SIZE)
     writer.write_images(step, {"samples": images.make_image_grid(samples)[None]})
     logging.info("Wrote %d samples to %s.", len(samples), path)
-
 
 
 def periodic_hooks(exp: Experiment, mesh, workdir: str) -> list[Hook]:
@@ -88,6 +105,11 @@ def periodic_hooks(exp: Experiment, mesh, workdir: str) -> list[Hook]:
   hooks = [Hook("sample", exp.train.sample_every, sample)]
   if exp.train.eval_every:
     evaluator = periodic_eval.make_evaluator(exp, mesh, workdir)
-    hooks.append(Hook("eval", exp.train.eval_every, lambda state, step, writer:
-                      writer.write_scalars(step, evaluator(state.ema_params, step))))
+    hooks.append(
+      Hook(
+        "eval",
+        exp.train.eval_every,
+        lambda state, step, writer: writer.write_scalars(step, evaluator(state.ema_params, step)),
+      )
+    )
   return hooks

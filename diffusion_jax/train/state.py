@@ -70,8 +70,9 @@ def _all_finite(tree) -> jax.Array:
   return jnp.sqrt(sum(sums, jnp.float32(0))) == 0
 
 
-def keep_finite_update(state: TrainState, updated: TrainState, finite: jax.Array
-                       ) -> tuple[TrainState, SkippedSteps]:
+def keep_finite_update(
+  state: TrainState, updated: TrainState, finite: jax.Array
+) -> tuple[TrainState, SkippedSteps]:
   """`updated` if the step was finite, else `state` unchanged; the counter advances either way.
 
   A step is finite when `finite` (the task's check of its loss and gradient)
@@ -97,8 +98,10 @@ def keep_finite_update(state: TrainState, updated: TrainState, finite: jax.Array
   """
   finite = finite & _all_finite((updated.params, updated.ema_params))
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-  skipped = SkippedSteps(count=jnp.where(finite, 0, 1).astype(jnp.int32),
-                         first=jnp.where(finite, NO_STEP, state.step + 1).astype(jnp.int32))
+  skipped = SkippedSteps(
+    count=jnp.where(finite, 0, 1).astype(jnp.int32),
+    first=jnp.where(finite, NO_STEP, state.step + 1).astype(jnp.int32),
+  )
   return kept.replace(step=state.step + 1), skipped
 
 
@@ -124,9 +127,14 @@ def masked_average(values: jax.Array, mask: jax.Array) -> metrics.Average:
   return metrics.Average(total=jnp.sum(jnp.where(mask, values, 0.0)), count=jnp.sum(mask))
 
 
-def apply_gradients(state: TrainState, grads: Any, loss_finite: jax.Array,
-                    tx: optax.GradientTransformation, ema_decay: float, **updated: Any
-                    ) -> tuple[TrainState, SkippedSteps, jax.Array]:
+def apply_gradients(
+  state: TrainState,
+  grads: Any,
+  loss_finite: jax.Array,
+  tx: optax.GradientTransformation,
+  ema_decay: float,
+  **updated: Any,
+) -> tuple[TrainState, SkippedSteps, jax.Array]:
   """The update every task's step ends with: optax, the EMA, and `keep_finite_update`.
 
   `loss_finite` (bool []) is the task's check of its loss; the gradient's norm
@@ -139,6 +147,8 @@ def apply_gradients(state: TrainState, grads: Any, loss_finite: jax.Array,
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
   new_state, skipped = keep_finite_update(
-      state, state.replace(params=params, ema_params=ema_params, opt_state=opt_state, **updated),
-      jnp.isfinite(grad_norm) & loss_finite)
+    state,
+    state.replace(params=params, ema_params=ema_params, opt_state=opt_state, **updated),
+    jnp.isfinite(grad_norm) & loss_finite,
+  )
   return new_state, skipped, grad_norm

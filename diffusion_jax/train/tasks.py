@@ -16,10 +16,10 @@ from diffusion_jax.train import diffusion_task
 from diffusion_jax.train.task import Task
 
 TASKS = {  # config.task -> its build(config, model)
-    "diffusion": diffusion_task.build,
-    "segmentation": segmentation.build,
-    "progressive": progressive_task.build,
-    "consistency": consistency_task.build,
+  "diffusion": diffusion_task.build,
+  "segmentation": segmentation.build,
+  "progressive": progressive_task.build,
+  "consistency": consistency_task.build,
 }
 DEFAULT_TASK = "diffusion"
 
