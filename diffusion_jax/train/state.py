@@ -82,15 +82,9 @@ def keep_finite_update(
   sharded operands hold collectives that XLA's CPU runtime ran on only some
   devices (a deadlock of the 8-device gradient-accumulation step).
 
-  Its price on XLA:CPU, which fuses neither the check nor the selects into the
-  optimizer's passes: `apply_gradients` moves 34 float32 words per parameter
-  with the guard and 18 without (XLA's bytes accessed of the compiled update,
-  digits smoke U-Net); a `lax.cond` in place of the selects moves 30, checking
-  the updates instead of the updated state (not exact: p + u may overflow) 29.
-  On ddpm_cifar10's 35.7M parameters the update alone took 464 ms with the
-  guard, 175 ms without, and 321 ms in an exact two-phase form (the finiteness
-  of a probe update reduced first, then the update itself under a `lax.cond`;
-  best of 25, load 9 on 2 cores): the cond is what keeps that form out.
+  On XLA:CPU the check and the selects are not fused into the optimizer's
+  passes: the compiled update moves 34 float32 words per parameter with the
+  guard and 18 without (XLA's bytes accessed, digits smoke U-Net).
 
   Every task's train step ends with it, so the loop's train.on_nonfinite
   holds for all of them. Returns the new state and the step's skipped_steps
