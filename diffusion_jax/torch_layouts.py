@@ -69,13 +69,13 @@ def flax_leaves(
     state_dict: {torch key: array}, e.g. from `weightfiles.load`.
 
   Raises:
-    ValueError: one line naming every missing key, every unexpected key (quoted:
-      it was read from a file) and every key whose shape is not its layout's
-      source shape (expected vs got); the first 20 of them, and a count.
+    ValueError: one line naming every unexpected key (quoted: it was read from
+      a file), every key whose shape is not its layout's source shape (expected
+      vs got) and every missing key, in that order; the first 20 of them, and a
+      count of the rest.
   """
   shape_of = {key: layout.source_shape(shape) for key, (_, shape, layout) in targets.items()}
-  problems = [f"missing key {key}" for key in targets if key not in state_dict]
-  problems += [
+  problems = [
     f"unexpected key {weightfiles.quote(key)}" for key in state_dict if key not in targets
   ]
   problems += [
@@ -83,6 +83,7 @@ def flax_leaves(
     for key in targets
     if key in state_dict and np.shape(state_dict[key]) != shape_of[key]
   ]
+  problems += [f"missing key {key}" for key in targets if key not in state_dict]
   if problems:
     more = len(problems) - _LISTED_PROBLEMS
     raise ValueError(

@@ -171,7 +171,7 @@ def test_cd_trained_on_the_exact_teacher_learns_the_exact_consistency_function()
     ema_params=params,
     opt_state=tx.init(params),
     rng=jax.random.key(1),
-    sampler_state=consistency_task.ConsistencyState((), params),
+    sampler_state=consistency_task.ConsistencyState((), params, lpips_params=()),
   )
 
   @jax.jit
