@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import checkpoint, data, files, images, outputs, sampling
-from diffusion_jax.config.evaluation import LIKELIHOOD_METRICS, EvalConfig
+from diffusion_jax.config.evaluation import LIKELIHOOD_METRICS, EvalConfig, NllConfig, NllOdeConfig
 from diffusion_jax.evaluation import features as feature_lib
 from diffusion_jax.evaluation import hosts, nll, nll_ode, reference, report as report_lib
 from diffusion_jax.evaluation import scores
@@ -444,13 +444,25 @@ def _real_floor(nets: dict, references: dict, config: EvalConfig, data_config) -
   return floor
 
 
+def _likelihood_split(
+  data_config: data.DataConfig, section: NllConfig | NllOdeConfig
+) -> tuple[data.DataConfig, int]:
+  """(`section.split`'s data config, the batches each process reads of it).
+
+  `section` (config.nll or config.nll_ode) names the split, its batch size and
+  how many of its examples count (0: all).
+  """
+  split_config = dataclasses.replace(data_config, split=section.split)
+  total = data.num_examples(split_config)
+  if section.num_examples:
+    total = min(total, section.num_examples)
+  return split_config, -(-total // (section.batch_size * jax.process_count()))
+
+
 def _nll(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> dict:
   """NLL in bits/dim on config.nll.split, resumable in OUT_DIR/nll-<settings>/."""
   nll_config = config.nll
-  split_config = dataclasses.replace(data_config, split=nll_config.split)
-  total = data.num_examples(split_config)
-  if nll_config.num_examples:
-    total = min(total, nll_config.num_examples)
+  split_config, num_batches = _likelihood_split(data_config, nll_config)
   batch_size = nll_config.batch_size
   name = (
     f"nll-{_file_tag(nll_config.split)}-n{nll_config.num_examples}-b{batch_size}"
@@ -463,7 +475,7 @@ def _nll(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> dict
     nll_config,
     files.join(out_dir, name),
     key=jax.random.key(config.seed),
-    num_batches=-(-total // (batch_size * jax.process_count())),
+    num_batches=num_batches,
   )
   return {"split": nll_config.split, **result}
 
@@ -471,10 +483,7 @@ def _nll(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> dict
 def _nll_ode(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> dict:
   """NLL in bits/dim through the probability-flow ODE on config.nll_ode.split, resumable."""
   ode_config = config.nll_ode
-  split_config = dataclasses.replace(data_config, split=ode_config.split)
-  total = data.num_examples(split_config)
-  if ode_config.num_examples:
-    total = min(total, ode_config.num_examples)
+  split_config, num_batches = _likelihood_split(data_config, ode_config)
   settings = (
     f"{ode_config.solver}-r{ode_config.rtol:g}-a{ode_config.atol:g}"
     if ode_config.solver == "dopri5"
@@ -497,7 +506,7 @@ def _nll_ode(model: EmaModel, config: EvalConfig, data_config, out_dir: str) -> 
     ode_config,
     files.join(out_dir, name),
     key=jax.random.key(config.seed),
-    num_batches=-(-total // (ode_config.batch_size * jax.process_count())),
+    num_batches=num_batches,
   )
   return {"split": ode_config.split, **result}
 
