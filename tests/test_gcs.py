@@ -119,7 +119,7 @@ def test_sampling_reads_and_writes_the_bucket_and_resumes(trained, tmp_path):
   """launch.sample from another directory: default output in the run; a rerun keeps finished
   batches (a marked one stays marked) and redraws deleted ones, equal to the first draw."""
   output = "gs://bucket/run/samples/draw"
-  _succeeded(
+  sample = lambda: _succeeded(
     _launch(
       tmp_path,
       "-m",
@@ -129,6 +129,7 @@ def test_sampling_reads_and_writes_the_bucket_and_resumes(trained, tmp_path):
       *SAMPLE_FLAGS,
     )
   )
+  sample()
   first = files.load_npz(files.join(output, "samples.npz"))["arr_0"]
   assert first.shape == (12, 8, 8, 1) and first.std() > 0
   assert files.read_json(files.join(output, "settings.json"))["workdir"] == "gs://bucket/run"
@@ -138,16 +139,7 @@ def test_sampling_reads_and_writes_the_bucket_and_resumes(trained, tmp_path):
   files.save_npz(files.join(output, "batch_000000.npz"), arr_0=marked)
   files.remove(files.join(output, "batch_000001.npz"))
   files.remove(files.join(output, "samples.npz"))
-  _succeeded(
-    _launch(
-      tmp_path,
-      "-m",
-      "launch.sample",
-      "--workdir=gs://bucket/run",
-      f"--output={output}",
-      *SAMPLE_FLAGS,
-    )
-  )
+  sample()
   resumed = files.load_npz(files.join(output, "samples.npz"))["arr_0"]
   np.testing.assert_array_equal(resumed[:8], marked)  # kept, not redrawn
   np.testing.assert_array_equal(resumed[8:], first[8:])  # redrawn with the same key
