@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+import local_jobs  # tests/local_jobs.py
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -51,22 +53,11 @@ def random_inception_weights(tmp_path_factory) -> str:
   return str(path)
 
 
-# Modules whose tests start several JAX processes joined by gloo: with `--dist loadgroup`
-# they share one xdist group, so no two such jobs run at once; and each of their tests has
-# the machine to itself (`_machine`): gloo gives up after 30 s when one process of a job
-# reaches its first collective that much later than another, as it does when a test on
-# the other xdist worker starves one process of CPU while it compiles.
-MULTIPROCESS_MODULES = frozenset(
-  {
-    "test_cluster_launchers",
-    "test_elastic",
-    "test_evaluate_hosts",
-    "test_gcs",
-    "test_launch",
-    "test_resilience",
-    "test_sample_hosts",
-  }
-)
+# A test marked `gloo` starts a JAX job of several processes joined by gloo collectives, and
+# has the machine to itself (`_machine`): gloo gives up after 30 s when one process of a job
+# reaches its first collective that much later than another, as it does when a test on the
+# other xdist worker starves one process of CPU while it compiles. local_jobs refuses to
+# start such a job from an unmarked test (`local_jobs.HOLDS_MACHINE`).
 
 
 def _module(item) -> str:
@@ -75,14 +66,11 @@ def _module(item) -> str:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
-  """Each module's tests run on one xdist worker (its module fixtures are built once);
-  the multi-process modules all on one worker, one after another. A test marked with
-  its own `xdist_group` keeps it."""
+  """Each module's tests run on one xdist worker (its module fixtures are built once).
+  A test marked with its own `xdist_group` keeps it."""
   for item in items:
-    if item.get_closest_marker("xdist_group"):
-      continue
-    group = "multiprocess" if _module(item) in MULTIPROCESS_MODULES else _module(item)
-    item.add_marker(pytest.mark.xdist_group(group))
+    if not item.get_closest_marker("xdist_group"):
+      item.add_marker(pytest.mark.xdist_group(_module(item)))
 
 
 @contextlib.contextmanager
@@ -112,9 +100,14 @@ def _machine(exclusive: bool) -> Iterator[None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-  """Runs each test (setup, call, teardown) under the machine lock: exclusive for the
-  multi-process modules, shared for the rest."""
-  with _machine(exclusive=_module(item) in MULTIPROCESS_MODULES):
+  """Runs each test (setup, call, teardown) under the machine lock: exclusive for a test
+  marked `gloo`, which may then start multi-process jobs; shared for the rest."""
+  exclusive = item.get_closest_marker("gloo") is not None
+  with _machine(exclusive), pytest.MonkeyPatch.context() as patch:
+    if exclusive:
+      patch.setenv(local_jobs.HOLDS_MACHINE, item.nodeid)
+    else:
+      patch.delenv(local_jobs.HOLDS_MACHINE, raising=False)
     return (yield)
 
 

@@ -17,8 +17,23 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# Set by conftest while a test marked `gloo` runs with the machine to itself.
+HOLDS_MACHINE = "DIFFUSION_JAX_TEST_HOLDS_MACHINE"
+
+
+def require_machine() -> None:
+  """Fails unless the running test is marked `gloo`, which gives it the machine (conftest)."""
+  if "PYTEST_CURRENT_TEST" in os.environ and HOLDS_MACHINE not in os.environ:
+    raise RuntimeError(
+      f"{os.environ['PYTEST_CURRENT_TEST']} starts a multi-process job: mark it"
+      " @pytest.mark.gloo (tests/conftest.py), so that no test runs beside it."
+    )
+
+
 def job_env(num_processes: int = 2, devices_per_process: int = 2) -> dict[str, str]:
   """This environment for the processes of one job; each adds its own JAX_PROCESS_ID.
+
+  The running test must be marked `gloo` (`require_machine`).
 
   No persistent compilation cache: JAX writes its entries from process 0 only, and
   the keys hold each process's view of the topology, so process 0 would load its
@@ -26,6 +41,7 @@ def job_env(num_processes: int = 2, devices_per_process: int = 2) -> dict[str, s
   process 1, on a job's second run), and gloo gives up waiting in the first
   collective after 30 s.
   """
+  require_machine()
   return dict(
     os.environ,
     JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",

@@ -42,6 +42,8 @@ from diffusion_jax import files, parallel
 from diffusion_jax import checkpoint
 from diffusion_jax.train import diffusion_task
 
+import local_jobs  # tests/local_jobs.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDINS = os.path.join(REPO, "tests", "standins")
 SMOKE = "configs/digits.py:smoke"
@@ -49,7 +51,11 @@ TIMEOUT = 600  # seconds a launcher may run: compiling on a loaded 2-core CI mac
 
 
 def _cluster_env(**extra: str) -> dict[str, str]:
-  """This environment with the stand-ins first on PATH and 2 CPU devices per process."""
+  """This environment with the stand-ins first on PATH and 2 CPU devices per process.
+
+  Its launchers start multi-process jobs: the test must be marked `gloo`.
+  """
+  local_jobs.require_machine()
   env = dict(os.environ, **extra)
   env.pop("PYTHONDONTWRITEBYTECODE", None)  # a worker's __pycache__ shows which tree it ran
   for name in parallel.COORDINATOR_VARIABLES:  # the launchers' own, not this process's
@@ -145,6 +151,7 @@ def pod_run(gcs, tmp_path_factory) -> dict:
   )
 
 
+@pytest.mark.gloo
 def test_tpu_pod_trains_on_two_workers_with_flags_intact(pod_run):
   assert pod_run["returncode"] == 0, pod_run["output"][-2000:] + pod_run["worker_logs"][0][-3000:]
   scp, ssh = pod_run["calls"]  # the documented two calls, and no other
@@ -219,6 +226,7 @@ def _shipped_files(home) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.gloo
 def test_tpu_pod_ships_the_checkout_or_a_pinned_ref_and_installs_it(tmp_path):
   repo = tmp_path / "checkout"
   (repo / "launch").mkdir(parents=True)
@@ -347,6 +355,7 @@ def _final_parameters(workdir: str) -> dict:
   return jax.device_get(restored)
 
 
+@pytest.mark.gloo
 def test_slurm_preempted_job_saves_and_its_requeue_ends_as_an_unbroken_run(pod_run, tmp_path):
   workdir = str(tmp_path / "run")
   env = _batch_environment(tmp_path, _slurm_job_id())
@@ -386,6 +395,7 @@ def test_slurm_preempted_job_saves_and_its_requeue_ends_as_an_unbroken_run(pod_r
   jax.tree.map(np.testing.assert_array_equal, requeued, unbroken)
 
 
+@pytest.mark.gloo
 def test_slurm_without_a_virtualenv_says_where_it_looked(tmp_path):
   env = _batch_environment(tmp_path, "1")
   env["DIFFUSION_JAX_VENV"] = str(tmp_path / "no venv")

@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from configs import digits
 from diffusion_jax import checkpoint, data, parallel
@@ -257,6 +258,7 @@ def test_checkpoint_on_8_devices_resumes_on_4_and_then_on_1(tmp_path, monkeypatc
   ]
 
 
+@pytest.mark.gloo
 def test_two_process_checkpoint_resumes_in_one_process_with_a_warning(
   tmp_path, monkeypatch, caplog
 ):

@@ -71,7 +71,7 @@ def reports(digits_smoke_run, tmp_path_factory):
   }
 
 
-@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.gloo
 def test_two_processes_report_the_numbers_of_one(reports):
   (one, _, _), (two, _, logs) = reports[1], reports[2]
   assert "Process 1 of 2, 2 local / 4 global devices" in logs[1]
@@ -82,7 +82,7 @@ def test_two_processes_report_the_numbers_of_one(reports):
     assert reference["num_images"] == one["references"][name]["num_images"] == 1497
 
 
-@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.gloo
 def test_two_processes_take_the_nll_ode_steps_of_one(reports):
   """nll_ode's adaptive solver on 2 processes x 2 devices: the steps and values of 1 x 4."""
   one, two = reports[1][0]["nll_ode"], reports[2][0]["nll_ode"]
@@ -93,7 +93,7 @@ def test_two_processes_take_the_nll_ode_steps_of_one(reports):
   assert two["bpd"] == pytest.approx(one["bpd"], rel=REL_TOLERANCE)
 
 
-@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.gloo
 def test_two_processes_merge_the_reference_statistics_of_one(reports):
   """The 1,497 training digits' mean and covariance, as each run cached them."""
   (one, _, _), (two, _, _) = reports[1], reports[2]
@@ -105,7 +105,7 @@ def test_two_processes_merge_the_reference_statistics_of_one(reports):
     np.testing.assert_allclose(cached[1][key], cached[0][key], rtol=0, atol=STATS_TOLERANCE * scale)
 
 
-@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.gloo
 def test_only_process_0_writes_and_paths_are_recorded_as_given(reports):
   for count, (report, eval_dir, _) in reports.items():
     assert report["workdir"] == os.path.dirname(eval_dir)  # as given on the command line
@@ -216,7 +216,7 @@ def exchange_worker(out_dir: str) -> None:
   )
 
 
-@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.gloo
 def test_two_processes_merge_float64_statistics_bit_for_bit(tmp_path):
   """Both processes hold the in-order merge of both parts, every float64 bit of it."""
   local_jobs.run_job(

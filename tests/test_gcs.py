@@ -31,8 +31,6 @@ import evaluation_numbers  # tests/evaluation_numbers.py
 import gcs_emulator  # tests/gcs_emulator.py
 import local_jobs  # tests/local_jobs.py
 
-pytestmark = pytest.mark.xdist_group("multiprocess")
-
 REPO = local_jobs.REPO
 CONFIG = f"--config={REPO}/configs/digits.py:smoke"
 SAMPLE_FLAGS = ["--num_samples=12", "--batch_size=8", "--steps=2", "--sampler=ddim"]
@@ -179,6 +177,7 @@ def _scalars(folder: str) -> dict[str, float]:
     }
 
 
+@pytest.mark.gloo
 def test_evaluation_writes_its_report_caches_and_scalars_to_the_bucket(evaluations):
   cwd, runs = evaluations
   report, _ = runs[1]
@@ -205,6 +204,7 @@ def test_evaluation_writes_its_report_caches_and_scalars_to_the_bucket(evaluatio
   assert os.listdir(cwd) == []
 
 
+@pytest.mark.gloo
 def test_two_process_evaluation_on_the_bucket_reports_the_numbers_of_one(evaluations):
   _, runs = evaluations
   (one, _), (two, logs) = runs[1], runs[2]

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import digits
 from diffusion_jax import parallel
@@ -70,6 +71,7 @@ def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
   assert result.returncode != 0 and "config.json" in result.stderr
 
 
+@pytest.mark.gloo
 def test_two_process_training_run(tmp_path):
   """Real multi-host JAX on one machine: 2 processes x 2 CPU devices, gloo collectives."""
   workdir = str(tmp_path / "run")

@@ -195,17 +195,20 @@ def _check_preempted(stage: _Stage, resumed_from: int | None, signalled_after: i
   return stopped[0]
 
 
+@pytest.mark.gloo
 def test_sigterm_to_every_process_saves_one_step_and_exits_cleanly(interrupted_job):
   _, stages = interrupted_job
   _check_preempted(stages["sigterm_both"], resumed_from=None, signalled_after=3)
 
 
+@pytest.mark.gloo
 def test_sigterm_to_one_process_stops_both_at_the_same_step(interrupted_job):
   _, stages = interrupted_job
   first_stop = stages["sigterm_both"].finished[-1]
   _check_preempted(stages["sigterm_one"], resumed_from=first_stop, signalled_after=6)
 
 
+@pytest.mark.gloo
 def test_kill_9_leaves_unfinished_checkpoints_that_are_never_restored(interrupted_job):
   _, stages = interrupted_job
   previous = stages["sigterm_one"]
@@ -217,6 +220,7 @@ def test_kill_9_leaves_unfinished_checkpoints_that_are_never_restored(interrupte
   assert stages["final"].returncodes == [0, 0] and not stages["final"].unfinished
 
 
+@pytest.mark.gloo
 def test_interrupted_job_ends_equal_to_an_unbroken_one(interrupted_job, unbroken_job):
   workdir, stages = interrupted_job
   assert stages["final"].finished[-1] == NUM_STEPS

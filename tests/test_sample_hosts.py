@@ -76,6 +76,7 @@ def two_process_run(digits_smoke_run, tmp_path_factory) -> tuple[str, list[str]]
   return output, logs
 
 
+@pytest.mark.gloo
 def test_two_processes_draw_the_images_of_one(two_process_run, one_process_samples):
   output, logs = two_process_run
   assert "Process 1 of 2, 2 local / 4 global devices" in logs[1]
@@ -94,6 +95,7 @@ def test_two_processes_draw_the_images_of_one(two_process_run, one_process_sampl
     assert json.load(f)["batch_size"] == BATCH_SIZE
 
 
+@pytest.mark.gloo
 def test_two_processes_resume_an_interrupted_run(
   two_process_run, one_process_samples, tmp_path, digits_smoke_run
 ):

@@ -1,5 +1,6 @@
 """summaries.EventWriter: TF-free event files that TensorFlow's and TensorBoard's readers read."""
 
+import contextlib
 import io
 import itertools
 import os
@@ -92,3 +93,17 @@ def test_a_training_run_logs_scalars_and_sample_grids(digits_smoke_run):
   assert grid.step == 4
   # The smoke config's 4 samples of 8x8 digits, 2 by 2 with 2-pixel borders.
   assert Image.open(io.BytesIO(grid.encoded_image_string)).size == (22, 22)
+
+
+def test_logged_writer_logs_every_process_and_writes_events_only_given_a_logdir(tmp_path, caplog):
+  """The training loop's writer: "[step] name=value, ..." sorted by name, events where asked."""
+  caplog.set_level("INFO")
+  with contextlib.closing(summaries.LoggedWriter(str(tmp_path / "p0"))) as writer:
+    writer.write_scalars(5, {"lr": 2e-4, "loss": np.float32(0.25), "skipped_steps": np.int32(0)})
+  with contextlib.closing(summaries.LoggedWriter()) as writer:  # another process: no logdir
+    writer.write_scalars(5, {"loss": 1 / 3})
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[5]")]
+  assert lines == ["[5] loss=0.25, lr=0.0002, skipped_steps=0", "[5] loss=0.333333"]
+  (name,) = os.listdir(tmp_path / "p0")
+  tags = event_accumulator.EventAccumulator(str(tmp_path / "p0" / name)).Reload().Tags()
+  assert sorted(tags["tensors"]) == ["loss", "lr", "skipped_steps"]

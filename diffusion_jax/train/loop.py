@@ -10,6 +10,8 @@ the periodic hooks; the loop knows nothing else of it.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import time
 
 import flax.linen as nn
 import jax
@@ -17,10 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 
 from diffusion_jax import checkpoint, data, files, parallel, perf, summaries
-from diffusion_jax.train import run_config, tasks
+from diffusion_jax.train import run_config, task, tasks
 from diffusion_jax.train.state import TrainMetrics, TrainState, compute_metrics, merge_metrics
 
 PROFILE_DIR = "profile"  # WORKDIR/profile/: train.profile_steps' trace (perf.StepTrace)
@@ -80,10 +82,15 @@ def start_meter(exp, compiled, state, batch, mesh, step: int) -> perf.Meter:
   )
 
 
-def perf_scalars(meter: perf.Meter, step: int, first: bool) -> dict[str, float]:
-  """perf/* scalars of the window ending at `step`; the first log adds the peak memory (GiB)."""
+def perf_scalars(meter: perf.Meter, step: int, num_steps: int, first: bool) -> dict[str, float]:
+  """perf/* scalars of the window ending at `step`; the first log adds the peak memory (GiB).
+
+  Logs them with the time left to `num_steps` at this window's rate (hooks and
+  saves left out, as they are of the rate).
+  """
   values = meter.read(step)
-  logging.info("Step %d: %s.", step, perf.format_rates(values))
+  left = datetime.timedelta(seconds=round((num_steps - step) / values["steps_per_sec"]))
+  logging.info("Step %d of %d: %s; ETA %s.", step, num_steps, perf.format_rates(values), left)
   if first and (peak_memory := perf.max_peak_memory_gib()) is not None:
     logging.info("Peak memory in use: %.2f GiB on the fullest local device.", peak_memory)
     values["peak_memory_gib"] = peak_memory
@@ -98,16 +105,20 @@ def create_state(exp, mesh, seed: int):
   return jax.jit(exp.init_state, out_shardings=shardings)(rng), shardings
 
 
-def make_writer(workdir: str) -> metric_writers.MetricWriter:
-  """Metrics to stdout on every process, and to TensorBoard in `workdir` from process 0.
+def make_writer(workdir: str) -> summaries.LoggedWriter:
+  """Metrics to the log on every process, and to TensorBoard in `workdir` from process 0.
 
   The event files go through the path layer (`summaries.EventWriter`), not
   TensorFlow's GCS client: see the trade-off of its flushes there.
   """
-  writers = [metric_writers.LoggingWriter()]
-  if jax.process_index() == 0:
-    writers.append(summaries.EventWriter(workdir))
-  return metric_writers.MultiWriter(writers)
+  return summaries.LoggedWriter(workdir if jax.process_index() == 0 else None)
+
+
+def run_hook(hook: task.Hook, state: TrainState, step: int, writer: summaries.LoggedWriter) -> None:
+  """Runs a due periodic hook and logs how long it took."""
+  start = time.perf_counter()
+  hook.run(state, step, writer)
+  logging.info("%s at step %d took %.1f s.", hook.name, step, time.perf_counter() - start)
 
 
 def _finite(scalars: dict) -> dict:
@@ -180,7 +191,6 @@ def train_and_evaluate(
   step_fn = compile_train_step(exp, shardings, mesh)
   hooks = exp.periodic_hooks(mesh, workdir)
   batch_sharding = parallel.batch_sharding(mesh)
-  progress = periodic_actions.ReportProgress(num_train_steps=exp.train.num_steps, writer=writer)
   accumulated, compiled, meter = None, None, None
   stop_on_nonfinite = exp.train.on_nonfinite == "stop"
   trace = perf.StepTrace(exp.train.profile_range, files.join(workdir, PROFILE_DIR))
@@ -199,19 +209,19 @@ def train_and_evaluate(
         state, step_metrics = compiled(state, batch)
       trace.after(step, state)
       accumulated = merge_metrics(accumulated, step_metrics)
-      progress(step)
       last = step == exp.train.num_steps
       if step % exp.train.log_every == 0 or last:
         scalars = compute_metrics(accumulated)  # the loop's host sync (and before saves)
         if stop_on_nonfinite:
           _raise_if_skipped(accumulated, checkpointer.latest_step())
         first_log = meter.last_step == initial_step
-        writer.write_scalars(step, _finite(scalars) | perf_scalars(meter, step, first_log))
+        rates = perf_scalars(meter, step, exp.train.num_steps, first_log)
+        writer.write_scalars(step, _finite(scalars) | rates)
         accumulated = None
       for hook in hooks:
         if hook.due(step, last):
-          with progress.timed(hook.name), meter.excluded():
-            hook.run(state, step, writer)
+          with meter.excluded():
+            run_hook(hook, state, step, writer)
       stop = preemption.reached(step)
       if stop or last or checkpointer.is_due(step):
         if stop_on_nonfinite:

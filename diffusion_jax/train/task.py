@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
 import ml_collections
 
+from diffusion_jax import summaries
 from diffusion_jax.config.train import TrainConfig
 from diffusion_jax.train.state import TrainState
-
-if TYPE_CHECKING:  # clu's writers import TensorFlow: seconds, for an annotation
-  from clu import metric_writers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +30,7 @@ class Hook:
 
   name: str
   every: int
-  run: Callable[[TrainState, int, "metric_writers.MetricWriter"], None]
+  run: Callable[[TrainState, int, summaries.LoggedWriter], None]
 
   def due(self, step: int, last: bool) -> bool:
     return last or bool(self.every and step % self.every == 0)
