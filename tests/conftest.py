@@ -19,13 +19,12 @@ os.environ.setdefault(
   "DIFFUSION_JAX_CACHE", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_models")
 )
 
-import jax  # noqa: E402  (after XLA_FLAGS)
-
-# Training tests compile the same small programs in several runs; reuse them.
-jax.config.update(
-  "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_cache")
+# Training tests compile the same small programs in several runs, in this process and in the
+# launchers they start (which inherit these variables): one cache for all of them.
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffusion_jax_test_cache")
 )
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # configs/ and launch/ live at the repository root, beside the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
