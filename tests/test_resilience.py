@@ -256,7 +256,7 @@ def _poison_steps(monkeypatch, steps):
 
 
 def test_a_non_finite_step_changes_nothing_but_the_step_counter():
-  exp = tasks.build(_smoke())
+  exp = tasks.build(_smoke(on_nonfinite="skip"))
   mesh = parallel.make_mesh()
   state, shardings = loop.create_state(exp, mesh, seed=0)
   step_fn = loop.compile_train_step(exp, shardings, mesh)
@@ -273,8 +273,22 @@ def test_a_non_finite_step_changes_nothing_but_the_step_counter():
   assert int(step_metrics["skipped_steps"].first) == 2
 
 
-def test_an_update_to_non_finite_parameters_is_skipped_though_loss_and_gradient_are_finite():
+def test_a_non_finite_step_is_counted_and_not_undone_when_the_run_stops_on_it():
+  """train.on_nonfinite="stop": the step spends no selects on undoing it; the loop stops."""
   exp = tasks.build(_smoke())
+  mesh = parallel.make_mesh()
+  state, shardings = loop.create_state(exp, mesh, seed=0)
+  step_fn = loop.compile_train_step(exp, shardings, mesh)
+  batch = next(data.make_train_iterator(exp.data, exp.train.batch_size))
+  after, step_metrics = step_fn(
+    state, data.make_global_batch(_poisoned(batch), parallel.batch_sharding(mesh))
+  )
+  assert int(after.step) == 1 and int(step_metrics["skipped_steps"].count) == 1
+  assert not np.all(np.isfinite(jax.device_get(after.params["conv_in"]["kernel"])))
+
+
+def test_an_update_to_non_finite_parameters_is_skipped_though_loss_and_gradient_are_finite():
+  exp = tasks.build(_smoke(on_nonfinite="skip"))
   mesh = parallel.make_mesh()
   state, _ = loop.create_state(exp, mesh, seed=0)
   fns = dataclasses.replace(exp.step_fns(), tx=optax.sgd(float("nan")))  # NaN updates
@@ -307,16 +321,20 @@ def test_on_nonfinite_skip_trains_on_and_counts_skipped_steps(tmp_path, monkeypa
   _assert_equal_states(step_2.replace(step=step_1.step), step_1)
 
 
-@pytest.mark.parametrize("log_every", [1, 100], ids=["found_at_log", "found_before_save"])
-def test_on_nonfinite_stop_names_the_step_and_saves_nothing_after_it(
-  tmp_path, monkeypatch, log_every
+@pytest.mark.parametrize(
+  "log_every, sample_every",
+  [(1, 0), (100, 0), (100, 5)],
+  ids=["found_at_log", "found_before_save", "found_before_a_sample_grid"],
+)
+def test_on_nonfinite_stop_names_the_step_and_saves_or_samples_nothing_after_it(
+  tmp_path, monkeypatch, log_every, sample_every
 ):
   _poison_steps(monkeypatch, {5})
+  config = _smoke(num_steps=8, log_every=log_every, checkpoint_every=2, sample_every=sample_every)
   with pytest.raises(FloatingPointError, match=r"at step 5 .* latest checkpoint, step 4,"):
-    loop.train_and_evaluate(
-      _smoke(num_steps=8, log_every=log_every, checkpoint_every=2), str(tmp_path)
-    )
+    loop.train_and_evaluate(config, str(tmp_path))
   assert _finished_steps(tmp_path) == [2, 4] and not _unfinished(tmp_path)
+  assert not (tmp_path / "samples").exists()  # the grid of step 5 would be of a NaN state
 
 
 def _without_root_file_access() -> None:

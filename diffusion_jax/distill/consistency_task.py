@@ -31,7 +31,13 @@ from diffusion_jax.config.distill import ConsistencyConfig
 from diffusion_jax.distill import student, teacher
 from diffusion_jax.evaluation import lpips
 from diffusion_jax.train import optimizer
-from diffusion_jax.train.state import TrainMetrics, TrainState, apply_gradients, masked_average
+from diffusion_jax.train.state import (
+  TrainMetrics,
+  TrainState,
+  apply_gradients,
+  masked_average,
+  select_tree,
+)
 
 
 @flax.struct.dataclass
@@ -57,6 +63,7 @@ class ConsistencyFns:
   total_steps: int  # K of iCT's N(k)
   teacher: runs.EmaModel | None  # CD's teacher (its parameters live in the state)
   conditional: bool
+  keep_last_finite: bool = True  # train.on_nonfinite == "skip" (train.state.keep_finite_update)
 
 
 def num_scales(fns: ConsistencyFns, step: jax.Array) -> jax.Array:
@@ -168,21 +175,17 @@ def train_step(
 
   (loss, (weight, distance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, skipped, grad_norm = apply_gradients(
-    state, grads, jnp.isfinite(loss), fns.tx, fns.ema_decay
+    state, grads, jnp.isfinite(loss), fns.tx, fns.ema_decay, keep_last_finite=fns.keep_last_finite
   )
   finite = skipped.count == 0
   if fns.distill.method == "cd":  # theta- <- mu theta- + (1 - mu) theta, after the update
     target_params = optax.incremental_update(
       new_state.params, state.sampler_state.target_params, 1.0 - fns.distill.target_ema
     )
+    if fns.keep_last_finite:
+      target_params = select_tree(finite, target_params, state.sampler_state.target_params)
     new_state = new_state.replace(
-      sampler_state=state.sampler_state.replace(
-        target_params=jax.tree.map(
-          lambda new, old: jnp.where(finite, new, old),
-          target_params,
-          state.sampler_state.target_params,
-        )
-      )
+      sampler_state=state.sampler_state.replace(target_params=target_params)
     )
   return new_state, dict(
     loss=masked_average(weight * distance, finite),
@@ -213,6 +216,7 @@ class ConsistencyExperiment(student.StudentExperiment):
       tx=tx,
       lr_schedule=lr_schedule,
       ema_decay=self.train.ema_decay,
+      keep_last_finite=self.train.on_nonfinite == "skip",
       distill=self.distill,
       total_steps=self.train.num_steps,
       teacher=self.teacher,

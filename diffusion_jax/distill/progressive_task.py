@@ -52,6 +52,7 @@ class ProgressiveFns:
   steps: SamplingSchedule  # the first round's teacher grid, every round's (progressive.grid)
   distill: ProgressiveConfig
   conditional: bool
+  keep_last_finite: bool = True  # train.on_nonfinite == "skip" (train.state.keep_finite_update)
 
 
 def _round(fns: ProgressiveFns, step: jax.Array) -> jax.Array:
@@ -148,7 +149,12 @@ def train_step(
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, skipped, grad_norm = apply_gradients(
-    state, grads, jnp.all(jnp.isfinite(terms.loss)), fns.tx, fns.ema_decay
+    state,
+    grads,
+    jnp.all(jnp.isfinite(terms.loss)),
+    fns.tx,
+    fns.ema_decay,
+    keep_last_finite=fns.keep_last_finite,
   )
   finite = skipped.count == 0
   round_step = state.step - current * fns.distill.steps_per_round
@@ -179,6 +185,7 @@ class ProgressiveExperiment(student.StudentExperiment):
       tx=tx,
       lr_schedule=lr_schedule,
       ema_decay=self.train.ema_decay,
+      keep_last_finite=self.train.on_nonfinite == "skip",
       teacher_spec=self.teacher.spec,
       student_spec=process.model_spec(self.diffusion),
       steps=progressive.grid(self.teacher.schedule, self.distill.start_steps),

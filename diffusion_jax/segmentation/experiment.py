@@ -75,7 +75,11 @@ class SegmentationExperiment:
   def step_fns(self) -> step.SegmentationStepFns:
     tx, lr_schedule = optimizer.make_optimizer(self.optim)
     return step.SegmentationStepFns(
-      apply=self.apply_fn, tx=tx, lr_schedule=lr_schedule, ema_decay=self.train.ema_decay
+      apply=self.apply_fn,
+      tx=tx,
+      lr_schedule=lr_schedule,
+      ema_decay=self.train.ema_decay,
+      keep_last_finite=self.train.on_nonfinite == "skip",
     )
 
   def train_step_fn(self):

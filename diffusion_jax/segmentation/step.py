@@ -35,6 +35,7 @@ class SegmentationStepFns:
   tx: optax.GradientTransformation
   lr_schedule: optax.Schedule
   ema_decay: float
+  keep_last_finite: bool = True  # train.on_nonfinite == "skip" (train.state.keep_finite_update)
 
 
 def train_step(
@@ -55,7 +56,7 @@ def train_step(
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, skipped, grad_norm = apply_gradients(
-    state, grads, jnp.isfinite(loss), fns.tx, fns.ema_decay
+    state, grads, jnp.isfinite(loss), fns.tx, fns.ema_decay, keep_last_finite=fns.keep_last_finite
   )
   finite = skipped.count == 0
   correct = (jnp.argmax(logits, -1) == batch["mask"]).astype(jnp.float32)

@@ -39,6 +39,7 @@ class StepFns:
   label_dropout: float = 0.0  # p_uncond: probability of training a label as the null label
   min_snr_gamma: float | None = None  # min-SNR-gamma weighting of the MSE; None: unweighted
   grad_accum_steps: int = 1  # microbatches per optimizer update
+  keep_last_finite: bool = True  # train.on_nonfinite == "skip" (train.state.keep_finite_update)
 
 
 def _metrics(fns: StepFns, terms: losses.LossTerms, t, grad_norm, step, finite) -> TrainMetrics:
@@ -139,11 +140,11 @@ def train_step(
   accumulated over fns.grad_accum_steps microbatches, and the timestep sampler
   sees every example's loss.
 
-  A step with a non-finite loss, gradient, or updated parameters or EMA
-  changes nothing but the step counter: params, EMA, optimizer and timestep-sampler states keep their
-  values, and the metrics count it in skipped_steps instead of the means. The
-  next step draws new noise (its key folds in the new counter) on the next
-  batch. The loop decides whether the run goes on (train.on_nonfinite).
+  A step with a non-finite loss, gradient, or updated parameters or EMA is
+  counted in skipped_steps instead of the means (`state.keep_finite_update`).
+  With fns.keep_last_finite (train.on_nonfinite="skip") it changes nothing but
+  the step counter, and the next step draws new noise (its key folds in the
+  new counter) on the next batch; otherwise the loop stops at its next look.
   """
   x_start = batch["image"]
   t_key, noise_key, dropout_key, label_key = jax.random.split(
@@ -163,6 +164,7 @@ def train_step(
     jnp.all(jnp.isfinite(terms.loss)),
     fns.tx,
     fns.ema_decay,
+    keep_last_finite=fns.keep_last_finite,
     sampler_state=fns.timestep_sampler.update(state.sampler_state, t, terms.loss),
   )
   return new_state, dict(

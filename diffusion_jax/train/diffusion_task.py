@@ -83,6 +83,7 @@ class Experiment:
       loss_type=losses.LossType(self.diffusion.loss),
       timestep_sampler=self._noise_level_sampler(),
       ema_decay=self.train.ema_decay,
+      keep_last_finite=self.train.on_nonfinite == "skip",
       num_classes=self.num_classes,
       label_dropout=self.train.p_uncond(self.num_classes is not None),
       min_snr_gamma=self.diffusion.snr_gamma,

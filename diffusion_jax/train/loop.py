@@ -127,10 +127,11 @@ def _finite(scalars: dict) -> dict:
 
 
 def _raise_if_skipped(accumulated: TrainMetrics | None, latest_checkpoint: int | None) -> None:
-  """train.on_nonfinite="stop": raises naming the first step skipped since the metrics were reset.
+  """train.on_nonfinite="stop": raises naming the first non-finite step since the metrics were reset.
 
-  Reads two device scalars: called at log steps and before saves only, so that
-  no checkpoint is ever saved of a state past a non-finite step.
+  Reads two device scalars: called at log steps, before periodic hooks and
+  before saves only, so that no state past a non-finite step (which the train
+  step does not undo in this mode) is ever saved or sampled.
   """
   if accumulated is None:
     return
@@ -218,10 +219,12 @@ def train_and_evaluate(
         rates = perf_scalars(meter, step, exp.train.num_steps, first_log)
         writer.write_scalars(step, _finite(scalars) | rates)
         accumulated = None
-      for hook in hooks:
-        if hook.due(step, last):
-          with meter.excluded():
-            run_hook(hook, state, step, writer)
+      due = [hook for hook in hooks if hook.due(step, last)]
+      if due and stop_on_nonfinite:  # no state past a non-finite step is sampled
+        _raise_if_skipped(accumulated, checkpointer.latest_step())
+      for hook in due:
+        with meter.excluded():
+          run_hook(hook, state, step, writer)
       stop = preemption.reached(step)
       if stop or last or checkpointer.is_due(step):
         if stop_on_nonfinite:

@@ -70,33 +70,42 @@ def _all_finite(tree) -> jax.Array:
   return jnp.sqrt(sum(sums, jnp.float32(0))) == 0
 
 
+def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+  """Leaf by leaf, `on_true`'s value where bool [] `pred` holds, else `on_false`'s."""
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
 def keep_finite_update(
-  state: TrainState, updated: TrainState, finite: jax.Array
+  state: TrainState, updated: TrainState, finite: jax.Array, keep_last_finite: bool = True
 ) -> tuple[TrainState, SkippedSteps]:
-  """`updated` if the step was finite, else `state` unchanged; the counter advances either way.
+  """The step's new state and its skipped_steps metric; the counter advances either way.
 
   A step is finite when `finite` (the task's check of its loss and gradient)
-  holds and the updated parameters and EMA are finite too: a NaN or infinite
-  learning rate, or an update that overflows, never reaches the state. The
-  choice is a select on the device; not a `lax.cond`, whose branches over
-  sharded operands hold collectives that XLA's CPU runtime ran on only some
-  devices (a deadlock of the 8-device gradient-accumulation step).
+  holds and the updated parameters and EMA are finite too, so that a NaN or
+  infinite learning rate, or an update that overflows, counts as well.
+  `skipped.count == 0` is the step's finiteness, for the task's means.
 
-  On XLA:CPU the check and the selects are not fused into the optimizer's
-  passes: the compiled update moves 34 float32 words per parameter with the
-  guard and 18 without (XLA's bytes accessed, digits smoke U-Net).
+  `keep_last_finite` (train.on_nonfinite="skip"): a non-finite step returns
+  `state` unchanged, by a select per value on the device; not a `lax.cond`,
+  whose branches over sharded operands hold collectives that XLA's CPU runtime
+  ran on only some devices (a deadlock of the 8-device gradient-accumulation
+  step). On XLA:CPU the selects are not fused into the optimizer's passes:
+  the compiled update of ddpm_cifar10 moves 34 float32 words per parameter
+  with them, 22 with the check alone, 18 with neither (XLA's bytes accessed).
 
-  Every task's train step ends with it, so the loop's train.on_nonfinite
-  holds for all of them. Returns the new state and the step's skipped_steps
-  metric; `skipped.count == 0` is the step's finiteness, for the task's means.
+  Without it (train.on_nonfinite="stop") the step returns `updated` whatever
+  it holds, and only counts it: the loop stops at its next look at the count,
+  which comes before any save or periodic hook, so no state past a non-finite
+  step is ever saved or sampled.
   """
   finite = finite & _all_finite((updated.params, updated.ema_params))
-  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  if keep_last_finite:
+    updated = select_tree(finite, updated, state)
   skipped = SkippedSteps(
     count=jnp.where(finite, 0, 1).astype(jnp.int32),
     first=jnp.where(finite, NO_STEP, state.step + 1).astype(jnp.int32),
   )
-  return kept.replace(step=state.step + 1), skipped
+  return updated.replace(step=state.step + 1), skipped
 
 
 def merge_metrics(accumulated: TrainMetrics | None, new: TrainMetrics) -> TrainMetrics:
@@ -127,14 +136,17 @@ def apply_gradients(
   loss_finite: jax.Array,
   tx: optax.GradientTransformation,
   ema_decay: float,
+  *,
+  keep_last_finite: bool,
   **updated: Any,
 ) -> tuple[TrainState, SkippedSteps, jax.Array]:
   """The update every task's step ends with: optax, the EMA, and `keep_finite_update`.
 
   `loss_finite` (bool []) is the task's check of its loss; the gradient's norm
-  is checked here. `updated` holds other fields of the state the step changes
-  (the timestep sampler's state). Returns (the new state, the step's
-  skipped_steps metric, the gradient's global norm []).
+  is checked here. `keep_last_finite` is train.on_nonfinite == "skip". `updated`
+  holds other fields of the state the step changes (the timestep sampler's
+  state). Returns (the new state, the step's skipped_steps metric, the
+  gradient's global norm []).
   """
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -144,5 +156,6 @@ def apply_gradients(
     state,
     state.replace(params=params, ema_params=ema_params, opt_state=opt_state, **updated),
     jnp.isfinite(grad_norm) & loss_finite,
+    keep_last_finite,
   )
   return new_state, skipped, grad_norm
