@@ -95,7 +95,7 @@ def test_load_is_the_workdirs_ema_model_with_rescaled_timesteps(tmp_path):
     np.testing.assert_array_equal, jax.device_get(loaded.params), jax.device_get(restored.params)
   )
   for model in (loaded, restored):
-    out = model.apply_fn(model.params, arrays["x"], arrays["t"], None)
+    out = jax.jit(model.apply_fn)(model.params, arrays["x"], arrays["t"], None)
     assert np.abs(np.asarray(out) - arrays["out"]).max() < 1e-4
 
 

@@ -360,7 +360,7 @@ def _placeholders(document: pathlib.Path, directory: pathlib.Path) -> dict:
   )
   text = document.read_text()
   if "manager.save" in text:  # docs/data.md: saving the data iterator beside the state
-    train_state = diffusion_task.build(cfg).init_state(jax.random.PRNGKey(0))
+    train_state = jax.jit(diffusion_task.build(cfg).init_state)(jax.random.PRNGKey(0))
     names.update(
       ocp=ocp,
       grain=grain,

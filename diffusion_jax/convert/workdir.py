@@ -43,10 +43,10 @@ def write_workdir(converted: Converted, workdir: str) -> dict:
     )
   config = converted.config()
   params = jax.tree.map(jnp.asarray, converted.params)
-  fresh = tasks.build(config).init_state(jax.random.PRNGKey(config.seed))
-  _check_same_structure(params, fresh.params)
+  exp, rng = tasks.build(config), jax.random.PRNGKey(config.seed)
+  _check_same_structure(params, jax.eval_shape(exp.init_state, rng).params)
   # A fresh optimizer state: Adam's moments are zeros whatever the parameters' values.
-  state = fresh.replace(step=jnp.array(converted.step, jnp.int32), params=params, ema_params=params)
+  state = exp.init_state(rng, params).replace(step=jnp.array(converted.step, jnp.int32))
   checkpointer = checkpoint.Checkpointer(workdir, every_steps=1, keep=1, async_saves=False)
   checkpointer.save(converted.step, state, None, force=True)
   checkpointer.wait()

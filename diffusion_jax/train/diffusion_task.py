@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -121,11 +121,16 @@ class Experiment:
     """Sample grids every train.sample_every steps, their quality every eval_every."""
     return sample_grids.periodic_hooks(self, mesh, workdir)
 
-  def init_state(self, rng: jax.Array) -> TrainState:
-    """A fresh TrainState; jit it with out_shardings to create it sharded."""
+  def init_state(self, rng: jax.Array, params: Any = None) -> TrainState:
+    """A fresh TrainState; jit it with out_shardings to create it sharded.
+
+    `params` (a converted checkpoint's) replace the random initialisation.
+    """
     fns = self.step_fns()
     init_key, state_key = jax.random.split(rng)
-    params = self.model.init(init_key, *runs.example_inputs(self.model, self.image_shape))["params"]
+    if params is None:
+      example = runs.example_inputs(self.model, self.image_shape)
+      params = self.model.init(init_key, *example)["params"]
     return TrainState(
       step=jnp.array(0, jnp.int32),
       params=params,
