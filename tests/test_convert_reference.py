@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,7 +38,8 @@ def converted_output(converted, x, t, y=None) -> np.ndarray:
   """The converted network on diffusion timesteps t, through the config's timestep mapping."""
   t_model = process.network_timesteps(DiffusionConfig(**converted.diffusion), jnp.asarray(t))
   y = None if y is None else jnp.asarray(y)
-  return np.asarray(unet.UNet(**converted.model).apply({"params": converted.params}, x, t_model, y))
+  apply = jax.jit(unet.UNet(**converted.model).apply)  # one compile, not one per operation
+  return np.asarray(apply({"params": converted.params}, x, t_model, y))
 
 
 def iddpm_small_flags(arrays: dict, flags: dict) -> dict:
